@@ -1,0 +1,38 @@
+"""featkd: feature-based knowledge distillation for PyTorch.
+
+The public names below are imported lazily (PEP 562) so that ``import featkd``
+and the command-line tool start fast; each lives in a small focused module.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "capture": "featkd.capture",
+    "FeatureExtractor": "featkd.capture",
+    "list_layers": "featkd.capture",
+    "resolve_layers": "featkd.capture",
+    "Distiller": "featkd.distiller",
+    "Term": "featkd.distiller",
+    "functional": "featkd.functional",
+    "losses": "featkd.losses",
+    "models": "featkd.models",
+    "data": "featkd.data",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    module_name = _PUBLIC.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'featkd' has no attribute {name!r}")
+    module = import_module(module_name)
+    value = module if module_name.endswith("." + name) else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
