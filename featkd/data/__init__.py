@@ -2,5 +2,6 @@
 
 from featkd.data.datasets import (DatasetInfo, ImageDataset, list_datasets, load_dataset, read_idx,
                                   stratified_subset)
+from featkd.data.loader import DeviceLoader, EpochPlan, crop_flip
 
-__all__ = ["DatasetInfo", "ImageDataset", "list_datasets", "load_dataset", "read_idx", "stratified_subset"]
+__all__ = ["DatasetInfo", "DeviceLoader", "EpochPlan", "crop_flip", "ImageDataset", "list_datasets", "load_dataset", "read_idx", "stratified_subset"]
