@@ -175,6 +175,10 @@ def test_unknown_dataset_and_split():
         load_dataset("cifar-1O")
     with pytest.raises(ValueError, match="'train' or 'test'"):
         load_dataset("synthetic", split="validation")
+    with pytest.raises(ValueError, match="Did you mean: num_classes"):
+        load_dataset("synthetic", num_class=3)
+    with pytest.raises(ValueError, match="has no option 'image_size'"):
+        load_dataset("fashion_mnist", image_size=32)
 
 
 def test_limit_is_stratified_deterministic_and_ordered():

@@ -1,7 +1,7 @@
 """``DeviceLoader``: the whole dataset on the device, batches gathered by index and augmented there.
 
-For CIFAR/Fashion-MNIST-sized data a ``DataLoader`` with worker processes spends its time in per-image
-Python transforms; here one epoch is a few tensor ops per batch. All randomness of an epoch (the
+For CIFAR/Fashion-MNIST-sized data the per-image Python transforms of a ``DataLoader`` pipeline are
+replaced by a few tensor ops per batch, with no worker processes. All randomness of an epoch (the
 permutation, crop offsets, flips) is drawn up front from a CPU ``torch.Generator`` seeded by
 (seed, epoch) only, so a resumed run sees exactly the same batches, CPU and CUDA runs see the same
 data, and every rank of a DDP run draws the same plan and takes its own shard of it.
