@@ -218,6 +218,7 @@ def test_omit_classes():
     keep = (ds.labels != 3) & (ds.labels != 7)
     assert torch.equal(out.labels, ds.labels[keep]) and torch.equal(out.images, ds.images[keep])
     assert out.info == ds.info and len(ds) == 200  # input untouched; the class count stays 10
+    assert repr(out) == f"ImageDataset(synthetic: {len(out)} images 1x28x28, 10 classes)"
     with pytest.raises(ValueError, match="0..9"):
         omit_classes(ds, [10])
 
@@ -241,6 +242,6 @@ def test_add_unlabeled():
     out = add_unlabeled(ds, extra)
     assert len(out) == 50 and torch.equal(out.images[30:], extra.images)
     assert torch.equal(out.labels[:30], ds.labels) and (out.labels[30:] == -1).all()
-    assert out.info == ds.info
+    assert out.info == ds.info and repr(out).endswith("10 classes, 20 unlabeled)")
     with pytest.raises(ValueError, match=r"\(3, 28, 28\)"):
         add_unlabeled(ds, load_dataset("synthetic", size=5, in_channels=3))

@@ -57,6 +57,12 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __repr__(self) -> str:
+        c, h, w = self.images.shape[1:]
+        unlabeled = int((self.labels < 0).sum())
+        extra = f", {unlabeled} unlabeled" if unlabeled else ""
+        return f"ImageDataset({self.info.name}: {len(self)} images {c}x{h}x{w}, {self.info.num_classes} classes{extra})"
+
     def __getitem__(self, index):
         return self.images[index], self.labels[index]
 
