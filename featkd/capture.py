@@ -261,11 +261,12 @@ class Features(Mapping):
         msg = f"layer {key!r} ran {ran} time(s) in the last forward, {wanted} needed."
         if ran == 0:
             msg += " Is it on the path this forward takes (train/eval mode, branches), and was the forward run?"
-            if self._compiled:
+            if self._compiled or "torch._dynamo" in sys.modules:
                 msg += (
-                    " The model is torch.compile'd: hooks added after its first compiled call are never run "
-                    "(torch._dynamo skips hook guards). Create the extractor / capture before the first call of the "
-                    "compiled model, or call torch.compiler.reset() after creating it."
+                    " If the forward runs inside torch.compile: hooks added after the first compiled call are never "
+                    "run (dynamo does not guard on hooks). featkd retraces compiled modules it is given, but not a "
+                    "compiled function that calls the model: create the extractor before its first call, or call "
+                    "torch.compiler.reset() after creating it."
                 )
         return RuntimeError(msg)
 
@@ -382,6 +383,7 @@ class _Recorder:
         except BaseException:
             self.remove()
             raise
+        _forget_compiled_code(model)
 
     def _root_pre_hook(self, module, args):
         if not torch.compiler.is_compiling():
@@ -434,6 +436,25 @@ class _Recorder:
         self.handles = []
 
 
+def _forget_compiled_code(model: nn.Module) -> None:
+    """Make torch.compile'd parts of ``model`` retrace, so that they run the hooks just added.
+
+    Dynamo does not guard on hooks (``skip_nnmodule_hook_guards``): code compiled before the
+    hooks existed would run without them forever. Dropping the cached code of each compiled
+    module's ``forward`` costs one recompile (also for other instances of the same class).
+    """
+    compiled = [m._orig_mod if _is_compiled(m) else m for m in model.modules()
+                if _is_compiled(m) or getattr(m, "_compiled_call_impl", None) is not None]  # nn.Module.compile()
+    if not compiled:
+        return
+    import torch._dynamo
+
+    for module in compiled:
+        code = getattr(getattr(module.forward, "__func__", module.forward), "__code__", None)
+        if code is not None:
+            torch._dynamo.reset_code(code)
+
+
 def _any_compiled(model: nn.Module) -> bool:
     while (child := _wrapped_child(model)) is not None:
         if _is_compiled(model) or getattr(model, "_compiled_call_impl", None) is not None:
@@ -475,8 +496,9 @@ class FeatureExtractor:
     ``ext(x)`` clears, runs ``model(x)`` (under ``torch.no_grad()`` when ``no_grad``), and
     returns ``(output, features)``; the extractor keeps no reference to the features, so
     nothing of one step stays alive into the next. Every requested layer must have run,
-    otherwise a ``RuntimeError`` says which did not. For ``torch.compile`` create the
-    extractor before the compiled model's first call (hooks added later are never run).
+    otherwise a ``RuntimeError`` says which did not. A ``torch.compile``'d model (or one with
+    compiled submodules) is retraced once so that it runs the hooks; create the extractor
+    once, not per step.
     """
 
     def __init__(self, model: nn.Module, layers: str | Sequence[str], *, detach: bool = False,

@@ -376,16 +376,37 @@ def test_compiled_student_delivers_features_without_recompiling():
     torch._dynamo.reset()
 
 
-def test_extractor_created_after_first_compiled_call_raises():
+@pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
+def test_extractor_created_after_first_compiled_call_still_captures(how):
     import torch._dynamo
 
     torch._dynamo.reset()
-    compiled = torch.compile(SmallNet(), backend="eager")
+    m = SmallNet()
+    if how == "Module.compile":
+        m.compile(backend="eager")
+        compiled = m
+    else:
+        compiled = torch.compile(m, backend="eager")
     x = torch.randn(2, 3, 8, 8)
-    compiled(x)
-    with featkd.FeatureExtractor(compiled, ["head"]) as late:
-        with pytest.raises(RuntimeError, match=r"'head' ran 0 time.*torch.compile'd.*before the first call"):
-            late(x)
+    compiled(x)  # compiled without hooks; dynamo would keep running this code
+    with featkd.FeatureExtractor(compiled, ["head:input"]) as late:
+        _, feats = late(x)
+    torch.testing.assert_close(feats["head:input"], m.conv2(m.conv1(x).relu()).relu().mean((2, 3)))
+    torch._dynamo.reset()
+
+
+def test_compiled_function_without_hooks_is_reported():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    m = SmallNet()
+    step = torch.compile(lambda x: m(x), backend="eager")
+    x = torch.randn(2, 3, 8, 8)
+    step(x)
+    with featkd.capture(m, ["head"]) as feats:
+        step(x)
+    with pytest.raises(RuntimeError, match=r"'head' ran 0 time.*torch.compile.*create the extractor before"):
+        feats["head"]
     torch._dynamo.reset()
 
 
