@@ -274,10 +274,14 @@ class Features(Mapping):
         base, entries, call = self._entries(key)
         if call is None:
             if len(entries) > 1:
-                raise RuntimeError(
-                    f"layer {key!r} ran {len(entries)} times in one forward (a shared module); pick one call with "
-                    f"'{key}#k' (k = 0..{len(entries) - 1}) or take all with features.calls({key!r})"
-                )
+                msg = (f"layer {key!r} ran {len(entries)} times in one forward (a shared module); pick one call "
+                       f"with '{key}#k' (k = 0..{len(entries) - 1}) or take all with features.calls({key!r})")
+                devices = {e.device for e in entries if isinstance(e, torch.Tensor)}
+                if len(devices) > 1:
+                    msg += (f". The calls are on {len(devices)} devices: nn.DataParallel runs the hooks once per "
+                            "replica on its shard of the batch; torch.cat(features.calls(key)) in device order "
+                            "joins them, and DistributedDataParallel avoids the issue")
+                raise RuntimeError(msg)
             if not entries:
                 raise self._not_run(key, 0, 1)
             return entries[0]
@@ -368,10 +372,11 @@ class _Recorder:
         self.clone = clone
         self.calls: dict[str, list] = {s.key: [] for s in self.specs}
         self.selected = {s.key: s.call for s in self.specs}
-        self.root_grad_enabled = True
+        self.root_grad_enabled: bool | None = None  # grad mode at the start of the running forward
         modules = _named_modules(model)
         root = modules[""]
-        self.handles = [root.register_forward_pre_hook(self._root_pre_hook)]
+        self.handles = [root.register_forward_pre_hook(self._root_pre_hook),
+                        root.register_forward_hook(self._root_hook, always_call=True)]
         try:
             for spec in self.specs:
                 module = modules[spec.path]
@@ -389,6 +394,10 @@ class _Recorder:
         if not torch.compiler.is_compiling():
             self.root_grad_enabled = torch.is_grad_enabled()
 
+    def _root_hook(self, module, args, output):
+        if not torch.compiler.is_compiling():
+            self.root_grad_enabled = None
+
     def _make_hook(self, spec: _Spec):
         entries = self.calls[spec.key]
 
@@ -396,7 +405,7 @@ class _Recorder:
             if not torch.compiler.is_compiling():
                 if _in_backward():
                     return
-                if not self.detach and self.root_grad_enabled and not torch.is_grad_enabled():
+                if not self.detach and self.root_grad_enabled is True and not torch.is_grad_enabled():
                     raise RuntimeError(
                         f"layer {spec.key!r} ran with autograd off inside a forward that had it on, so its captured "
                         "feature would have no graph and a loss on it would silently give no gradient. This is what "

@@ -456,6 +456,16 @@ def test_checkpoint_reentrant_is_detected():
     torch.testing.assert_close(feats["a"], m.a(x).detach())
 
 
+def test_submodule_called_directly_under_no_grad_is_not_mistaken_for_checkpointing():
+    m = Checkpointed(use_reentrant=None)
+    x = torch.randn(3, 4)
+    with featkd.capture(m, ["a"]) as feats:
+        m(x)  # a forward with grad on sets the check up; it must not outlive the forward
+        with torch.no_grad():
+            m.segment(x)
+    assert feats.num_calls("a") == 2 and feats["a#0"].requires_grad and not feats["a#1"].requires_grad
+
+
 # ----------------------------------------------------------------------------- lifetime
 
 
