@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "capture": "featkd.capture",
     "FeatureExtractor": "featkd.capture",
+    "Features": "featkd.capture",
+    "LayerInfo": "featkd.capture",
     "list_layers": "featkd.capture",
     "resolve_layers": "featkd.capture",
     "Distiller": "featkd.distiller",

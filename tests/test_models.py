@@ -202,17 +202,25 @@ def test_module_factory(tmp_path, monkeypatch):
         from torch import nn
         def only_classes(num_classes, hidden=4):
             return nn.Sequential(nn.Flatten(), nn.LazyLinear(hidden), nn.Linear(hidden, num_classes))
-        def anything(**kwargs):
-            anything.seen = kwargs
-            return nn.Conv2d(kwargs["in_channels"], kwargs["num_classes"], 1)
+        def with_channels(num_classes, in_channels):
+            return nn.Conv2d(in_channels, num_classes, 1)
+        def forwarding(**kwargs):  # like torchvision's factories: kwargs go on to a 3-channel model
+            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(4, kwargs.pop("num_classes")), **kwargs)
         def not_a_model():
             return 3
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     model = create_model("my_nets:only_classes", num_classes=6, in_channels=1, hidden=8)
     assert model(torch.randn(2, 1, 4, 4)).shape == (2, 6) and model[1].out_features == 8
-    conv = create_model("my_nets:anything", num_classes=2, in_channels=5)
+    conv = create_model("my_nets:with_channels", num_classes=2, in_channels=5)
     assert conv.in_channels == 5 and conv.out_channels == 2
+    # in_channels is not pushed through **kwargs (the model would reject it): the first conv is adapted
+    net = create_model("my_nets:forwarding", num_classes=3, in_channels=1)
+    assert net[0].in_channels == 1 and net(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+    vit = create_model("torchvision.models.vision_transformer:VisionTransformer", num_classes=4, in_channels=1,
+                       image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8)
+    assert vit(torch.randn(1, 1, 32, 32)).shape == (1, 4)
     with pytest.raises(ValueError, match="only_classes"):
         create_model("my_nets:only_class")
     with pytest.raises(ValueError, match="cannot import module 'no_such_pkg_xyz'"):

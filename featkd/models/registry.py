@@ -130,12 +130,20 @@ def _factory_model(spec: str, num_classes: int, in_channels: int, **kwargs) -> n
         raise ValueError(f"model {spec!r}: module {module_name!r} has no callable {attr!r}.{hint}")
     params = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
-        if takes_any or key in params:
-            kwargs.setdefault(key, value)
+    # num_classes is the common keyword (torchvision factories forward it through **kwargs); in_channels is
+    # not, so it goes only to factories that name it; the others get their first RGB conv adapted (a model
+    # without one, e.g. an MLP, is left as the factory built it).
+    if takes_any or "num_classes" in params:
+        kwargs.setdefault("num_classes", num_classes)
+    names_in_channels = "in_channels" in params
+    if names_in_channels:
+        kwargs.setdefault("in_channels", in_channels)
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory {spec!r} returned {type(model).__name__}, expected an nn.Module")
+    takes_rgb = any(isinstance(m, nn.Conv2d) and m.in_channels == 3 for m in model.modules())
+    if in_channels != 3 and not names_in_channels and takes_rgb:
+        _adapt_first_conv(model, in_channels)
     return model
 
 

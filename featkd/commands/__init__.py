@@ -1,0 +1,1 @@
+"""One module per featkd subcommand (see featkd/cli.py)."""
