@@ -84,6 +84,8 @@ def kernel_signature(fn) -> tuple[frozenset, frozenset]:
 def median_bandwidth(sq_dist: Tensor) -> Tensor:
     """Median heuristic: sigma2 = median of the student–teacher squared distances over the batch.
 
+    (``torch.median``: the lower of the two middle values for an even count.)
+
     One bandwidth per call, computed without grad from the cross block (the scale at which the two
     samples are compared; unlike the self blocks it has no zero diagonal). Falls back to 1 when the
     median is 0 (student equal to teacher), where any bandwidth gives MMD 0.
