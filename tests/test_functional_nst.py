@@ -89,17 +89,21 @@ def test_unknown_kernel_lists_close_matches():
 
 
 def test_a_new_kernel_is_one_registered_function():
-    @KF.register_kernel("laplacian_test")
-    def laplacian(sq_dist, *, sigma2):
-        return torch.exp(-sq_dist.sqrt() / sigma2)
+    @KF.register_kernel("imq_test")
+    def inverse_multiquadric(sq_dist, *, sigma2, beta=0.5):
+        return (1 + sq_dist / sigma2).pow(-beta)
 
     try:
         f_s, f_t = feats(2, 3, 6), feats(2, 2, 6)
-        ref = lambda x, y: float(np.exp(-np.sqrt(np.sum((x - y) ** 2)) / 0.8))  # noqa: E731
-        got = KF.nst_loss(f_s, f_t, "laplacian_test", sigma2=0.8)
+        ref = lambda x, y: float((1 + np.sum((x - y) ** 2) / 0.8) ** -0.25)  # noqa: E731
+        got = KF.nst_loss(f_s, f_t, "imq_test", sigma2=0.8, beta=0.25)
         assert got.item() == pytest.approx(nst_reference(f_s.numpy(), f_t.numpy(), ref), rel=1e-10)
+        # sigma2=None: the median heuristic applies to any kernel with a sigma2 parameter
+        assert torch.isfinite(KF.nst_loss(f_s, f_t, "imq_test"))
+        with pytest.raises(ValueError, match="unknown \\['gamma'\\]"):
+            KF.nst_loss(f_s, f_t, "imq_test", gamma=1.0)
     finally:
-        del nst_module.KERNELS["laplacian_test"]
+        del nst_module.KERNELS["imq_test"]
 
 
 @pytest.mark.parametrize(
