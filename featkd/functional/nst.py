@@ -83,11 +83,10 @@ def kernel_signature(fn) -> tuple[frozenset, frozenset]:
 def median_bandwidth(sq_dist: Tensor) -> Tensor:
     """Median heuristic: sigma2 = median of the student–teacher squared distances over the batch.
 
-    (``torch.median``: the lower of the two middle values for an even count.)
-
     One bandwidth per call, computed without grad from the cross block (the scale at which the two
-    samples are compared; unlike the self blocks it has no zero diagonal). Falls back to 1 when the
-    median is 0 (student equal to teacher), where any bandwidth gives MMD 0.
+    samples are compared; unlike the self blocks it has no zero diagonal). ``torch.median`` takes
+    the lower of the two middle values for an even count. Falls back to 1 when the median is 0
+    (student equal to teacher), where any bandwidth gives MMD 0.
     """
     with torch.no_grad():
         med = sq_dist.detach().flatten().median()
