@@ -52,6 +52,7 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import distributed
+from featkd.distiller import cross_entropy_labeled
 
 __all__ = [
     "Method",
@@ -237,15 +238,6 @@ class Method(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def cross_entropy_labeled(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the labelled samples only (target ``-1`` marks an unlabelled one).
-
-    A batch with no labelled sample gives 0 rather than the NaN of an empty mean.
-    """
-    total = F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="sum")
-    return total / (targets >= 0).sum().clamp(min=1)
 
 
 def _losses_to_floats(losses: dict[str, torch.Tensor]) -> dict[str, float]:
