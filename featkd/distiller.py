@@ -29,17 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from featkd.capture import FeatureExtractor
+from featkd.functional import cross_entropy
 
-__all__ = ["Distiller", "Term", "Warmup", "FeatureAdapter", "cross_entropy_labeled"]
-
-
-def cross_entropy_labeled(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the labelled samples only (target ``-1`` marks an unlabelled one).
-
-    A batch with no labelled sample gives 0 rather than the NaN of an empty mean.
-    """
-    total = F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="sum")
-    return total / (targets >= 0).sum().clamp(min=1)
+__all__ = ["Distiller", "Term", "Warmup", "FeatureAdapter"]
 
 
 # --------------------------------------------------------------------------- weights
@@ -333,7 +325,7 @@ class Distiller(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         ce_weight = _weight_at(self.ce_weight, step, epoch)
         if y is not None and ce_weight:
-            losses["ce"] = ce_weight * cross_entropy_labeled(student_logits, y)
+            losses["ce"] = ce_weight * cross_entropy(student_logits, y)
         if self.kd_loss is not None:
             losses["kd"] = _weight_at(self.kd_weight, step, epoch) * self.kd_loss(student_logits, teacher_logits, y)
         for term, adapter, loss in zip(self.terms, self.adapters, self.term_losses):

@@ -52,7 +52,7 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import distributed
-from featkd.distiller import cross_entropy_labeled
+from featkd.functional import cross_entropy
 
 __all__ = [
     "Method",
@@ -66,7 +66,6 @@ __all__ = [
     "build_scheduler",
     "seed_everything",
     "resolve_device",
-    "cross_entropy_labeled",
 ]
 
 
@@ -258,7 +257,7 @@ class SupervisedMethod:
     def train_step(self, x, y, step):
         self.model.train()
         with self.precision.autocast():
-            loss = cross_entropy_labeled(self.model(x), y)
+            loss = cross_entropy(self.model(x), y)  # labelled samples only (y = -1 skipped)
         self.precision.backward_step(loss, self.optimizer, self.grad_clip)
         return {"ce": loss.item()}
 
