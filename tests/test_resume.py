@@ -37,7 +37,7 @@ optim: {{lr: 0.05}}
 
 
 def without_times(rows):
-    return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("epoch_time_s", "eval_time_s")} for row in rows]
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, subprocess_env):
