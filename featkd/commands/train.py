@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,22 @@ from featkd.config import Config, ConfigError, DataConfig, load_config, to_dict
 
 
 # --------------------------------------------------------------------------- shared by the training commands
+
+
+def reports_user_errors(run):
+    """Print a mistake in the config, paths or run directory as one line (exit status 2), not a traceback."""
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (ConfigError, ckpt.RunDirectoryExistsError, FileNotFoundError) as error:
+            command = run.__module__.rsplit(".", 1)[-1]
+            print(f"featkd {command}: error: {error}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,6 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from featkd.engine import Precision, SupervisedMethod
 
