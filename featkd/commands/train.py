@@ -31,16 +31,21 @@ from featkd.config import Config, ConfigError, DataConfig, load_config, to_dict
 
 
 def reports_user_errors(run):
-    """Print a mistake in the config, paths or run directory as one line (exit status 2), not a traceback."""
+    """Print a mistake in the config, paths or run directory (exit status 2) or a diverged run (exit
+    status 1) as one line, not a traceback."""
+    from featkd.engine import DivergenceError
 
     @functools.wraps(run)
     def wrapper(args: argparse.Namespace) -> int:
+        command = run.__module__.rsplit(".", 1)[-1]
         try:
             return run(args)
         except (ConfigError, ckpt.RunDirectoryExistsError, FileNotFoundError) as error:
-            command = run.__module__.rsplit(".", 1)[-1]
             print(f"featkd {command}: error: {error}", file=sys.stderr)
             return 2
+        except DivergenceError as error:
+            print(f"featkd {command}: training diverged: {error}", file=sys.stderr)
+            return 1
 
     return wrapper
 
