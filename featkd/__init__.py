@@ -17,6 +17,7 @@ _PUBLIC = {
     "resolve_layers": "featkd.capture",
     "Distiller": "featkd.distiller",
     "Term": "featkd.distiller",
+    "Warmup": "featkd.distiller",
     "functional": "featkd.functional",
     "losses": "featkd.losses",
     "models": "featkd.models",
