@@ -1,0 +1,9 @@
+"""Datasets as uint8 tensors, on-device batched loading and augmentation, and transfer-set edits."""
+
+from featkd.data.datasets import (DatasetInfo, ImageDataset, list_datasets, load_dataset, read_idx,
+                                  stratified_subset)
+from featkd.data.loader import DeviceLoader, EpochPlan, crop_flip
+from featkd.data.transfer import UNLABELED, add_unlabeled, mark_unlabeled, omit_classes
+
+__all__ = ["DatasetInfo", "DeviceLoader", "EpochPlan", "crop_flip", "ImageDataset", "list_datasets", "load_dataset", "read_idx", "stratified_subset",
+           "UNLABELED", "add_unlabeled", "mark_unlabeled", "omit_classes"]

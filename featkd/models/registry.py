@@ -1,0 +1,210 @@
+"""``create_model`` by name, ``list_models``, and feature metadata for any model.
+
+Names:
+* featkd's own: ``wrn{depth}_{width}`` (also ``wrn-16-1``, ``WRN-40-2``), ``resnet{depth}`` (CIFAR, 6n+2),
+  ``nin``, ``nin_thin``;
+* ``torchvision:<name>`` — a torchvision classification model with ``weights=None``;
+* ``timm:<name>`` — ``timm.create_model(name, pretrained=False, ...)``;
+* ``package.module:factory`` — any importable callable returning an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from typing import Callable
+
+import torch
+from torch import nn
+
+from featkd.models.features import FeatureInfo
+from featkd.models.nin import NIN
+from featkd.models.resnet_cifar import CifarResNet
+from featkd.models.wrn import WideResNet
+
+_WRN_NAME = re.compile(r"^wrn[-_]?(\d+)[-_](\d+)$")
+_RESNET_NAME = re.compile(r"^resnet(\d+)$")
+
+# Fixed names shown by list_models(); the wrn/resnet patterns accept other valid depths/widths too.
+_NAMED: dict[str, Callable[..., nn.Module]] = {
+    **{f"wrn{d}_{k}": (lambda d=d, k=k, **kw: WideResNet(d, k, **kw))
+       for d, k in [(10, 1), (16, 1), (16, 2), (16, 4), (16, 8), (22, 8), (28, 10), (40, 1), (40, 2), (40, 4)]},
+    **{f"resnet{d}": (lambda d=d, **kw: CifarResNet(d, **kw)) for d in (20, 32, 44, 56, 110)},
+    "nin": lambda **kw: NIN(width=kw.pop("width", 1.0), **kw),
+    "nin_thin": lambda **kw: NIN(width=kw.pop("width", 0.45), **kw),
+}
+
+
+def list_models() -> list[str]:
+    """featkd's built-in model names (``wrn{d}_{k}`` and ``resnet{d}`` accept any valid depth/width)."""
+    return sorted(_NAMED)
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Build a model by name with ``num_classes`` outputs for ``in_channels``-channel images.
+
+    Extra ``kwargs`` go to the constructor (e.g. ``dropout=0.3`` for WRN, ``shortcut="B"`` for ResNets).
+    Raises ``ValueError`` listing close matches for an unknown name.
+    """
+    if name.startswith("torchvision:"):
+        return _torchvision_model(name.split(":", 1)[1], num_classes, in_channels, **kwargs)
+    if name.startswith("timm:"):
+        return _timm_model(name.split(":", 1)[1], num_classes, in_channels, **kwargs)
+    if ":" in name:
+        return _factory_model(name, num_classes, in_channels, **kwargs)
+
+    key = name.strip().lower()
+    wrn = _WRN_NAME.match(key)
+    if wrn:
+        return WideResNet(int(wrn[1]), int(wrn[2]), num_classes=num_classes, in_channels=in_channels, **kwargs)
+    resnet = _RESNET_NAME.match(key)
+    if resnet:
+        return CifarResNet(int(resnet[1]), num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if key in _NAMED:
+        return _NAMED[key](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    close = difflib.get_close_matches(key.replace("-", "_"), list_models(), n=4, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"unknown model {name!r}.{hint} Built-in models: {', '.join(list_models())} "
+        "(wrn{depth}_{width} and resnet{depth} take any valid depth); or use 'torchvision:<name>', "
+        "'timm:<name>' or 'package.module:factory'.")
+
+
+def _torchvision_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown torchvision classification model {name!r}.{hint}")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    if in_channels != 3:
+        _adapt_first_conv(model, in_channels)
+    return model
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Replace the first 3-channel Conv2d with one taking ``in_channels`` (same kernel, stride, padding...)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            conv = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                             module.dilation, module.groups if module.groups == 1 else in_channels,
+                             module.bias is not None, module.padding_mode)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, conv)
+            return
+    raise ValueError(f"cannot adapt {type(model).__name__} to in_channels={in_channels}: "
+                     "no Conv2d with 3 input channels found")
+
+
+def _timm_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
+    try:
+        import timm
+    except ImportError as e:
+        raise ImportError(f"'timm:{name}' needs the timm package: pip install timm "
+                          "(or pip install 'featkd[timm]')") from e
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown timm model {name!r}.{hint}")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+
+
+def _factory_model(spec: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model {spec!r}: cannot import module {module_name!r} ({e}); "
+                         "expected 'package.module:factory' with the package on PYTHONPATH") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        close = difflib.get_close_matches(attr, names, n=4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"model {spec!r}: module {module_name!r} has no callable {attr!r}.{hint}")
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if takes_any or key in params:
+            kwargs.setdefault(key, value)
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model factory {spec!r} returned {type(model).__name__}, expected an nn.Module")
+    return model
+
+
+def feature_info(model: nn.Module, layers: list[str] | None = None,
+                 input_size: tuple[int, ...] | None = None) -> list[FeatureInfo]:
+    """The distillable feature maps of ``model`` as ``FeatureInfo(name, channels, reduction)``.
+
+    featkd models carry it (``model.feature_info``); timm models' own ``feature_info`` is converted.
+    For any other model pass ``layers`` (module paths) and ``input_size`` (C, H, W): one dry forward
+    with hooks measures them. Use ``featkd layers <model>`` to see the module paths a model has.
+    """
+    if layers is None:
+        info = getattr(model, "feature_info", None)
+        if isinstance(info, list) and all(isinstance(f, FeatureInfo) for f in info):
+            return list(info)
+        if info is not None and hasattr(info, "get_dicts"):  # timm's FeatureInfo object
+            return [FeatureInfo(d["module"], d["num_chs"], d["reduction"]) for d in info.get_dicts()]
+        if isinstance(info, list) and all(isinstance(d, dict) and "num_chs" in d for d in info):
+            return [FeatureInfo(d["module"], d["num_chs"], d["reduction"]) for d in info]
+        raise ValueError(
+            f"{type(model).__name__} has no feature metadata: pass layers=[...] and input_size=(C, H, W) to "
+            "measure them with a dry forward; run 'featkd layers <model>' to list its layer names and shapes")
+    if input_size is None:
+        raise ValueError("feature_info(model, layers=...) needs input_size=(C, H, W) for the dry forward")
+    shapes = _probe_shapes(model, layers, input_size)
+    height = input_size[-1]
+    return [FeatureInfo(name, shape[1], max(1, round(height / shape[-1]))) for name, shape in shapes.items()]
+
+
+def _probe_shapes(model: nn.Module, layers: list[str], input_size: tuple[int, ...]) -> dict[str, torch.Size]:
+    modules = dict(model.named_modules())
+    missing = [n for n in layers if n not in modules]
+    if missing:
+        hints = {n: difflib.get_close_matches(n, modules, n=3) for n in missing}
+        raise ValueError(f"{type(model).__name__} has no layer(s) {hints} (name: close matches); "
+                         "run 'featkd layers <model>' to list them")
+    shapes: dict[str, torch.Size] = {}
+    handles = [modules[n].register_forward_hook(
+        lambda _m, _i, out, n=n: shapes.setdefault(n, out.shape)) for n in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    not_run = [n for n in layers if n not in shapes]
+    if not_run:
+        raise ValueError(f"layer(s) {not_run} of {type(model).__name__} did not run in the forward pass")
+    return shapes
+
+
+def default_distill_layers(model: nn.Module) -> list[str]:
+    """The natural layers for AT/NST: WRN groups, CIFAR-ResNet / torchvision-ResNet stages, NIN blocks,
+    timm feature stages (without the stem)."""
+    names = getattr(model, "default_distill_layers", None)
+    if isinstance(names, list):
+        return list(names)
+    try:
+        import torchvision
+
+        if isinstance(model, torchvision.models.ResNet):
+            return ["layer1", "layer2", "layer3", "layer4"]
+    except ImportError:
+        pass
+    try:
+        info = feature_info(model)
+    except ValueError:
+        raise ValueError(f"no default distillation layers known for {type(model).__name__}: name them "
+                         "explicitly; run 'featkd layers <model>' to list layer names and shapes") from None
+    names = [f.name for f in info]
+    return names[1:] if len(names) > 3 else names  # timm lists the stem first, then the stages
