@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featkd.engine import Precision, cross_entropy_labeled
+
 OBJECTIVES = ("bce", "lsgan")
 
 
@@ -53,10 +55,7 @@ def class_loss(d_out: torch.Tensor, targets: torch.Tensor, num_classes: int) -> 
 
     Unlabelled samples (label -1) are left out; a batch with none labelled gives 0.
     """
-    labelled = targets >= 0
-    if not labelled.any():
-        return d_out.sum() * 0
-    return F.cross_entropy(d_out[labelled, :num_classes], targets[labelled])
+    return cross_entropy_labeled(d_out[:, :num_classes], targets)
 
 
 def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor, targets: torch.Tensor, num_classes: int,
@@ -104,16 +103,19 @@ class AdversarialKD:
     def __init__(self, student: nn.Module, teacher: nn.Module, discriminator: LogitDiscriminator,
                  student_optimizer: torch.optim.Optimizer, discriminator_optimizer: torch.optim.Optimizer,
                  student_scheduler=None, discriminator_scheduler=None, objective: str = "bce",
-                 adv_weight: float = 1.0, class_weight: float = 1.0, l1_weight: float = 1.0, ce_weight: float = 0.0):
+                 adv_weight: float = 1.0, class_weight: float = 1.0, l1_weight: float = 1.0, ce_weight: float = 0.0,
+                 precision: Precision | None = None):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown adversarial objective {objective!r}; expected one of {OBJECTIVES}.")
         self.student, self.teacher, self.discriminator = student, teacher, discriminator
         self.student_optimizer, self.discriminator_optimizer = student_optimizer, discriminator_optimizer
+        self.optimizer = student_optimizer  # the engine logs this one's learning rate
         self.schedulers = [s for s in (student_scheduler, discriminator_scheduler) if s is not None]
         self.objective = objective
         self.adv_weight, self.class_weight = adv_weight, class_weight
         self.l1_weight, self.ce_weight = l1_weight, ce_weight
         self.num_classes = discriminator.num_classes
+        self.precision = precision or Precision()
         self.teacher.requires_grad_(False)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
@@ -121,28 +123,24 @@ class AdversarialKD:
         self.teacher.eval()
         self.student.train()
         self.discriminator.train()
-        with torch.no_grad():
-            z_t = self.teacher(x)
-        z_s = self.student(x)
+        with self.precision.autocast():
+            with torch.no_grad():
+                z_t = self.teacher(x).float()
+            z_s = self.student(x).float()
+            d_loss = discriminator_loss(self.discriminator(z_t), self.discriminator(z_s.detach()), y,
+                                        self.num_classes, self.objective, self.class_weight)
+        self.precision.backward_step(d_loss, self.discriminator_optimizer)
 
-        d_loss = discriminator_loss(self.discriminator(z_t), self.discriminator(z_s.detach()), y, self.num_classes,
-                                    self.objective, self.class_weight)
-        self.discriminator_optimizer.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.discriminator_optimizer.step()
-
-        self.discriminator.requires_grad_(False)
+        self.discriminator.requires_grad_(False)  # fixed while the student learns against it
         try:
-            adv = generator_loss(self.discriminator(z_s), y, self.num_classes, self.objective, self.class_weight)
+            with self.precision.autocast():
+                adv = generator_loss(self.discriminator(z_s), y, self.num_classes, self.objective, self.class_weight)
+                l1 = (z_s - z_t).abs().mean()
+                ce = cross_entropy_labeled(z_s, y)
+                s_loss = self.adv_weight * adv + self.l1_weight * l1 + self.ce_weight * ce
+            self.precision.backward_step(s_loss, self.student_optimizer)
         finally:
             self.discriminator.requires_grad_(True)
-        l1 = (z_s - z_t).abs().mean()
-        labelled = y >= 0
-        ce = F.cross_entropy(z_s[labelled], y[labelled]) if labelled.any() else z_s.sum() * 0
-        s_loss = self.adv_weight * adv + self.l1_weight * l1 + self.ce_weight * ce
-        self.student_optimizer.zero_grad(set_to_none=True)
-        s_loss.backward()
-        self.student_optimizer.step()
         return {"disc": d_loss.item(), "adv": adv.item(), "l1": l1.item(), "ce": ce.item(), "total": s_loss.item()}
 
     def eval_models(self) -> dict[str, nn.Module]:
@@ -159,6 +157,7 @@ class AdversarialKD:
             "student_optimizer": self.student_optimizer.state_dict(),
             "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
             "schedulers": [s.state_dict() for s in self.schedulers],
+            "precision": self.precision.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -168,3 +167,4 @@ class AdversarialKD:
         self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
         for sched, s in zip(self.schedulers, state["schedulers"]):
             sched.load_state_dict(s)
+        self.precision.load_state_dict(state["precision"])

@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from featkd.capture import FeatureExtractor
+from featkd.capture import FeatureExtractor, resolve_layers
+from featkd.engine import Precision, cross_entropy_labeled
 from featkd.functional import kd_loss
 from featkd.losses import build_feature_loss
 from featkd.strategies.ensemble import ProbabilityAverage
@@ -57,8 +57,9 @@ def mutual_loss(logits: torch.Tensor, peer_logits: Sequence[torch.Tensor], mode:
 class PeerTerm:
     """A feature-transfer term between peers: ``loss`` (a ``build_feature_loss`` name) at ``layers``.
 
-    Each layer gives one loss between peer k's feature (with gradient) and peer l's (detached),
-    averaged over the other peers l, times ``weight``.
+    ``layers`` are capture specs (globs allowed) naming the same layers in every peer; each layer
+    gives one loss between peer k's feature (with gradient) and peer l's (detached), summed over
+    the layers, averaged over the other peers l, times ``weight``.
     """
 
     loss: str
@@ -94,12 +95,13 @@ class DeepMutualLearning:
     in ``on_epoch_end``. ``ce_weight`` and ``mimicry_weight`` scale the two parts of L_k (1 and 1
     in the paper). ``terms`` are feature-transfer terms between peers; they need
     ``example_input`` (one batch, for a dry-run forward that gives the feature shapes).
+    ``precision`` (featkd.engine.Precision) gives autocast and gradient scaling.
     """
 
     def __init__(self, peers: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
                  schedulers: Sequence | None = None, mode: str = "pairwise", temperature: float = 1.0,
                  ce_weight: float = 1.0, mimicry_weight: float = 1.0, terms: Sequence[PeerTerm] = (),
-                 example_input: torch.Tensor | None = None):
+                 example_input: torch.Tensor | None = None, precision: Precision | None = None):
         if len(peers) < 2:
             raise ValueError(f"Deep Mutual Learning needs at least 2 peers, got {len(peers)}.")
         if len(optimizers) != len(peers):
@@ -113,8 +115,10 @@ class DeepMutualLearning:
         self.schedulers = list(schedulers) if schedulers is not None else []
         self.mode, self.temperature = mode, temperature
         self.ce_weight, self.mimicry_weight = ce_weight, mimicry_weight
-        self.terms = list(terms)
-        self.layers = sorted({layer for term in self.terms for layer in term.layers})
+        self.optimizer = self.optimizers[0]  # the engine logs this one's learning rate
+        self.precision = precision or Precision()
+        self.terms = [PeerTerm(t.loss, resolve_layers(self.peers[0], t.layers), t.weight, t.options) for t in terms]
+        self.layers = list(dict.fromkeys(layer for term in self.terms for layer in term.layers))
         self.extractors = [FeatureExtractor(p, self.layers) for p in self.peers] if self.layers else []
         # term_losses[k][l][(term index, layer)] -> loss module between peer k (student) and peer l (target)
         self.term_losses: list[dict[int, dict]] = []
@@ -145,9 +149,10 @@ class DeepMutualLearning:
                 self.optimizers[k].add_param_group({"params": extra})
 
     def _forward(self, k: int, x: torch.Tensor):
-        if self.extractors:
-            return self.extractors[k](x)
-        return self.peers[k](x), {}
+        with self.precision.autocast():
+            if self.extractors:
+                return self.extractors[k](x)
+            return self.peers[k](x), {}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
         """One DML step (Algorithm 1): update peers 0..K-1 in order, each against the current others."""
@@ -157,24 +162,23 @@ class DeepMutualLearning:
         # so its graph stays valid until then.
         outputs = [self._forward(k, x) for k in range(len(self.peers))]
         targets = [(logits.detach(), {n: f.detach() for n, f in feats.items()}) for logits, feats in outputs]
-        labelled = y >= 0
         metrics: dict[str, float] = {}
         for k, (logits, feats) in enumerate(outputs):
             others = [l for l in range(len(self.peers)) if l != k]
-            ce = F.cross_entropy(logits[labelled], y[labelled]) if labelled.any() else logits.sum() * 0
-            mimicry = mutual_loss(logits, [targets[l][0] for l in others], self.mode, self.temperature)
-            loss = self.ce_weight * ce + self.mimicry_weight * mimicry
-            metrics[f"peer{k}/ce"] = ce.item()
-            metrics[f"peer{k}/mimicry"] = mimicry.item()
-            for i, term in enumerate(self.terms):
-                term_value = sum(self.term_losses[k][l][(i, layer)](feats[layer], targets[l][1][layer])
-                                 for l in others for layer in term.layers) / len(others)
-                loss = loss + term.weight * term_value
-                metrics[f"peer{k}/{term.name}"] = term_value.item()
+            with self.precision.autocast():
+                ce = cross_entropy_labeled(logits, y)
+                mimicry = mutual_loss(logits.float(), [targets[l][0].float() for l in others], self.mode,
+                                      self.temperature)
+                loss = self.ce_weight * ce + self.mimicry_weight * mimicry
+                metrics[f"peer{k}/ce"] = ce.item()
+                metrics[f"peer{k}/mimicry"] = mimicry.item()
+                for i, term in enumerate(self.terms):
+                    term_value = sum(self.term_losses[k][l][(i, layer)](feats[layer], targets[l][1][layer])
+                                     for l in others for layer in term.layers) / len(others)
+                    loss = loss + term.weight * term_value
+                    metrics[f"peer{k}/{term.name}"] = term_value.item()
             metrics[f"peer{k}/total"] = loss.item()
-            self.optimizers[k].zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizers[k].step()
+            self.precision.backward_step(loss, self.optimizers[k])
             if k < len(self.peers) - 1:
                 # the peers after k learn from k's updated prediction (Algorithm 1)
                 with torch.no_grad(), preserved_norm_statistics(self.peers[k]):
@@ -197,6 +201,7 @@ class DeepMutualLearning:
             "peers": [p.state_dict() for p in self.peers],
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
+            "precision": self.precision.state_dict(),
             "term_losses": [{l: {f"{i}:{layer}": m.state_dict() for (i, layer), m in losses.items()}
                              for l, losses in row.items()} for row in self.term_losses],
         }
@@ -210,6 +215,7 @@ class DeepMutualLearning:
             opt.load_state_dict(s)
         for sched, s in zip(self.schedulers, state["schedulers"]):
             sched.load_state_dict(s)
+        self.precision.load_state_dict(state["precision"])
         for row, saved_row in zip(self.term_losses, state.get("term_losses", [])):
             for l, losses in row.items():
                 for (i, layer), module in losses.items():
