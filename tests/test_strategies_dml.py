@@ -177,3 +177,62 @@ def test_bad_configuration_is_reported():
     peers = [_peer(0), _peer(1)]
     with pytest.raises(ValueError, match="one optimizer per peer"):
         DeepMutualLearning(peers, [torch.optim.SGD(peers[0].parameters(), lr=0.1)])
+
+
+def test_peer_feature_terms_use_the_other_peers_detached_features():
+    from featkd.capture import FeatureExtractor
+    from featkd.functional import at_loss
+    from featkd.models import create_model
+
+    torch.manual_seed(3)
+    peers = [create_model("resnet8", num_classes=4, in_channels=1) for _ in range(2)]
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 4, (8,))
+    before = [copy.deepcopy(p) for p in peers]
+    method = DeepMutualLearning(peers, [torch.optim.SGD(p.parameters(), lr=0.05) for p in peers],
+                                terms=[PeerTerm("at", ["layer*"], weight=100.0)], example_input=x)
+    assert method.terms[0].layers == ["layer1", "layer2", "layer3"]
+    metrics = method.train_step(x, y, 0)
+
+    def feats(model):
+        with FeatureExtractor(model, ["layer1", "layer2", "layer3"]) as ext, preserved_norm_statistics(model):
+            return ext(x)[1]
+
+    f0, f1 = feats(before[0]), feats(before[1])
+    expected0 = sum(at_loss(f0[n], f1[n]) for n in f0).item()
+    f0_updated = feats(peers[0])  # peer 1 learns from the updated peer 0 (Algorithm 1)
+    expected1 = sum(at_loss(f1[n], f0_updated[n]) for n in f1).item()
+    assert metrics["peer0/at"] == pytest.approx(expected0, rel=1e-4)
+    assert metrics["peer1/at"] == pytest.approx(expected1, rel=1e-4)
+    ce, mimicry = metrics["peer0/ce"], metrics["peer0/mimicry"]
+    assert metrics["peer0/total"] == pytest.approx(ce + mimicry + 100.0 * expected0, rel=1e-4)
+
+
+def test_feature_terms_need_an_example_batch():
+    peers = [_peer(0), _peer(1)]
+    with pytest.raises(ValueError, match="example_input"):
+        DeepMutualLearning(peers, [torch.optim.SGD(p.parameters(), lr=0.1) for p in peers],
+                           terms=[PeerTerm("at", ["0"])])
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+def test_short_run_on_synthetic_data_improves_every_peer(mode):
+    from featkd.data import DeviceLoader, load_dataset
+    from featkd.engine import evaluate
+    from featkd.models import create_model
+
+    train = load_dataset("synthetic", split="train", size=512, image_size=16)
+    test = load_dataset("synthetic", split="test", size=256, image_size=16)
+    torch.manual_seed(0)
+    peers = [create_model("resnet8", num_classes=10, in_channels=1) for _ in range(2)]
+    method = DeepMutualLearning(peers, [torch.optim.SGD(p.parameters(), lr=0.05, momentum=0.9) for p in peers],
+                                mode=mode)
+    test_loader = DeviceLoader(test, 128, shuffle=False, drop_last=False)
+    at_init = {name: evaluate(m, test_loader)["acc1"] for name, m in method.eval_models().items()}
+    loader = DeviceLoader(train, 64, seed=0)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for step, (x, y) in enumerate(loader):
+            method.train_step(x, y, step)
+    after = {name: evaluate(m, test_loader)["acc1"] for name, m in method.eval_models().items()}
+    for name in ("peer0", "peer1", "ensemble"):
+        assert after[name] > at_init[name] + 20, (name, at_init[name], after[name])

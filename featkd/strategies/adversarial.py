@@ -16,7 +16,8 @@ the auxiliary-classifier way: its output has C + 2 units,
 Updates alternate each step: the discriminator with the student fixed (student logits
 detached), then the student with the discriminator fixed. The student minimises
 ``adv_weight * (source loss as "real" + class_weight * class loss) + l1_weight * |z_s - z_t|_1
-+ ce_weight * CE(z_s, y)``; the L1 term is the mean absolute logit difference.
++ ce_weight * CE(z_s, y)``; the L1 term is the l1 norm of the logit difference per sample
+(summed over classes), averaged over the batch.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class AdversarialKD:
         try:
             with self.precision.autocast():
                 adv = generator_loss(self.discriminator(z_s), y, self.num_classes, self.objective, self.class_weight)
-                l1 = (z_s - z_t).abs().mean()
+                l1 = (z_s - z_t).abs().sum(1).mean()
                 ce = cross_entropy_labeled(z_s, y)
                 s_loss = self.adv_weight * adv + self.l1_weight * l1 + self.ce_weight * ce
             self.precision.backward_step(s_loss, self.student_optimizer)

@@ -25,7 +25,7 @@ from torch import nn
 
 from featkd.capture import FeatureExtractor, resolve_layers
 from featkd.engine import Precision, cross_entropy_labeled
-from featkd.functional import kd_loss
+from featkd.functional import dml_kl_loss, kd_loss
 from featkd.losses import build_feature_loss
 from featkd.strategies.ensemble import ProbabilityAverage
 
@@ -36,21 +36,22 @@ def mutual_loss(logits: torch.Tensor, peer_logits: Sequence[torch.Tensor], mode:
                 temperature: float = 1.0) -> torch.Tensor:
     """DML's mimicry term for one peer: how far ``logits`` is from the other peers' predictions.
 
-    ``peer_logits`` are the other peers' logits (detach them: they are targets). ``pairwise``
-    averages KL(p_l || p_k) over the peers; ``ensemble`` takes KL(mean_l p_l || p_k). Each KL is
-    featkd's ``kd_loss`` (mean over the batch, times T^2), which at T = 1 is the paper's term.
+    ``peer_logits`` are the other peers' logits (targets: they are detached here). ``pairwise``
+    averages featkd's ``dml_kl_loss`` = KL(p_l || p_k) over the peers (the ``sym_kl`` logit loss
+    with ``one_sided=True``); ``ensemble`` takes ``kd_loss`` towards the averaged probabilities.
+    Both are means over the batch times T^2; at T = 1 they are the paper's terms.
     """
     if mode not in MODES:
         raise ValueError(f"unknown DML mode {mode!r}; expected one of {MODES}.")
     if len(peer_logits) < 1:
         raise ValueError("mutual_loss needs the logits of at least one other peer, got none.")
     if mode == "pairwise":
-        return sum(kd_loss(logits, p, temperature=temperature) for p in peer_logits) / len(peer_logits)
+        return sum(dml_kl_loss(logits, p, T=temperature) for p in peer_logits) / len(peer_logits)
     # log of the averaged tempered probabilities stands in for the teacher's logits: softmax(log q / T) ...
     # would re-temper it, so average at temperature T and hand over log(q) * T, whose softmax at T is q.
-    log_q = torch.stack([torch.log_softmax(p / temperature, dim=1) for p in peer_logits])
+    log_q = torch.stack([torch.log_softmax(p.detach() / temperature, dim=1) for p in peer_logits])
     log_avg = torch.logsumexp(log_q, dim=0) - math.log(len(peer_logits))
-    return kd_loss(logits, log_avg * temperature, temperature=temperature)
+    return kd_loss(logits, log_avg * temperature, T=temperature)
 
 
 @dataclass
@@ -133,7 +134,7 @@ class DeepMutualLearning:
         for peer, ext in zip(self.peers, self.extractors):
             with torch.no_grad(), preserved_norm_statistics(peer):
                 _, feats = ext(example_input)
-            shapes.append({name: tuple(f.shape[1:]) for name, f in feats.items()})
+            shapes.append({name: tuple(f.shape) for name, f in feats.items()})
         for k in range(len(self.peers)):
             row = {}
             for l in range(len(self.peers)):
