@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     train_loader, test_loader = build_loaders(cfg, device)
     info = train_loader.info
     example = next(iter(test_loader))[0][:2]
-    kd = None if cfg.kd is None else {"loss": cfg.kd.loss, "weight": _weight(cfg.kd.weight), **cfg.kd.options}
+    kd = kd_spec(cfg)
 
     def make_method(generation, student, teacher):
         if teacher is None:
@@ -70,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
     for row in summary:
         print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     return 0
+
+
+def kd_spec(cfg) -> dict | None:
+    """The ``kd`` argument of each born-again generation's Distiller, from the config's ``kd`` section."""
+    return None if cfg.kd is None else {"loss": cfg.kd.loss, "weight": _weight(cfg.kd.weight), **cfg.kd.options}
 
 
 def _weight(weight):
