@@ -32,8 +32,8 @@ class NSTLoss(nn.Module):
         _, accepted = kernel_signature(KF.KERNELS[kernel])
         for key in kernel_options:
             if key not in accepted:
-                raise unknown_name_error(f"NST kernel {kernel!r} option", key, sorted(accepted) + [
-                    "degree", "c", "sigma2", "resize", "layout", "route"])
+                known = sorted(set(accepted) | {"degree", "c", "sigma2", "resize", "layout", "route"})
+                raise unknown_name_error(f"NST kernel {kernel!r} option", key, known)
         self.kernel = kernel
         self.options = dict(degree=degree, c=c, sigma2=sigma2, resize=resize, layout=layout, route=route,
                             **kernel_options)
