@@ -236,3 +236,22 @@ def test_short_run_on_synthetic_data_improves_every_peer(mode):
     after = {name: evaluate(m, test_loader)["acc1"] for name, m in method.eval_models().items()}
     for name in ("peer0", "peer1", "ensemble"):
         assert after[name] > at_init[name] + 20, (name, at_init[name], after[name])
+
+
+def test_cli_logs_every_peer_and_the_ensemble(tmp_path, subprocess_env, python_exe):
+    import json
+    import subprocess
+
+    run = tmp_path / "dml"
+    cmd = [python_exe, "-m", "featkd.cli", "dml", "--config", "dml", "--run-dir", str(run), "epochs=1",
+           "data.name=synthetic", "data.options={size: 128, image_size: 16}", "data.batch_size=64",
+           "dml.peers=[{name: resnet8}, {name: resnet8}, {name: resnet8}]", "dml.mode=ensemble"]
+    done = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for k in range(3):
+        assert {f"train/peer{k}/ce", f"train/peer{k}/mimicry", f"train/peer{k}/total", f"peer{k}/acc1"} <= set(row)
+    assert "ensemble/acc1" in row
+    bad = subprocess.run(cmd[:7] + ["dml.mdoe=ensemble"], env=subprocess_env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "dml.mode" in bad.stderr  # a misspelt key gets a suggestion

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featkd.engine import Precision, cross_entropy_labeled
+from featkd.engine import Precision
+from featkd.functional import cross_entropy
 
 OBJECTIVES = ("bce", "lsgan")
 
@@ -56,7 +57,7 @@ def class_loss(d_out: torch.Tensor, targets: torch.Tensor, num_classes: int) -> 
 
     Unlabelled samples (label -1) are left out; a batch with none labelled gives 0.
     """
-    return cross_entropy_labeled(d_out[:, :num_classes], targets)
+    return cross_entropy(d_out[:, :num_classes], targets)
 
 
 def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor, targets: torch.Tensor, num_classes: int,
@@ -137,7 +138,7 @@ class AdversarialKD:
             with self.precision.autocast():
                 adv = generator_loss(self.discriminator(z_s), y, self.num_classes, self.objective, self.class_weight)
                 l1 = (z_s - z_t).abs().sum(1).mean()
-                ce = cross_entropy_labeled(z_s, y)
+                ce = cross_entropy(z_s, y)
                 s_loss = self.adv_weight * adv + self.l1_weight * l1 + self.ce_weight * ce
             self.precision.backward_step(s_loss, self.student_optimizer)
         finally:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from featkd.capture import FeatureExtractor, resolve_layers
-from featkd.engine import Precision, cross_entropy_labeled
-from featkd.functional import dml_kl_loss, kd_loss
+from featkd.engine import Precision
+from featkd.functional import cross_entropy, dml_kl_loss, kd_loss
 from featkd.losses import build_feature_loss
 from featkd.strategies.ensemble import ProbabilityAverage
 
@@ -167,7 +167,7 @@ class DeepMutualLearning:
         for k, (logits, feats) in enumerate(outputs):
             others = [l for l in range(len(self.peers)) if l != k]
             with self.precision.autocast():
-                ce = cross_entropy_labeled(logits, y)
+                ce = cross_entropy(logits, y)
                 mimicry = mutual_loss(logits.float(), [targets[l][0].float() for l in others], self.mode,
                                       self.temperature)
                 loss = self.ce_weight * ce + self.mimicry_weight * mimicry
