@@ -2,7 +2,9 @@
 
 Three identical resnet18 copies (plain, FeatureExtractor clone=True, clone=False) are timed in
 interleaved rounds, so that machine noise hits all of them alike; the medians and their ratios
-to the plain model are printed, on CPU and on CUDA when present.
+to the plain model are printed, on CPU and on CUDA when present. In the forward+backward rows
+the captured variants also back-propagate a mean of each feature (what a distillation loss
+would do), so they include that small extra work.
 
     python benchmarks/hook_overhead.py [--batch 32] [--size 64] [--rounds 15] [--threads N]
 """

@@ -115,7 +115,8 @@ def _canonical(path: str, modules: Mapping[str, nn.Module]) -> str:
     return path if path in modules else _strip_wrappers(path)
 
 
-def _glob_regex(pattern: str) -> re.Pattern:
+def glob_regex(pattern: str) -> re.Pattern:
+    """Regex for a layer glob: ``*`` and ``?`` stay within one dotted segment, ``**`` crosses dots."""
     out = []
     i = 0
     while i < len(pattern):
@@ -195,7 +196,7 @@ def _resolve_specs(model: nn.Module, layers: str | Sequence[str]) -> list[_Spec]
         written, suffix, call, port, selectors = _parse(given)
         path = _canonical(written, modules)
         if any(c in path for c in "*?"):
-            regex = _glob_regex(path)
+            regex = glob_regex(path)
             matched = [name for name in modules if name and regex.match(name)]
             if not matched:
                 raise _unknown("no module matches the pattern", path, modules)

@@ -212,3 +212,20 @@ def test_works_with_ddp_wrapped_student(tmp_path):
             torch.testing.assert_close(got[k], expected[k])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compiled_student_keeps_its_hooks():
+    # The student is compiled after the hooks are registered, so they are traced into the graph.
+    teacher, student = wrns("wrn10_1", "wrn10_1")
+    terms = [featkd.Term("group2", loss="at", weight=10), featkd.Term("group3", loss="nst", weight=5)]
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    plain = featkd.Distiller(teacher, student, terms=terms, kd="kd").setup(x[:2])
+    _, expected = plain(x, y)
+    plain.remove_hooks()
+    compiled = featkd.Distiller(teacher, student, terms=terms, kd="kd", compile={"backend": "eager"}).setup(x[:2])
+    _, got = compiled(x, y)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key])
+    got["total"].backward()
+    assert student.fc.weight.grad.abs().sum() > 0

@@ -35,7 +35,7 @@ def supervised(seed=0, num_classes=4, epochs=3, lr=0.05):
 
 
 def strip_times(history):
-    return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in history]
+    return [{k: v for k, v in row.items() if k not in ("epoch_time_s", "eval_time_s")} for row in history]
 
 
 def test_fit_trains_and_writes_run_files(tmp_path):
@@ -44,7 +44,7 @@ def test_fit_trains_and_writes_run_files(tmp_path):
     history = fit(method, train, test, tmp_path / "run", epochs=3, config={"seed": 0, "note": "x"}, log=lambda s: None)
     assert len(history) == 3
     row = history[-1]
-    assert set(row) == {"epoch", "step", "train/ce", "model/acc1", "model/acc5", "model/loss", "lr", "epoch_time_s"}
+    assert set(row) == {"epoch", "step", "train/ce", "model/acc1", "model/acc5", "model/loss", "lr", "epoch_time_s", "eval_time_s"}
     assert row["epoch"] == 3 and row["step"] == 3 * len(train)
     assert [r["lr"] for r in history] == pytest.approx([0.05, 0.05, 0.005])
     assert history[0]["train/ce"] > history[-1]["train/ce"]

@@ -197,3 +197,16 @@ def test_property_matches_reference_non_negative_zero_on_self(b, cs, ct, h, w, k
     assert got == pytest.approx(nst_reference(f_s.flatten(2).numpy(), f_t.flatten(2).numpy(), ref), rel=1e-9, abs=1e-12)
     assert got >= -1e-12
     assert abs(KF.nst_loss(f_s, f_s.clone(), name, **options).item()) < 1e-12
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["linear", "poly", "gaussian"])
+def test_cuda_matches_cpu_and_fp16_autocast_stays_float32(kernel):
+    f_s, f_t = torch.randn(4, 32, 6, 6), torch.randn(4, 48, 6, 6)
+    want = KF.nst_loss(f_s, f_t, kernel, sigma2=0.5 if kernel == "gaussian" else None)
+    s, t = f_s.cuda(), f_t.cuda()
+    options = {"sigma2": 0.5} if kernel == "gaussian" else {}
+    assert KF.nst_loss(s, t, kernel, **options).item() == pytest.approx(want.item(), rel=1e-4)
+    with torch.autocast("cuda", dtype=torch.float16):
+        got = KF.nst_loss(s, t, kernel, **options)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-4)

@@ -83,11 +83,10 @@ def kernel_signature(fn) -> tuple[frozenset, frozenset]:
 def median_bandwidth(sq_dist: Tensor) -> Tensor:
     """Median heuristic: sigma2 = median of the student–teacher squared distances over the batch.
 
-    (``torch.median``: the lower of the two middle values for an even count.)
-
     One bandwidth per call, computed without grad from the cross block (the scale at which the two
-    samples are compared; unlike the self blocks it has no zero diagonal). Falls back to 1 when the
-    median is 0 (student equal to teacher), where any bandwidth gives MMD 0.
+    samples are compared; unlike the self blocks it has no zero diagonal). ``torch.median`` takes
+    the lower of the two middle values for an even count. Falls back to 1 when the median is 0
+    (student equal to teacher), where any bandwidth gives MMD 0.
     """
     with torch.no_grad():
         med = sq_dist.detach().flatten().median()
@@ -214,31 +213,40 @@ def _sq_frobenius(m: Tensor) -> Tensor:
 
 
 def _gram_mmd(fn, inputs, params, x: Tensor, y: Tensor) -> Tensor:
-    g_ss = torch.bmm(x, x.transpose(1, 2))
-    inv_s = inverse_norms(g_ss.diagonal(dim1=1, dim2=2))
+    # Every elementwise pass over a (B, C, C) block costs as much as the block's bmm here, so the
+    # rows are normalised once (O(C·N)) and squared distances come out of one fused baddbmm.
+    inv_s = inverse_norms(x.square().sum(-1))
+    x = x * inv_s.unsqueeze(-1)
     with torch.no_grad():
-        g_tt = torch.bmm(y, y.transpose(1, 2))
-        inv_t = inverse_norms(g_tt.diagonal(dim1=1, dim2=2))
+        inv_t = inverse_norms(y.square().sum(-1))
+        y = y * inv_t.unsqueeze(-1)
     # True squared norms of the unit rows: 1 for live channels, 0 for dead ones.
     n_s, n_t = (inv_s > 0).to(x.dtype), (inv_t > 0).to(y.dtype)
     needs_median = "sigma2" in params and params["sigma2"] is None
-    cross_inputs = inputs | {"sq_dist"} if needs_median else inputs
-    cross = _kernel_args(cross_inputs, _unit_gram(torch.bmm(x, y.transpose(1, 2)), inv_s, inv_t), n_s, n_t)
+    cross = _kernel_args(inputs | {"sq_dist"} if needs_median else inputs, x, y, n_s, n_t)
     if needs_median:
         params = {**params, "sigma2": median_bandwidth(cross["sq_dist"])}
         cross = {k: v for k, v in cross.items() if k in inputs}
     st = fn(**cross, **params).mean((1, 2))
-    ss = fn(**_kernel_args(inputs, _unit_gram(g_ss, inv_s, inv_s), n_s, n_s), **params).mean((1, 2))
+    del cross
+    ss = fn(**_kernel_args(inputs, x, x, n_s, n_s), **params).mean((1, 2))
     with torch.no_grad():
-        tt = fn(**_kernel_args(inputs, _unit_gram(g_tt, inv_t, inv_t), n_t, n_t), **params).mean((1, 2))
+        tt = fn(**_kernel_args(inputs, y, y, n_t, n_t), **params).mean((1, 2))
     return ss + tt - 2.0 * st
 
 
-def _kernel_args(inputs, dot: Tensor, n_a: Tensor, n_b: Tensor) -> dict[str, Tensor]:
+def _kernel_args(inputs, a: Tensor, b: Tensor, n_a: Tensor, n_b: Tensor) -> dict[str, Tensor]:
+    """The Gram entries ``dot`` and/or squared distances ``sq_dist`` of unit rows a (B, P, N), b (B, Q, N)."""
     args = {}
     if "dot" in inputs:
-        args["dot"] = dot
+        args["dot"] = torch.bmm(a, b.transpose(1, 2))
     if "sq_dist" in inputs:
-        # |a|^2 + |b|^2 - 2 a.b, clamped: rounding can make it slightly negative for a == b.
-        args["sq_dist"] = torch.add(n_a.unsqueeze(2) + n_b.unsqueeze(1), dot, alpha=-2.0).clamp_min(0.0)
+        with torch.no_grad():
+            norms = n_a.unsqueeze(2) + n_b.unsqueeze(1)
+        if "dot" in args:
+            sq = torch.add(norms, args["dot"], alpha=-2.0)
+        else:
+            sq = torch.baddbmm(norms, a, b.transpose(1, 2), alpha=-2.0)
+        # |a|^2 + |b|^2 - 2 a.b, clamped: rounding makes it slightly negative for a == b.
+        args["sq_dist"] = sq.clamp_min(0.0)
     return args
