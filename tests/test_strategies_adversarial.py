@@ -189,20 +189,21 @@ def test_cli_trains_against_a_teacher_checkpoint(tmp_path, subprocess_env, pytho
     import json
     import subprocess
 
-    data = ["data.name=synthetic", "data.options={size: 128, image_size: 16}", "data.batch_size=64", "epochs=1"]
+    data = ["data.name=synthetic", "data.options={size: 64, image_size: 16}", "data.batch_size=32",
+            "data.eval_batch_size=64", "epochs=1"]
     teacher = subprocess.run([python_exe, "-m", "featkd.cli", "train", "--config", "fmnist_teacher_wrn16_2",
                               "--run-dir", str(tmp_path / "teacher"), "model.name=resnet8", *data],
-                             env=subprocess_env, capture_output=True, text=True, timeout=120)
+                             env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert teacher.returncode == 0, teacher.stderr
     run = tmp_path / "adv"
     done = subprocess.run([python_exe, "-m", "featkd.cli", "adversarial", "--config", "adversarial", "--run-dir",
                            str(run), "student.name=resnet8", f"teacher.checkpoint={tmp_path / 'teacher' / 'best.pt'}",
                            "adversarial.objective=lsgan", *data], env=subprocess_env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"train/disc", "train/adv", "train/l1", "train/ce", "train/total", "student/acc1"} <= set(row)
     again = subprocess.run([python_exe, "-m", "featkd.cli", "adversarial", "--run-dir", str(run), "--resume",
-                            "epochs=2"], env=subprocess_env, capture_output=True, text=True, timeout=120)
+                            "epochs=2"], env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

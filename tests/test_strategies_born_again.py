@@ -136,15 +136,16 @@ def test_given_generation_zero_is_not_trained(tmp_path, loaders):
 
 def test_cli_runs_generations_and_resumes(tmp_path, subprocess_env, python_exe):
     run = tmp_path / "ban"
-    common = ["data.name=synthetic", "data.options={size: 128, image_size: 16}", "data.batch_size=64",
+    common = ["data.name=synthetic", "data.options={size: 64, image_size: 16}", "data.batch_size=32",
+              "data.eval_batch_size=64",
               "model.name=resnet8", "epochs=1", "optim.lr=0.05"]
     cmd = [python_exe, "-m", "featkd.cli", "born-again", "--config", "born_again", "--run-dir", str(run)]
     done = subprocess.run(cmd + common + ["born_again.generations=1"], env=subprocess_env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (run / "gen1" / "metrics.jsonl").is_file() and "train/kd" in ckpt.read_metrics(run / "gen1")[-1]
     resume = [python_exe, "-m", "featkd.cli", "born-again", "--run-dir", str(run), "--resume"]
     again = subprocess.run(resume + ["born_again.generations=2"],
-                           env=subprocess_env, capture_output=True, text=True, timeout=120)
+                           env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "generation 1: complete" in again.stdout and (run / "gen2" / "last.pt").is_file()

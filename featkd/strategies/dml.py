@@ -63,8 +63,8 @@ class PeerTerm:
     the layers, averaged over the other peers l, times ``weight``.
     """
 
-    loss: str
-    layers: list[str]
+    loss: str = "at"
+    layers: list[str] = field(default_factory=list)
     weight: float = 1.0
     options: dict = field(default_factory=dict)
 
@@ -118,6 +118,10 @@ class DeepMutualLearning:
         self.ce_weight, self.mimicry_weight = ce_weight, mimicry_weight
         self.optimizer = self.optimizers[0]  # the engine logs this one's learning rate
         self.precision = precision or Precision()
+        for term in terms:
+            if not term.layers:
+                raise ValueError(f"DML feature term {term.loss!r} names no layers; give layers=[...] "
+                                 "(e.g. ['layer1', 'layer2', 'layer3']; 'featkd layers <model>' lists them).")
         self.terms = [PeerTerm(t.loss, resolve_layers(self.peers[0], t.layers), t.weight, t.options) for t in terms]
         self.layers = list(dict.fromkeys(layer for term in self.terms for layer in term.layers))
         self.extractors = [FeatureExtractor(p, self.layers) for p in self.peers] if self.layers else []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,8 @@ def load_strategy_config(args: argparse.Namespace, section: str, schema: type) -
     section_data = data.pop(section, None) or {}
     if not isinstance(section_data, dict):
         raise config_lib.ConfigError(f"config key {section!r} must be a mapping, got {section_data!r}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by torchrun
+        raise config_lib.ConfigError(f"featkd {command} runs in one process; it does not support torchrun/DDP yet")
     cfg = config_lib.from_dict(data)
     # the engine's schema builder (private there), so that this section reports errors the same way
     strategy_cfg = config_lib._build(schema, section_data, section)

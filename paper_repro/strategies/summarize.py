@@ -1,0 +1,61 @@
+"""Tables of the strategy experiments run by run.sh: final-epoch test top-1 per seed, and the mean.
+
+    python paper_repro/strategies/summarize.py [runs/strategies]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def final(run_dir: Path) -> dict:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])
+
+
+def row(label: str, values: list[float]) -> str:
+    per_seed = " / ".join(f"{v:.2f}" for v in values)
+    mean = statistics.mean(values) if values else float("nan")
+    return f"| {label} | {per_seed} | {mean:.2f} |"
+
+
+def main(root: Path) -> None:
+    seeds = sorted(int(p.name.split("_s")[1]) for p in root.glob("baseline_s*") if (p / "metrics.jsonl").is_file())
+    header = f"| run | top-1 per seed ({', '.join(map(str, seeds))}) | mean |\n|---|---|---|"
+
+    def collect(pattern: str, key: str) -> list[float]:
+        values = []
+        for s in seeds:
+            run = root / pattern.format(s=s)
+            if (run / "metrics.jsonl").is_file():
+                values.append(final(run)[key])
+        return values
+
+    if (root / "teacher_resnet20" / "metrics.jsonl").is_file():
+        print(f"teacher ResNet-20 (seed 0): {final(root / 'teacher_resnet20')['model/acc1']:.2f}\n")
+    print("Baseline (ResNet-8 alone, cross-entropy)\n" + header)
+    print(row("baseline", collect("baseline_s{s}", "model/acc1")))
+    print("\nDeep Mutual Learning (two ResNet-8 peers)\n" + header)
+    print(row("baseline", collect("baseline_s{s}", "model/acc1")))
+    for key in ("peer0", "peer1", "ensemble"):
+        print(row(f"DML {key}", collect("dml_s{s}", f"{key}/acc1")))
+    print("\nBorn-Again Networks (ResNet-8; generation 0 is trained with cross-entropy)\n" + header)
+    print(row("baseline (separate run)", collect("baseline_s{s}", "model/acc1")))
+    for g in range(3):
+        print(row(f"generation {g}", collect(f"ban_s{{s}}/gen{g}", "student/acc1")))
+    print(row("ensemble gen 0-1", collect("ban_s{s}/gen1", "ensemble_all/acc1")))
+    print(row("BANE gen 1-2", collect("ban_s{s}/gen2", "bane/acc1")))
+    print(row("ensemble gen 0-2", collect("ban_s{s}/gen2", "ensemble_all/acc1")))
+    print("\nAdversarial KD (ResNet-20 teacher -> ResNet-8 student)\n" + header)
+    print(row("baseline", collect("baseline_s{s}", "model/acc1")))
+    for name, pattern in (("adversarial (BCE) + L1", "adv_s{s}"), ("adversarial (LSGAN) + L1", "adv_lsgan_s{s}")):
+        values = collect(pattern, "student/acc1")
+        if values:
+            print(row(name, values))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/strategies"))
