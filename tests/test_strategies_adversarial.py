@@ -152,6 +152,7 @@ def test_state_dict_round_trip():
             torch.testing.assert_close(pa, pb)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["bce", "lsgan"])
 def test_short_run_on_synthetic_data_improves_the_student(objective):
     from featkd.data import DeviceLoader, load_dataset
@@ -185,6 +186,7 @@ def test_short_run_on_synthetic_data_improves_the_student(objective):
     assert after > at_init + 20, (at_init, after)
 
 
+@pytest.mark.slow
 def test_cli_trains_against_a_teacher_checkpoint(tmp_path, subprocess_env, python_exe):
     import json
     import subprocess

@@ -134,6 +134,7 @@ def test_given_generation_zero_is_not_trained(tmp_path, loaders):
     assert summary[0]["source"] == "given checkpoint" and not (tmp_path / "ban" / "gen0").exists()
 
 
+@pytest.mark.slow
 def test_cli_runs_generations_and_resumes(tmp_path, subprocess_env, python_exe):
     run = tmp_path / "ban"
     common = ["data.name=synthetic", "data.options={size: 64, image_size: 16}", "data.batch_size=32",

@@ -214,6 +214,7 @@ def test_feature_terms_need_an_example_batch():
                            terms=[PeerTerm("at", ["0"])])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
 def test_short_run_on_synthetic_data_improves_every_peer(mode):
     from featkd.data import DeviceLoader, load_dataset
@@ -238,6 +239,7 @@ def test_short_run_on_synthetic_data_improves_every_peer(mode):
         assert after[name] > at_init[name] + 20, (name, at_init[name], after[name])
 
 
+@pytest.mark.slow
 def test_cli_logs_every_peer_and_the_ensemble(tmp_path, subprocess_env, python_exe):
     import json
     import subprocess
