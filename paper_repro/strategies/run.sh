@@ -30,3 +30,13 @@ for seed in 0 1; do
   run adv_s$seed adversarial --config adversarial --run-dir "$OUT/adv_s$seed" "${COMMON[@]}" \
       student.name=resnet8 teacher.checkpoint="$OUT/teacher_resnet20/last.pt" seed=$seed
 done
+# variants: born-again generations that also see the labels; the least-squares GAN objective; the adversarial
+# student with cross-entropy on the labels as well
+for seed in 0 1; do
+  run ban_ce_s$seed born-again --config born_again --run-dir "$OUT/ban_ce_s$seed" "${COMMON[@]}" \
+      model.name=resnet8 born_again.generations=2 ce_weight=1.0 seed=$seed
+  run adv_lsgan_s$seed adversarial --config adversarial --run-dir "$OUT/adv_lsgan_s$seed" "${COMMON[@]}" \
+      student.name=resnet8 teacher.checkpoint="$OUT/teacher_resnet20/last.pt" adversarial.objective=lsgan seed=$seed
+  run adv_ce_s$seed adversarial --config adversarial --run-dir "$OUT/adv_ce_s$seed" "${COMMON[@]}" \
+      student.name=resnet8 teacher.checkpoint="$OUT/teacher_resnet20/last.pt" ce_weight=1.0 seed=$seed
+done

@@ -74,9 +74,17 @@ def main(root: Path) -> None:
     print(row("ensemble gen 0-1", collect("ban_s{s}/gen1", "ensemble_all/acc1")))
     print(row("BANE gen 1-2", collect("ban_s{s}/gen2", "bane/acc1")))
     print(row("ensemble gen 0-2", collect("ban_s{s}/gen2", "ensemble_all/acc1")))
+    if collect("ban_ce_s{s}/gen2", "student/acc1"):
+        print("\nBorn-Again Networks with the labels too (ce_weight=1)\n" + header)
+        for g in range(3):
+            label = "generation 0 (= baseline)" if g == 0 else f"generation {g}"
+            print(row(label, collect(f"ban_ce_s{{s}}/gen{g}", "student/acc1")))
+        print(row("BANE gen 1-2", collect("ban_ce_s{s}/gen2", "bane/acc1")))
+        print(row("ensemble gen 0-2", collect("ban_ce_s{s}/gen2", "ensemble_all/acc1")))
     print("\nAdversarial KD (ResNet-20 teacher -> ResNet-8 student)\n" + header)
     print(row("baseline (ResNet-8 alone)", baseline))
-    for name, pattern in (("adversarial (BCE) + L1", "adv_s{s}"), ("adversarial (LSGAN) + L1", "adv_lsgan_s{s}")):
+    for name, pattern in (("adversarial (BCE) + L1", "adv_s{s}"), ("adversarial (LSGAN) + L1", "adv_lsgan_s{s}"),
+                          ("adversarial (BCE) + L1 + CE", "adv_ce_s{s}")):
         values = collect(pattern, "student/acc1")
         if values:
             print(row(name, values))
