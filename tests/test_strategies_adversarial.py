@@ -191,12 +191,18 @@ def test_cli_trains_against_a_teacher_checkpoint(tmp_path, subprocess_env, pytho
     import json
     import subprocess
 
+    from featkd.commands.train import model_record
+    from featkd.data import DeviceLoader, load_dataset
+    from featkd.engine import SupervisedMethod, fit
+    from featkd.models import create_model
+
     data = ["data.name=synthetic", "data.options={size: 64, image_size: 16}", "data.batch_size=32",
             "data.eval_batch_size=64", "epochs=1"]
-    teacher = subprocess.run([python_exe, "-m", "featkd.cli", "train", "--config", "fmnist_teacher_wrn16_2",
-                              "--run-dir", str(tmp_path / "teacher"), "model.name=resnet8", *data],
-                             env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert teacher.returncode == 0, teacher.stderr
+    ds = load_dataset("synthetic", size=64, image_size=16)
+    teacher = create_model("resnet8", num_classes=10, in_channels=1)  # a 'featkd train' checkpoint, in-process
+    fit(SupervisedMethod(teacher, torch.optim.SGD(teacher.parameters(), lr=0.05)), DeviceLoader(ds, 32),
+        DeviceLoader(ds, 64, shuffle=False, drop_last=False), tmp_path / "teacher", 1,
+        model_info={"model": model_record("resnet8", {}, ds.info)}, log=lambda _: None)
     run = tmp_path / "adv"
     done = subprocess.run([python_exe, "-m", "featkd.cli", "adversarial", "--config", "adversarial", "--run-dir",
                            str(run), "student.name=resnet8", f"teacher.checkpoint={tmp_path / 'teacher' / 'best.pt'}",
