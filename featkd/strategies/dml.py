@@ -68,10 +68,6 @@ class PeerTerm:
     weight: float = 1.0
     options: dict = field(default_factory=dict)
 
-    @property
-    def name(self) -> str:
-        return self.loss
-
 
 @contextlib.contextmanager
 def preserved_norm_statistics(model: nn.Module):
@@ -123,6 +119,9 @@ class DeepMutualLearning:
                 raise ValueError(f"DML feature term {term.loss!r} names no layers; give layers=[...] "
                                  "(e.g. ['layer1', 'layer2', 'layer3']; 'featkd layers <model>' lists them).")
         self.terms = [PeerTerm(t.loss, resolve_layers(self.peers[0], t.layers), t.weight, t.options) for t in terms]
+        losses = [t.loss for t in self.terms]
+        # the key of each term in the logged losses: its loss name, numbered when a loss is used twice
+        self.term_keys = [t.loss if losses.count(t.loss) == 1 else f"{t.loss}:{i}" for i, t in enumerate(self.terms)]
         self.layers = list(dict.fromkeys(layer for term in self.terms for layer in term.layers))
         self.extractors = [FeatureExtractor(p, self.layers) for p in self.peers] if self.layers else []
         # term_losses[k][l][(term index, layer)] -> loss module between peer k (student) and peer l (target)
@@ -144,7 +143,8 @@ class DeepMutualLearning:
             for l in range(len(self.peers)):
                 if l == k:
                     continue
-                row[l] = {(i, layer): build_feature_loss(term.loss, shapes[k][layer], shapes[l][layer], **term.options)
+                row[l] = {(i, layer): build_feature_loss(term.loss, shapes[k][layer], shapes[l][layer],
+                                                         **term.options).to(example_input.device)
                           for i, term in enumerate(self.terms) for layer in term.layers}
             self.term_losses.append(row)
         # losses with parameters (e.g. a FitNets regressor) learn with the peer that uses them
@@ -181,7 +181,7 @@ class DeepMutualLearning:
                     term_value = sum(self.term_losses[k][l][(i, layer)](feats[layer], targets[l][1][layer])
                                      for l in others for layer in term.layers) / len(others)
                     loss = loss + term.weight * term_value
-                    metrics[f"peer{k}/{term.name}"] = term_value.item()
+                    metrics[f"peer{k}/{self.term_keys[i]}"] = term_value.item()
             metrics[f"peer{k}/total"] = loss.item()
             self.precision.backward_step(loss, self.optimizers[k])
             if k < len(self.peers) - 1:
