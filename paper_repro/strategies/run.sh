@@ -3,13 +3,14 @@
 # with cross-entropy under the same budget, which is generation 0 of the born-again run (same data, epochs,
 # optimiser and schedule as every other run). CPU-sized: a class-balanced subset of 2000 training images,
 # 1000 test images, ResNet-8 students, 3 epochs, batch 64; the ResNet-20 teacher gets 5 epochs. Seeds 0 and 1.
-#   bash paper_repro/strategies/run.sh [runs/strategies]     (then: python paper_repro/strategies/summarize.py)
+#   bash paper_repro/strategies/run.sh [runs/strategies]   (then: PYTHONPATH=. python paper_repro/strategies/summarize.py)
+# A larger budget: LIMIT=10000 EPOCHS=8 TEACHER_EPOCHS=8 bash paper_repro/strategies/run.sh runs/strategies_10k
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs/strategies}
 PY=${PY:-/work/main/.venv/bin/python}
 mkdir -p "$OUT/logs"
-COMMON=(data.limit=2000 data.test_limit=1000 data.batch_size=64 epochs=3)
+COMMON=(data.limit=${LIMIT:-2000} data.test_limit=1000 data.batch_size=64 epochs=${EPOCHS:-3})
 
 run() {  # run NAME featkd-args... : skipped when NAME already finished
   local name=$1; shift
@@ -21,7 +22,7 @@ run() {  # run NAME featkd-args... : skipped when NAME already finished
 }
 
 run teacher_resnet20 train --config fmnist_teacher_wrn16_2 --run-dir "$OUT/teacher_resnet20" "${COMMON[@]}" \
-    model.name=resnet20 seed=0 epochs=5
+    model.name=resnet20 seed=0 epochs=${TEACHER_EPOCHS:-5}
 for seed in 0 1; do
   run ban_s$seed born-again --config born_again --run-dir "$OUT/ban_s$seed" "${COMMON[@]}" \
       model.name=resnet8 born_again.generations=2 seed=$seed

@@ -1,6 +1,6 @@
 """Tables of the strategy experiments run by run.sh: final-epoch test top-1 per seed, and the mean.
 
-    python paper_repro/strategies/summarize.py [runs/strategies]
+    PYTHONPATH=. python paper_repro/strategies/summarize.py [runs/strategies]
 """
 
 from __future__ import annotations
