@@ -424,8 +424,9 @@ def fit(
     * Each epoch appends a row to ``metrics.jsonl``/``metrics.csv``: every named
       loss averaged over the epoch (``train/<name>``), ``<model>/acc1``,
       ``<model>/acc5`` and ``<model>/loss`` for each eval model, ``lr``,
-      ``epoch_time_s`` (training steps) and ``eval_time_s``. ``last.pt`` is rewritten every epoch, ``best.pt`` when
-      ``best_metric`` (default: the first eval model's ``acc1``) improves.
+      ``epoch_time_s`` (training steps) and ``eval_time_s``. ``last.pt`` is
+      rewritten every epoch, ``best.pt`` when ``best_metric`` improves (default:
+      the first eval model's ``acc1``; a metric named ``...loss`` improves downwards).
     * ``config`` (the resolved config) is saved as ``config.yaml``; ``model_info``
       maps an eval model's name to what is needed to rebuild it (model name,
       num_classes, in_channels) and is stored with its weights in each checkpoint.
@@ -502,7 +503,8 @@ def fit(
         metric = best_metric or f"{next(iter(models))}/acc1"
         if metric not in row:
             raise KeyError(f"best_metric {metric!r} is not among the epoch metrics {sorted(row)}")
-        improved = best is None or row[metric] > best["value"]
+        lower_is_better = metric.endswith("loss")
+        improved = best is None or (row[metric] < best["value"] if lower_is_better else row[metric] > best["value"])
         if improved:
             best = {"metric": metric, "value": row[metric], "epoch": epoch + 1}
         rng = distributed.all_gather_object(ckpt.rng_state())

@@ -8,7 +8,6 @@ import yaml
 
 from featkd import checkpoint as ckpt
 from featkd.cli import main
-from featkd.config import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -65,20 +64,41 @@ schedule: {{name: constant}}
     assert scores["examples"] == 200 and scores["split"] == "test"
 
     # the run directory is never reused by accident
-    with pytest.raises(ckpt.RunDirectoryExistsError, match="--resume"):
-        main(["distill", "--config", str(config), "--run-dir", str(run_dir), *SMALL])
+    before = (run_dir / "last.pt").read_bytes()
+    assert main(["distill", "--config", str(config), "--run-dir", str(run_dir), *SMALL]) == 2
+    assert "already exists" in capsys.readouterr().err and (run_dir / "last.pt").read_bytes() == before
     # resuming a finished run with more epochs continues it
     assert main(["distill", "--run-dir", str(run_dir), "--resume", "epochs=2"]) == 0
     assert [r["epoch"] for r in ckpt.read_metrics(run_dir)] == [1, 2]
 
 
-def test_config_mistakes_are_reported(teacher_run, tmp_path):
-    with pytest.raises(ConfigError, match="Did you mean 'optim.lr'"):
-        main(["train", "--config", "fmnist_teacher_wrn16_2", "--run-dir", str(tmp_path / "a"), "optim.lrr=0.1"])
-    with pytest.raises(ConfigError, match="does not use the config key 'teacher'"):
-        main(["train", "--config", "fmnist_distill_kd_at_nst", "--run-dir", str(tmp_path / "b"), "model.name=wrn10_1"])
-    with pytest.raises(ConfigError, match="needs the config key 'model'"):
-        main(["train", "--run-dir", str(tmp_path / "c")])
-    with pytest.raises(FileNotFoundError, match="cannot resume"):
-        main(["train", "--run-dir", str(tmp_path / "d"), "--resume"])
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+@pytest.mark.parametrize("args, message", [
+    (["--config", "fmnist_teacher_wrn16_2", "optim.lrr=0.1"], "Did you mean 'optim.lr'"),
+    (["--config", "fmnist_distill_kd_at_nst", "model.name=wrn10_1"], "does not use the config key 'teacher'"),
+    ([], "needs the config key 'model'"),
+    (["--config", "fmnist_teacher_wrn16_x"], "Did you mean: fmnist_teacher_wrn16_2"),
+    (["--resume"], "cannot resume"),
+])
+def test_config_mistakes_are_one_line_errors(tmp_path, capsys, args, message):
+    assert main(["train", "--run-dir", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("featkd train: error:") and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_transfer_set_options():
+    from featkd.commands.train import build_datasets
+    from featkd.config import load_config
+    from featkd.data import load_dataset
+
+    cfg = load_config(None, ["data.name=synthetic", "data.options={size: 400}", "data.omit_classes=[3]",
+                             "data.unlabeled_fraction=0.5", "data.extra_unlabeled={name: synthetic, limit: 50}"])
+    train, test = build_datasets(cfg.data)
+    full = load_dataset("synthetic", split="train", size=400)
+    kept = int((full.labels != 3).sum())
+    assert len(test) == 400 and len(train) == kept + 50
+    own, extra = train.labels[:kept], train.labels[kept:]
+    assert (extra == -1).all() and not (own == 3).any()
+    assert int((own == -1).sum()) == round(0.5 * kept)
+    labelled = own != -1
+    assert torch.equal(own[labelled], full.labels[full.labels != 3][labelled])

@@ -213,3 +213,14 @@ def test_seed_everything_repeats_initialisation():
     seed_everything(5)
     b = tiny_model().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_checkpoint_follows_the_chosen_metric(tmp_path):
+    train, test = loaders()
+    history = fit(supervised(epochs=4, lr=0.2), train, test, tmp_path, epochs=4, best_metric="model/loss",
+                  log=lambda s: None)
+    best = min(history, key=lambda r: r["model/loss"])
+    state = ckpt.load_checkpoint(tmp_path / "best.pt")
+    assert state["epoch"] == best["epoch"] and state["best"]["value"] == best["model/loss"]
+    with pytest.raises(KeyError, match="best_metric 'model/acc9'"):
+        fit(supervised(), train, test, tmp_path / "other", epochs=1, best_metric="model/acc9", log=lambda s: None)

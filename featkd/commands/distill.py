@@ -19,7 +19,8 @@ from torch import nn
 from featkd import checkpoint as ckpt
 from featkd import distributed
 from featkd.commands.train import (add_run_arguments, build_loaders, build_model, build_optimization, check_sections,
-                                   default_run_dir, launch, load_run_config, model_record, start)
+                                   default_run_dir, launch, load_run_config, model_record,
+                                   reports_user_errors, start)
 from featkd.config import Config, ConfigError, WarmupConfig
 
 
@@ -64,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from featkd.engine import DistillMethod, Precision, evaluate
 

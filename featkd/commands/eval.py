@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from featkd import checkpoint as ckpt
-from featkd.config import load_config
+from featkd.commands.train import reports_user_errors
+from featkd.config import ConfigError, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.test_limit=1000")
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -39,11 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from featkd.engine import Precision, evaluate, resolve_device
 
     if args.resume:
-        raise SystemExit("featkd eval has nothing to resume; drop --resume")
+        raise ConfigError("featkd eval has nothing to resume; drop --resume")
     path = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / f"{args.which}.pt"
     state = ckpt.load_checkpoint(path)
     if args.output and Path(args.output).exists():
-        raise FileExistsError(f"--output {args.output} already exists; choose another file")
+        raise ConfigError(f"--output {args.output} already exists; choose another file")
     cfg = load_config(args.config, args.overrides, base=state.get("config") or {})
     device = resolve_device(cfg.device)
     limit = cfg.data.test_limit if args.split == "test" else cfg.data.limit

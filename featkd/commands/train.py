@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,27 @@ from featkd.config import Config, ConfigError, DataConfig, load_config, to_dict
 
 
 # --------------------------------------------------------------------------- shared by the training commands
+
+
+def reports_user_errors(run):
+    """Print a mistake in the config, paths or run directory (exit status 2) or a diverged run (exit
+    status 1) as one line, not a traceback."""
+    from featkd.engine import DivergenceError
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        command = run.__module__.rsplit(".", 1)[-1]
+        try:
+            return run(args)
+        except (ConfigError, ckpt.RunDirectoryExistsError, FileNotFoundError) as error:
+            print(f"featkd {command}: error: {error}", file=sys.stderr)
+            return 2
+        except DivergenceError as error:
+            print(f"featkd {command}: training diverged: {error}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,6 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from featkd.engine import Precision, SupervisedMethod
 
