@@ -14,7 +14,7 @@ from featkd import checkpoint as ckpt
 from featkd import distributed
 from featkd.commands.distill import build_distiller, model_from_checkpoint
 from featkd.commands.train import (add_run_arguments, build_loaders, build_model, build_optimization,
-                                   default_run_dir, model_record, start)
+                                   default_run_dir, model_record, reports_user_errors, start)
 from featkd.config import ConfigError
 from featkd.strategies.born_again import train_generations
 from featkd.strategies.runner import load_strategy_config
@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from featkd.engine import DistillMethod, Precision, SupervisedMethod
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featkd.commands.train import (add_run_arguments, build_loaders, build_model, build_optimization,
-                                   default_run_dir, model_record, start)
+                                   default_run_dir, model_record, reports_user_errors, start)
 from featkd.config import ConfigError, ModelConfig
 from featkd.strategies.dml import MODES, DeepMutualLearning, PeerTerm
 from featkd.strategies.runner import load_strategy_config, run_fit
@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from featkd.engine import Precision
 
