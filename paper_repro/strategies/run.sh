@@ -4,7 +4,8 @@
 # optimiser and schedule as every other run). CPU-sized: a class-balanced subset of 2000 training images,
 # 1000 test images, ResNet-8 students, 3 epochs, batch 64; the ResNet-20 teacher gets 5 epochs. Seeds 0 and 1.
 #   bash paper_repro/strategies/run.sh [runs/strategies]   (then: PYTHONPATH=. python paper_repro/strategies/summarize.py)
-# A larger budget: LIMIT=10000 EPOCHS=8 TEACHER_EPOCHS=8 bash paper_repro/strategies/run.sh runs/strategies_10k
+# A larger budget, the three strategies only:
+#   LIMIT=6000 EPOCHS=5 VARIANTS=0 bash paper_repro/strategies/run.sh runs/strategies_6k
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs/strategies}
@@ -31,6 +32,7 @@ for seed in 0 1; do
   run adv_s$seed adversarial --config adversarial --run-dir "$OUT/adv_s$seed" "${COMMON[@]}" \
       student.name=resnet8 teacher.checkpoint="$OUT/teacher_resnet20/last.pt" seed=$seed
 done
+[ "${VARIANTS:-1}" = 1 ] || exit 0
 # variants: born-again generations that also see the labels; the least-squares GAN objective; the adversarial
 # student with cross-entropy on the labels as well
 for seed in 0 1; do
