@@ -1,0 +1,84 @@
+"""``featkd born-again``: Born-Again Networks, N generations in one command (see :mod:`featkd.strategies.born_again`).
+
+    featkd born-again --config born_again --run-dir runs/ban born_again.generations=3
+    featkd born-again --run-dir runs/ban --resume          # skips the generations already complete
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from featkd import checkpoint as ckpt
+from featkd import distributed
+from featkd.commands.distill import build_distiller, model_from_checkpoint
+from featkd.commands.train import (add_run_arguments, build_loaders, build_model, build_optimization,
+                                   default_run_dir, model_record, reports_user_errors, start)
+from featkd.config import ConfigError
+from featkd.strategies.born_again import train_generations
+from featkd.strategies.runner import load_strategy_config
+
+
+@dataclass
+class BornAgainConfig:
+    """The ``born_again:`` section: how many generations follow generation 0, and where generation 0 comes from.
+
+    The network is the top-level ``model``. Each born-again generation is a Distiller run with
+    the previous generation as its teacher and the top-level ``kd`` (BAN: ``{loss: kd, weight: 1,
+    options: {T: 1}}``), ``ce_weight`` (0: the teacher's output is the only target) and ``terms``.
+    """
+
+    generations: int = 2
+    teacher_checkpoint: str | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser)
+
+
+@reports_user_errors
+def run(args: argparse.Namespace) -> int:
+    from featkd.engine import DistillMethod, Precision, SupervisedMethod
+
+    cfg, ban, resolved = load_strategy_config(args, "born_again", BornAgainConfig)
+    if cfg.model is None:
+        raise ConfigError("featkd born-again needs model.name: the architecture of every generation")
+    if cfg.kd is None and not cfg.terms:
+        raise ConfigError("featkd born-again needs kd (e.g. {loss: kd, weight: 1, options: {T: 1}}) or terms: "
+                          "what each generation learns from the previous one")
+    device = start(cfg)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir("born-again", cfg.model.name)
+    precision = Precision(cfg.amp, device)
+    train_loader, test_loader = build_loaders(cfg, device)
+    info = train_loader.info
+    example = next(iter(train_loader))[0][:2]
+
+    def make_model():
+        return build_model(cfg.model.name, cfg.model.options, info, device, cfg.channels_last)
+
+    def make_method(generation, student, teacher):
+        if teacher is None:
+            optimizer, scheduler = build_optimization(cfg, student.parameters())
+            return SupervisedMethod(student, optimizer, scheduler, precision=precision, grad_clip=cfg.grad_clip,
+                                    name="student")
+        distiller = build_distiller(cfg, teacher, student).setup(example)
+        optimizer, scheduler = build_optimization(cfg, distiller.trainable_parameters())
+        return DistillMethod(distiller, optimizer, scheduler, precision=precision, grad_clip=cfg.grad_clip,
+                             steps_per_epoch=len(train_loader))
+
+    generation0 = None
+    if ban.teacher_checkpoint:
+        generation0, _ = model_from_checkpoint(ckpt.load_checkpoint(ban.teacher_checkpoint), device,
+                                               source=ban.teacher_checkpoint)
+    try:
+        summary = train_generations(make_model, make_method, train_loader, test_loader, run_dir, ban.generations,
+                                    cfg.epochs, seed=cfg.seed, resume=args.resume, generation0=generation0,
+                                    config=resolved, model_info=model_record(cfg.model.name, cfg.model.options, info),
+                                    device=device, channels_last=cfg.channels_last)
+    finally:
+        distributed.shutdown()
+    for row in summary:
+        print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    print(f"finished: {run_dir} (gen*/, born_again.json)")
+    return 0

@@ -1,0 +1,61 @@
+"""``featkd dml``: Deep Mutual Learning of K peers (see :mod:`featkd.strategies.dml`).
+
+    featkd dml --config dml --run-dir runs/dml epochs=10 dml.mode=ensemble
+    featkd dml --run-dir runs/dml --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from featkd.commands.train import (add_run_arguments, build_loaders, build_model, build_optimization,
+                                   default_run_dir, model_record, reports_user_errors, start)
+from featkd.config import ConfigError, ModelConfig
+from featkd.strategies.dml import MODES, DeepMutualLearning, PeerTerm
+from featkd.strategies.runner import load_strategy_config, run_fit
+
+
+@dataclass
+class DMLConfig:
+    """The ``dml:`` section: the peers (one model config each), the mimicry form and peer feature terms.
+
+    ``mode``: ``pairwise`` (1/(K-1) sum of KL(p_l || p_k)) or ``ensemble`` (DML_e, KL(p_avg || p_k)).
+    ``terms``: ``{loss, layers, weight, options}`` feature terms between every pair of peers.
+    """
+
+    peers: list[ModelConfig] = field(default_factory=lambda: [ModelConfig(), ModelConfig()])
+    mode: str = "pairwise"
+    temperature: float = 1.0
+    ce_weight: float = 1.0
+    mimicry_weight: float = 1.0
+    terms: list[PeerTerm] = field(default_factory=list)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser)
+
+
+@reports_user_errors
+def run(args: argparse.Namespace) -> int:
+    from featkd.engine import Precision
+
+    cfg, dml, resolved = load_strategy_config(args, "dml", DMLConfig)
+    if dml.mode not in MODES:
+        raise ConfigError(f"dml.mode must be one of {MODES}, got {dml.mode!r}")
+    if len(dml.peers) < 2:
+        raise ConfigError(f"dml.peers must list at least 2 models, got {len(dml.peers)}")
+    device = start(cfg)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir("dml", dml.peers[0].name)
+    train_loader, test_loader = build_loaders(cfg, device)
+    info = train_loader.info
+    peers = [build_model(p.name, p.options, info, device, cfg.channels_last) for p in dml.peers]
+    optimization = [build_optimization(cfg, peer.parameters()) for peer in peers]
+    example = next(iter(train_loader))[0][:2] if dml.terms else None
+    method = DeepMutualLearning(peers, [o for o, _ in optimization], [s for _, s in optimization], mode=dml.mode,
+                                temperature=dml.temperature, ce_weight=dml.ce_weight,
+                                mimicry_weight=dml.mimicry_weight, terms=dml.terms, example_input=example,
+                                precision=Precision(cfg.amp, device))
+    records = {f"peer{k}": model_record(p.name, p.options, info) for k, p in enumerate(dml.peers)}
+    return run_fit(method, cfg, resolved, args, run_dir, train_loader, test_loader, device, records)

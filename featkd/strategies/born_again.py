@@ -1,0 +1,143 @@
+"""Born-Again Networks (Furlanello, Lipton, Tschannen, Itti and Anandkumar, ICML 2018).
+
+Generation 0 is trained with cross-entropy (or taken from a given checkpoint); generation
+g + 1, the same architecture freshly initialised, learns from generation g's predictions.
+The basic BAN objective is the teacher's output distribution as the only target (KD at
+T = 1 with no label term); the label term can be added. Any featkd feature terms can be
+added too, since each born-again generation is a plain ``featkd.Distiller`` run.
+
+:func:`train_generations` runs the N generations one after the other, each in its own run
+directory ``gen<g>`` inside the parent run directory, and evaluates every generation and
+the ensembles of generations (averaged softmax):
+
+* ``bane``: generations 1..g (the born-again ones; the paper's BAN ensemble), from g = 2;
+* ``ensemble_all``: generations 0..g, from g = 1.
+
+With ``resume=True`` completed generations are loaded and skipped, an interrupted one is
+resumed from its ``last.pt`` and the rest are trained.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from featkd import checkpoint as ckpt
+from featkd.engine import Method, evaluate, fit, seed_everything
+from featkd.strategies.ensemble import ProbabilityAverage
+
+SUMMARY = "born_again.json"
+
+
+class WithEnsembles:
+    """A Method that also evaluates the given ensembles; everything else is the wrapped Method's."""
+
+    def __init__(self, method: Method, ensembles: dict[str, nn.Module]):
+        self.method, self.ensembles = method, ensembles
+
+    def __getattr__(self, name: str) -> Any:  # precision, optimizer, ... of the wrapped Method
+        return getattr(self.method, name)
+
+    def train_step(self, x, y, step):
+        return self.method.train_step(x, y, step)
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        return {**self.method.eval_models(), **self.ensembles}
+
+    def on_epoch_end(self, epoch):
+        self.method.on_epoch_end(epoch)
+
+    def state_dict(self):
+        return self.method.state_dict()
+
+    def load_state_dict(self, state):
+        self.method.load_state_dict(state)
+
+
+def generation_ensembles(models: list[nn.Module]) -> dict[str, nn.Module]:
+    """The ensembles evaluated with the newest of ``models`` (generations 0..g)."""
+    ensembles = {}
+    if len(models) >= 3:
+        ensembles["bane"] = ProbabilityAverage(models[1:])
+    if len(models) >= 2:
+        ensembles["ensemble_all"] = ProbabilityAverage(models)
+    return ensembles
+
+
+def _finished_epochs(gen_dir: Path) -> int:
+    last = gen_dir / ckpt.LAST
+    return ckpt.load_checkpoint(last)["epoch"] if last.is_file() else 0
+
+
+def train_generations(
+    make_model: Callable[[], nn.Module],
+    make_method: Callable[[int, nn.Module, nn.Module | None], Method],
+    train_loader,
+    test_loader,
+    run_dir: str | Path,
+    generations: int,
+    epochs: int,
+    *,
+    seed: int = 0,
+    resume: bool = False,
+    generation0: nn.Module | None = None,
+    config: dict | None = None,
+    model_info: dict | None = None,
+    log=print,
+    **fit_options,
+) -> list[dict[str, Any]]:
+    """Train generation 0 (unless ``generation0`` is given) and ``generations`` born-again generations.
+
+    ``make_model()`` builds a fresh network (called after seeding with ``seed + g``);
+    ``make_method(g, student, teacher)`` builds generation g's Method (``teacher`` is None for
+    g = 0); its eval models must name the network ``student``. Returns one summary row per
+    generation (final accuracies of the network and of the ensembles), also written to
+    ``run_dir/born_again.json``.
+    """
+    if generations < 1:
+        raise ValueError(f"born-again needs at least 1 generation after generation 0, got {generations}.")
+    run_dir = Path(run_dir)
+    if resume:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"cannot resume: {str(run_dir)!r} does not exist; start it without --resume.")
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ckpt.RunDirectoryExistsError(
+            f"run directory {str(run_dir)!r} already exists and is not empty; pass --resume to continue its "
+            "generations, or choose a new --run-dir.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_run_info(run_dir, config)
+
+    models: list[nn.Module] = []
+    summary: list[dict[str, Any]] = []
+    info = {"student": model_info} if model_info else None
+    for g in range(generations + 1):
+        if g == 0 and generation0 is not None:
+            generation0.eval().requires_grad_(False)
+            models.append(generation0)
+            scores = evaluate(generation0, test_loader, device=fit_options.get("device"))
+            summary.append({"generation": 0, "source": "given checkpoint", "student/acc1": scores["acc1"]})
+            continue
+        seed_everything(seed + g)
+        student = make_model()
+        gen_dir = run_dir / f"gen{g}"
+        done = _finished_epochs(gen_dir) if resume else 0
+        if done >= epochs:
+            student.load_state_dict(ckpt.load_checkpoint(gen_dir / ckpt.LAST)["models"]["student"]["state_dict"])
+            final = ckpt.read_metrics(gen_dir)[-1]
+            log(f"generation {g}: complete in {gen_dir}, skipped")
+        else:
+            log(f"generation {g}: {'resuming' if done else 'training'} in {gen_dir}")
+            teacher = models[-1] if models else None
+            method = WithEnsembles(make_method(g, student, teacher), generation_ensembles(models + [student]))
+            final = fit(method, train_loader, test_loader, gen_dir, epochs, resume=done > 0,
+                        config=config, model_info=info, log=log, **fit_options)[-1]
+        student.eval().requires_grad_(False)
+        models.append(student)
+        summary.append({"generation": g, **{key: value for key, value in final.items() if key.endswith("/acc1")}})
+        ckpt.atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,227 @@
+"""Deep Mutual Learning (Zhang, Xiang, Hospedales and Lu, CVPR 2018).
+
+K >= 2 peer networks are trained together from scratch. Peer k minimises its own
+cross-entropy plus a mimicry term towards the others' current predictions:
+
+* ``mode="pairwise"`` (the paper's Eq. 10):  L_k = CE_k + 1/(K-1) * sum_{l != k} KL(p_l || p_k)
+* ``mode="ensemble"`` (the paper's DML_e):   L_k = CE_k + KL(p_avg || p_k),  p_avg = mean_{l != k} p_l
+
+The peers are updated one after the other within a step, as in the paper's Algorithm 1:
+predictions of all peers are computed, peer 1 is updated, its prediction is recomputed,
+peer 2 is updated against the already-updated peer 1, and so on. Optional feature terms
+(AT, NST, ... from ``featkd.losses``) pull peer k's captured features towards every other
+peer's detached features at the same layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from featkd.capture import FeatureExtractor, resolve_layers
+from featkd.engine import Precision
+from featkd.functional import cross_entropy, dml_kl_loss, kd_loss
+from featkd.losses import build_feature_loss
+from featkd.strategies.ensemble import ProbabilityAverage
+
+MODES = ("pairwise", "ensemble")
+
+
+def mutual_loss(logits: torch.Tensor, peer_logits: Sequence[torch.Tensor], mode: str = "pairwise",
+                temperature: float = 1.0) -> torch.Tensor:
+    """DML's mimicry term for one peer: how far ``logits`` is from the other peers' predictions.
+
+    ``peer_logits`` are the other peers' logits (targets: they are detached here). ``pairwise``
+    averages featkd's ``dml_kl_loss`` = KL(p_l || p_k) over the peers (the ``sym_kl`` logit loss
+    with ``one_sided=True``); ``ensemble`` takes ``kd_loss`` towards the averaged probabilities.
+    Both are means over the batch times T^2; at T = 1 they are the paper's terms.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown DML mode {mode!r}; expected one of {MODES}.")
+    if len(peer_logits) < 1:
+        raise ValueError("mutual_loss needs the logits of at least one other peer, got none.")
+    if mode == "pairwise":
+        return sum(dml_kl_loss(logits, p, T=temperature) for p in peer_logits) / len(peer_logits)
+    # log of the averaged tempered probabilities stands in for the teacher's logits: softmax(log q / T) ...
+    # would re-temper it, so average at temperature T and hand over log(q) * T, whose softmax at T is q.
+    log_q = torch.stack([torch.log_softmax(p.detach() / temperature, dim=1) for p in peer_logits])
+    log_avg = torch.logsumexp(log_q, dim=0) - math.log(len(peer_logits))
+    return kd_loss(logits, log_avg * temperature, T=temperature)
+
+
+@dataclass
+class PeerTerm:
+    """A feature-transfer term between peers: ``loss`` (a ``build_feature_loss`` name) at ``layers``.
+
+    ``layers`` are capture specs (globs allowed) naming the same layers in every peer; each layer
+    gives one loss between peer k's feature (with gradient) and peer l's (detached), summed over
+    the layers, averaged over the other peers l, times ``weight``.
+    """
+
+    loss: str = "at"
+    layers: list[str] = field(default_factory=list)
+    weight: float = 1.0
+    options: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def preserved_norm_statistics(model: nn.Module):
+    """Run an extra forward without moving the batch-norm running statistics.
+
+    DML recomputes an updated peer's prediction on the same batch; in training mode that
+    forward would update the running mean/var a second time for the same batch.
+    """
+    saved = {name: buf.clone() for name, buf in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(saved[name])
+
+
+class DeepMutualLearning:
+    """A ``featkd.engine`` Method training K peers with mutual learning.
+
+    ``peers`` and ``optimizers`` are parallel sequences; ``schedulers`` (optional) are stepped
+    in ``on_epoch_end``. ``ce_weight`` and ``mimicry_weight`` scale the two parts of L_k (1 and 1
+    in the paper). ``terms`` are feature-transfer terms between peers; they need
+    ``example_input`` (one batch, for a dry-run forward that gives the feature shapes).
+    ``precision`` (featkd.engine.Precision) gives autocast and gradient scaling.
+    """
+
+    def __init__(self, peers: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
+                 schedulers: Sequence | None = None, mode: str = "pairwise", temperature: float = 1.0,
+                 ce_weight: float = 1.0, mimicry_weight: float = 1.0, terms: Sequence[PeerTerm] = (),
+                 example_input: torch.Tensor | None = None, precision: Precision | None = None):
+        if len(peers) < 2:
+            raise ValueError(f"Deep Mutual Learning needs at least 2 peers, got {len(peers)}.")
+        if len(optimizers) != len(peers):
+            raise ValueError(f"got {len(peers)} peers but {len(optimizers)} optimizers; give one optimizer per peer.")
+        if schedulers is not None and len(schedulers) != len(peers):
+            raise ValueError(f"got {len(peers)} peers but {len(schedulers)} schedulers; give one per peer or none.")
+        if mode not in MODES:
+            raise ValueError(f"unknown DML mode {mode!r}; expected one of {MODES}.")
+        self.peers = list(peers)
+        self.optimizers = list(optimizers)
+        self.schedulers = list(schedulers) if schedulers is not None else []
+        self.mode, self.temperature = mode, temperature
+        self.ce_weight, self.mimicry_weight = ce_weight, mimicry_weight
+        self.optimizer = self.optimizers[0]  # the engine logs this one's learning rate
+        self.precision = precision or Precision()
+        for term in terms:
+            if not term.layers:
+                raise ValueError(f"DML feature term {term.loss!r} names no layers; give layers=[...] "
+                                 "(e.g. ['layer1', 'layer2', 'layer3']; 'featkd layers <model>' lists them).")
+        self.terms = [PeerTerm(t.loss, resolve_layers(self.peers[0], t.layers), t.weight, t.options) for t in terms]
+        losses = [t.loss for t in self.terms]
+        # the key of each term in the logged losses: its loss name, numbered when a loss is used twice
+        self.term_keys = [t.loss if losses.count(t.loss) == 1 else f"{t.loss}:{i}" for i, t in enumerate(self.terms)]
+        self.layers = list(dict.fromkeys(layer for term in self.terms for layer in term.layers))
+        self.extractors = [FeatureExtractor(p, self.layers) for p in self.peers] if self.layers else []
+        # term_losses[k][l][(term index, layer)] -> loss module between peer k (student) and peer l (target)
+        self.term_losses: list[dict[int, dict]] = []
+        if self.terms:
+            if example_input is None:
+                raise ValueError("DML feature terms need example_input (one batch) to learn the feature shapes.")
+            self._build_term_losses(example_input)
+        self.ensemble = ProbabilityAverage(self.peers)
+
+    def _build_term_losses(self, example_input: torch.Tensor) -> None:
+        shapes = []
+        for peer, ext in zip(self.peers, self.extractors):
+            with torch.no_grad(), preserved_norm_statistics(peer):
+                _, feats = ext(example_input)
+            shapes.append({name: tuple(f.shape) for name, f in feats.items()})
+        for k in range(len(self.peers)):
+            row = {}
+            for l in range(len(self.peers)):
+                if l == k:
+                    continue
+                row[l] = {(i, layer): build_feature_loss(term.loss, shapes[k][layer], shapes[l][layer],
+                                                         **term.options).to(example_input.device)
+                          for i, term in enumerate(self.terms) for layer in term.layers}
+            self.term_losses.append(row)
+        # losses with parameters (e.g. a FitNets regressor) learn with the peer that uses them
+        for k, row in enumerate(self.term_losses):
+            extra = [p for losses in row.values() for module in losses.values() for p in module.parameters()]
+            if extra:
+                self.optimizers[k].add_param_group({"params": extra})
+
+    def _forward(self, k: int, x: torch.Tensor):
+        with self.precision.autocast():
+            if self.extractors:
+                return self.extractors[k](x)
+            return self.peers[k](x), {}
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
+        """One DML step (Algorithm 1): update peers 0..K-1 in order, each against the current others."""
+        for peer in self.peers:
+            peer.train()
+        # Every peer's prediction with its graph; a peer l > k is not updated before its own turn,
+        # so its graph stays valid until then.
+        outputs = [self._forward(k, x) for k in range(len(self.peers))]
+        targets = [(logits.detach(), {n: f.detach() for n, f in feats.items()}) for logits, feats in outputs]
+        metrics: dict[str, float] = {}
+        for k, (logits, feats) in enumerate(outputs):
+            others = [l for l in range(len(self.peers)) if l != k]
+            with self.precision.autocast():
+                ce = cross_entropy(logits, y)
+                mimicry = mutual_loss(logits.float(), [targets[l][0].float() for l in others], self.mode,
+                                      self.temperature)
+                loss = self.ce_weight * ce + self.mimicry_weight * mimicry
+                metrics[f"peer{k}/ce"] = ce.item()
+                metrics[f"peer{k}/mimicry"] = mimicry.item()
+                for i, term in enumerate(self.terms):
+                    term_value = sum(self.term_losses[k][l][(i, layer)](feats[layer], targets[l][1][layer])
+                                     for l in others for layer in term.layers) / len(others)
+                    loss = loss + term.weight * term_value
+                    metrics[f"peer{k}/{self.term_keys[i]}"] = term_value.item()
+            metrics[f"peer{k}/total"] = loss.item()
+            self.precision.backward_step(loss, self.optimizers[k])
+            if k < len(self.peers) - 1:
+                # the peers after k learn from k's updated prediction (Algorithm 1)
+                with torch.no_grad(), preserved_norm_statistics(self.peers[k]):
+                    new_logits, new_feats = self._forward(k, x)
+                targets[k] = (new_logits, new_feats)
+        return metrics
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """Every peer by name, and the peers' ensemble (averaged softmax)."""
+        models = {f"peer{k}": peer for k, peer in enumerate(self.peers)}
+        models["ensemble"] = self.ensemble
+        return models
+
+    def on_epoch_end(self, epoch: int) -> None:
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {
+            "peers": [p.state_dict() for p in self.peers],
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "precision": self.precision.state_dict(),
+            "term_losses": [{l: {f"{i}:{layer}": m.state_dict() for (i, layer), m in losses.items()}
+                             for l, losses in row.items()} for row in self.term_losses],
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if len(state["peers"]) != len(self.peers):
+            raise ValueError(f"checkpoint holds {len(state['peers'])} peers but this run has {len(self.peers)}.")
+        for peer, s in zip(self.peers, state["peers"]):
+            peer.load_state_dict(s)
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        for sched, s in zip(self.schedulers, state["schedulers"]):
+            sched.load_state_dict(s)
+        self.precision.load_state_dict(state["precision"])
+        for row, saved_row in zip(self.term_losses, state.get("term_losses", [])):
+            for l, losses in row.items():
+                for (i, layer), module in losses.items():
+                    module.load_state_dict(saved_row[l][f"{i}:{layer}"])

@@ -1,0 +1,29 @@
+"""Ensembles evaluated alongside the networks they are made of (DML peers, BAN generations)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class ProbabilityAverage(nn.Module):
+    """The ensemble that averages its members' softmax outputs.
+
+    ``forward`` returns the log of the averaged probabilities, so that it can stand where
+    logits are expected: its argmax is the ensemble's prediction and cross-entropy on it is
+    the ensemble's negative log-likelihood (softmax of a log-probability vector is that
+    vector's probabilities). The members are not copied: the ensemble follows their training.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if len(members) < 1:
+            raise ValueError("ProbabilityAverage needs at least one member network, got none.")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([torch.log_softmax(m(x), dim=1) for m in self.members])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
