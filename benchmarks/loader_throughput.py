@@ -73,7 +73,7 @@ def main() -> None:
     featkd_s, torch_s = statistics.median(featkd_times), statistics.median(torch_times)
     print(f"{len(ds)} {args.dataset} images, batch {args.batch_size}, crop+flip+normalise, device {device}, "
           f"{args.threads} thread(s), median of {args.repeats} epochs")
-    print(f"| pipeline | s/epoch | images/s |\n|---|---|---|")
+    print("| pipeline | s/epoch | images/s |\n|---|---|---|")
     print(f"| featkd DeviceLoader | {featkd_s:.3f} | {len(ds) / featkd_s:,.0f} |")
     print(f"| DataLoader + torchvision v2 ({args.workers} workers) | {torch_s:.3f} | {len(ds) / torch_s:,.0f} |")
     print(f"DeviceLoader is {torch_s / featkd_s:.1f}x faster")

@@ -201,7 +201,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _wrong_type(key, tp, value)
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise _wrong_type(key, tp, value)
@@ -235,7 +235,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"config schema has an unsupported type {tp!r} at {key!r}")
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -255,7 +255,7 @@ def from_dict(data: dict[str, Any] | None) -> Config:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
-    return _build(Config, data)
+    return build_dataclass(Config, data)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

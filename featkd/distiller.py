@@ -20,7 +20,6 @@ terms add up to ``total``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 

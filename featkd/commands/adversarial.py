@@ -14,10 +14,10 @@ from pathlib import Path
 from featkd import checkpoint as ckpt
 from featkd.commands.distill import model_from_checkpoint
 from featkd.commands.train import (add_run_arguments, build_loaders, build_model, build_optimization,
-                                   default_run_dir, model_record, reports_user_errors, start)
+                                   default_run_dir, launch, model_record, reports_user_errors, start)
 from featkd.config import ConfigError, OptimConfig
 from featkd.strategies.adversarial import OBJECTIVES, AdversarialKD, LogitDiscriminator
-from featkd.strategies.runner import load_strategy_config, run_fit
+from featkd.strategies.runner import load_strategy_config
 
 
 @dataclass
@@ -77,4 +77,4 @@ def run(args: argparse.Namespace) -> int:
                            objective=adv.objective, adv_weight=adv.adv_weight, class_weight=adv.class_weight,
                            l1_weight=adv.l1_weight, ce_weight=cfg.ce_weight, precision=Precision(cfg.amp, device))
     records = {"student": model_record(cfg.student.name, cfg.student.options, info)}
-    return run_fit(method, cfg, resolved, args, run_dir, train_loader, test_loader, device, records)
+    return launch(method, cfg, args, run_dir, train_loader, test_loader, device, records, config=resolved)

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featkd.commands.train import (add_run_arguments, build_loaders, build_model, build_optimization,
-                                   default_run_dir, model_record, reports_user_errors, start)
+                                   default_run_dir, launch, model_record, reports_user_errors, start)
 from featkd.config import ConfigError, ModelConfig
 from featkd.strategies.dml import MODES, DeepMutualLearning, PeerTerm
-from featkd.strategies.runner import load_strategy_config, run_fit
+from featkd.strategies.runner import load_strategy_config
 
 
 @dataclass
@@ -58,4 +58,4 @@ def run(args: argparse.Namespace) -> int:
                                 mimicry_weight=dml.mimicry_weight, terms=dml.terms, example_input=example,
                                 precision=Precision(cfg.amp, device))
     records = {f"peer{k}": model_record(p.name, p.options, info) for k, p in enumerate(dml.peers)}
-    return run_fit(method, cfg, resolved, args, run_dir, train_loader, test_loader, device, records)
+    return launch(method, cfg, args, run_dir, train_loader, test_loader, device, records, config=resolved)

@@ -37,7 +37,7 @@ def reports_user_errors(run):
 
     @functools.wraps(run)
     def wrapper(args: argparse.Namespace) -> int:
-        command = run.__module__.rsplit(".", 1)[-1]
+        command = run.__module__.rsplit(".", 1)[-1].replace("_", "-")
         try:
             return run(args)
         except (ConfigError, ckpt.RunDirectoryExistsError, FileNotFoundError) as error:
@@ -164,14 +164,17 @@ def start(cfg: Config):
 
 
 def launch(method, cfg: Config, args: argparse.Namespace, run_dir: Path, train_loader, test_loader, device,
-           model_info: dict[str, dict]) -> int:
-    """Run :func:`featkd.engine.fit` and report where the results are."""
+           model_info: dict[str, dict], config: dict | None = None) -> int:
+    """Run :func:`featkd.engine.fit` and report where the results are.
+
+    ``config`` is what is saved as the run's config.yaml (default: ``cfg``; a strategy passes its
+    whole resolved config, its own section included)."""
     from featkd.engine import fit
 
     is_main = distributed.is_main_process()
     try:
         history = fit(method, train_loader, test_loader, run_dir, cfg.epochs, resume=args.resume,
-                      config=to_dict(cfg), model_info=model_info, device=device, channels_last=cfg.channels_last,
+                      config=to_dict(cfg) if config is None else config, model_info=model_info, device=device, channels_last=cfg.channels_last,
                       log=print if is_main else (lambda message: None))
     finally:
         distributed.shutdown()

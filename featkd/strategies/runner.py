@@ -61,22 +61,6 @@ def load_strategy_config(args: argparse.Namespace, section: str, schema: type) -
         raise config_lib.ConfigError(f"featkd {command} runs in one process; it does not support torchrun/DDP yet")
     cfg = config_lib.from_dict(data)
     # the engine's schema builder (private there), so that this section reports errors the same way
-    strategy_cfg = config_lib._build(schema, section_data, section)
+    strategy_cfg = config_lib.build_dataclass(schema, section_data, section)
     resolved = {**config_lib.to_dict(cfg), section: dataclasses.asdict(strategy_cfg)}
     return cfg, strategy_cfg, resolved
-
-
-def run_fit(method, cfg: config_lib.Config, resolved: dict, args: argparse.Namespace, run_dir: Path, train_loader,
-            test_loader, device, model_info: dict[str, dict]) -> int:
-    """``featkd.engine.fit`` with the strategy's whole resolved config saved next to the run."""
-    from featkd import distributed
-    from featkd.engine import fit
-
-    try:
-        history = fit(method, train_loader, test_loader, run_dir, cfg.epochs, resume=args.resume, config=resolved,
-                      model_info=model_info, device=device, channels_last=cfg.channels_last)
-    finally:
-        distributed.shutdown()
-    if history:
-        print(f"finished: {run_dir} (best.pt, last.pt, metrics.jsonl)")
-    return 0
