@@ -171,8 +171,11 @@ def _probe_shapes(model: nn.Module, layers: list[str], input_size: tuple[int, ..
         raise ValueError(f"{type(model).__name__} has no layer(s) {hints} (name: close matches); "
                          "run 'featkd layers <model>' to list them")
     shapes: dict[str, torch.Size] = {}
-    handles = [modules[n].register_forward_hook(
-        lambda _m, _i, out, n=n: shapes.setdefault(n, out.shape)) for n in layers]
+
+    def record(name: str, output: torch.Tensor) -> None:  # returns None: a hook's return value replaces the output
+        shapes.setdefault(name, output.shape)
+
+    handles = [modules[n].register_forward_hook(lambda _m, _i, out, n=n: record(n, out)) for n in layers]
     was_training = model.training
     try:
         model.eval()

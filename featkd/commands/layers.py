@@ -1,0 +1,93 @@
+"""``featkd layers <model> --input-size 3x224x224``: every hookable layer with its output shape.
+
+The names printed are what ``featkd.capture`` / ``FeatureExtractor`` / config files accept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+
+def _input_size(text: str) -> tuple[int, ...]:
+    parts = re.split(r"[x,]", text.strip().lower())
+    if not 2 <= len(parts) <= 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"--input-size {text!r}: expected channels x height x width such as 3x224x224 (or CxL for 1-d models)"
+        )
+    return tuple(int(p) for p in parts)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a featkd model (wrn16_1, resnet20, ...), torchvision:<name>, timm:<name>, "
+                                      "or package.module:factory")
+    parser.add_argument("--input-size", type=_input_size, default=(3, 224, 224), metavar="CxHxW",
+                        help="size of one example input, without the batch dimension (default: 3x224x224)")
+    parser.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default: 10)")
+    parser.add_argument("--filter", metavar="GLOB", default=None,
+                        help="only layers matching this pattern, e.g. 'layer*' or 'features.*' "
+                             "(* stays within one dotted segment, ** crosses dots)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="only names with at most this many dotted segments (1: top-level children)")
+
+
+def _format_shape(shape) -> str:
+    if shape is None:
+        return "-"
+    if isinstance(shape, dict):
+        return "{" + ", ".join(f"{k}: {_format_shape(v)}" for k, v in shape.items()) + "}"
+    if shape and all(isinstance(s, int) for s in shape):
+        return "x".join(map(str, shape))
+    return "(" + ", ".join(_format_shape(s) for s in shape) + ")"
+
+
+def format_table(infos) -> str:
+    """The table ``featkd layers`` prints, one row per :class:`featkd.capture.LayerInfo`."""
+    header = ("name", "type", "output shape", "layout", "channels", "stride", "calls")
+    rows = [header]
+    for info in infos:
+        stride = info.stride
+        if isinstance(stride, tuple):
+            stride = "x".join(map(str, stride))
+        if info.prefix_tokens:
+            stride = f"{stride} (+{info.prefix_tokens} prefix token{'s' if info.prefix_tokens > 1 else ''})"
+        rows.append((info.name, info.type, _format_shape(info.shape), info.layout or "-",
+                     "-" if info.channels is None else str(info.channels),
+                     "-" if stride is None else str(stride), str(info.calls)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from featkd.capture import _glob_regex, list_layers
+    from featkd.models import create_model
+
+    try:
+        model = create_model(args.model, num_classes=args.num_classes, in_channels=args.input_size[0])
+    except (ValueError, ImportError, TypeError) as err:
+        print(f"featkd layers: {err}", file=sys.stderr)
+        return 2
+    example = torch.zeros(1, *args.input_size)
+    try:
+        infos = list_layers(model, example)
+    except RuntimeError as err:  # typically a size the model cannot take
+        print(f"featkd layers: the forward of {args.model} failed on an input of size "
+              f"{tuple(example.shape)}: {err}\nTry another --input-size.", file=sys.stderr)
+        return 2
+    if args.filter:
+        pattern = _glob_regex(args.filter)
+        infos = [i for i in infos if pattern.match(i.name)]
+    if args.depth is not None:
+        infos = [i for i in infos if i.name.count(".") < args.depth]
+    if not infos:
+        print(f"featkd layers: no layer of {args.model} matches the filter", file=sys.stderr)
+        return 1
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {params / 1e6:.2f}M parameters, input 1x{'x'.join(map(str, args.input_size))}")
+    print(format_table(infos))
+    return 0

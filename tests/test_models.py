@@ -1,0 +1,219 @@
+"""featkd.models: parameter counts against independent formulas and published values, shapes, metadata,
+create_model for every kind of name, and its error messages."""
+
+import math
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from featkd.models import (CifarResNet, FeatureInfo, WideResNet, create_model, default_distill_layers,
+                           feature_info, list_models)
+from featkd.models.resnet_cifar import ZeroPadShortcut
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def wrn_param_count(depth, k, num_classes=10, in_channels=3):
+    """The AT code's parameter list, counted by hand: conv0, per block bn0/conv0/bn1/conv1 (+ a 1×1 convdim
+    when the width changes), final bn, fc. Convolutions have no bias; a BN has a weight and a bias."""
+    n = (depth - 4) // 6
+    total = in_channels * 16 * 9
+    ni = 16
+    for width in (16 * k, 32 * k, 64 * k):
+        for _ in range(n):
+            total += 2 * ni + ni * width * 9 + 2 * width + width * width * 9 + (ni * width if ni != width else 0)
+            ni = width
+    return total + 2 * ni + ni * num_classes + num_classes
+
+
+def cifar_resnet_param_count(depth, num_classes=10, in_channels=3):
+    """He et al. 2016 CIFAR ResNet with parameter-free option-A shortcuts, counted by hand."""
+    n = (depth - 2) // 6
+    total = in_channels * 16 * 9 + 2 * 16
+    ci = 16
+    for c in (16, 32, 64):
+        for _ in range(n):
+            total += ci * c * 9 + 2 * c + c * c * 9 + 2 * c
+            ci = c
+    return total + 64 * num_classes + num_classes
+
+
+@pytest.mark.parametrize("depth,k,published", [(16, 1, 0.175e6), (16, 2, 0.69e6), (40, 1, 0.56e6), (40, 2, 2.2e6)])
+def test_wrn_parameter_counts_match_official_formula_and_paper(depth, k, published):
+    model = create_model(f"wrn{depth}_{k}", num_classes=10)
+    assert n_params(model) == wrn_param_count(depth, k)
+    assert n_params(model) == pytest.approx(published, rel=0.02)
+
+
+def test_wrn_exact_known_counts():
+    # Values printed by the official attention-transfer code for CIFAR-10 (and by this formula).
+    assert wrn_param_count(16, 1) == 175066
+    assert wrn_param_count(40, 2) == 2243546
+
+
+@pytest.mark.parametrize("depth,published", [(20, 0.27e6), (32, 0.46e6), (44, 0.66e6), (56, 0.85e6), (110, 1.7e6)])
+def test_cifar_resnet_parameter_counts(depth, published):
+    model = create_model(f"resnet{depth}")
+    assert n_params(model) == cifar_resnet_param_count(depth)
+    assert n_params(model) == pytest.approx(published, rel=0.02)
+
+
+def test_option_b_shortcut_adds_projections_only_where_shapes_change():
+    a, b = CifarResNet(20, shortcut="A"), CifarResNet(20, shortcut="B")
+    # two projections (16→32, 32→64): 1×1 conv + BN each
+    assert n_params(b) - n_params(a) == (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+
+
+def test_zero_pad_shortcut_values():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    out = ZeroPadShortcut(3, 7, 2)(x)
+    assert out.shape == (2, 7, 3, 3)
+    assert torch.equal(out[:, :3], x[:, :, ::2, ::2])
+    assert torch.count_nonzero(out[:, 3:]) == 0
+
+
+def test_nin_sizes_match_at_paper_pair():
+    assert n_params(create_model("nin")) == pytest.approx(1.0e6, rel=0.05)       # NIN-wide ≈ 1M
+    assert n_params(create_model("nin_thin")) == pytest.approx(0.2e6, rel=0.05)  # NIN-thin ≈ 0.2M
+
+
+def test_in_channels_only_changes_the_stem():
+    assert n_params(create_model("wrn16_1", in_channels=3)) - n_params(create_model("wrn16_1", in_channels=1)) \
+        == 2 * 16 * 9
+
+
+SMALL = ["wrn10_1", "wrn16_1", "wrn16_2", "wrn40_1", "resnet20", "nin", "nin_thin"]
+
+
+@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 29, 37)])
+def test_forward_shapes_and_feature_info_match_captured(name, shape):
+    model = create_model(name, num_classes=7, in_channels=shape[0]).eval()
+    info = feature_info(model)
+    assert [f.name for f in info] == default_distill_layers(model)
+    captured = {}
+    handles = [model.get_submodule(f.name).register_forward_hook(
+        lambda m, i, o, n=f.name: captured.__setitem__(n, o)) for f in info]
+    out = model(torch.randn(2, *shape))
+    for h in handles:
+        h.remove()
+    assert out.shape == (2, 7)
+    for f in info:
+        c, h, w = captured[f.name].shape[1:]
+        assert (c, h, w) == (f.channels, math.ceil(shape[1] / f.reduction), math.ceil(shape[2] / f.reduction)), f
+
+
+@pytest.mark.parametrize("name", ["wrn16_2", "resnet20", "nin_thin"])
+def test_hooked_outputs_are_not_modified_in_place_later(name):
+    """A hook that keeps a reference (no clone) must see the same values as one that clones."""
+    model = create_model(name).train()
+    kept, cloned = {}, {}
+
+    def hook(module, inputs, output, name):
+        kept[name], cloned[name] = output, output.detach().clone()
+
+    for layer in default_distill_layers(model):
+        model.get_submodule(layer).register_forward_hook(lambda m, i, o, n=layer: hook(m, i, o, n))
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    for layer in kept:
+        assert torch.equal(kept[layer].detach(), cloned[layer]), layer
+
+
+def test_wrn_module_names_are_the_at_layers():
+    names = [n for n, _ in WideResNet(16, 1).named_children()]
+    assert names[:4] == ["conv1", "group1", "group2", "group3"] and "bn" in names and names[-1] == "fc"
+    assert len(WideResNet(40, 1).group2) == 6
+
+
+def test_wrn_dropout_sits_between_convs_and_only_in_training():
+    model = create_model("wrn16_1", dropout=0.3)
+    assert isinstance(model.group1[0].dropout, nn.Dropout) and model.group1[0].dropout.p == 0.3
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), model(x))
+
+
+def test_name_spellings():
+    assert n_params(create_model("wrn-16-1")) == n_params(create_model("WRN-16-1")) == wrn_param_count(16, 1)
+    assert n_params(create_model("wrn22_1")) == wrn_param_count(22, 1)  # any 6n+4 depth
+    assert "wrn16_1" in list_models() and "resnet110" in list_models() and "nin_thin" in list_models()
+
+
+def test_unknown_and_invalid_names_are_clear_errors():
+    with pytest.raises(ValueError, match="resnet20"):
+        create_model("resnt20")
+    with pytest.raises(ValueError, match="6n\\+4"):
+        create_model("wrn15_1")
+    with pytest.raises(ValueError, match="6n\\+2"):
+        create_model("resnet21")
+    with pytest.raises(ValueError, match="'A' .*'B'"):
+        create_model("resnet20", shortcut="C")
+
+
+def test_torchvision_models_with_adapted_stem():
+    model = create_model("torchvision:resnet18", num_classes=5, in_channels=1)
+    assert model.conv1.in_channels == 1 and model.conv1.out_channels == 64 and model.conv1.stride == (2, 2)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+    assert default_distill_layers(model) == ["layer1", "layer2", "layer3", "layer4"]
+    mobile = create_model("torchvision:mobilenet_v3_small", num_classes=4, in_channels=1)
+    assert mobile.eval()(torch.randn(1, 1, 32, 32)).shape == (1, 4)
+    with pytest.raises(ValueError, match="resnet18"):
+        create_model("torchvision:resnet_18")
+
+
+def test_torchvision_feature_info_from_dry_forward_or_clear_error():
+    model = create_model("torchvision:resnet18", num_classes=5)
+    with pytest.raises(ValueError, match="featkd layers"):
+        feature_info(model)
+    info = feature_info(model, layers=["layer1", "layer3"], input_size=(3, 64, 64))
+    assert info == [FeatureInfo("layer1", 64, 4), FeatureInfo("layer3", 256, 16)]
+    assert model.training  # restored after the dry forward
+    with pytest.raises(ValueError, match="layer1"):
+        feature_info(model, layers=["layer_1"], input_size=(3, 64, 64))
+
+
+def test_timm_models():
+    pytest.importorskip("timm")
+    model = create_model("timm:resnet18", num_classes=3, in_channels=1)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    info = feature_info(model)
+    assert [f.name for f in info][-4:] == ["layer1", "layer2", "layer3", "layer4"]
+    assert info[-1] == FeatureInfo("layer4", 512, 32)
+    assert default_distill_layers(model) == ["layer1", "layer2", "layer3", "layer4"]
+    with pytest.raises(ValueError, match="resnet18"):
+        create_model("timm:resnet_18")
+
+
+def test_timm_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` raise ImportError
+    with pytest.raises(ImportError, match="pip install timm"):
+        create_model("timm:resnet18")
+
+
+def test_module_factory(tmp_path, monkeypatch):
+    (tmp_path / "my_nets.py").write_text(textwrap.dedent("""
+        from torch import nn
+        def only_classes(num_classes, hidden=4):
+            return nn.Sequential(nn.Flatten(), nn.LazyLinear(hidden), nn.Linear(hidden, num_classes))
+        def anything(**kwargs):
+            anything.seen = kwargs
+            return nn.Conv2d(kwargs["in_channels"], kwargs["num_classes"], 1)
+        def not_a_model():
+            return 3
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = create_model("my_nets:only_classes", num_classes=6, in_channels=1, hidden=8)
+    assert model(torch.randn(2, 1, 4, 4)).shape == (2, 6) and model[1].out_features == 8
+    conv = create_model("my_nets:anything", num_classes=2, in_channels=5)
+    assert conv.in_channels == 5 and conv.out_channels == 2
+    with pytest.raises(ValueError, match="only_classes"):
+        create_model("my_nets:only_class")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_pkg_xyz'"):
+        create_model("no_such_pkg_xyz:net")
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        create_model("my_nets:not_a_model")
