@@ -1,0 +1,142 @@
+"""Shared input handling for the feature losses: layouts, spatial matching, float32 compute.
+
+Every feature loss accepts maps ``(B, C, H, W)``, flattened maps ``(B, C, N)``
+(``layout="channels_first"``, the default) or transformer tokens ``(B, N, C)``
+(``layout="tokens"``) and works internally on ``(B, C, N)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LAYOUTS = ("channels_first", "tokens")
+RESIZE_MODES = (None, "pool", "interpolate")
+
+
+def unknown_name_error(kind: str, name, known: Sequence[str]) -> ValueError:
+    """A ValueError for an unknown ``name`` that lists the close matches and every known name."""
+    close = difflib.get_close_matches(str(name), list(known), n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ValueError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(repr(k) for k in known)}.")
+
+
+def check_choice(kind: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise unknown_name_error(kind, value, [c for c in choices if c is not None] + ([None] if None in choices else []))
+
+
+def _layout_dims(shape: Sequence[int], layout: str, role: str) -> tuple[int, int, tuple[int, ...]]:
+    """(batch, channels, spatial dims) of a feature shape."""
+    check_choice("layout", layout, LAYOUTS)
+    shape = tuple(int(s) for s in shape)
+    if layout == "tokens":
+        if len(shape) != 3:
+            raise ValueError(f"{role} feature of shape {shape}: layout='tokens' expects (B, N, C)")
+        return shape[0], shape[2], (shape[1],)
+    if len(shape) not in (3, 4):
+        raise ValueError(
+            f"{role} feature of shape {shape}: expected (B, C, H, W) or (B, C, N) "
+            "(or pass layout='tokens' for (B, N, C) transformer tokens)"
+        )
+    return shape[0], shape[1], shape[2:]
+
+
+def channels(shape: Sequence[int], layout: str = "channels_first", role: str = "feature") -> int:
+    """Number of channels of a feature of this shape."""
+    return _layout_dims(shape, layout, role)[1]
+
+
+def check_spatial(student_shape, teacher_shape, resize=None, layout="channels_first") -> None:
+    """Raise a ValueError naming both shapes when their spatial sizes cannot be matched.
+
+    Works on shapes alone so that the registries can report a mismatch before any forward pass.
+    """
+    check_choice("resize option", resize, RESIZE_MODES)
+    _, _, sp_s = _layout_dims(student_shape, layout, "student")
+    _, _, sp_t = _layout_dims(teacher_shape, layout, "teacher")
+    flat_equal = min(len(sp_s), len(sp_t)) == 1 and _numel(sp_s) == _numel(sp_t)
+    if sp_s == sp_t or flat_equal:
+        return
+    if resize is None:
+        raise ValueError(
+            f"spatial sizes differ: student {tuple(student_shape)} vs teacher {tuple(teacher_shape)} "
+            f"(N={_numel(sp_s)} vs {_numel(sp_t)}); pass resize='pool' (adaptive average pooling of the larger "
+            "map) or resize='interpolate' (bilinear resize of the student to the teacher's size)"
+        )
+    if len(sp_s) != 2 or len(sp_t) != 2:
+        raise ValueError(
+            f"resize={resize!r} needs (B, C, H, W) maps to know the 2-D grid, got student {tuple(student_shape)} "
+            f"and teacher {tuple(teacher_shape)}; reshape flattened maps or tokens to (B, C, H, W) first"
+        )
+
+
+def _numel(dims: Sequence[int]) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+def to_bcn(f: Tensor, layout: str = "channels_first", role: str = "feature") -> Tensor:
+    """View a feature as ``(B, C, N)``."""
+    _layout_dims(f.shape, layout, role)
+    if layout == "tokens":
+        return f.transpose(1, 2)
+    return f.flatten(2)
+
+
+def resize_pair(f_a: Tensor, f_b: Tensor, resize=None, layout="channels_first") -> tuple[Tensor, Tensor]:
+    """Bring two features to the same spatial size (as configured) and return both as ``(B, C, N)``."""
+    check_spatial(f_a.shape, f_b.shape, resize, layout)
+    if f_a.shape[0] != f_b.shape[0]:
+        raise ValueError(f"batch sizes differ: student {tuple(f_a.shape)} vs teacher {tuple(f_b.shape)}")
+    if f_a.dim() == 4 and f_a.shape[2:] != f_b.shape[2:] and resize is not None:
+        if resize == "pool":
+            # Pool whichever map is larger (per axis) down to the smaller grid.
+            size = (min(f_a.shape[2], f_b.shape[2]), min(f_a.shape[3], f_b.shape[3]))
+            f_a = F.adaptive_avg_pool2d(f_a, size) if f_a.shape[2:] != size else f_a
+            f_b = F.adaptive_avg_pool2d(f_b, size) if f_b.shape[2:] != size else f_b
+        else:
+            f_a = F.interpolate(f_a, size=f_b.shape[2:], mode="bilinear", align_corners=False)
+    return to_bcn(f_a, layout, "student"), to_bcn(f_b, layout, "teacher")
+
+
+def full_precision(fn):
+    """Run a loss with autocast off and half-precision inputs upcast to float32.
+
+    Squared distances and MMD differences cancel badly in bf16/fp16; the Gram products are cheap
+    enough to do in float32 under mixed precision. float64 inputs stay float64.
+    """
+
+    def upcast(x):
+        if isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16):
+            return x.float()
+        if isinstance(x, (tuple, list)):
+            return type(x)(upcast(v) for v in x)
+        return x
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device_types = {a.device.type for a in _tensors(args)} or {"cpu"}
+        with contextlib.ExitStack() as stack:
+            for device_type in sorted(device_types):
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            return fn(*(upcast(a) for a in args), **{k: upcast(v) for k, v in kwargs.items()})
+
+    return wrapper
+
+
+def _tensors(args):
+    for a in args:
+        if isinstance(a, Tensor):
+            yield a
+        elif isinstance(a, (tuple, list)):
+            yield from _tensors(a)
+

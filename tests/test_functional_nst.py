@@ -1,0 +1,195 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import featkd.functional as KF
+from featkd.functional import nst as nst_module
+from _loss_reference import (
+    k_linear,
+    lower_median,
+    make_gaussian,
+    make_poly,
+    nst_reference,
+    unit_rows,
+)
+
+KERNEL_CASES = [
+    ("linear", {}, lambda: k_linear),
+    ("poly", {}, lambda: make_poly(2, 0.0)),
+    ("poly", {"degree": 3, "c": 0.5}, lambda: make_poly(3, 0.5)),
+    ("gaussian", {"sigma2": 0.7}, lambda: make_gaussian(0.7)),
+    ("gaussian", {"sigma2": [0.25, 1.0, 4.0]}, lambda: make_gaussian([0.25, 1.0, 4.0])),
+]
+
+
+def feats(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("kernel,options,ref_kernel", KERNEL_CASES)
+@pytest.mark.parametrize("cs,ct", [(3, 3), (2, 5)])
+def test_nst_matches_loop_reference(kernel, options, ref_kernel, cs, ct):
+    f_s, f_t = feats(3, cs, 4, 3), feats(3, ct, 4, 3)
+    got = KF.nst_loss(f_s, f_t, kernel, **options)
+    want = nst_reference(f_s.flatten(2).numpy(), f_t.flatten(2).numpy(), ref_kernel())
+    assert got.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("route", ["spatial", "channels", "auto"])
+@pytest.mark.parametrize("cs,ct,n", [(2, 3, 16), (12, 9, 4)])
+def test_poly2_routes_match_reference(route, cs, ct, n):
+    f_s, f_t = feats(2, cs, n), feats(2, ct, n)
+    want = nst_reference(f_s.numpy(), f_t.numpy(), make_poly(2, 0.0))
+    assert KF.nst_loss(f_s, f_t, "poly", route=route).item() == pytest.approx(want, rel=1e-10)
+
+
+def test_gaussian_median_heuristic_matches_reference():
+    f_s, f_t = feats(2, 3, 5), feats(2, 4, 5)
+    xs = [unit_rows(f_s[b].numpy()) for b in range(2)]
+    ys = [unit_rows(f_t[b].numpy()) for b in range(2)]
+    cross = [np.sum((x - y) ** 2) for b in range(2) for x in xs[b] for y in ys[b]]
+    sigma2 = lower_median(cross)
+    want = nst_reference(f_s.numpy(), f_t.numpy(), make_gaussian(sigma2))
+    assert KF.nst_loss(f_s, f_t, "gaussian").item() == pytest.approx(want, rel=1e-10)
+
+
+def test_tokens_layout_and_flat_maps_agree_with_maps():
+    f_s, f_t = feats(2, 3, 4, 4), feats(2, 6, 4, 4)
+    want = KF.nst_loss(f_s, f_t)
+    assert KF.nst_loss(f_s.flatten(2), f_t.flatten(2)).item() == pytest.approx(want.item(), rel=1e-12)
+    tokens = KF.nst_loss(f_s.flatten(2).transpose(1, 2), f_t.flatten(2).transpose(1, 2), layout="tokens")
+    assert tokens.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("resize", ["pool", "interpolate"])
+def test_resize_options_match_explicit_resize(resize):
+    f_s, f_t = feats(2, 3, 8, 8), feats(2, 4, 4, 4)
+    if resize == "pool":
+        pooled = torch.nn.functional.adaptive_avg_pool2d(f_s, 4)
+    else:
+        pooled = torch.nn.functional.interpolate(f_s, size=(4, 4), mode="bilinear", align_corners=False)
+    want = nst_reference(pooled.flatten(2).numpy(), f_t.flatten(2).numpy(), make_poly())
+    assert KF.nst_loss(f_s, f_t, resize=resize).item() == pytest.approx(want, rel=1e-10)
+
+
+def test_spatial_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"spatial sizes differ.*\(2, 3, 8, 8\).*\(2, 4, 4, 4\).*resize='pool'"):
+        KF.nst_loss(feats(2, 3, 8, 8), feats(2, 4, 4, 4))
+    with pytest.raises(ValueError, match="needs \\(B, C, H, W\\) maps"):
+        KF.nst_loss(feats(2, 3, 64), feats(2, 4, 16), resize="pool")
+
+
+def test_unknown_kernel_lists_close_matches():
+    with pytest.raises(ValueError, match="Did you mean 'gaussian'"):
+        KF.nst_loss(feats(1, 2, 4), feats(1, 2, 4), "gausian")
+    with pytest.raises(ValueError, match="unknown NST route"):
+        KF.nst_loss(feats(1, 2, 4), feats(1, 2, 4), route="fastest")
+
+
+def test_a_new_kernel_is_one_registered_function():
+    @KF.register_kernel("laplacian_test")
+    def laplacian(sq_dist, *, sigma2):
+        return torch.exp(-sq_dist.sqrt() / sigma2)
+
+    try:
+        f_s, f_t = feats(2, 3, 6), feats(2, 2, 6)
+        ref = lambda x, y: float(np.exp(-np.sqrt(np.sum((x - y) ** 2)) / 0.8))  # noqa: E731
+        got = KF.nst_loss(f_s, f_t, "laplacian_test", sigma2=0.8)
+        assert got.item() == pytest.approx(nst_reference(f_s.numpy(), f_t.numpy(), ref), rel=1e-10)
+    finally:
+        del nst_module.KERNELS["laplacian_test"]
+
+
+@pytest.mark.parametrize(
+    "kernel,options",
+    [("linear", {}), ("poly", {"route": "spatial"}), ("poly", {"route": "channels"}),
+     ("poly", {"degree": 3, "c": 1.0}), ("gaussian", {"sigma2": [0.5, 2.0]})],
+)
+def test_gradcheck(kernel, options):
+    f_s = feats(2, 3, 3, 2).requires_grad_()
+    f_t = feats(2, 4, 3, 2)
+    assert torch.autograd.gradcheck(lambda s: KF.nst_loss(s, f_t, kernel, **options), (f_s,))
+
+
+def test_teacher_gets_no_gradient():
+    f_s, f_t = feats(2, 3, 8).requires_grad_(), feats(2, 4, 8).requires_grad_()
+    KF.nst_loss(f_s, f_t, "gaussian").backward()
+    assert f_t.grad is None and f_s.grad is not None
+
+
+@pytest.mark.parametrize("kernel,options", [("linear", {}), ("poly", {}), ("gaussian", {}), ("gaussian", {"sigma2": 0.3})])
+def test_dead_channels_are_zero_vectors(kernel, options):
+    f_s, f_t = feats(2, 4, 9), feats(2, 3, 9)
+    f_s[:, 1] = 0
+    f_t[0, 2] = 0
+    got = KF.nst_loss(f_s, f_t, kernel, **options)
+    assert torch.isfinite(got)
+    if kernel == "gaussian" and "sigma2" not in options:
+        xs = [unit_rows(f_s[b].numpy()) for b in range(2)]
+        ys = [unit_rows(f_t[b].numpy()) for b in range(2)]
+        options = {"sigma2": lower_median([np.sum((x - y) ** 2) for b in range(2) for x in xs[b] for y in ys[b]])}
+    ref_kernel = {"linear": lambda: k_linear, "poly": lambda: make_poly(), "gaussian": lambda: make_gaussian(options["sigma2"])}[kernel]()
+    assert got.item() == pytest.approx(nst_reference(f_s.numpy(), f_t.numpy(), ref_kernel), rel=1e-10)
+    f_s.requires_grad_()
+    KF.nst_loss(f_s, f_t, kernel, **options).backward()
+    assert torch.isfinite(f_s.grad).all()
+
+
+def test_student_close_to_teacher_is_accurate_in_float32():
+    # C=16, N=9: the cheaper route is the N×N one, which is also the cancellation-free one.
+    f_t = feats(4, 16, 3, 3)
+    f_s = f_t + 1e-4 * feats(4, 16, 3, 3)
+    exact = KF.nst_loss(f_s, f_t, "poly", route="spatial").item()  # float64
+    exact_channels = KF.nst_loss(f_s, f_t, "poly", route="channels").item()
+    assert exact == pytest.approx(exact_channels, rel=1e-4)
+    s32, t32 = f_s.float(), f_t.float()
+    auto32 = KF.nst_loss(s32, t32, "poly").item()
+    assert auto32 == pytest.approx(exact, rel=1e-3)
+    # The a + b - 2c form of the C×C route loses the digits that matter at this distance.
+    channels32 = KF.nst_loss(s32, t32, "poly", route="channels").item()
+    assert abs(channels32 - exact) > 0.1 * exact
+
+
+def test_identical_inputs_give_zero_and_losses_are_non_negative():
+    f = feats(3, 5, 16).float()
+    for kernel in ("linear", "poly", "gaussian"):
+        assert KF.nst_loss(f, f.clone(), kernel).item() == pytest.approx(0.0, abs=1e-6)
+    same = KF.nst_loss(f, f.clone(), "poly", route="spatial").item()
+    assert 0.0 <= same < 1e-12
+    for _ in range(5):  # the N×N route is a sum of squares: never negative, even when nearly equal
+        assert KF.nst_loss(f, f + 1e-6 * torch.randn_like(f), "poly", route="spatial").item() >= 0.0
+
+
+def test_bf16_autocast_computes_in_float32():
+    f_s, f_t = torch.randn(2, 8, 4, 4), torch.randn(2, 6, 4, 4)
+    for kernel in ("poly", "gaussian"):
+        want = KF.nst_loss(f_s, f_t, kernel)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = KF.nst_loss(f_s, f_t, kernel)
+            got_bf16_inputs = KF.nst_loss(f_s.bfloat16(), f_t.bfloat16(), kernel)
+        assert got.dtype == torch.float32 and got_bf16_inputs.dtype == torch.float32
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        assert got_bf16_inputs.item() == pytest.approx(want.item(), rel=0.1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 3), cs=st.integers(1, 5), ct=st.integers(1, 5), h=st.integers(1, 4), w=st.integers(1, 4),
+    kernel=st.sampled_from(["linear", "poly", "poly3", "gaussian"]), seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference_non_negative_zero_on_self(b, cs, ct, h, w, kernel, seed):
+    g = torch.Generator().manual_seed(seed)
+    f_s = torch.randn(b, cs, h, w, generator=g, dtype=torch.float64)
+    f_t = torch.randn(b, ct, h, w, generator=g, dtype=torch.float64)
+    name, options, ref = {
+        "linear": ("linear", {}, k_linear),
+        "poly": ("poly", {}, make_poly()),
+        "poly3": ("poly", {"degree": 3, "c": 0.2}, make_poly(3, 0.2)),
+        "gaussian": ("gaussian", {"sigma2": 0.5}, make_gaussian(0.5)),
+    }[kernel]
+    got = KF.nst_loss(f_s, f_t, name, **options).item()
+    assert got == pytest.approx(nst_reference(f_s.flatten(2).numpy(), f_t.flatten(2).numpy(), ref), rel=1e-9, abs=1e-12)
+    assert got >= -1e-12
+    assert abs(KF.nst_loss(f_s, f_s.clone(), name, **options).item()) < 1e-12
