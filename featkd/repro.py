@@ -16,11 +16,18 @@ never as absolute numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -152,3 +159,395 @@ def class_errors(logits: torch.Tensor, labels: torch.Tensor, cls: int) -> ClassE
     wrong = logits.argmax(1) != labels
     in_class = labels == cls
     return ClassErrors(int(wrong.sum()), int(labels.numel()), int((wrong & in_class).sum()), int(in_class.sum()))
+
+
+# ============================================================================= protocols and runner
+
+PAPER_SCHEDULE = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, gamma=0.2, milestone_fractions=(0.3, 0.6, 0.8))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of a protocol to run. Milestones are the paper's 60/120/160 of 200 epochs, scaled."""
+
+    name: str
+    epochs: int
+    teacher_epochs: int
+    seeds: tuple[int, ...]
+    batch_size: int = 128
+    train_limit: int | None = None  # class-balanced subset of the training split (None: all of it)
+    test_limit: int | None = None
+    pairs: int | None = None  # run only the first `pairs` pairs of the protocol (None: all)
+    methods: tuple[str, ...] | None = None  # run only these methods (None: all)
+
+    def milestones(self, epochs: int) -> list[int]:
+        return sorted({max(1, round(f * epochs)) for f in PAPER_SCHEDULE["milestone_fractions"] if round(f * epochs) < epochs})
+
+    def describe(self) -> str:
+        subset = f"train subset {self.train_limit}" if self.train_limit else "full train split"
+        test = f"test subset {self.test_limit}" if self.test_limit else "full test split"
+        return (f"budget `{self.name}`: students {self.epochs} epochs, teachers {self.teacher_epochs} epochs, "
+                f"batch {self.batch_size}, SGD lr {PAPER_SCHEDULE['lr']} momentum 0.9 wd 5e-4, lr ×0.2 at epochs "
+                f"{self.milestones(self.epochs)}, pad-4 crop + flip, {subset}, {test}, seeds {list(self.seeds)}")
+
+
+@dataclass(frozen=True)
+class Pair:
+    student: str
+    teacher: str
+    published: Mapping[str, float] = field(default_factory=dict)  # method -> published number
+
+    @property
+    def label(self) -> str:
+        return f"{pretty_model(self.student)} ← {pretty_model(self.teacher)}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One column of a table: how a student is trained. ``distill(student_layers, teacher_layers)`` gives
+    the :class:`featkd.Distiller` keyword arguments, or is None for the student alone (cross-entropy)."""
+
+    name: str
+    distill: Callable[[list[str], list[str]], dict] | None
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    title: str
+    pairs: tuple[Pair, ...]
+    recipes: tuple[Recipe, ...]
+    budgets: Mapping[str, Budget]
+    published_note: str
+
+
+def pretty_model(name: str) -> str:
+    if name.startswith("wrn"):
+        depth, width = name[3:].split("_")
+        return f"WRN-{depth}-{width}"
+    return {"nin": "NIN-wide", "nin_thin": "NIN-thin"}.get(name, name)
+
+
+def _at_terms(s_layers, t_layers):
+    from featkd.distiller import Term
+
+    # Official AT code: beta = 1e3 times the mean squared difference of the normalised maps, per group.
+    return [Term(t, s, loss="at", weight=1e3, name=f"at:{s}") for s, t in zip(s_layers, t_layers)]
+
+
+def _fact_terms(s_layers, t_layers):
+    from featkd.distiller import Term
+
+    # F-ActT (AT paper's full-activation baseline): an L2 hint between the activations at the same
+    # layers, through a 1x1-conv regressor where channel counts differ (FitNets-style); weight 100 as
+    # RepDistiller's FitNet hint (the AT paper gives no weight for it).
+    return [Term(t, s, loss="hint", weight=100.0, name=f"hint:{s}") for s, t in zip(s_layers, t_layers)]
+
+
+def _nst_terms(kernel, which):
+    def terms(s_layers, t_layers):
+        from featkd.distiller import Term
+
+        pairs = list(zip(s_layers, t_layers))
+        pairs = pairs[-1:] if which == "last" else pairs
+        # Official NST: weight 50 on the (1/C²-normalised) MMD.
+        return [Term(t, s, loss="nst", weight=50.0, name=f"nst-{kernel}:{s}", options={"kernel": kernel})
+                for s, t in pairs]
+    return terms
+
+
+AT_KD = {"loss": "kd", "weight": 0.9, "T": 4}  # AT code: (1-α)·CE + α·T²·KL, α = 0.9, T = 4
+NST_KD = {"loss": "kd", "weight": 1.0, "T": 4}  # NST code: CE + 16·KL at T=4; featkd's kd_loss has the T² = 16 built in
+
+
+def _recipe(name, terms=None, kd=None, ce_weight=1.0):
+    if terms is None and kd is None:
+        return Recipe(name, None)
+    return Recipe(name, lambda s, t: dict(terms=terms(s, t) if terms else [], kd=kd, ce_weight=ce_weight))
+
+
+AT_TABLE1 = Protocol(
+    name="at-table1",
+    title="AT paper, Table 1: activation-based attention transfer on CIFAR-10 (error %)",
+    pairs=(
+        Pair("wrn16_1", "wrn16_2", {"student": 8.77, "AT": 7.93, "teacher": 6.31}),
+        Pair("wrn16_1", "wrn40_1", {"student": 8.77, "AT": 8.25, "KD": 8.39, "teacher": 6.58}),
+        Pair("wrn16_2", "wrn40_2", {"student": 6.31, "AT": 5.85, "KD": 6.08, "teacher": 5.23}),
+        Pair("nin_thin", "nin", {}),
+    ),
+    recipes=(
+        _recipe("student"),
+        _recipe("AT", _at_terms),
+        _recipe("F-ActT", _fact_terms),
+        _recipe("KD", kd=AT_KD, ce_weight=0.1),
+        _recipe("AT+KD", _at_terms, kd=AT_KD, ce_weight=0.1),
+    ),
+    budgets={
+        "full": Budget("full", 200, 200, (0, 1, 2, 3, 4)),
+        "short": Budget("short", 30, 30, (0, 1, 2)),
+        "cpu": Budget("cpu", 4, 5, (0, 1), batch_size=64, train_limit=1000, test_limit=1000, pairs=1),
+    },
+    published_note="Zagoruyko & Komodakis 2017, Table 1 (CIFAR-10, median of 5 runs); only the cells checked "
+                   "against the paper are filled, the others are left blank.",
+)
+
+NST_KERNELS = Protocol(
+    name="nst-kernels",
+    title="NST kernels (linear, polynomial d=2 c=0, Gaussian) on the last group and on all groups, alone and with KD",
+    pairs=AT_TABLE1.pairs,
+    recipes=(
+        _recipe("student"),
+        _recipe("KD", kd=NST_KD),
+        *(_recipe(f"NST-{k}@last", _nst_terms(k, "last")) for k in ("linear", "poly", "gaussian")),
+        *(_recipe(f"NST-{k}@last+KD", _nst_terms(k, "last"), kd=NST_KD) for k in ("linear", "poly", "gaussian")),
+        *(_recipe(f"NST-{k}@all", _nst_terms(k, "all")) for k in ("linear", "poly", "gaussian")),
+        *(_recipe(f"NST-{k}@all+KD", _nst_terms(k, "all"), kd=NST_KD) for k in ("linear", "poly", "gaussian")),
+    ),
+    budgets={
+        "full": Budget("full", 200, 200, (0, 1, 2, 3, 4)),
+        "short": Budget("short", 30, 30, (0, 1, 2)),
+        "cpu": Budget("cpu", 4, 5, (0, 1), batch_size=64, train_limit=1000, test_limit=1000, pairs=1,
+                      methods=("student", "KD", "NST-linear@last", "NST-poly@last", "NST-gaussian@last",
+                               "NST-poly@last+KD")),
+    },
+    published_note="No published CIFAR-10 numbers for these cells. For context only (other datasets): the official "
+                   "NST re-implementation on ImageNet (ResNet-101 teacher) gives Inception-BN top-1/top-5 error "
+                   "25.74/8.07 → NST-poly 24.81/7.55 → NST-poly+KD 24.34/7.11; RepDistiller on CIFAR-100, "
+                   "WRN-40-2 → WRN-16-2, top-1 %: student 73.26, KD 74.92, AT 74.08, NST 73.68, FitNet 73.58, FSP 72.91.",
+)
+
+PROTOCOLS = {p.name: p for p in (AT_TABLE1, NST_KERNELS)}
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def hardware() -> str:
+    """The device the numbers were measured on, in words."""
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which dataset a protocol runs on: CIFAR-10 when given a path, Fashion-MNIST otherwise."""
+
+    name: str = "fashion_mnist"
+    root: str | None = None
+
+    @property
+    def label(self) -> str:
+        return {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "synthetic": "synthetic"}.get(self.name, self.name)
+
+    def load(self, split: str, limit: int | None, **options):
+        from featkd.data import load_dataset
+
+        return load_dataset(self.name, root=self.root, split=split, limit=limit, seed=0, **options)
+
+
+# ----------------------------------------------------------------------------- teachers (cached, never overwritten)
+
+
+def _schedule(model_params, epochs, budget):
+    from featkd.engine import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(model_params, lr=PAPER_SCHEDULE["lr"], momentum=PAPER_SCHEDULE["momentum"],
+                                weight_decay=PAPER_SCHEDULE["weight_decay"])
+    scheduler = build_scheduler(optimizer, epochs=epochs, milestones=budget.milestones(epochs), gamma=PAPER_SCHEDULE["gamma"])
+    return optimizer, scheduler
+
+
+def _finished(run_dir: Path, epochs: int) -> bool:
+    from featkd import checkpoint as ckpt
+
+    last = run_dir / ckpt.LAST
+    return last.is_file() and ckpt.load_checkpoint(last)["epoch"] >= epochs
+
+
+def _fit_or_resume(method, train_loader, test_loader, run_dir: Path, epochs: int, *, log, **options) -> list[dict]:
+    """Train into ``run_dir``, resume it if interrupted, or return the stored history if it is finished."""
+    from featkd import checkpoint as ckpt
+    from featkd.engine import fit
+
+    last = run_dir / ckpt.LAST
+    if last.is_file():
+        state = ckpt.load_checkpoint(last)
+        if state["epoch"] >= epochs:
+            method.load_state_dict(state["method"])
+            log(f"reusing finished run {run_dir}")
+            return state["history"]
+        return fit(method, train_loader, test_loader, run_dir, epochs, resume=True, log=log, **options)
+    return fit(method, train_loader, test_loader, run_dir, epochs, log=log, **options)
+
+
+def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epochs: int, budget: Budget,
+                  device, log=print) -> tuple[nn.Module, float]:
+    """Train (or reuse) a teacher in ``run_dir``; return it in eval mode with its final test accuracy (%)."""
+    from featkd.engine import SupervisedMethod, seed_everything
+    from featkd.models import create_model
+
+    seed_everything(0)
+    model = create_model(name, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+    optimizer, scheduler = _schedule(model.parameters(), epochs, budget)
+    method = SupervisedMethod(model, optimizer, scheduler, name="teacher")
+    config = {"role": "teacher", "model": name, "dataset": info.name, "epochs": epochs, "budget": budget.name}
+    history = _fit_or_resume(method, train_loader, test_loader, run_dir, epochs, log=log, device=device, config=config,
+                             model_info={"teacher": {"model": name, "num_classes": info.num_classes,
+                                                     "in_channels": info.in_channels}})
+    model.eval()
+    return model, history[-1]["teacher/acc1"]
+
+
+# ----------------------------------------------------------------------------- students (one sweep per pair)
+
+
+def build_members(teacher: nn.Module, student_name: str, recipes: Sequence[Recipe], seeds: Sequence[int], info,
+                  example_x: torch.Tensor, shared, budget: Budget, device, base_config: Mapping) -> list:
+    """One sweep member per (recipe, seed): the student seeded by ``seed``, the paper's optimiser and schedule."""
+    from featkd import checkpoint as ckpt
+    from featkd import sweep
+    from featkd.distiller import Distiller
+    from featkd.engine import SupervisedMethod, seed_everything
+    from featkd.models import create_model, default_distill_layers
+
+    t_layers = default_distill_layers(teacher)
+    members = []
+    for recipe in recipes:
+        for seed in seeds:
+            seed_everything(seed)
+            student = create_model(student_name, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+            s_layers = default_distill_layers(student)
+            name = f"{recipe.name}-s{seed}"
+            config = {**base_config, "method": recipe.name, "seed": seed, "student": student_name}
+            if recipe.distill is None:
+                optimizer, scheduler = _schedule(student.parameters(), budget.epochs, budget)
+                members.append(sweep.Member(name, SupervisedMethod(student, optimizer, scheduler), config, ckpt.rng_state()))
+                continue
+            distiller = Distiller(teacher, student, **recipe.distill(s_layers, t_layers)).setup(example_x[:2])
+            optimizer, scheduler = _schedule(distiller.trainable_parameters(), budget.epochs, budget)
+            members.append(sweep.make_member(name, distiller, optimizer, scheduler, shared=shared, config=config))
+    return members
+
+
+def run_students(teacher, student_name, recipes, budget, info, train_loader, test_loader, run_dir: Path, device,
+                 base_config, log=print) -> dict[str, list[float]]:
+    """Train every (recipe, seed) student against one shared teacher; return ``{recipe: [acc % per seed]}``."""
+    from featkd import sweep
+
+    shared = sweep.SharedTeacherOutputs()
+    example_x = next(iter(test_loader))[0].to(device)
+    members = build_members(teacher, student_name, recipes, budget.seeds, info, example_x, shared, budget, device,
+                            base_config)
+    method = sweep.SweepMethod(teacher, members, shared)
+    try:
+        history = _fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, log=log, device=device,
+                                 config={**base_config, "members": [m.name for m in members]})
+    finally:
+        method.close()
+        for member in members:
+            if member.distiller is not None:
+                member.distiller.remove_hooks()
+    if not (run_dir / sweep.MEMBERS_DIR).exists():
+        sweep.write_member_runs(run_dir, members, history)
+    accs: dict[str, list[float]] = {}
+    for recipe in recipes:
+        accs[recipe.name] = [history[-1][f"{recipe.name}-s{seed}/acc1"] for seed in budget.seeds]
+    return accs
+
+
+# ----------------------------------------------------------------------------- a whole table
+
+
+@dataclass
+class TableResult:
+    markdown: str
+    cells: list[Cell]
+    accuracies: dict[str, dict[str, list[float]]]  # pair label -> recipe -> per-seed accuracy (%)
+    teachers: dict[str, float]  # pair label -> teacher accuracy (%)
+    wall_s: float
+
+
+def run_protocol(protocol: Protocol, budget: Budget, data: DataSpec, run_root: Path, *, device="auto",
+                 command: str | None = None, log=print) -> TableResult:
+    """Run a table protocol: per pair, a cached teacher and one student sweep; return (and write) the table."""
+    from featkd.data import DeviceLoader
+    from featkd.engine import resolve_device
+
+    started = time.perf_counter()
+    device = resolve_device(device)
+    train = data.load("train", budget.train_limit)
+    test = data.load("test", budget.test_limit)
+    info = train.info
+    train_loader = DeviceLoader(train, budget.batch_size, shuffle=True, augment=True, device=device, seed=0)
+    test_loader = DeviceLoader(test, 256, shuffle=False, drop_last=False, device=device)
+    pairs = protocol.pairs[: budget.pairs] if budget.pairs else protocol.pairs
+    recipes = [r for r in protocol.recipes if budget.methods is None or r.name in budget.methods]
+    accuracies, teachers, cells = {}, {}, []
+    for pair in pairs:
+        log(f"== {pair.label} on {data.label} ({budget.name} budget)")
+        teacher_dir = run_root / "teachers" / f"{pair.teacher}-{data.name}-{budget.name}"
+        teacher, teacher_acc = train_teacher(pair.teacher, info, train_loader, test_loader, teacher_dir,
+                                             budget.teacher_epochs, budget, device, log)
+        base = {"protocol": protocol.name, "pair": pair.label, "teacher": pair.teacher, "dataset": data.name,
+                "budget": budget.name, "teacher_run": str(teacher_dir)}
+        sweep_dir = run_root / protocol.name / f"{pair.student}-from-{pair.teacher}-{data.name}-{budget.name}"
+        accs = run_students(teacher, pair.student, recipes, budget, info, train_loader, test_loader, sweep_dir,
+                            device, base, log)
+        accuracies[pair.label], teachers[pair.label] = accs, teacher_acc
+        for recipe in recipes:
+            cells.append(Cell(pair.label, recipe.name, [100.0 - a for a in accs[recipe.name]],
+                              pair.published.get(recipe.name)))
+        cells.append(Cell(pair.label, "teacher", [100.0 - teacher_acc], pair.published.get("teacher")))
+    wall = time.perf_counter() - started
+    markdown = render_report(protocol, budget, data, cells, wall, command)
+    out = run_root / f"{protocol.name}-{budget.name}-{data.name}.md"
+    _write_new(out, markdown)
+    log(f"table written to {out}")
+    return TableResult(markdown, cells, accuracies, teachers, wall)
+
+
+def _write_new(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path``, or to ``path`` with -2, -3 ... appended if that file exists (never overwrite)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate, k = path, 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        k += 1
+    candidate.write_text(text)
+    return candidate
+
+
+def render_report(protocol: Protocol, budget: Budget, data: DataSpec, cells: Sequence[Cell], wall_s: float,
+                  command: str | None) -> str:
+    """The Markdown report of one table run: what was run, where, how long, and the table."""
+    ours = data.label
+    if data.name != "cifar10":
+        ours += " (not CIFAR-10: compare the Δ columns, not absolute errors)"
+    lines = [
+        f"# {protocol.title}",
+        "",
+        f"- command: `{command or ' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- dataset (ours): {ours}",
+        f"- {budget.describe()}",
+        f"- hardware: {hardware()}",
+        f"- wall time: {wall_s / 60:.1f} min",
+        f"- torch {torch.__version__}",
+        "",
+        "Ours: error % at the last epoch (no test-set model selection), mean ± sample std over seeds, and the "
+        "median; Δ = method − student on the same pair (negative = better than the student alone).",
+        "",
+        results_table(cells, ours_dataset=data.label),
+        "",
+        f"Published: {protocol.published_note}",
+        "",
+    ]
+    return "\n".join(lines)

@@ -110,16 +110,28 @@ def _share_teacher(distiller, shared: "SharedTeacherOutputs") -> None:
 
 @dataclass
 class Member:
-    """One student configuration of a sweep."""
+    """One student configuration of a sweep.
+
+    ``method`` is a :class:`~featkd.engine.DistillMethod` whose distiller reads the shared teacher
+    outputs (see :func:`make_member`), or any other one-model Method that needs no teacher, such as
+    the student-alone baseline (:class:`~featkd.engine.SupervisedMethod`).
+    """
 
     name: str
-    method: Any  # featkd.engine.DistillMethod whose distiller reads the shared teacher outputs
+    method: Any
     config: dict = field(default_factory=dict)  # the member's resolved config (written to its run dir)
     rng: dict | None = None  # its own random-number state, restored around each of its steps
 
     @property
     def distiller(self):
-        return self.method.distiller
+        return getattr(self.method, "distiller", None)
+
+    @property
+    def student(self) -> nn.Module:
+        models = self.method.eval_models()
+        if len(models) != 1:
+            raise ValueError(f"sweep member {self.name!r} evaluates {len(models)} models; a member trains one student")
+        return next(iter(models.values()))
 
 
 def make_member(name: str, distiller, optimizer, scheduler=None, *, shared: SharedTeacherOutputs,
@@ -147,12 +159,13 @@ class SweepMethod:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"sweep member names must be unique; repeated: {duplicates}")
-        foreign = [m.name for m in members if m.distiller.teacher is not teacher]
+        foreign = [m.name for m in members if m.distiller is not None and m.distiller.teacher is not teacher]
         if foreign:
             raise ValueError(f"members {foreign} were built with another teacher; a sweep shares exactly one")
         self.teacher, self.members, self.shared = teacher, list(members), shared
         self.precision = precision or members[0].method.precision
-        layers = list(dict.fromkeys(layer for m in members for layer in teacher_layers(m.distiller)))
+        layers = list(dict.fromkeys(layer for m in members if m.distiller is not None
+                                    for layer in teacher_layers(m.distiller)))
         self.teacher_layers = layers
         self._extractor = FeatureExtractor(teacher, layers, detach=True, no_grad=True) if layers else None
         # fit() logs the learning rate of `optimizer`: the first member's (members usually share a schedule).
@@ -175,7 +188,7 @@ class SweepMethod:
         outer = ckpt.rng_state()
         try:
             for member in self.members:
-                ckpt.set_rng_state(member.rng)
+                ckpt.set_rng_state(member.rng if member.rng is not None else outer)
                 member_losses = member.method.train_step(x, y, step)
                 member.rng = ckpt.rng_state()
                 losses.update({f"{member.name}/{k}": v for k, v in member_losses.items()})
@@ -185,7 +198,7 @@ class SweepMethod:
         return losses
 
     def eval_models(self):
-        return {m.name: m.distiller.student for m in self.members}
+        return {m.name: m.student for m in self.members}
 
     def on_epoch_end(self, epoch):
         for member in self.members:
