@@ -106,12 +106,13 @@ def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
     return names
 
 
+def _strip_wrappers(path: str) -> str:
+    return ".".join(p for p in path.split(".") if p not in _WRAPPER_SEGMENTS)
+
+
 def _canonical(path: str, modules: Mapping[str, nn.Module]) -> str:
     """Drop ``module.`` / ``_orig_mod.`` segments the user wrote that the model does not have."""
-    if path in modules:
-        return path
-    parts = [p for p in path.split(".") if p not in _WRAPPER_SEGMENTS]
-    return ".".join(parts)
+    return path if path in modules else _strip_wrappers(path)
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
@@ -133,11 +134,18 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z")
 
 
+class LayerKeyError(KeyError):
+    """A KeyError whose message prints as written (KeyError alone shows its repr)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def _unknown(what: str, name: str, candidates: Iterable[str]) -> KeyError:
     candidates = [c for c in candidates if c]
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4)
     hint = f" Closest existing names: {', '.join(close)}." if close else ""
-    return KeyError(f"{what} {name!r}.{hint} featkd.list_layers(model, x) lists them all.")
+    return LayerKeyError(f"{what} {name!r}.{hint} featkd.list_layers(model, x) lists them all.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,18 +192,18 @@ def _resolve_specs(model: nn.Module, layers: str | Sequence[str]) -> list[_Spec]
     modules = _named_modules(model)
     specs: list[_Spec] = []
     for given in layers:
-        path, suffix, call, port, selectors = _parse(given)
-        path = _canonical(path, modules)
+        written, suffix, call, port, selectors = _parse(given)
+        path = _canonical(written, modules)
         if any(c in path for c in "*?"):
             regex = _glob_regex(path)
             matched = [name for name in modules if name and regex.match(name)]
             if not matched:
                 raise _unknown("no module matches the pattern", path, modules)
+            specs += [_Spec(name + suffix, name, call, port, selectors) for name in matched]
         elif path in modules:
-            matched = [path]
+            specs.append(_Spec(given.strip(), path, call, port, selectors))
         else:
             raise _unknown("the model has no module named", path, modules)
-        specs += [_Spec(name + suffix, name, call, port, selectors) for name in matched]
     keys = [s.key for s in specs]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
@@ -227,6 +235,8 @@ class Features(Mapping):
         self._calls = calls
         self._selected = selected_call
         self._compiled = compiled
+        # "module.layer1" and "layer1" name the same feature, whichever the user wrote
+        self._aliases = {_strip_wrappers(k): k for k in calls}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._calls)
@@ -238,9 +248,11 @@ class Features(Mapping):
         return key in self._calls
 
     def _entries(self, key: str) -> tuple[str, list, int | None]:
-        if key in self._calls:
-            return key, self._calls[key], self._selected[key]
+        for candidate in (key, self._aliases.get(_strip_wrappers(key))):
+            if candidate in self._calls:
+                return candidate, self._calls[candidate], self._selected[candidate]
         base, sep, call = key.rpartition("#")
+        base = base if base in self._calls else self._aliases.get(_strip_wrappers(base))
         if sep and call.isdigit() and base in self._calls and self._selected[base] is None:
             return base, self._calls[base], int(call)
         raise _unknown("no captured layer", key, self._calls)
@@ -304,10 +316,8 @@ def _select(value: Any, selectors: tuple, key: str) -> Any:
                 value = getattr(value, sel)  # ["name"] on a dataclass / namedtuple / ModelOutput
             else:
                 value = value[sel]
-        except (KeyError, IndexError, AttributeError, TypeError) as err:
-            raise type(err)(
-                f"layer spec {key!r}: cannot select {sel!r} from a {_describe(value)} ({err})"
-            ) from None
+        except (KeyError, IndexError, AttributeError, TypeError):
+            raise LayerKeyError(f"layer spec {key!r}: cannot select {sel!r} from a {_describe(value)}") from None
     return value
 
 

@@ -52,6 +52,7 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import distributed
+from featkd.functional import cross_entropy
 
 __all__ = [
     "Method",
@@ -65,7 +66,6 @@ __all__ = [
     "build_scheduler",
     "seed_everything",
     "resolve_device",
-    "cross_entropy_labeled",
 ]
 
 
@@ -239,15 +239,6 @@ class Method(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def cross_entropy_labeled(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the labelled samples only (target ``-1`` marks an unlabelled one).
-
-    A batch with no labelled sample gives 0 rather than the NaN of an empty mean.
-    """
-    total = F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="sum")
-    return total / (targets >= 0).sum().clamp(min=1)
-
-
 def _losses_to_floats(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     # One device sync for all terms instead of one .item() per term.
     values = torch.stack([v.detach().float() for v in losses.values()]).tolist()
@@ -266,7 +257,7 @@ class SupervisedMethod:
     def train_step(self, x, y, step):
         self.model.train()
         with self.precision.autocast():
-            loss = cross_entropy_labeled(self.model(x), y)
+            loss = cross_entropy(self.model(x), y)  # labelled samples only (y = -1 skipped)
         self.precision.backward_step(loss, self.optimizer, self.grad_clip)
         return {"ce": loss.item()}
 

@@ -3,13 +3,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd.data import DeviceLoader, load_dataset
 from featkd.engine import (DivergenceError, Precision, SupervisedMethod, build_optimizer, build_scheduler,
-                           cross_entropy_labeled, evaluate, fit, seed_everything)
+                           evaluate, fit, seed_everything)
 
 
 def tiny_model(in_channels=1, num_classes=4):
@@ -196,17 +195,6 @@ def test_evaluate_matches_explicit_counting():
     assert got["acc5"] == pytest.approx(100 * top5 / n)
     assert got["loss"] == pytest.approx(sum(losses) / n, rel=1e-5)
     assert "acc5" not in evaluate(tiny_model(num_classes=5), [(x[:4], y[:4].clamp(min=0, max=4))])
-
-
-def test_cross_entropy_labeled_ignores_unlabelled():
-    logits = torch.randn(6, 3, requires_grad=True)
-    y = torch.tensor([0, -1, 2, -1, 1, 1])
-    keep = y >= 0
-    assert cross_entropy_labeled(logits, y).item() == pytest.approx(F.cross_entropy(logits[keep], y[keep]).item())
-    none = cross_entropy_labeled(logits, torch.full((6,), -1))
-    assert none.item() == 0.0
-    none.backward()
-    assert torch.all(logits.grad == 0)
 
 
 def test_bf16_autocast_on_cpu_and_fp16_noop():

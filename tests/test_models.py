@@ -185,6 +185,8 @@ def test_timm_models():
     assert [f.name for f in info][-4:] == ["layer1", "layer2", "layer3", "layer4"]
     assert info[-1] == FeatureInfo("layer4", 512, 32)
     assert default_distill_layers(model) == ["layer1", "layer2", "layer3", "layer4"]
+    convnext = create_model("timm:convnext_atto")  # no stem entry: all four stages
+    assert default_distill_layers(convnext) == ["stages.0", "stages.1", "stages.2", "stages.3"]
     with pytest.raises(ValueError, match="resnet18"):
         create_model("timm:resnet_18")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import gzip
+import inspect
 import os
 import pickle
 from dataclasses import dataclass
@@ -55,6 +56,12 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __repr__(self) -> str:
+        c, h, w = self.images.shape[1:]
+        unlabeled = int((self.labels < 0).sum())
+        extra = f", {unlabeled} unlabeled" if unlabeled else ""
+        return f"ImageDataset({self.info.name}: {len(self)} images {c}x{h}x{w}, {self.info.num_classes} classes{extra})"
 
     def __getitem__(self, index):
         return self.images[index], self.labels[index]
@@ -159,7 +166,9 @@ def _imagefolder(root, split: str, image_size: int = 32, in_channels: int = 3) -
     folder = next((c for c in candidates if c.is_dir()), None)
     if folder is None:
         raise FileNotFoundError(f"no {split} split under {base}: expected {base / split}/<class>/<images>")
-    mode = {1: "L", 3: "RGB"}[in_channels]
+    if in_channels not in (1, 3):
+        raise ValueError(f"imagefolder in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}")
+    mode = "L" if in_channels == 1 else "RGB"
 
     def load(path: str) -> torch.Tensor:
         with Image.open(path) as img:
@@ -236,10 +245,21 @@ def load_dataset(name: str = "fashion_mnist", root: str | os.PathLike | None = N
         raise ValueError(f"unknown dataset {name!r}.{hint} Known: {', '.join(list_datasets())}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    _check_options(key, options)
     ds = _LOADERS[key](root, split, **options)
     if limit is not None:
         ds = stratified_subset(ds, limit, seed) if stratified else ds.subset(torch.arange(min(limit, len(ds))))
     return ds
+
+
+def _check_options(name: str, options: dict) -> None:
+    accepted = [p for p in inspect.signature(_LOADERS[name]).parameters if p not in ("root", "split")]
+    for option in options:
+        if option not in accepted:
+            close = difflib.get_close_matches(option, accepted, n=2)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ValueError(f"dataset {name!r} has no option {option!r}.{hint} Its options: "
+                             f"{', '.join(accepted) or 'none'} (and limit, stratified, seed for every dataset)")
 
 
 def stratified_subset(ds: ImageDataset, k: int, seed: int = 0) -> ImageDataset:

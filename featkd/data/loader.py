@@ -1,7 +1,7 @@
 """``DeviceLoader``: the whole dataset on the device, batches gathered by index and augmented there.
 
-For CIFAR/Fashion-MNIST-sized data a ``DataLoader`` with worker processes spends its time in per-image
-Python transforms; here one epoch is a few tensor ops per batch. All randomness of an epoch (the
+For CIFAR/Fashion-MNIST-sized data the per-image Python transforms of a ``DataLoader`` pipeline are
+replaced by a few tensor ops per batch, with no worker processes. All randomness of an epoch (the
 permutation, crop offsets, flips) is drawn up front from a CPU ``torch.Generator`` seeded by
 (seed, epoch) only, so a resumed run sees exactly the same batches, CPU and CUDA runs see the same
 data, and every rank of a DDP run draws the same plan and takes its own shard of it.
@@ -95,13 +95,13 @@ class DeviceLoader:
         state = np.random.SeedSequence([self.seed, epoch]).generate_state(2, np.uint64)
         gen = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        # Augmentation draws belong to positions of the global order, so they do not depend on world_size.
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
         total = self.shard_size * self.world_size
-        order = torch.cat([order, order[: total - n]])
-        # Augmentation draws belong to global positions, so they do not depend on world_size either.
-        offsets = torch.randint(0, 2 * self.pad + 1, (total, 2), generator=gen)
-        flips = torch.rand(total, generator=gen) < 0.5 if self.flip else torch.zeros(total, dtype=torch.bool)
         shard = slice(self.rank, total, self.world_size)
-        return EpochPlan(order[shard], offsets[shard], flips[shard])
+        # pad (examples and their draws) by repeating the head, then interleave: rank r takes r, r + W, ...
+        return EpochPlan(*(torch.cat([t, t[: total - n]])[shard] for t in (order, offsets, flips)))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plan = self.epoch_plan()

@@ -90,14 +90,16 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     """Replace the first 3-channel Conv2d with one taking ``in_channels`` (same kernel, stride, padding...)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            if module.groups != 1:
+                break
             conv = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                             module.dilation, module.groups if module.groups == 1 else in_channels,
-                             module.bias is not None, module.padding_mode)
+                             module.dilation, 1, module.bias is not None, module.padding_mode)
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, conv)
             return
     raise ValueError(f"cannot adapt {type(model).__name__} to in_channels={in_channels}: "
-                     "no Conv2d with 3 input channels found")
+                     "its first 3-channel Conv2d is missing or grouped; "
+                     "build the model yourself and load it via 'package.module:factory'")
 
 
 def _timm_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
@@ -193,7 +195,7 @@ def _probe_shapes(model: nn.Module, layers: list[str], input_size: tuple[int, ..
 
 def default_distill_layers(model: nn.Module) -> list[str]:
     """The natural layers for AT/NST: WRN groups, CIFAR-ResNet / torchvision-ResNet stages, NIN blocks,
-    timm feature stages (without the stem)."""
+    the last four of a timm model's feature stages."""
     names = getattr(model, "default_distill_layers", None)
     if isinstance(names, list):
         return list(names)
@@ -209,5 +211,4 @@ def default_distill_layers(model: nn.Module) -> list[str]:
     except ValueError:
         raise ValueError(f"no default distillation layers known for {type(model).__name__}: name them "
                          "explicitly; run 'featkd layers <model>' to list layer names and shapes") from None
-    names = [f.name for f in info]
-    return names[1:] if len(names) > 3 else names  # timm lists the stem first, then the stages
+    return [f.name for f in info][-4:]  # timm lists the stem (if any) first: keep the last four stages

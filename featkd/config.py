@@ -1,0 +1,337 @@
+"""Typed run configs: YAML files plus dotted ``key=value`` overrides.
+
+>>> cfg = load_config("fmnist_distill_kd_at_nst.yaml", ["optim.lr=0.05", "terms.1.weight=25", "kd=null"])
+
+``--config`` takes a path or the name of a file shipped in ``featkd/configs``.
+Override values are parsed as YAML scalars or lists (``[60, 120]``, ``null``,
+``true``). The schema is the dataclasses below; an unknown key or a value of
+the wrong type raises :class:`ConfigError` naming the key and suggesting the
+closest valid one. :func:`to_dict` gives the fully resolved config, which every
+run saves as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class DatasetConfig:
+    """A dataset for :func:`featkd.data.load_dataset` (the extra unlabelled data of a transfer set)."""
+
+    name: str = "fashion_mnist"
+    root: str | None = None
+    limit: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Training/test data and the transfer set.
+
+    ``limit`` / ``test_limit`` keep a class-balanced subset. Transfer-set edits
+    apply to the training split only: ``omit_classes`` drops classes,
+    ``unlabeled_fraction`` hides that fraction of labels (label -1: no CE, still
+    KD), ``extra_unlabeled`` appends another dataset's images as unlabelled.
+    """
+
+    name: str = "fashion_mnist"
+    root: str | None = None
+    limit: int | None = None
+    test_limit: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    augment: bool = True
+    pad: int = 4
+    flip: bool = True
+    omit_classes: list[int] = field(default_factory=list)
+    unlabeled_fraction: float = 0.0
+    extra_unlabeled: DatasetConfig | None = None
+
+
+@dataclass
+class ModelConfig:
+    """A model for :func:`featkd.models.create_model`; ``options`` go to its constructor."""
+
+    name: str = "wrn16_1"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher of ``featkd distill``: a checkpoint written by ``featkd train``."""
+
+    checkpoint: str = ""
+
+
+@dataclass
+class WarmupConfig:
+    """A weight ramped linearly from 0 to ``value`` over ``epochs`` or ``steps``."""
+
+    value: float = 1.0
+    epochs: float | None = None
+    steps: int | None = None
+
+
+@dataclass
+class TermConfig:
+    """One transfer term; see :class:`featkd.Term`."""
+
+    teacher: str | list[str] = ""
+    student: str | list[str] | None = None
+    loss: str = "at"
+    weight: float | WarmupConfig = 1.0
+    name: str | None = None
+    adapter: str | None = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class KDConfig:
+    """The logit term: a :func:`featkd.losses.build_logit_loss` name, its weight and options (e.g. ``{T: 4}``)."""
+
+    loss: str = "kd"
+    weight: float | WarmupConfig = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """See :func:`featkd.engine.build_optimizer`."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    """See :func:`featkd.engine.build_scheduler` (epoch-based; the AT/NST papers' schedule by default)."""
+
+    name: str = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
+    gamma: float = 0.2
+    warmup_epochs: int = 0
+    min_factor: float = 0.0
+
+
+@dataclass
+class Config:
+    """One run. ``featkd train`` uses ``model``; ``featkd distill`` uses ``teacher``, ``student``, ``terms``, ``kd``."""
+
+    seed: int = 0
+    epochs: int = 200
+    device: str = "auto"
+    amp: str | None = None
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    grad_clip: float | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig | None = None
+    teacher: TeacherConfig | None = None
+    student: ModelConfig | None = None
+    terms: list[TermConfig] = field(default_factory=list)
+    kd: KDConfig | None = None
+    ce_weight: float = 1.0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _wrong_type(key: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against (and, for dataclasses, built as) type ``tp``."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _wrong_type(key, tp, value)
+        # A mapping is meant for the dataclass member; anything else for the plain types first.
+        ordered = sorted((a for a in args if a is not type(None)), key=lambda a: dataclasses.is_dataclass(a) != isinstance(value, dict))
+        for arg in ordered:
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    raise  # an unknown key inside the mapping is the real problem
+        raise _wrong_type(key, tp, value) from None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _wrong_type(key, tp, value)
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(key, tp, value)
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _wrong_type(key, tp, value)
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _wrong_type(key, tp, value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _wrong_type(key, tp, value)
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _wrong_type(key, tp, value) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _wrong_type(key, tp, value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _wrong_type(key, tp, value)
+        return value
+    raise TypeError(f"config schema has an unsupported type {tp!r} at {key!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.5)
+            where = f" in {prefix!r}" if prefix else ""
+            hint = f" Did you mean {', '.join(repr(f'{prefix}.{c}' if prefix else c) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key {full!r}.{hint} Valid keys{where}: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    """Build and type-check a :class:`Config` from plain data (as loaded from YAML)."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
+    return _build(Config, data)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data (what ``config.yaml`` holds)."""
+    return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------- files and overrides
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path, or the name of one shipped in ``featkd/configs`` (with or without ``.yaml``)."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    for shipped in (CONFIG_DIR / candidate.name, CONFIG_DIR / f"{candidate.name}.yaml"):
+        if candidate.parent == Path(".") and shipped.is_file():
+            return shipped
+    shipped_names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(candidate.stem, shipped_names, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise FileNotFoundError(f"config file {str(path)!r} not found.{hint} Shipped configs: {', '.join(shipped_names)}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file (empty file → empty mapping)."""
+    path = resolve_config_path(path)
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (list items by index: ``terms.0.weight=10``) to a copy of ``data``."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.05)")
+        value = yaml.safe_load(text) if text.strip() else None
+        parts = key.strip().split(".")
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                node = node[_list_index(part, node, where)]
+                continue
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_list_index(last, node, key)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[:-1])!r} is not a mapping")
+    return data
+
+
+def _list_index(part: str, items: list, where: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(items) <= int(part) < len(items):
+        raise ConfigError(f"override key {where!r}: {part!r} is not an index of a list with {len(items)} items")
+    return int(part)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` (if given) over ``base`` (e.g. a resumed run's saved config), apply ``overrides``, type-check."""
+    data = dict(base or {})
+    if path is not None:
+        data.update(read_yaml(path))
+    return from_dict(apply_overrides(data, overrides))

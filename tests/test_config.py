@@ -1,0 +1,91 @@
+import pytest
+import yaml
+
+from featkd.config import (CONFIG_DIR, Config, ConfigError, WarmupConfig, apply_overrides, from_dict, load_config,
+                           to_dict)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    path = write(tmp_path, """
+epochs: 3
+model: {name: wrn16_2}
+terms:
+  - {teacher: group3, student: group3, loss: nst, weight: 50, options: {kernel: poly}}
+  - {teacher: [group1, group2], loss: fsp, weight: {value: 10, epochs: 2}}
+kd: {loss: kd, weight: 16, options: {T: 4}}
+""")
+    cfg = load_config(path, ["optim.lr=1e-3", "schedule.milestones=[2, 3]", "terms.0.weight=25", "data.limit=100",
+                             "amp=bf16", "data.extra_unlabeled.name=synthetic"])
+    assert cfg.epochs == 3 and cfg.model.name == "wrn16_2"
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.schedule.milestones == [2, 3]
+    assert cfg.terms[0].weight == 25.0 and cfg.terms[0].options == {"kernel": "poly"}
+    assert cfg.terms[1].teacher == ["group1", "group2"] and cfg.terms[1].student is None
+    assert cfg.terms[1].weight == WarmupConfig(value=10.0, epochs=2.0)
+    assert cfg.kd.options == {"T": 4} and cfg.amp == "bf16" and cfg.data.limit == 100
+    assert cfg.data.extra_unlabeled.name == "synthetic" and cfg.data.extra_unlabeled.limit is None
+    # the resolved config round-trips through YAML
+    assert from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
+    assert load_config(path, ["kd=null"]).kd is None
+
+
+def test_unknown_keys_suggest_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'. Did you mean 'optim.lr'"):
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'epoch'. Did you mean 'epochs'"):
+        from_dict({"epoch": 3})
+    with pytest.raises(ConfigError, match=r"'terms.0.wieght'. Did you mean 'terms.0.weight'"):
+        from_dict({"terms": [{"teacher": "group3", "wieght": 3}]})
+    with pytest.raises(ConfigError, match=r"'terms.0.weight.valeu'. Did you mean 'terms.0.weight.value'"):
+        from_dict({"terms": [{"teacher": "group3", "weight": {"valeu": 3}}]})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("epochs=ten", r"'epochs' expects int, got str 'ten'"),
+    ("epochs=2.5", r"'epochs' expects int, got float"),
+    ("optim.lr=fast", r"'optim.lr' expects float"),
+    ("channels_last=1", r"'channels_last' expects bool, got int"),
+    ("schedule.milestones=60", r"'schedule.milestones' expects a list of int"),
+    ("schedule.milestones=[60, x]", r"'schedule.milestones.1' expects int"),
+    ("data=3", r"'data' expects a mapping \(DataConfig\)"),
+])
+def test_wrong_types_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["optim.lr"])
+    with pytest.raises(ConfigError, match="'terms.3'.*2 items"):
+        apply_overrides({"terms": [{}, {}]}, ["terms.3.weight=1"])
+
+
+def test_overrides_do_not_touch_the_input():
+    data = {"optim": {"lr": 0.1}}
+    assert apply_overrides(data, ["optim.lr=0.2", "data.batch_size=64"]) == {
+        "optim": {"lr": 0.2}, "data": {"batch_size": 64}}
+    assert data == {"optim": {"lr": 0.1}}
+
+
+def test_defaults_are_the_papers_cifar_schedule():
+    cfg = Config()
+    assert (cfg.epochs, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.data.batch_size) == (
+        200, 0.1, 0.9, 5e-4, 128)
+    assert (cfg.schedule.name, cfg.schedule.milestones, cfg.schedule.gamma) == ("multistep", [60, 120, 160], 0.2)
+
+
+def test_shipped_configs_parse_and_can_be_named_without_path():
+    shipped = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert len(shipped) >= 3
+    for path in shipped:
+        load_config(path)
+    assert load_config(shipped[0].stem) == load_config(shipped[0])
+    with pytest.raises(FileNotFoundError, match="Did you mean"):
+        load_config(shipped[0].stem[:-1] + "x")

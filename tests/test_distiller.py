@@ -1,0 +1,214 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import featkd
+from featkd.distiller import FeatureAdapter, Warmup
+from featkd.engine import DistillMethod, build_optimizer
+from featkd.models import create_model
+
+
+def wrns(teacher="wrn16_2", student="wrn16_1"):
+    torch.manual_seed(0)
+    return create_model(teacher, 10, 1), create_model(student, 10, 1)
+
+
+def groups(model, x):
+    """The WRN group outputs computed by hand (no hooks)."""
+    g1 = model.group1(model.conv1(x))
+    g2 = model.group2(g1)
+    g3 = model.group3(g2)
+    return {"group1": g1, "group2": g2, "group3": g3}
+
+
+def ref_at(f_s, f_t):
+    a = [F.normalize(f.pow(2).mean(1).flatten(1)) for f in (f_s, f_t)]
+    return (a[0] - a[1]).pow(2).mean()
+
+
+def ref_nst_poly(f_s, f_t):
+    x, y = (F.normalize(f.flatten(2), dim=2) for f in (f_s, f_t))
+    k = lambda a, b: torch.einsum("bin,bjn->bij", a, b).pow(2).mean((1, 2))
+    return (k(x, x) + k(y, y) - 2 * k(x, y)).mean()
+
+
+def ref_kd(s, t, T):
+    p_t = F.softmax(t / T, 1)
+    return (p_t * (p_t.log() - F.log_softmax(s / T, 1))).sum(1).mean() * T * T
+
+
+def test_losses_match_hand_computed_features_and_sum_to_total():
+    teacher, student = wrns()
+    d = featkd.Distiller(teacher, student, terms=[
+        featkd.Term("group1", "group1", loss="at", weight=1000),
+        featkd.Term("group3", "group3", loss="nst", weight=50, options={"kernel": "poly"}),
+    ], kd={"loss": "kd", "weight": 0.9, "T": 4}, ce_weight=0.1)
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    d.setup(x[:2])
+    logits, losses = d(x, y)
+    assert list(losses) == ["ce", "kd", "at:group1", "nst:group3", "total"]
+    d.remove_hooks()  # the references below run the models without capture
+    with torch.no_grad():
+        f_t, t_logits = groups(teacher, x), teacher(x)
+        f_s, s_logits = groups(student, x), student(x)
+    torch.testing.assert_close(logits.detach(), s_logits)
+    torch.testing.assert_close(losses["ce"], 0.1 * F.cross_entropy(s_logits, y))
+    torch.testing.assert_close(losses["kd"], 0.9 * ref_kd(s_logits, t_logits, 4.0))
+    torch.testing.assert_close(losses["at:group1"], 1000 * ref_at(f_s["group1"], f_t["group1"]))
+    torch.testing.assert_close(losses["nst:group3"], 50 * ref_nst_poly(f_s["group3"], f_t["group3"]))
+    parts = [v for k, v in losses.items() if k != "total"]
+    torch.testing.assert_close(losses["total"], sum(parts))
+
+
+def test_teacher_is_frozen_and_stays_in_eval_mode():
+    teacher, student = wrns()
+    teacher.train()
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term("group2", loss="at")])
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    d.setup(torch.randn(2, 1, 28, 28))
+    d.train()
+    assert not teacher.training and student.training
+    _, losses = d(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    losses["total"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # BN stats untouched
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    ids = {id(p) for p in d.trainable_parameters()}
+    assert ids == {id(p) for p in student.parameters()}
+
+
+def test_dry_run_does_not_touch_student_bn_statistics():
+    teacher, student = wrns()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    featkd.Distiller(teacher, student, terms=[featkd.Term("group3", loss="nst")]).setup(torch.randn(2, 1, 28, 28))
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert student.training
+
+
+class MSE(nn.Module):
+    """A loss that needs identical shapes (checked up front, like the registry's losses)."""
+
+    def check_shapes(self, s, t):
+        if tuple(s[1:]) != tuple(t[1:]):
+            raise ValueError(f"mse needs equal shapes, got {s} and {t}")
+
+    def forward(self, f_s, f_t):
+        return (f_s - f_t).pow(2).mean()
+
+
+def test_automatic_adapters_only_where_needed_and_trained():
+    teacher, student = wrns()
+    d = featkd.Distiller(teacher, student, terms=[
+        featkd.Term("group3", "group3", loss="at"),                 # channels differ: AT does not care
+        featkd.Term("group3", "group3", loss=MSE(), name="mse3"),    # channels differ: 1x1 conv
+        featkd.Term("group2", "group3", loss="at", name="at32"),    # 14x14 teacher vs 7x7 student
+    ])
+    d.setup(torch.randn(2, 1, 28, 28))
+    plain, conv, resize = d.adapters
+    assert isinstance(plain, nn.Identity)
+    assert isinstance(conv, FeatureAdapter) and conv.conv[0].weight.shape == (128, 64, 1, 1) and conv.resize is None
+    assert isinstance(resize, FeatureAdapter) and resize.conv is None and resize.resize == "interpolate"
+    assert {id(p) for p in conv.parameters()} <= {id(p) for p in d.trainable_parameters()}
+    _, losses = d(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)))
+    losses["total"].backward()
+    assert conv.conv[0].weight.grad.abs().sum() > 0
+
+
+def test_shape_mismatch_without_adapter_names_layers_and_shapes():
+    teacher, student = wrns()
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term("group2", "group3", loss="at", adapter=None)])
+    with pytest.raises(ValueError, match=r"term 'at:group3'.*\['group3'\].*\(2, 64, 7, 7\).*\['group2'\].*\(2, 64, 14, 14\)"):
+        d.setup(torch.randn(2, 1, 28, 28))
+
+
+def test_fsp_term_over_two_layers():
+    teacher, student = wrns("wrn16_1", "wrn16_1")
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term(["group2", "group3"], loss="fsp", options={"resize": "pool"})])
+    x = torch.randn(4, 1, 28, 28)
+    d.setup(x[:2])
+    _, losses = d(x)
+    assert set(losses) == {"fsp:group2+group3", "total"}  # no y: no CE
+    assert losses["total"] > 0
+
+
+def test_warmup_weight_and_unlabelled_batches():
+    teacher, student = wrns()
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", loss="at", weight=Warmup(100, steps=10))],
+                         kd="kd")
+    x = torch.randn(4, 1, 28, 28)
+    d.setup(x[:2]).eval()
+    unlabelled = torch.full((4,), -1)
+    _, full = d(x, unlabelled)
+    _, half = d(x, unlabelled, step=5)
+    _, start = d(x, unlabelled, step=0)
+    assert full["ce"] == 0 and full["kd"] > 0
+    torch.testing.assert_close(half["at:group3"], full["at:group3"] / 2)
+    assert start["at:group3"] == 0
+    w = Warmup(8.0, epochs=4)
+    assert [w(epoch=e) for e in (0, 1, 2.5, 4, 10)] == [0.0, 2.0, 5.0, 8.0, 8.0] and w() == 8.0
+    with pytest.raises(ValueError, match="exactly one"):
+        Warmup(1.0)
+
+
+def test_distill_method_steps_and_uses_epoch_schedule():
+    teacher, student = wrns()
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", loss="at", weight=Warmup(10, epochs=2))],
+                         kd="kd")
+    with pytest.raises(RuntimeError, match="setup"):
+        DistillMethod(d, torch.optim.SGD(student.parameters(), lr=0.1))
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    d.setup(x[:2])
+    opt = build_optimizer(d.trainable_parameters(), lr=0.01)
+    method = DistillMethod(d, opt, steps_per_epoch=4)
+    before = [p.clone() for p in student.parameters()]
+    with torch.no_grad():
+        _, full = d.train()(x, y)  # no step given: the full weight
+    losses = method.train_step(x, y, step=2)  # epoch 0.5 of a 2-epoch warm-up: a quarter of the weight
+    assert set(losses) == {"ce", "kd", "at:group3", "total"} and all(isinstance(v, float) for v in losses.values())
+    assert losses["at:group3"] == pytest.approx(full["at:group3"].item() / 4, rel=1e-5)
+    assert losses["kd"] == pytest.approx(full["kd"].item(), rel=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    assert method.eval_models() == {"student": student}
+    assert not teacher.training
+
+
+def test_bad_terms_are_reported():
+    teacher, student = wrns()
+    with pytest.raises(ValueError, match="unique"):
+        featkd.Distiller(teacher, student, terms=[featkd.Term("group3"), featkd.Term("group3")])
+    with pytest.raises(ValueError, match="nothing to distill"):
+        featkd.Distiller(teacher, student)
+    with pytest.raises(ValueError, match="same length"):
+        featkd.Term(["group1", "group2"], "group1")
+    with pytest.raises(KeyError, match="group4"):
+        featkd.Distiller(teacher, student, terms=[featkd.Term("group4")])
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", loss="nts")])
+    with pytest.raises(ValueError, match="nst"):
+        d.setup(torch.randn(2, 1, 28, 28))
+
+
+def test_lazy_setup_on_first_call():
+    teacher, student = wrns()
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", loss="nst")])
+    _, losses = d(torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,)))
+    assert d.is_setup and losses["nst:group3"] > 0
+
+
+def test_works_with_ddp_wrapped_student(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        teacher, student = wrns()
+        x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+        terms = [featkd.Term("group2", loss="at"), featkd.Term("group3", loss="nst")]
+        plain = featkd.Distiller(teacher, student, terms=terms).setup(x[:2])
+        _, expected = plain(x, y)
+        plain.remove_hooks()
+        wrapped = featkd.Distiller(teacher, nn.parallel.DistributedDataParallel(student), terms=terms).setup(x[:2])
+        _, got = wrapped(x, y)
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k])
+    finally:
+        dist.destroy_process_group()
