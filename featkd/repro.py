@@ -15,6 +15,7 @@ never as absolute numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -239,9 +240,10 @@ def _fact_terms(s_layers, t_layers):
     from featkd.distiller import Term
 
     # F-ActT (AT paper's full-activation baseline): an L2 hint between the activations at the same
-    # layers, through a 1x1-conv regressor where channel counts differ (FitNets-style); weight 100 as
-    # RepDistiller's FitNet hint (the AT paper gives no weight for it).
-    return [Term(t, s, loss="hint", weight=100.0, name=f"hint:{s}") for s, t in zip(s_layers, t_layers)]
+    # layers, through a 1x1-conv regressor where channel counts differ (FitNets-style). The AT paper
+    # gives no weight for it; RepDistiller's FitNet weight (100) diverged within two steps at lr 0.1 on
+    # the unnormalised group outputs, so the weight is 1.
+    return [Term(t, s, loss="hint", weight=1.0, name=f"hint:{s}") for s, t in zip(s_layers, t_layers)]
 
 
 def _nst_terms(kernel, which):
@@ -255,6 +257,10 @@ def _nst_terms(kernel, which):
                 for s, t in pairs]
     return terms
 
+
+# Small enough for a shared 2-core CPU (about 10 minutes per table); the same data and teacher settings in
+# every protocol so that the cached teachers are shared between tables.
+CPU_BUDGET = Budget("cpu", 3, 4, (0, 1), batch_size=64, train_limit=600, test_limit=1000, pairs=1)
 
 AT_KD = {"loss": "kd", "weight": 0.9, "T": 4}  # AT code: (1-α)·CE + α·T²·KL, α = 0.9, T = 4
 NST_KD = {"loss": "kd", "weight": 1.0, "T": 4}  # NST code: CE + 16·KL at T=4; featkd's kd_loss has the T² = 16 built in
@@ -285,7 +291,7 @@ AT_TABLE1 = Protocol(
     budgets={
         "full": Budget("full", 200, 200, (0, 1, 2, 3, 4)),
         "short": Budget("short", 30, 30, (0, 1, 2)),
-        "cpu": Budget("cpu", 4, 5, (0, 1), batch_size=64, train_limit=1000, test_limit=1000, pairs=1),
+        "cpu": CPU_BUDGET,
     },
     published_note="Zagoruyko & Komodakis 2017, Table 1 (CIFAR-10, median of 5 runs); only the cells checked "
                    "against the paper are filled, the others are left blank.",
@@ -306,8 +312,7 @@ NST_KERNELS = Protocol(
     budgets={
         "full": Budget("full", 200, 200, (0, 1, 2, 3, 4)),
         "short": Budget("short", 30, 30, (0, 1, 2)),
-        "cpu": Budget("cpu", 4, 5, (0, 1), batch_size=64, train_limit=1000, test_limit=1000, pairs=1,
-                      methods=("student", "KD", "NST-linear@last", "NST-poly@last", "NST-gaussian@last",
+        "cpu": dataclasses.replace(CPU_BUDGET, methods=("student", "KD", "NST-linear@last", "NST-poly@last", "NST-gaussian@last",
                                "NST-poly@last+KD")),
     },
     published_note="No published CIFAR-10 numbers for these cells. For context only (other datasets): the official "
@@ -389,6 +394,19 @@ def _fit_or_resume(method, train_loader, test_loader, run_dir: Path, epochs: int
     return fit(method, train_loader, test_loader, run_dir, epochs, log=log, **options)
 
 
+def _check_cached_config(run_dir: Path, config: Mapping) -> None:
+    """A cached run is reused only if it was made with the same settings; otherwise say so (never overwrite)."""
+    import yaml
+
+    stored = run_dir / "config.yaml"
+    if stored.is_file():
+        old = yaml.safe_load(stored.read_text()) or {}
+        changed = {k: (old.get(k), v) for k, v in config.items() if k in old and old.get(k) != v}
+        if changed:
+            raise ValueError(f"{run_dir} holds a run made with other settings ({changed}: stored vs asked); "
+                             "it is kept as it is: choose another --run-dir")
+
+
 def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epochs: int, budget: Budget,
                   device, log=print) -> tuple[nn.Module, float]:
     """Train (or reuse) a teacher in ``run_dir``; return it in eval mode with its final test accuracy (%)."""
@@ -399,7 +417,9 @@ def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epo
     model = create_model(name, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
     optimizer, scheduler = _schedule(model.parameters(), epochs, budget)
     method = SupervisedMethod(model, optimizer, scheduler, name="teacher")
-    config = {"role": "teacher", "model": name, "dataset": info.name, "epochs": epochs, "budget": budget.name}
+    config = {"role": "teacher", "model": name, "dataset": info.name, "epochs": epochs, "budget": budget.name,
+              "train_examples": len(train_loader.dataset), "batch_size": train_loader.batch_size}
+    _check_cached_config(run_dir, config)
     history = _fit_or_resume(method, train_loader, test_loader, run_dir, epochs, log=log, device=device, config=config,
                              model_info={"teacher": {"model": name, "num_classes": info.num_classes,
                                                      "in_channels": info.in_channels}})
@@ -448,9 +468,12 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
     members = build_members(teacher, student_name, recipes, budget.seeds, info, example_x, shared, budget, device,
                             base_config)
     method = sweep.SweepMethod(teacher, members, shared)
+    config = {**base_config, "epochs": budget.epochs, "train_examples": len(train_loader.dataset),
+              "members": [m.name for m in members]}
+    _check_cached_config(run_dir, config)
     try:
-        history = _fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, log=log, device=device,
-                                 config={**base_config, "members": [m.name for m in members]})
+        history = _fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,
+                                 config=config, log=lambda line: log(compact_summary(line)))
     finally:
         method.close()
         for member in members:
@@ -462,6 +485,15 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
     for recipe in recipes:
         accs[recipe.name] = [history[-1][f"{recipe.name}-s{seed}/acc1"] for seed in budget.seeds]
     return accs
+
+
+def compact_summary(line: str) -> str:
+    """fit's epoch line reduced to the accuracies and the epoch time (a sweep's full line lists every loss)."""
+    if not line.startswith("epoch "):
+        return line
+    parts = line.split("  ")
+    kept = [p for p in parts[1:] if p.split(" ")[0].endswith("/acc1") or p.startswith("epoch_time_s")]
+    return "  ".join([parts[0], *kept])
 
 
 # ----------------------------------------------------------------------------- a whole table
