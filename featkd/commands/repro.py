@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _budget(base, args):
     changes = {}
     for field in ("epochs", "teacher_epochs", "pairs"):
-        if getattr(args, field) is not None:
+        if getattr(args, field) is not None and hasattr(base, field):
             changes[field] = getattr(args, field)
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
@@ -49,7 +49,7 @@ def _budget(base, args):
         value = getattr(args, field)
         if value is not None:
             changes[field] = value or None
-    if args.methods:
+    if args.methods and hasattr(base, "methods"):
         changes["methods"] = tuple(dict.fromkeys(["student", *args.methods]))
     return dataclasses.replace(base, **changes)
 
@@ -66,10 +66,8 @@ def run(args: argparse.Namespace) -> int:
     data = repro.DataSpec("cifar10", args.cifar10) if args.cifar10 else repro.DataSpec("fashion_mnist")
     command = "featkd repro " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
     if args.protocol == "omitted-class":
-        from featkd import omitted_class
-
-        budget = _budget(omitted_class.BUDGETS[args.budget], args)
-        result = omitted_class.run(budget, data, args.run_dir, device=args.device, command=command)
+        budget = _budget(repro.OMITTED_BUDGETS[args.budget], args)
+        result = repro.run_omitted_class(budget, data, args.run_dir, device=args.device, command=command)
     else:
         protocol = repro.PROTOCOLS[args.protocol]
         budget = _budget(protocol.budgets[args.budget], args)
