@@ -115,7 +115,8 @@ def _canonical(path: str, modules: Mapping[str, nn.Module]) -> str:
     return path if path in modules else _strip_wrappers(path)
 
 
-def _glob_regex(pattern: str) -> re.Pattern:
+def glob_regex(pattern: str) -> re.Pattern:
+    """Regex for a layer glob: ``*`` and ``?`` stay within one dotted segment, ``**`` crosses dots."""
     out = []
     i = 0
     while i < len(pattern):
@@ -195,7 +196,7 @@ def _resolve_specs(model: nn.Module, layers: str | Sequence[str]) -> list[_Spec]
         written, suffix, call, port, selectors = _parse(given)
         path = _canonical(written, modules)
         if any(c in path for c in "*?"):
-            regex = _glob_regex(path)
+            regex = glob_regex(path)
             matched = [name for name in modules if name and regex.match(name)]
             if not matched:
                 raise _unknown("no module matches the pattern", path, modules)
@@ -261,11 +262,12 @@ class Features(Mapping):
         msg = f"layer {key!r} ran {ran} time(s) in the last forward, {wanted} needed."
         if ran == 0:
             msg += " Is it on the path this forward takes (train/eval mode, branches), and was the forward run?"
-            if self._compiled:
+            if self._compiled or "torch._dynamo" in sys.modules:
                 msg += (
-                    " The model is torch.compile'd: hooks added after its first compiled call are never run "
-                    "(torch._dynamo skips hook guards). Create the extractor / capture before the first call of the "
-                    "compiled model, or call torch.compiler.reset() after creating it."
+                    " If the forward runs inside torch.compile: hooks added after the first compiled call are never "
+                    "run (dynamo does not guard on hooks). featkd retraces compiled modules it is given, but not a "
+                    "compiled function that calls the model: create the extractor before its first call, or call "
+                    "torch.compiler.reset() after creating it."
                 )
         return RuntimeError(msg)
 
@@ -273,10 +275,14 @@ class Features(Mapping):
         base, entries, call = self._entries(key)
         if call is None:
             if len(entries) > 1:
-                raise RuntimeError(
-                    f"layer {key!r} ran {len(entries)} times in one forward (a shared module); pick one call with "
-                    f"'{key}#k' (k = 0..{len(entries) - 1}) or take all with features.calls({key!r})"
-                )
+                msg = (f"layer {key!r} ran {len(entries)} times in one forward (a shared module); pick one call "
+                       f"with '{key}#k' (k = 0..{len(entries) - 1}) or take all with features.calls({key!r})")
+                devices = {e.device for e in entries if isinstance(e, torch.Tensor)}
+                if len(devices) > 1:
+                    msg += (f". The calls are on {len(devices)} devices: nn.DataParallel runs the hooks once per "
+                            "replica on its shard of the batch; torch.cat(features.calls(key)) in device order "
+                            "joins them, and DistributedDataParallel avoids the issue")
+                raise RuntimeError(msg)
             if not entries:
                 raise self._not_run(key, 0, 1)
             return entries[0]
@@ -367,10 +373,11 @@ class _Recorder:
         self.clone = clone
         self.calls: dict[str, list] = {s.key: [] for s in self.specs}
         self.selected = {s.key: s.call for s in self.specs}
-        self.root_grad_enabled = True
+        self.root_grad_enabled: bool | None = None  # grad mode at the start of the running forward
         modules = _named_modules(model)
         root = modules[""]
-        self.handles = [root.register_forward_pre_hook(self._root_pre_hook)]
+        self.handles = [root.register_forward_pre_hook(self._root_pre_hook),
+                        root.register_forward_hook(self._root_hook, always_call=True)]
         try:
             for spec in self.specs:
                 module = modules[spec.path]
@@ -382,10 +389,15 @@ class _Recorder:
         except BaseException:
             self.remove()
             raise
+        _forget_compiled_code(model)
 
     def _root_pre_hook(self, module, args):
         if not torch.compiler.is_compiling():
             self.root_grad_enabled = torch.is_grad_enabled()
+
+    def _root_hook(self, module, args, output):
+        if not torch.compiler.is_compiling():
+            self.root_grad_enabled = None
 
     def _make_hook(self, spec: _Spec):
         entries = self.calls[spec.key]
@@ -394,7 +406,7 @@ class _Recorder:
             if not torch.compiler.is_compiling():
                 if _in_backward():
                     return
-                if not self.detach and self.root_grad_enabled and not torch.is_grad_enabled():
+                if not self.detach and self.root_grad_enabled is True and not torch.is_grad_enabled():
                     raise RuntimeError(
                         f"layer {spec.key!r} ran with autograd off inside a forward that had it on, so its captured "
                         "feature would have no graph and a loss on it would silently give no gradient. This is what "
@@ -432,6 +444,25 @@ class _Recorder:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+def _forget_compiled_code(model: nn.Module) -> None:
+    """Make torch.compile'd parts of ``model`` retrace, so that they run the hooks just added.
+
+    Dynamo does not guard on hooks (``skip_nnmodule_hook_guards``): code compiled before the
+    hooks existed would run without them forever. Dropping the cached code of each compiled
+    module's ``forward`` costs one recompile (also for other instances of the same class).
+    """
+    compiled = [m._orig_mod if _is_compiled(m) else m for m in model.modules()
+                if _is_compiled(m) or getattr(m, "_compiled_call_impl", None) is not None]  # nn.Module.compile()
+    if not compiled:
+        return
+    import torch._dynamo
+
+    for module in compiled:
+        code = getattr(getattr(module.forward, "__func__", module.forward), "__code__", None)
+        if code is not None:
+            torch._dynamo.reset_code(code)
 
 
 def _any_compiled(model: nn.Module) -> bool:
@@ -475,8 +506,9 @@ class FeatureExtractor:
     ``ext(x)`` clears, runs ``model(x)`` (under ``torch.no_grad()`` when ``no_grad``), and
     returns ``(output, features)``; the extractor keeps no reference to the features, so
     nothing of one step stays alive into the next. Every requested layer must have run,
-    otherwise a ``RuntimeError`` says which did not. For ``torch.compile`` create the
-    extractor before the compiled model's first call (hooks added later are never run).
+    otherwise a ``RuntimeError`` says which did not. A ``torch.compile``'d model (or one with
+    compiled submodules) is retraced once so that it runs the hooks; create the extractor
+    once, not per step.
     """
 
     def __init__(self, model: nn.Module, layers: str | Sequence[str], *, detach: bool = False,

@@ -76,9 +76,12 @@ def _weight_at(weight: float | Warmup, step: int | None, epoch: float | None) ->
 class Term:
     """One feature-transfer term.
 
-    * ``teacher`` / ``student``: layer name(s) (``featkd layers <model>`` lists them);
-      a list for losses over several layers (FSP takes two). ``student`` defaults to
-      the teacher's names (same architecture family).
+    * ``teacher`` / ``student``: layer name(s) (``featkd layers <model>`` lists them).
+      ``student`` defaults to the teacher's names (same architecture family). With
+      lists, the loss is applied to each (student, teacher) pair and the term is
+      the sum (AT over the three WRN groups with one weight), except for losses
+      defined on several layers at once (``fsp``, or a module with
+      ``multi_layer = True``), which get the lists.
     * ``loss``: a feature-loss name (``nst``, ``at``, ``gram``, ``fsp``, ``hint``;
       built with ``options`` by :func:`featkd.losses.build_feature_loss`) or an
       ``nn.Module`` taking ``(f_s, f_t)``.
@@ -106,11 +109,21 @@ class Term:
         if len(self.teacher_layers) != len(self.student_layers) or not self.teacher_layers:
             raise ValueError(f"term {self.key!r}: teacher layers {self.teacher_layers} and student layers "
                              f"{self.student_layers} must be non-empty lists of the same length")
+        if isinstance(self.loss, nn.Module) and len(self.student_layers) > 1 and not self.multi_layer:
+            raise ValueError(f"term {self.key!r}: a loss module is shared by all its layer pairs; give the loss "
+                             "by name (one module is built per pair) or use one Term per pair")
         if isinstance(self.loss, nn.Module) and self.options:
             raise ValueError(f"term {self.key!r}: options {self.options} only apply to a loss given by name")
         if not (self.adapter in (None, "auto", "conv") or isinstance(self.adapter, nn.Module)):
             raise ValueError(f"term {self.key!r}: adapter must be 'auto', 'conv', None or an nn.Module, "
                              f"got {self.adapter!r}")
+
+    @property
+    def multi_layer(self) -> bool:
+        """Whether the loss takes the lists of layers at once (FSP) rather than one pair at a time."""
+        if isinstance(self.loss, str):
+            return self.loss == "fsp"
+        return bool(getattr(self.loss, "multi_layer", False)) or type(self.loss).__name__ == "FSPLoss"
 
     @property
     def loss_name(self) -> str:
@@ -239,38 +252,41 @@ class Distiller(nn.Module):
         for term in self.terms:
             s_shapes = [tuple(f_s[name].shape) for name in term.student_layers]
             t_shapes = [tuple(f_t[name].shape) for name in term.teacher_layers]
-            adapter, loss = self._build_term(term, s_shapes, t_shapes, device)
-            self.adapters.append(adapter)
-            self.term_losses.append(loss.to(device))
+            if term.multi_layer:
+                pairs = [self._build_pair(term, tuple(s_shapes), tuple(t_shapes), term.student_layers,
+                                          term.teacher_layers, device, multi=True)]
+            else:
+                pairs = [self._build_pair(term, s, t, [s_name], [t_name], device)
+                         for s, t, s_name, t_name in zip(s_shapes, t_shapes, term.student_layers, term.teacher_layers)]
+            self.adapters.append(nn.ModuleList(adapter for adapter, _ in pairs))
+            self.term_losses.append(nn.ModuleList(loss.to(device) for _, loss in pairs))
         if self.kd_loss is not None:
             self.kd_loss.to(device)
         self.is_setup = True
         return self
 
-    def _build_term(self, term: Term, s_shapes: list[tuple], t_shapes: list[tuple],
-                    device: torch.device) -> tuple[nn.Module, nn.Module]:
-        single = len(s_shapes) == 1
-        s_shape, t_shape = (s_shapes[0], t_shapes[0]) if single else (tuple(s_shapes), tuple(t_shapes))
-        described = (f"term {term.key!r} ({term.loss_name}): student layer(s) {term.student_layers} give "
-                     f"{s_shape if single else s_shapes}, teacher layer(s) {term.teacher_layers} give "
-                     f"{t_shape if single else t_shapes}")
+    def _build_pair(self, term: Term, s_shape: tuple, t_shape: tuple, s_names: list[str], t_names: list[str],
+                    device: torch.device, multi: bool = False) -> tuple[nn.Module, nn.Module]:
+        """The adapter and loss module for one (student, teacher) layer pair (or the lists, for FSP)."""
+        described = (f"term {term.key!r} ({term.loss_name}): student layer(s) {s_names} give {s_shape}, "
+                     f"teacher layer(s) {t_names} give {t_shape}")
         if term.adapter is None or term.adapter == "auto":
             adapter = nn.Identity()
-        elif not single:
-            raise ValueError(f"{described}: an adapter works on single-layer terms only")
+        elif multi:
+            raise ValueError(f"{described}: adapter={term.adapter!r} does not apply to a loss over several layers")
         elif term.adapter == "conv":
             adapter = FeatureAdapter(s_shape, t_shape, channels=True)
         else:
             adapter = term.adapter
         adapter.to(device)
-        if single and not isinstance(adapter, nn.Identity):
+        if not isinstance(adapter, nn.Identity):
             with torch.no_grad():
                 s_shape = tuple(adapter(torch.zeros(s_shape, device=device)).shape)
         try:
             return adapter, self._loss(term, s_shape, t_shape)
         except ValueError as error:
             first_error = error
-        if term.adapter == "auto" and single and len(s_shape) == 4 and len(t_shape) == 4:
+        if term.adapter == "auto" and not multi and len(s_shape) == 4 and len(t_shape) == 4:
             adapter = FeatureAdapter(s_shape, t_shape).to(device)
             adapted = (s_shape[0], t_shape[1] if adapter.conv is not None else s_shape[1], *t_shape[2:])
             try:
@@ -328,10 +344,13 @@ class Distiller(nn.Module):
             losses["ce"] = ce_weight * cross_entropy(student_logits, y)
         if self.kd_loss is not None:
             losses["kd"] = _weight_at(self.kd_weight, step, epoch) * self.kd_loss(student_logits, teacher_logits, y)
-        for term, adapter, loss in zip(self.terms, self.adapters, self.term_losses):
-            s = [adapter(f_s[name]) for name in term.student_layers]
+        for term, adapters, pair_losses in zip(self.terms, self.adapters, self.term_losses):
+            s = [f_s[name] for name in term.student_layers]
             t = [f_t[name] for name in term.teacher_layers]
-            value = loss(s[0], t[0]) if len(s) == 1 else loss(s, t)
+            if term.multi_layer:
+                value = pair_losses[0](s, t)
+            else:
+                value = sum(loss(adapter(f), g) for adapter, loss, f, g in zip(adapters, pair_losses, s, t))
             losses[term.key] = _weight_at(term.weight, step, epoch) * value
         losses["total"] = sum(losses.values()) if losses else student_logits.new_zeros(())
         return student_logits, losses

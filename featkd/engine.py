@@ -423,9 +423,10 @@ def fit(
       ``train_loader.set_epoch``; RNG states are restored per rank).
     * Each epoch appends a row to ``metrics.jsonl``/``metrics.csv``: every named
       loss averaged over the epoch (``train/<name>``), ``<model>/acc1``,
-      ``<model>/acc5`` and ``<model>/loss`` for each eval model, ``lr`` and
-      ``epoch_time_s``. ``last.pt`` is rewritten every epoch, ``best.pt`` when
-      ``best_metric`` (default: the first eval model's ``acc1``) improves.
+      ``<model>/acc5`` and ``<model>/loss`` for each eval model, ``lr``,
+      ``epoch_time_s`` (training steps) and ``eval_time_s``. ``last.pt`` is
+      rewritten every epoch, ``best.pt`` when ``best_metric`` improves (default:
+      the first eval model's ``acc1``; a metric named ``...loss`` improves downwards).
     * ``config`` (the resolved config) is saved as ``config.yaml``; ``model_info``
       maps an eval model's name to what is needed to rebuild it (model name,
       num_classes, in_channels) and is stored with its weights in each checkpoint.
@@ -484,6 +485,7 @@ def fit(
         optimizer = getattr(method, "optimizer", None)
         lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
         method.on_epoch_end(epoch)
+        train_time = time.perf_counter() - started
 
         sums = distributed.all_reduce_sum({**sums, "_seen": seen})
         seen = sums.pop("_seen")
@@ -494,13 +496,15 @@ def fit(
             scores = evaluate(model, test_loader, device=device, precision=precision, channels_last=channels_last)
             row.update({f"{name}/{key}": value for key, value in scores.items()})
         row["lr"] = lr
-        row["epoch_time_s"] = time.perf_counter() - started
+        row["epoch_time_s"] = train_time
+        row["eval_time_s"] = time.perf_counter() - started - train_time
         history.append(row)
 
         metric = best_metric or f"{next(iter(models))}/acc1"
         if metric not in row:
             raise KeyError(f"best_metric {metric!r} is not among the epoch metrics {sorted(row)}")
-        improved = best is None or row[metric] > best["value"]
+        lower_is_better = metric.endswith("loss")
+        improved = best is None or (row[metric] < best["value"] if lower_is_better else row[metric] > best["value"])
         if improved:
             best = {"metric": metric, "value": row[metric], "epoch": epoch + 1}
         rng = distributed.all_gather_object(ckpt.rng_state())

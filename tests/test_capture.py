@@ -376,16 +376,37 @@ def test_compiled_student_delivers_features_without_recompiling():
     torch._dynamo.reset()
 
 
-def test_extractor_created_after_first_compiled_call_raises():
+@pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
+def test_extractor_created_after_first_compiled_call_still_captures(how):
     import torch._dynamo
 
     torch._dynamo.reset()
-    compiled = torch.compile(SmallNet(), backend="eager")
+    m = SmallNet()
+    if how == "Module.compile":
+        m.compile(backend="eager")
+        compiled = m
+    else:
+        compiled = torch.compile(m, backend="eager")
     x = torch.randn(2, 3, 8, 8)
-    compiled(x)
-    with featkd.FeatureExtractor(compiled, ["head"]) as late:
-        with pytest.raises(RuntimeError, match=r"'head' ran 0 time.*torch.compile'd.*before the first call"):
-            late(x)
+    compiled(x)  # compiled without hooks; dynamo would keep running this code
+    with featkd.FeatureExtractor(compiled, ["head:input"]) as late:
+        _, feats = late(x)
+    torch.testing.assert_close(feats["head:input"], m.conv2(m.conv1(x).relu()).relu().mean((2, 3)))
+    torch._dynamo.reset()
+
+
+def test_compiled_function_without_hooks_is_reported():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    m = SmallNet()
+    step = torch.compile(lambda x: m(x), backend="eager")
+    x = torch.randn(2, 3, 8, 8)
+    step(x)
+    with featkd.capture(m, ["head"]) as feats:
+        step(x)
+    with pytest.raises(RuntimeError, match=r"'head' ran 0 time.*torch.compile.*create the extractor before"):
+        feats["head"]
     torch._dynamo.reset()
 
 
@@ -433,6 +454,16 @@ def test_checkpoint_reentrant_is_detected():
         m(x).sum().backward()
     assert feats.num_calls("a") == 1
     torch.testing.assert_close(feats["a"], m.a(x).detach())
+
+
+def test_submodule_called_directly_under_no_grad_is_not_mistaken_for_checkpointing():
+    m = Checkpointed(use_reentrant=None)
+    x = torch.randn(3, 4)
+    with featkd.capture(m, ["a"]) as feats:
+        m(x)  # a forward with grad on sets the check up; it must not outlive the forward
+        with torch.no_grad():
+            m.segment(x)
+    assert feats.num_calls("a") == 2 and feats["a#0"].requires_grad and not feats["a#1"].requires_grad
 
 
 # ----------------------------------------------------------------------------- lifetime

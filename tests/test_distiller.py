@@ -105,7 +105,7 @@ def test_automatic_adapters_only_where_needed_and_trained():
         featkd.Term("group2", "group3", loss="at", name="at32"),    # 14x14 teacher vs 7x7 student
     ])
     d.setup(torch.randn(2, 1, 28, 28))
-    plain, conv, resize = d.adapters
+    plain, conv, resize = (pair[0] for pair in d.adapters)
     assert isinstance(plain, nn.Identity)
     assert isinstance(conv, FeatureAdapter) and conv.conv[0].weight.shape == (128, 64, 1, 1) and conv.resize is None
     assert isinstance(resize, FeatureAdapter) and resize.conv is None and resize.resize == "interpolate"
@@ -120,6 +120,21 @@ def test_shape_mismatch_without_adapter_names_layers_and_shapes():
     d = featkd.Distiller(teacher, student, terms=[featkd.Term("group2", "group3", loss="at", adapter=None)])
     with pytest.raises(ValueError, match=r"term 'at:group3'.*\['group3'\].*\(2, 64, 7, 7\).*\['group2'\].*\(2, 64, 14, 14\)"):
         d.setup(torch.randn(2, 1, 28, 28))
+
+
+def test_term_over_several_layer_pairs_sums_them():
+    teacher, student = wrns()
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term(["group1", "group2", "group3"], loss="at", weight=1000)])
+    x = torch.randn(4, 1, 28, 28)
+    d.setup(x[:2])
+    _, losses = d(x)
+    d.remove_hooks()
+    with torch.no_grad():
+        f_s, f_t = groups(student, x), groups(teacher, x)
+    expected = 1000 * sum(ref_at(f_s[g], f_t[g]) for g in ("group1", "group2", "group3"))
+    torch.testing.assert_close(losses["at:group1+group2+group3"], expected)
+    with pytest.raises(ValueError, match="shared by all its layer pairs"):
+        featkd.Term(["group1", "group2"], loss=MSE())
 
 
 def test_fsp_term_over_two_layers():
@@ -212,3 +227,20 @@ def test_works_with_ddp_wrapped_student(tmp_path):
             torch.testing.assert_close(got[k], expected[k])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compiled_student_keeps_its_hooks():
+    # The student is compiled after the hooks are registered, so they are traced into the graph.
+    teacher, student = wrns("wrn10_1", "wrn10_1")
+    terms = [featkd.Term("group2", loss="at", weight=10), featkd.Term("group3", loss="nst", weight=5)]
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    plain = featkd.Distiller(teacher, student, terms=terms, kd="kd").setup(x[:2])
+    _, expected = plain(x, y)
+    plain.remove_hooks()
+    compiled = featkd.Distiller(teacher, student, terms=terms, kd="kd", compile={"backend": "eager"}).setup(x[:2])
+    _, got = compiled(x, y)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key])
+    got["total"].backward()
+    assert student.fc.weight.grad.abs().sum() > 0

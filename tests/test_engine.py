@@ -35,7 +35,7 @@ def supervised(seed=0, num_classes=4, epochs=3, lr=0.05):
 
 
 def strip_times(history):
-    return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in history]
+    return [{k: v for k, v in row.items() if k not in ("epoch_time_s", "eval_time_s")} for row in history]
 
 
 def test_fit_trains_and_writes_run_files(tmp_path):
@@ -44,7 +44,7 @@ def test_fit_trains_and_writes_run_files(tmp_path):
     history = fit(method, train, test, tmp_path / "run", epochs=3, config={"seed": 0, "note": "x"}, log=lambda s: None)
     assert len(history) == 3
     row = history[-1]
-    assert set(row) == {"epoch", "step", "train/ce", "model/acc1", "model/acc5", "model/loss", "lr", "epoch_time_s"}
+    assert set(row) == {"epoch", "step", "train/ce", "model/acc1", "model/acc5", "model/loss", "lr", "epoch_time_s", "eval_time_s"}
     assert row["epoch"] == 3 and row["step"] == 3 * len(train)
     assert [r["lr"] for r in history] == pytest.approx([0.05, 0.05, 0.005])
     assert history[0]["train/ce"] > history[-1]["train/ce"]
@@ -213,3 +213,14 @@ def test_seed_everything_repeats_initialisation():
     seed_everything(5)
     b = tiny_model().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_checkpoint_follows_the_chosen_metric(tmp_path):
+    train, test = loaders()
+    history = fit(supervised(epochs=4, lr=0.2), train, test, tmp_path, epochs=4, best_metric="model/loss",
+                  log=lambda s: None)
+    best = min(history, key=lambda r: r["model/loss"])
+    state = ckpt.load_checkpoint(tmp_path / "best.pt")
+    assert state["epoch"] == best["epoch"] and state["best"]["value"] == best["model/loss"]
+    with pytest.raises(KeyError, match="best_metric 'model/acc9'"):
+        fit(supervised(), train, test, tmp_path / "other", epochs=1, best_metric="model/acc9", log=lambda s: None)

@@ -89,17 +89,21 @@ def test_unknown_kernel_lists_close_matches():
 
 
 def test_a_new_kernel_is_one_registered_function():
-    @KF.register_kernel("laplacian_test")
-    def laplacian(sq_dist, *, sigma2):
-        return torch.exp(-sq_dist.sqrt() / sigma2)
+    @KF.register_kernel("imq_test")
+    def inverse_multiquadric(sq_dist, *, sigma2, beta=0.5):
+        return (1 + sq_dist / sigma2).pow(-beta)
 
     try:
         f_s, f_t = feats(2, 3, 6), feats(2, 2, 6)
-        ref = lambda x, y: float(np.exp(-np.sqrt(np.sum((x - y) ** 2)) / 0.8))  # noqa: E731
-        got = KF.nst_loss(f_s, f_t, "laplacian_test", sigma2=0.8)
+        ref = lambda x, y: float((1 + np.sum((x - y) ** 2) / 0.8) ** -0.25)  # noqa: E731
+        got = KF.nst_loss(f_s, f_t, "imq_test", sigma2=0.8, beta=0.25)
         assert got.item() == pytest.approx(nst_reference(f_s.numpy(), f_t.numpy(), ref), rel=1e-10)
+        # sigma2=None: the median heuristic applies to any kernel with a sigma2 parameter
+        assert torch.isfinite(KF.nst_loss(f_s, f_t, "imq_test"))
+        with pytest.raises(ValueError, match="unknown \\['gamma'\\]"):
+            KF.nst_loss(f_s, f_t, "imq_test", gamma=1.0)
     finally:
-        del nst_module.KERNELS["laplacian_test"]
+        del nst_module.KERNELS["imq_test"]
 
 
 @pytest.mark.parametrize(
@@ -193,3 +197,16 @@ def test_property_matches_reference_non_negative_zero_on_self(b, cs, ct, h, w, k
     assert got == pytest.approx(nst_reference(f_s.flatten(2).numpy(), f_t.flatten(2).numpy(), ref), rel=1e-9, abs=1e-12)
     assert got >= -1e-12
     assert abs(KF.nst_loss(f_s, f_s.clone(), name, **options).item()) < 1e-12
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["linear", "poly", "gaussian"])
+def test_cuda_matches_cpu_and_fp16_autocast_stays_float32(kernel):
+    f_s, f_t = torch.randn(4, 32, 6, 6), torch.randn(4, 48, 6, 6)
+    want = KF.nst_loss(f_s, f_t, kernel, sigma2=0.5 if kernel == "gaussian" else None)
+    s, t = f_s.cuda(), f_t.cuda()
+    options = {"sigma2": 0.5} if kernel == "gaussian" else {}
+    assert KF.nst_loss(s, t, kernel, **options).item() == pytest.approx(want.item(), rel=1e-4)
+    with torch.autocast("cuda", dtype=torch.float16):
+        got = KF.nst_loss(s, t, kernel, **options)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-4)

@@ -69,3 +69,11 @@ def test_subprocess(subprocess_env, python_exe):
     )
     assert result.returncode == 0, result.stderr
     assert "wrn16_1:" in result.stdout and "conv1" in result.stdout
+
+
+def test_timm_model(capsys):
+    pytest.importorskip("timm")
+    assert main(["layers", "timm:resnet10t", "--input-size", "3x32x32", "--depth", "1"]) == 0
+    table = rows(capsys.readouterr().out)
+    assert table["layer4"][2:6] == ["1x512x1x1", "NCHW", "512", "32"]
+    assert table["global_pool"][2:4] == ["1x512", "NC"]

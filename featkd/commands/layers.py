@@ -64,7 +64,7 @@ def format_table(infos) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from featkd.capture import _glob_regex, list_layers
+    from featkd.capture import glob_regex, list_layers
     from featkd.models import create_model
 
     try:
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
               f"{tuple(example.shape)}: {err}\nTry another --input-size.", file=sys.stderr)
         return 2
     if args.filter:
-        pattern = _glob_regex(args.filter)
+        pattern = glob_regex(args.filter)
         infos = [i for i in infos if pattern.match(i.name)]
     if args.depth is not None:
         infos = [i for i in infos if i.name.count(".") < args.depth]

@@ -22,14 +22,15 @@ RESIZE_MODES = (None, "pool", "interpolate")
 
 def unknown_name_error(kind: str, name, known: Sequence[str]) -> ValueError:
     """A ValueError for an unknown ``name`` that lists the close matches and every known name."""
-    close = difflib.get_close_matches(str(name), list(known), n=3)
+    close = difflib.get_close_matches(str(name), [str(k) for k in known if k is not None], n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return ValueError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(repr(k) for k in known)}.")
 
 
 def check_choice(kind: str, value, choices: Sequence) -> None:
+    """Raise :func:`unknown_name_error` unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise unknown_name_error(kind, value, [c for c in choices if c is not None] + ([None] if None in choices else []))
+        raise unknown_name_error(kind, value, choices)
 
 
 def _layout_dims(shape: Sequence[int], layout: str, role: str) -> tuple[int, int, tuple[int, ...]]:

@@ -53,9 +53,7 @@ def gram_loss(
         diff = torch.baddbmm(target, x, x.transpose(1, 2), beta=-1.0, alpha=1.0 / x.shape[2])
         return diff.square().sum((1, 2)).mean()
     x, y = resize_pair(f_s, f_t.detach(), resize, layout)
-    if normalize:
-        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-    return spatial_gram_distance(x, y, route).mean()
+    return spatial_gram_distance(x, y, route, normalize=normalize).mean()
 
 
 def fsp_matrix(f_a: Tensor, f_b: Tensor, *, resize: str | None = None, layout: str = "channels_first") -> Tensor:

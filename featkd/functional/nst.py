@@ -31,7 +31,6 @@ import inspect
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._shapes import check_choice, full_precision, resize_pair, unknown_name_error
@@ -84,11 +83,10 @@ def kernel_signature(fn) -> tuple[frozenset, frozenset]:
 def median_bandwidth(sq_dist: Tensor) -> Tensor:
     """Median heuristic: sigma2 = median of the student–teacher squared distances over the batch.
 
-    (``torch.median``: the lower of the two middle values for an even count.)
-
     One bandwidth per call, computed without grad from the cross block (the scale at which the two
-    samples are compared; unlike the self blocks it has no zero diagonal). Falls back to 1 when the
-    median is 0 (student equal to teacher), where any bandwidth gives MMD 0.
+    samples are compared; unlike the self blocks it has no zero diagonal). ``torch.median`` takes
+    the lower of the two middle values for an even count. Falls back to 1 when the median is 0
+    (student equal to teacher), where any bandwidth gives MMD 0.
     """
     with torch.no_grad():
         med = sq_dist.detach().flatten().median()
@@ -125,11 +123,11 @@ def nst_loss(
     if kernel not in KERNELS:
         raise unknown_name_error("NST kernel", kernel, sorted(KERNELS))
     check_choice("NST route", route, ROUTES)
-    x, y = _normalized_channels(f_s, f_t, resize, layout)
+    x, y = resize_pair(f_s, f_t.detach(), resize, layout)
     if kernel == "linear":
         return _linear_mmd(x, y).mean()
     if kernel == "poly" and degree == 2 and c == 0:
-        return spatial_gram_distance(x, y, route).mean()
+        return spatial_gram_distance(x, y, route, normalize=True).mean()
     fn = KERNELS[kernel]
     inputs, accepted = kernel_signature(fn)
     given = {"degree": degree, "c": c, "sigma2": sigma2, **kernel_options}
@@ -140,39 +138,72 @@ def nst_loss(
     return _gram_mmd(fn, inputs, params, x, y).mean()
 
 
-def _normalized_channels(f_s, f_t, resize, layout):
-    x, y = resize_pair(f_s, f_t.detach(), resize, layout)
-    # F.normalize divides by max(norm, eps): a dead (all-zero) channel stays the zero vector.
-    return F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+# The channels are never normalised as (B, C, N) tensors where a Gram matrix is formed anyway:
+# the Gram of the unit rows is the raw Gram scaled by 1/|f_i| 1/|f_j|, with the squared norms read
+# off its diagonal. That is O(C²) instead of O(C·N) elementwise work (and its backward), which is
+# what dominates when C is small next to N.
+
+_DEAD = 1e-24  # squared norm under which a channel is all-zero (F.normalize's eps, squared)
+
+
+def inverse_norms(sq_norms: Tensor) -> Tensor:
+    """1/|f_c| from squared norms; 0 for dead channels, so they act as zero vectors (no 0·inf in grads)."""
+    live = sq_norms > _DEAD
+    return torch.where(live, torch.where(live, sq_norms, 1.0).rsqrt(), 0.0)
+
+
+def _unit_rows(f: Tensor) -> Tensor:
+    return f * inverse_norms(f.square().sum(-1)).unsqueeze(-1)
+
+
+def _unit_gram(gram: Tensor, inv_a: Tensor, inv_b: Tensor) -> Tensor:
+    return gram * (inv_a.unsqueeze(2) * inv_b.unsqueeze(1))
 
 
 def _linear_mmd(x: Tensor, y: Tensor) -> Tensor:
+    """Squared distance of the means of the unit rows, as one (B, 1, C) @ (B, C, N) product each."""
+
+    def unit_mean(f):
+        weights = inverse_norms(f.square().sum(-1)) / f.shape[1]
+        return torch.bmm(weights.unsqueeze(1), f).squeeze(1)
+
     with torch.no_grad():
-        y_mean = y.mean(1)
-    return (x.mean(1) - y_mean).square().sum(-1)
+        y_mean = unit_mean(y)
+    return (unit_mean(x) - y_mean).square().sum(-1)
 
 
-def spatial_gram_distance(x: Tensor, y: Tensor, route: str = "auto") -> Tensor:
-    """Per-sample ``||x^T x / Cs - y^T y / Ct||_F^2`` for x (B, Cs, N), y (B, Ct, N); y is a fixed target.
+def spatial_gram_distance(x: Tensor, y: Tensor, route: str = "auto", *, normalize: bool = True) -> Tensor:
+    """Per-sample ``||X^T X / Cs - Y^T Y / Ct||_F^2`` for x (B, Cs, N), y (B, Ct, N); y is a fixed target.
 
-    Equals the poly (degree 2, c=0) MMD of the rows of x and y. "spatial" forms the N×N difference
-    (one fused ``baddbmm``, non-negative by construction); "channels" uses the C×C Gram blocks;
-    "auto" picks the route with fewer multiply-adds.
+    X, Y are x, y with l2-normalised rows when ``normalize`` (then this is the poly degree 2, c=0
+    MMD), else x, y themselves. "spatial" forms the N×N difference (one fused ``baddbmm``,
+    non-negative by construction); "channels" uses the C×C Gram blocks (a + b - 2c: loses digits
+    when x is close to y); "auto" picks the route with fewer multiply-adds.
     """
     b, cs, n = x.shape
     ct = y.shape[1]
     if route == "auto":
         route = "spatial" if n * (cs + ct) <= cs * cs + cs * ct + ct * ct else "channels"
     if route == "spatial":
+        if normalize:
+            x = _unit_rows(x)
         with torch.no_grad():
+            y = _unit_rows(y) if normalize else y
             target = torch.bmm(y.transpose(1, 2), y).div_(ct)
         diff = torch.baddbmm(target, x.transpose(1, 2), x, beta=-1.0, alpha=1.0 / cs)
         return _sq_frobenius(diff)
+    g_ss = torch.bmm(x, x.transpose(1, 2))
+    g_st = torch.bmm(x, y.transpose(1, 2))
     with torch.no_grad():
-        tt = _sq_frobenius(torch.bmm(y, y.transpose(1, 2))) / (ct * ct)
-    ss = _sq_frobenius(torch.bmm(x, x.transpose(1, 2))) / (cs * cs)
-    st = _sq_frobenius(torch.bmm(x, y.transpose(1, 2))) / (cs * ct)
-    return ss + tt - 2.0 * st
+        g_tt = torch.bmm(y, y.transpose(1, 2))
+        if normalize:
+            inv_t = inverse_norms(g_tt.diagonal(dim1=1, dim2=2))
+            g_tt = _unit_gram(g_tt, inv_t, inv_t)
+        tt = _sq_frobenius(g_tt) / (ct * ct)
+    if normalize:
+        inv_s = inverse_norms(g_ss.diagonal(dim1=1, dim2=2))
+        g_ss, g_st = _unit_gram(g_ss, inv_s, inv_s), _unit_gram(g_st, inv_s, inv_t)
+    return _sq_frobenius(g_ss) / (cs * cs) + tt - 2.0 * _sq_frobenius(g_st) / (cs * ct)
 
 
 def _sq_frobenius(m: Tensor) -> Tensor:
@@ -182,25 +213,40 @@ def _sq_frobenius(m: Tensor) -> Tensor:
 
 
 def _gram_mmd(fn, inputs, params, x: Tensor, y: Tensor) -> Tensor:
-    nx = x.square().sum(-1)  # true squared norms: 1 for live channels, 0 for dead ones
+    # Every elementwise pass over a (B, C, C) block costs as much as the block's bmm here, so the
+    # rows are normalised once (O(C·N)) and squared distances come out of one fused baddbmm.
+    inv_s = inverse_norms(x.square().sum(-1))
+    x = x * inv_s.unsqueeze(-1)
     with torch.no_grad():
-        ny = y.square().sum(-1)
+        inv_t = inverse_norms(y.square().sum(-1))
+        y = y * inv_t.unsqueeze(-1)
+    # True squared norms of the unit rows: 1 for live channels, 0 for dead ones.
+    n_s, n_t = (inv_s > 0).to(x.dtype), (inv_t > 0).to(y.dtype)
     needs_median = "sigma2" in params and params["sigma2"] is None
-    cross = _kernel_args(inputs | {"sq_dist"} if needs_median else inputs, torch.bmm(x, y.transpose(1, 2)), nx, ny)
+    cross = _kernel_args(inputs | {"sq_dist"} if needs_median else inputs, x, y, n_s, n_t)
     if needs_median:
         params = {**params, "sigma2": median_bandwidth(cross["sq_dist"])}
         cross = {k: v for k, v in cross.items() if k in inputs}
     st = fn(**cross, **params).mean((1, 2))
-    ss = fn(**_kernel_args(inputs, torch.bmm(x, x.transpose(1, 2)), nx, nx), **params).mean((1, 2))
+    del cross
+    ss = fn(**_kernel_args(inputs, x, x, n_s, n_s), **params).mean((1, 2))
     with torch.no_grad():
-        tt = fn(**_kernel_args(inputs, torch.bmm(y, y.transpose(1, 2)), ny, ny), **params).mean((1, 2))
+        tt = fn(**_kernel_args(inputs, y, y, n_t, n_t), **params).mean((1, 2))
     return ss + tt - 2.0 * st
 
 
-def _kernel_args(inputs, dot: Tensor, n_a: Tensor, n_b: Tensor) -> dict[str, Tensor]:
+def _kernel_args(inputs, a: Tensor, b: Tensor, n_a: Tensor, n_b: Tensor) -> dict[str, Tensor]:
+    """The Gram entries ``dot`` and/or squared distances ``sq_dist`` of unit rows a (B, P, N), b (B, Q, N)."""
     args = {}
     if "dot" in inputs:
-        args["dot"] = dot
+        args["dot"] = torch.bmm(a, b.transpose(1, 2))
     if "sq_dist" in inputs:
-        args["sq_dist"] = (n_a.unsqueeze(2) + n_b.unsqueeze(1) - 2.0 * dot).clamp_min(0.0)
+        with torch.no_grad():
+            norms = n_a.unsqueeze(2) + n_b.unsqueeze(1)
+        if "dot" in args:
+            sq = torch.add(norms, args["dot"], alpha=-2.0)
+        else:
+            sq = torch.baddbmm(norms, a, b.transpose(1, 2), alpha=-2.0)
+        # |a|^2 + |b|^2 - 2 a.b, clamped: rounding makes it slightly negative for a == b.
+        args["sq_dist"] = sq.clamp_min(0.0)
     return args

@@ -1,0 +1,65 @@
+"""``featkd eval``: evaluate a checkpoint on a dataset split.
+
+    featkd eval --checkpoint runs/kd_at_nst/best.pt
+    featkd eval --run-dir runs/kd_at_nst --which last --split train data.limit=5000
+    featkd eval --checkpoint runs/teacher/best.pt --config other_data.yaml --output scores.json
+
+The data settings default to those the run was trained with (its saved
+config); ``--config`` and ``key=value`` overrides change them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from featkd import checkpoint as ckpt
+from featkd.commands.train import reports_user_errors
+from featkd.config import ConfigError, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="FILE", help="a checkpoint written by featkd train/distill")
+    source.add_argument("--run-dir", metavar="DIR", help="a run directory: evaluates its best.pt (see --which)")
+    parser.add_argument("--which", choices=("best", "last"), default="best", help="with --run-dir: which checkpoint")
+    parser.add_argument("--model", metavar="NAME", help="evaluate only this model of the checkpoint (default: all)")
+    parser.add_argument("--split", choices=("test", "train"), default="test")
+    parser.add_argument("--config", metavar="FILE", help="YAML whose data section replaces the run's")
+    parser.add_argument("--output", metavar="FILE", help="also write the scores as JSON here (must not exist)")
+    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.test_limit=1000")
+
+
+@reports_user_errors
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from featkd.commands.distill import model_from_checkpoint
+    from featkd.data import DeviceLoader, load_dataset
+    from featkd.engine import Precision, evaluate, resolve_device
+
+    if args.resume:
+        raise ConfigError("featkd eval has nothing to resume; drop --resume")
+    path = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / f"{args.which}.pt"
+    state = ckpt.load_checkpoint(path)
+    if args.output and Path(args.output).exists():
+        raise ConfigError(f"--output {args.output} already exists; choose another file")
+    cfg = load_config(args.config, args.overrides, base=state.get("config") or {})
+    device = resolve_device(cfg.device)
+    limit = cfg.data.test_limit if args.split == "test" else cfg.data.limit
+    data = load_dataset(cfg.data.name, cfg.data.root, args.split, limit=limit, **cfg.data.options)
+    loader = DeviceLoader(data, cfg.data.eval_batch_size, shuffle=False, augment=False, drop_last=False, device=device)
+    names = [args.model] if args.model else sorted(state["models"])
+    results = {"checkpoint": str(path), "epoch": state["epoch"], "split": args.split, "dataset": data.info.name,
+               "examples": len(data)}
+    for name in names:
+        model, _ = model_from_checkpoint(state, device, name, source=str(path))
+        with torch.no_grad():
+            scores = evaluate(model, loader, device=device, precision=Precision(cfg.amp, device))
+        results[name] = scores
+        print(f"{name}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    if args.output:
+        ckpt.atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
+    return 0

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import featkd.functional as KF
+
+
+def at_map_reference(f, p):
+    """NumPy: channel mean of |f|^p per position, flattened, l2-normalised per sample."""
+    b = f.shape[0]
+    out = []
+    for i in range(b):
+        a = np.mean(np.abs(f[i]) ** p, axis=0).ravel()
+        out.append(a / np.linalg.norm(a))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+@pytest.mark.parametrize("cs,ct", [(4, 4), (3, 7)])
+def test_official_mode_matches_reference(p, cs, ct):
+    f_s, f_t = torch.randn(3, cs, 5, 4, dtype=torch.float64), torch.randn(3, ct, 5, 4, dtype=torch.float64)
+    q_s, q_t = at_map_reference(f_s.numpy(), p), at_map_reference(f_t.numpy(), p)
+    want = np.mean((q_s - q_t) ** 2)
+    assert KF.at_loss(f_s, f_t, p).item() == pytest.approx(want, rel=1e-12)
+    assert torch.allclose(KF.attention_map(f_s, p), torch.from_numpy(q_s))
+
+
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_paper_mode_is_batch_mean_of_p_norm(p):
+    f_s, f_t = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    q_s, q_t = at_map_reference(f_s.numpy(), p), at_map_reference(f_t.numpy(), p)
+    want = np.mean([np.sum(np.abs(q_s[i] - q_t[i]) ** p) ** (1 / p) for i in range(3)])
+    assert KF.at_loss(f_s, f_t, p, mode="paper").item() == pytest.approx(want, rel=1e-12)
+
+
+def test_official_code_expression_for_p2():
+    # The authors' code: F.normalize(x.pow(2).mean(1).view(B, -1)); (at(s) - at(t)).pow(2).mean()
+    f_s, f_t = torch.randn(4, 8, 6, 6), torch.randn(4, 16, 6, 6)
+    at = lambda x: torch.nn.functional.normalize(x.pow(2).mean(1).view(x.size(0), -1))  # noqa: E731
+    assert KF.at_loss(f_s, f_t).item() == pytest.approx((at(f_s) - at(f_t)).pow(2).mean().item(), rel=1e-5)
+
+
+def test_tokens_layout_and_resize():
+    f_s, f_t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(f_s, 4)
+    assert KF.at_loss(f_s, f_t, resize="pool").item() == pytest.approx(KF.at_loss(pooled, f_t).item(), rel=1e-12)
+    tok = lambda f: f.flatten(2).transpose(1, 2)  # noqa: E731
+    assert KF.at_loss(tok(pooled), tok(f_t), layout="tokens").item() == pytest.approx(
+        KF.at_loss(pooled, f_t).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="spatial sizes differ"):
+        KF.at_loss(f_s, f_t)
+    with pytest.raises(ValueError, match="unknown AT mode 'papr'.*'paper'"):
+        KF.at_loss(pooled, f_t, mode="papr")
+
+
+@pytest.mark.parametrize("mode", ["official", "paper"])
+def test_gradcheck(mode):
+    f_s = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    f_t = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda s: KF.at_loss(s, f_t, 2, mode=mode), (f_s,))
+
+
+def test_bf16_autocast_computes_in_float32():
+    f_s, f_t = torch.randn(2, 8, 4, 4), torch.randn(2, 6, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = KF.at_loss(f_s.bfloat16(), f_t.bfloat16())
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(KF.at_loss(f_s.bfloat16().float(), f_t.bfloat16().float()).item(), rel=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), cs=st.integers(1, 5), ct=st.integers(1, 5), h=st.integers(1, 5), w=st.integers(1, 5),
+       p=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16))
+def test_property_non_negative_zero_on_self_and_reference(b, cs, ct, h, w, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    f_s = torch.randn(b, cs, h, w, generator=g, dtype=torch.float64)
+    f_t = torch.randn(b, ct, h, w, generator=g, dtype=torch.float64)
+    q_s, q_t = at_map_reference(f_s.numpy(), p), at_map_reference(f_t.numpy(), p)
+    got = KF.at_loss(f_s, f_t, p).item()
+    assert got == pytest.approx(np.mean((q_s - q_t) ** 2), rel=1e-10, abs=1e-15)
+    assert got >= 0
+    assert KF.at_loss(f_s, f_s.clone(), p).item() == 0.0

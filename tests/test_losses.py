@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+import featkd.functional as KF
+from featkd.losses import (
+    FEATURE_LOSSES,
+    LOGIT_LOSSES,
+    HintLoss,
+    build_feature_loss,
+    build_logit_loss,
+)
+
+S, T = (2, 4, 8, 8), (2, 6, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "name,options,functional",
+    [
+        ("nst", {}, lambda s, t: KF.nst_loss(s, t)),
+        ("nst", {"kernel": "gaussian", "sigma2": [0.5, 2.0]}, lambda s, t: KF.nst_loss(s, t, "gaussian", sigma2=[0.5, 2.0])),
+        ("nst", {"kernel": "linear"}, lambda s, t: KF.nst_loss(s, t, "linear")),
+        ("at", {"p": 1, "mode": "paper"}, lambda s, t: KF.at_loss(s, t, 1, mode="paper")),
+        ("gram", {"normalize": True}, lambda s, t: KF.gram_loss(s, t, normalize=True)),
+    ],
+)
+def test_feature_modules_compute_their_functional(name, options, functional):
+    f_s, f_t = torch.randn(S), torch.randn(T)
+    module = build_feature_loss(name, S, T, **options)
+    assert module(f_s, f_t).item() == pytest.approx(functional(f_s, f_t).item(), rel=1e-6)
+
+
+def test_fsp_module_takes_pairs():
+    s = (torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4))
+    t = (torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4))
+    module = build_feature_loss("fsp", [x.shape for x in s], [x.shape for x in t], resize="pool")
+    assert module(s, t).item() == pytest.approx(KF.fsp_loss(s, t, resize="pool").item(), rel=1e-6)
+    with pytest.raises(ValueError, match="spatial sizes differ"):
+        build_feature_loss("fsp", [x.shape for x in s], [x.shape for x in t])
+    with pytest.raises(ValueError, match=r"channels \[4, 6\].*channels \[4, 7\]"):
+        build_feature_loss("fsp", [(2, 4, 8, 8), (2, 6, 8, 8)], [(2, 4, 8, 8), (2, 7, 8, 8)])
+    with pytest.raises(ValueError, match="pair of layer shapes"):
+        build_feature_loss("fsp", S, T)
+
+
+def test_shape_errors_at_build_time_name_the_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 4, 8, 8\) vs teacher \(2, 6, 4, 4\).*resize"):
+        build_feature_loss("nst", S, (2, 6, 4, 4))
+    with pytest.raises(ValueError, match=r"equal channel counts.*\(2, 4, 8, 8\).*\(2, 6, 8, 8\)"):
+        build_feature_loss("gram", S, T, mode="channel")
+    with pytest.raises(ValueError, match="smaller than teacher"):
+        build_feature_loss("hint", (2, 4, 4, 4), (2, 6, 8, 8), resize="pool")
+    assert build_feature_loss("at", S, (2, 6, 4, 4), resize="pool") is not None
+    assert build_feature_loss("gram", S, (2, 4, 4, 4), mode="channel") is not None
+
+
+def test_unknown_names_and_options_suggest_close_matches():
+    with pytest.raises(ValueError, match="unknown feature loss 'nts'. Did you mean 'nst'"):
+        build_feature_loss("nts", S, T)
+    with pytest.raises(ValueError, match="unknown logit loss 'kd_c'. Did you mean 'kd_ce'"):
+        build_logit_loss("kd_c")
+    with pytest.raises(ValueError, match="option 'resise'. Did you mean 'resize'"):
+        build_feature_loss("at", S, T, resise="pool")
+    with pytest.raises(ValueError, match="option 'sigma'. Did you mean 'sigma2'"):
+        build_feature_loss("nst", S, T, kernel="gaussian", sigma=1.0)
+    with pytest.raises(ValueError, match="unknown NST kernel 'poli'. Did you mean 'poly'"):
+        build_feature_loss("nst", S, T, kernel="poli")
+    with pytest.raises(ValueError, match="option 'alpa'. Did you mean 'alpha'"):
+        build_logit_loss("kd_ce", alpa=0.9)
+
+
+def test_registries_hold_the_documented_names():
+    assert sorted(FEATURE_LOSSES) == ["at", "fsp", "gram", "hint", "nst"]
+    assert sorted(LOGIT_LOSSES) == ["kd", "kd_ce", "logit_mse", "soft_ce_mse", "sym_kl"]
+
+
+@pytest.mark.parametrize(
+    "name,options,functional",
+    [
+        ("kd", {"T": 2.0}, lambda s, t, y: KF.kd_loss(s, t, 2.0)),
+        ("kd_ce", {"alpha": 0.5, "beta": 1.0}, lambda s, t, y: KF.kd_ce_loss(s, t, y, 4.0, 0.5, 1.0)),
+        ("logit_mse", {}, lambda s, t, y: KF.logit_mse_loss(s, t)),
+        ("soft_ce_mse", {"lam": 0.3}, lambda s, t, y: KF.soft_ce_mse_loss(s, t, 4.0, 0.3)),
+        ("sym_kl", {}, lambda s, t, y: KF.sym_kl_loss(s, t)),
+        ("sym_kl", {"one_sided": True, "T": 3.0}, lambda s, t, y: KF.dml_kl_loss(s, t, 3.0)),
+    ],
+)
+def test_logit_modules_compute_their_functional(name, options, functional):
+    s, t, y = torch.randn(6, 10), torch.randn(6, 10), torch.tensor([1, -1, 3, 9, -1, 0])
+    module = build_logit_loss(name, **options)
+    assert module(s, t, y).item() == pytest.approx(functional(s, t, y).item(), rel=1e-6)
+
+
+def test_kd_ce_without_targets_is_a_clear_error():
+    with pytest.raises(ValueError, match="kd_ce needs targets"):
+        build_logit_loss("kd_ce")(torch.randn(2, 3), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize(
+    "s_shape,t_shape,options,expect_params",
+    [
+        ((2, 4, 8, 8), (2, 4, 8, 8), {}, False),
+        ((2, 4, 8, 8), (2, 6, 8, 8), {"kernel_size": 3, "batch_norm": True}, True),
+        ((2, 4, 8, 8), (2, 6, 4, 4), {"resize": "pool"}, True),
+        ((2, 4, 4, 4), (2, 6, 8, 8), {"resize": "interpolate"}, True),
+        ((2, 9, 4), (2, 9, 6), {"layout": "tokens", "batch_norm": True}, True),
+        ((2, 4, 9), (2, 6, 9), {}, True),
+    ],
+)
+def test_hint_regressor_maps_to_the_teacher_and_learns(s_shape, t_shape, options, expect_params):
+    torch.manual_seed(0)
+    module = build_feature_loss("hint", s_shape, t_shape, **options)
+    assert (module.regressor is not None) == expect_params
+    f_s, f_t = torch.randn(s_shape), torch.randn(t_shape)
+    if not expect_params:
+        assert module(f_s, f_t).item() == pytest.approx(KF.hint_loss(f_s, f_t).item())
+        return
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    first = module(f_s, f_t).item()
+    for _ in range(20):
+        opt.zero_grad()
+        loss = module(f_s, f_t)
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+
+
+def test_hint_module_positional_signature():
+    module = HintLoss((2, 3, 5, 5), (2, 8, 5, 5), 3)
+    assert module.regressor[0].kernel_size == (3, 3)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        HintLoss((2, 3, 5, 5), (2, 8, 5, 5), 2)
