@@ -120,3 +120,43 @@ def test_expand_grid_and_names():
     assert sweep.member_name({"kd.T": "a/b c"}) == "T=a_b_c"
     with pytest.raises(ValueError, match="non-empty list"):
         sweep.expand_grid({"seed": []})
+
+
+def test_sweep_cli_member_equals_featkd_distill(tmp_path, capsys):
+    """`featkd sweep` member with the base seed == `featkd distill` with the same config, number for number."""
+    import json
+
+    import yaml
+
+    from featkd.cli import main
+
+    data = {"name": "synthetic", "limit": 48, "test_limit": 32, "batch_size": 16, "eval_batch_size": 32,
+            "options": {"num_classes": 4, "image_size": 28}}
+    teacher_cfg = tmp_path / "teacher.yaml"
+    teacher_cfg.write_text(yaml.safe_dump({"seed": 0, "epochs": 1, "model": {"name": "wrn10_1"}, "data": data,
+                                           "schedule": {"name": "constant"}}))
+    assert main(["train", "--config", str(teacher_cfg), "--run-dir", str(tmp_path / "teacher")]) == 0
+    distill = {"seed": 0, "epochs": 2, "teacher": {"checkpoint": str(tmp_path / "teacher" / "last.pt")},
+               "student": {"name": "wrn10_1", "options": {"dropout": 0.1}}, "data": data,
+               "terms": [{"teacher": "group3", "loss": "nst", "weight": 50, "options": {"kernel": "poly"}}],
+               "kd": {"loss": "kd", "weight": 0.9, "options": {"T": 4}}, "ce_weight": 0.1,
+               "schedule": {"name": "multistep", "milestones": [1]}}
+    distill_cfg = tmp_path / "distill.yaml"
+    distill_cfg.write_text(yaml.safe_dump(distill))
+    assert main(["distill", "--config", str(distill_cfg), "--run-dir", str(tmp_path / "single"),
+                 "terms.0.options.kernel=gaussian"]) == 0
+    assert main(["sweep", "--config", str(distill_cfg), "--run-dir", str(tmp_path / "sweep"),
+                 "--grid", "terms.0.options.kernel=linear,gaussian", "--grid", "seed=0,1"]) == 0
+    out = capsys.readouterr().out
+    assert "| kernel=gaussian,seed=1 |" in out
+    members = sorted(p.name for p in (tmp_path / "sweep" / "members").iterdir())
+    assert members == ["kernel=gaussian,seed=0", "kernel=gaussian,seed=1", "kernel=linear,seed=0", "kernel=linear,seed=1"]
+    single = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    member = load_run(tmp_path / "sweep" / "members" / "kernel=gaussian,seed=0")
+    assert member.config["terms"][0]["options"]["kernel"] == "gaussian"
+    for ours, theirs in zip(member.metrics, single):
+        for key in ("train/ce", "train/kd", "train/nst:group3", "train/total", "student/acc1", "student/loss"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-7), key
+    # data, epochs and teacher are shared by construction: a grid over them is refused
+    assert main(["sweep", "--config", str(distill_cfg), "--run-dir", str(tmp_path / "bad"), "--grid", "epochs=1,2"]) == 2
+    assert "the grid changes 'epochs'" in capsys.readouterr().err
