@@ -49,7 +49,7 @@ def demo_budget(args):
     from featkd import repro
 
     if args.tiny:
-        base = repro.Budget("tiny", 1, 1, (0,), batch_size=32, train_limit=128, test_limit=64)
+        base = repro.Budget("tiny", 1, 1, (0,), batch_size=32, train_limit=64, test_limit=32)
     else:
         base = dataclasses.replace(repro.CPU_BUDGET, name="demo", pairs=None)
     changes = {k: v for k, v in (("train_limit", args.train_limit), ("epochs", args.epochs)) if v is not None}
