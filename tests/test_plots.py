@@ -110,3 +110,30 @@ def test_attention_maps_match_functional(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
     with pytest.raises(ValueError, match="pair them one to one"):
         plots.attention_grid(x[:, 0].numpy(), t_maps, {"0": s_maps["0"]})
+
+
+def test_plot_cli_ablation_sweep_curves(runs, tmp_path, capsys):
+    from featkd.cli import main
+
+    run_dirs = [str(r.path) for r in runs]
+    assert main(["plot", "ablation", *run_dirs, "--by", "method", "--out", str(tmp_path / "f" / "abl")]) == 0
+    assert main(["plot", "sweep", *run_dirs, "--x", "kd.T", "--series", "method", "--out", str(tmp_path / "f" / "t")]) == 0
+    assert main(["plot", "curves", *run_dirs[:2], "--out", str(tmp_path / "f" / "c")]) == 0
+    written = sorted(p.name for p in (tmp_path / "f").iterdir())
+    assert written == ["abl.pdf", "abl.png", "c.pdf", "c.png", "t.pdf", "t.png"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_plot_cli_attention_from_checkpoints(tmp_path):
+    from featkd import checkpoint as ckpt
+    from featkd.cli import main
+    from featkd.models import create_model
+
+    for role, name in (("teacher", "wrn10_2"), ("student", "wrn10_1")):
+        model = create_model(name, num_classes=10, in_channels=1)
+        ckpt.save_checkpoint(tmp_path / f"{role}.pt", {"models": {role: {"name": name, "num_classes": 10,
+                                                                          "in_channels": 1,
+                                                                          "state_dict": model.state_dict()}}})
+    assert main(["plot", "attention", "--teacher", str(tmp_path / "teacher.pt"), "--student", str(tmp_path / "student.pt"),
+                 "--data", "synthetic", "--count", "2", "--out", str(tmp_path / "att")]) == 0
+    assert (tmp_path / "att.png").stat().st_size > 1000
