@@ -394,6 +394,11 @@ def _fit_or_resume(method, train_loader, test_loader, run_dir: Path, epochs: int
     return fit(method, train_loader, test_loader, run_dir, epochs, log=log, **options)
 
 
+def model_record(name: str, info) -> dict:
+    """What a checkpoint stores beside a model's weights so that ``featkd distill``/``plot`` can rebuild it."""
+    return {"name": name, "options": {}, "num_classes": info.num_classes, "in_channels": info.in_channels}
+
+
 def _check_cached_config(run_dir: Path, config: Mapping) -> None:
     """A cached run is reused only if it was made with the same settings; otherwise say so (never overwrite)."""
     import yaml
@@ -421,8 +426,7 @@ def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epo
               "train_examples": len(train_loader.dataset), "batch_size": train_loader.batch_size}
     _check_cached_config(run_dir, config)
     history = _fit_or_resume(method, train_loader, test_loader, run_dir, epochs, log=log, device=device, config=config,
-                             model_info={"teacher": {"model": name, "num_classes": info.num_classes,
-                                                     "in_channels": info.in_channels}})
+                             model_info={"teacher": model_record(name, info)})
     model.eval()
     return model, history[-1]["teacher/acc1"]
 
@@ -473,7 +477,8 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
     _check_cached_config(run_dir, config)
     try:
         history = _fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,
-                                 config=config, log=lambda line: log(compact_summary(line)))
+                                 config=config, log=lambda line: log(compact_summary(line)),
+                                 model_info={m.name: model_record(student_name, info) for m in members})
     finally:
         method.close()
         for member in members:
