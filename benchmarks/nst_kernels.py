@@ -11,7 +11,8 @@ bandwidth so that every form does the same arithmetic):
 * loops      -- explicit Python loops over samples and channel pairs (only where B·C² is small)
 
 All forms normalise each channel, compute the teacher–teacher block under no_grad and give the
-same value (checked each run). Time: median over repeats of forward+backward after one warm-up.
+same value (checked each run). Time: median over repeats of forward+backward after one warm-up,
+the repeats taken round-robin over the forms (the machine may be shared).
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the inputs; on CPU the growth of
 the process's resident-set high-water mark (Linux: write "5" to /proc/self/clear_refs to reset
 VmHWM after ``malloc_trim(0)``, then read VmHWM from /proc/self/status), which counts every page
@@ -133,38 +134,49 @@ def _status_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
-def measure(form, f_s, f_t, kernel, repeats):
-    """(median seconds, peak bytes above the inputs, loss value) of forward+backward."""
-    device = f_s.device
-
-    def step():
-        f_s.grad = None
-        loss = form(f_s, f_t, kernel)
-        loss.backward()
-        return loss.detach()
-
-    value = step()  # warm-up
+def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _cpu_peak_reset()
-        step()
-        peak = (_status_kib("VmHWM") - base) * 1024
-    times = []
-    for _ in range(repeats):
+
+
+def _step(form, f_s, f_t, kernel):
+    f_s.grad = None
+    loss = form(f_s, f_t, kernel)
+    loss.backward()
+    return loss.detach()
+
+
+def measure(forms, f_s, f_t, kernel, repeats):
+    """{form: (median seconds, peak bytes above the inputs, loss value)} of forward+backward.
+
+    The repeats go round-robin over the forms, so load from other processes on a shared machine
+    hits every form alike and the ratios stay comparable.
+    """
+    device = f_s.device
+    values, peaks, times = {}, {}, {name: [] for name in forms}
+    for name, form in forms.items():
+        values[name] = _step(form, f_s, f_t, kernel).item()  # warm-up
+        _sync(device)
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak, value.item()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            _step(form, f_s, f_t, kernel)
+            _sync(device)
+            peaks[name] = torch.cuda.max_memory_allocated() - base
+        else:
+            base = _cpu_peak_reset()
+            _step(form, f_s, f_t, kernel)
+            peaks[name] = (_status_kib("VmHWM") - base) * 1024
+    for rep in range(repeats):
+        for name, form in forms.items():
+            if name == "loops" and rep > 0:
+                continue  # one timed run is plenty at seconds per call
+            _sync(device)
+            t0 = time.perf_counter()
+            _step(form, f_s, f_t, kernel)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(times[name]), peaks[name], values[name]) for name in forms}
 
 
 def fmt_ms(sec):
@@ -188,7 +200,7 @@ def run(device, batches, shapes, repeats, max_broadcast_gib, max_loop_pairs):
             f_s = torch.randn(b, c, h, w, generator=gen).to(device).requires_grad_()
             f_t = torch.randn(b, c, h, w, generator=gen).to(device)
             for kernel in KERNELS:
-                res = {}
+                forms = {}
                 for name, form in FORMS.items():
                     if name == "broadcast" and b * c * c * n * 4 / 2**30 > max_broadcast_gib:
                         notes.append(f"broadcast skipped at B={b}, C={c}, H×W={h}×{w}: one (B, C, C, N) float32 "
@@ -196,7 +208,8 @@ def run(device, batches, shapes, repeats, max_broadcast_gib, max_loop_pairs):
                         continue
                     if name == "loops" and b * c * c > max_loop_pairs:
                         continue
-                    res[name] = measure(form, f_s, f_t, kernel, repeats if name != "loops" else 1)
+                    forms[name] = form
+                res = measure(forms, f_s, f_t, kernel, repeats)
                 ref = res["featkd"][2]
                 for name, (_, _, value) in res.items():
                     if abs(value - ref) > 1e-3 * abs(ref) + 1e-6:

@@ -102,7 +102,7 @@ class FSPLoss(nn.Module):
             raise ValueError(
                 f"FSP needs a pair of layer shapes per network, got student {student_shape} and teacher {teacher_shape}"
             )
-        for role, pair in (("student", student_shape), ("teacher", teacher_shape)):
+        for pair in (student_shape, teacher_shape):  # the two layers of one network
             check_spatial(pair[0], pair[1], self.resize, self.layout)
         c_s = [channels(s, self.layout, "student") for s in student_shape]
         c_t = [channels(s, self.layout, "teacher") for s in teacher_shape]

@@ -123,7 +123,11 @@ def test_teacher_gets_no_gradient():
     assert f_t.grad is None and f_s.grad is not None
 
 
-@pytest.mark.parametrize("kernel,options", [("linear", {}), ("poly", {}), ("gaussian", {}), ("gaussian", {"sigma2": 0.3})])
+@pytest.mark.parametrize(
+    "kernel,options",
+    [("linear", {}), ("poly", {"route": "spatial"}), ("poly", {"route": "channels"}), ("gaussian", {}),
+     ("gaussian", {"sigma2": 0.3})],
+)
 def test_dead_channels_are_zero_vectors(kernel, options):
     f_s, f_t = feats(2, 4, 9), feats(2, 3, 9)
     f_s[:, 1] = 0

@@ -6,7 +6,6 @@ and averages over the labelled samples only (0 when none is labelled).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

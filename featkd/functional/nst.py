@@ -180,7 +180,7 @@ def spatial_gram_distance(x: Tensor, y: Tensor, route: str = "auto", *, normaliz
     non-negative by construction); "channels" uses the C×C Gram blocks (a + b - 2c: loses digits
     when x is close to y); "auto" picks the route with fewer multiply-adds.
     """
-    b, cs, n = x.shape
+    _, cs, n = x.shape
     ct = y.shape[1]
     if route == "auto":
         route = "spatial" if n * (cs + ct) <= cs * cs + cs * ct + ct * ct else "channels"
