@@ -378,12 +378,20 @@ def _finished(run_dir: Path, epochs: int) -> bool:
     return last.is_file() and ckpt.load_checkpoint(last)["epoch"] >= epochs
 
 
+_UNFINISHED_FIRST_EPOCH = {"config.yaml", "environment.json"}
+
+
 def _fit_or_resume(method, train_loader, test_loader, run_dir: Path, epochs: int, *, log, **options) -> list[dict]:
     """Train into ``run_dir``, resume it if interrupted, or return the stored history if it is finished."""
     from featkd import checkpoint as ckpt
     from featkd.engine import fit
 
     last = run_dir / ckpt.LAST
+    if not last.is_file() and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= _UNFINISHED_FIRST_EPOCH:
+        # Interrupted before its first epoch ended: only the files fit writes at the start exist, no
+        # result to keep. Start it again.
+        for name in _UNFINISHED_FIRST_EPOCH:
+            (run_dir / name).unlink(missing_ok=True)
     if last.is_file():
         state = ckpt.load_checkpoint(last)
         if state["epoch"] >= epochs:
