@@ -8,8 +8,9 @@ separate run with the same seed (tests/test_sweep.py checks this): the teacher i
 receives no gradient, so computing its forward once or N times gives the same tensors.
 
 What members share is what a shared teacher forward forces them to share: the batches (order and
-augmentation come from the sweep's ``data_seed``) and the number of epochs. A member's ``seed``
-sets its student's initialisation and its own random stream (dropout, ...).
+augmentation come from the training loader's seed) and the number of epochs. A member's ``seed``
+sets its student's initialisation and its own random stream (dropout, ...). A member whose loss
+becomes NaN stops the whole sweep (``fit``'s divergence check), as it would stop its own run.
 
 The sweep is one :class:`~featkd.engine.Method` for :func:`featkd.engine.fit`: one run directory,
 one ``metrics.jsonl`` with ``<member>/acc1`` columns, one checkpoint to resume from. After training,
@@ -53,11 +54,14 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 
 
 def member_name(overrides: Mapping[str, Any]) -> str:
-    """A readable, file-system-safe name for a grid point: ``kernel=poly,seed=1``."""
-    parts = []
-    for key, value in overrides.items():
-        short = key.rsplit(".", 1)[-1]
-        parts.append(f"{short}={value}")
+    """A readable, file-system-safe name for a grid point: ``kernel=poly,seed=1``.
+
+    Keys are shortened to their last dotted segment unless two keys of the point share it
+    (``terms.0.weight`` and ``terms.1.weight`` keep their full names).
+    """
+    shorts = [key.rsplit(".", 1)[-1] for key in overrides]
+    parts = [f"{short if shorts.count(short) == 1 else key}={value}"
+             for short, (key, value) in zip(shorts, overrides.items())]
     name = ",".join(parts) or "base"
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
 

@@ -118,6 +118,7 @@ def test_expand_grid_and_names():
                     {"terms.0.options.kernel": "poly", "seed": 0}, {"terms.0.options.kernel": "poly", "seed": 1}]
     assert sweep.member_name(grid[1]) == "kernel=linear,seed=1"
     assert sweep.member_name({"kd.T": "a/b c"}) == "T=a_b_c"
+    assert sweep.member_name({"terms.0.weight": 1, "terms.1.weight": 2, "seed": 0}) == "terms.0.weight=1,terms.1.weight=2,seed=0"
     with pytest.raises(ValueError, match="non-empty list"):
         sweep.expand_grid({"seed": []})
 
