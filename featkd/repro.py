@@ -411,13 +411,16 @@ def _check_cached_config(run_dir: Path, config: Mapping) -> None:
     """A cached run is reused only if it was made with the same settings; otherwise say so (never overwrite)."""
     import yaml
 
+    from featkd import checkpoint as ckpt
+
     stored = run_dir / "config.yaml"
     if stored.is_file():
         old = yaml.safe_load(stored.read_text()) or {}
         changed = {k: (old.get(k), v) for k, v in config.items() if k in old and old.get(k) != v}
         if changed:
-            raise ValueError(f"{run_dir} holds a run made with other settings ({changed}: stored vs asked); "
-                             "it is kept as it is: choose another --run-dir")
+            raise ckpt.RunDirectoryExistsError(
+                f"{run_dir} holds a run made with other settings ({changed}: stored vs asked); "
+                "it is kept as it is: choose another --run-dir")
 
 
 def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epochs: int, budget: Budget,

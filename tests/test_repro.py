@@ -130,7 +130,9 @@ def test_tiny_protocol_run_reuses_teacher_and_never_overwrites(tmp_path):
     assert sum("reusing finished run" in line for line in logs) == 2
     assert (tmp_path / "at-table1-tiny-synthetic.md").is_file() and (tmp_path / "at-table1-tiny-synthetic-2.md").is_file()
     # a cached run made with other settings is left alone, with a clear error
-    with pytest.raises(ValueError, match="other settings.*choose another --run-dir"):
+    from featkd.checkpoint import RunDirectoryExistsError
+
+    with pytest.raises(RunDirectoryExistsError, match="other settings.*choose another --run-dir"):
         repro.run_protocol(protocol, dataclasses.replace(budget, train_limit=48), data, tmp_path, log=logs.append)
 
 

@@ -76,6 +76,17 @@ def _teacher_value(path, metric_hint: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    try:
+        return _run(args)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"featkd plot: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from featkd import plots
 
     if args.kind == "attention":

@@ -55,6 +55,12 @@ def _budget(base, args):
 
 
 def run(args: argparse.Namespace) -> int:
+    from featkd.commands.train import reports_user_errors
+
+    return reports_user_errors(_run)(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from featkd import repro
 
     if args.protocol not in PROTOCOL_NAMES:
