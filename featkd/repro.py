@@ -734,7 +734,7 @@ def run_omitted_class(budget: OmittedBudget, data: DataSpec, run_root: Path, *, 
                    config=config)
     teacher.eval()
 
-    rows = [{"model": f"teacher (MLP {sizes}, all classes)", "seed": 0,
+    rows = [{"model": f"teacher (MLP {sizes.replace('x', '×')}, all classes)", "seed": 0,
              "test": class_errors(*predict(teacher, test_loader), cls)}]
     for transfer_name, transfer_set in (("full transfer set", train), (f"class {cls} omitted", transfer)):
         shared = sweep.SharedTeacherOutputs()
