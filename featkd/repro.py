@@ -260,7 +260,7 @@ def _nst_terms(kernel, which):
 
 # Small enough for a 2-core CPU shared with other jobs; the same data and teacher settings in
 # every protocol so that the cached teachers are shared between tables.
-CPU_BUDGET = Budget("cpu", 2, 3, (0, 1), batch_size=32, train_limit=500, test_limit=500, pairs=1)
+CPU_BUDGET = Budget("cpu", 4, 6, (0, 1), batch_size=64, train_limit=2000, test_limit=1000, pairs=1)
 
 AT_KD = {"loss": "kd", "weight": 0.9, "T": 4}  # AT code: (1-α)·CE + α·T²·KL, α = 0.9, T = 4
 NST_KD = {"loss": "kd", "weight": 1.0, "T": 4}  # NST code: CE + 16·KL at T=4; featkd's kd_loss has the T² = 16 built in
