@@ -382,7 +382,30 @@ _UNFINISHED_FIRST_EPOCH = {"config.yaml", "environment.json"}
 
 
 def _fit_or_resume(method, train_loader, test_loader, run_dir: Path, epochs: int, *, log, **options) -> list[dict]:
-    """Train into ``run_dir``, resume it if interrupted, or return the stored history if it is finished."""
+    """Train into ``run_dir``, resume it if interrupted, or return the stored history if it is finished.
+
+    Two commands sharing a ``--run-dir`` (the AT and NST tables share their teachers) must not train
+    the same run at once: a lock file marks a run in progress.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir.parent / f".{run_dir.name}.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        from featkd import checkpoint as ckpt
+
+        raise ckpt.RunDirectoryExistsError(
+            f"{run_dir} is being trained by another process ({lock} exists); wait for it to finish, or delete "
+            "the lock file if that process is gone") from None
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir, epochs, log=log, **options)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir: Path, epochs: int, *, log, **options):
     from featkd import checkpoint as ckpt
     from featkd.engine import fit
 

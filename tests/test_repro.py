@@ -143,3 +143,14 @@ def test_cli_rejects_unknown_protocol_and_method(capsys):
     assert "Did you mean: at-table1" in capsys.readouterr().err
     assert main(["repro", "at-table1", "--methods", "ATT"]) == 2
     assert "unknown method(s) ['ATT']" in capsys.readouterr().err
+
+
+def test_a_run_in_progress_is_not_trained_twice(tmp_path):
+    from featkd.checkpoint import RunDirectoryExistsError
+
+    run_dir = tmp_path / "teachers" / "t"
+    (tmp_path / "teachers").mkdir()
+    (tmp_path / "teachers" / ".t.lock").write_text("12345")
+    with pytest.raises(RunDirectoryExistsError, match="being trained by another process"):
+        repro._fit_or_resume(None, None, None, run_dir, 1, log=print)
+    assert (tmp_path / "teachers" / ".t.lock").read_text() == "12345"  # someone else's lock is left alone
