@@ -315,7 +315,8 @@ NST_KERNELS = Protocol(
         "cpu": dataclasses.replace(CPU_BUDGET, methods=("student", "KD", "NST-linear@last", "NST-poly@last", "NST-gaussian@last",
                                "NST-poly@last+KD")),
     },
-    published_note="No published CIFAR-10 numbers for these cells. For context only (other datasets): the official "
+    published_note="The student and teacher cells are the AT paper's (CIFAR-10); no CIFAR-10 numbers are published "
+                   "for the NST cells. For context only (other datasets): the official "
                    "NST re-implementation on ImageNet (ResNet-101 teacher) gives Inception-BN top-1/top-5 error "
                    "25.74/8.07 → NST-poly 24.81/7.55 → NST-poly+KD 24.34/7.11; RepDistiller on CIFAR-100, "
                    "WRN-40-2 → WRN-16-2, top-1 %: student 73.26, KD 74.92, AT 74.08, NST 73.68, FitNet 73.58, FSP 72.91.",
