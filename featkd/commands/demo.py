@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directory (default: runs/demo; reused if made with the same settings)")
     parser.add_argument("--tiny", action="store_true",
                         help="seconds-long smoke version: synthetic data, WRN-10 models, one short epoch")
-    parser.add_argument("--train-limit", type=int, default=None, help="training examples (default 1000)")
-    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default 3)")
+    parser.add_argument("--train-limit", type=int, default=None, help="training examples (default 8000)")
+    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default 5)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default 0 1)")
     parser.add_argument("--device", default="auto")
 
@@ -51,7 +51,9 @@ def demo_budget(args):
     if args.tiny:
         base = repro.Budget("tiny", 1, 1, (0,), batch_size=32, train_limit=64, test_limit=32)
     else:
-        base = dataclasses.replace(repro.CPU_BUDGET, name="demo", pairs=None)
+        # About 10 minutes on an idle 2-core CPU (2 torch threads): the teacher about 2, the 12 students
+        # (6 methods x 2 seeds, one shared teacher forward per batch) about 8.
+        base = repro.Budget("demo", 5, 8, (0, 1), batch_size=64, train_limit=8000, test_limit=2000)
     changes = {k: v for k, v in (("train_limit", args.train_limit), ("epochs", args.epochs)) if v is not None}
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
