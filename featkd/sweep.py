@@ -1,0 +1,258 @@
+"""Ablation sweeps: N student configurations trained in one process against one shared teacher.
+
+Every batch goes through the teacher once; its logits and the union of the teacher layers any
+member needs are captured once and handed to each member's :class:`featkd.Distiller`, which then
+runs only its student. Each member is otherwise an ordinary :class:`featkd.engine.DistillMethod`
+with its own optimiser, schedule and random-number state, so a member's numbers are those of a
+separate run with the same seed (tests/test_sweep.py checks this): the teacher is in eval mode and
+receives no gradient, so computing its forward once or N times gives the same tensors.
+
+What members share is what a shared teacher forward forces them to share: the batches (order and
+augmentation come from the training loader's seed) and the number of epochs. A member's ``seed``
+sets its student's initialisation and its own random stream (dropout, ...). A member whose loss
+becomes NaN stops the whole sweep (``fit``'s divergence check), as it would stop its own run.
+
+The sweep is one :class:`~featkd.engine.Method` for :func:`featkd.engine.fit`: one run directory,
+one ``metrics.jsonl`` with ``<member>/acc1`` columns, one checkpoint to resume from. After training,
+:func:`write_member_runs` splits it into one run directory per member (``members/<name>/``,
+with its own ``config.yaml`` and ``metrics.jsonl``) so that ``featkd plot`` treats members like runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from featkd import checkpoint as ckpt
+from featkd.capture import FeatureExtractor
+
+MEMBERS_DIR = "members"
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of ``{dotted key: values}`` as a list of override dicts, in order.
+
+    ``expand_grid({"terms.0.options.kernel": ["linear", "poly"], "seed": [0, 1]})`` gives four dicts,
+    the last key varying fastest.
+    """
+    keys = list(grid)
+    for key in keys:
+        values = grid[key]
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+            raise ValueError(f"grid values for {key!r} must be a non-empty list, got {values!r}")
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def member_name(overrides: Mapping[str, Any]) -> str:
+    """A readable, file-system-safe name for a grid point: ``kernel=poly,seed=1``.
+
+    Keys are shortened to their last dotted segment unless two keys of the point share it
+    (``terms.0.weight`` and ``terms.1.weight`` keep their full names).
+    """
+    shorts = [key.rsplit(".", 1)[-1] for key in overrides]
+    parts = [f"{short if shorts.count(short) == 1 else key}={value}"
+             for short, (key, value) in zip(shorts, overrides.items())]
+    name = ",".join(parts) or "base"
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+
+
+# ----------------------------------------------------------------------------- the shared-teacher method
+
+
+class SharedTeacherOutputs:
+    """The current batch's teacher logits and features, filled once per step by :class:`SweepMethod`."""
+
+    def __init__(self):
+        self.batch: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.features: dict[str, torch.Tensor] = {}
+
+
+def teacher_layers(distiller) -> list[str]:
+    """The teacher layers a Distiller's terms read, in order, each once."""
+    return list(dict.fromkeys(name for term in distiller.terms for name in term.teacher_layers))
+
+
+class _SharedTeacherFeatures:
+    """Stands in for a Distiller's teacher FeatureExtractor: hands over the sweep's teacher outputs.
+
+    It is called like the extractor, ``(logits, features) = f(x)``, and checks that the batch is the
+    one the sweep ran the teacher on.
+    """
+
+    def __init__(self, shared: "SharedTeacherOutputs", layers: Sequence[str]):
+        self.shared, self.layers = shared, list(layers)
+
+    def __call__(self, x):
+        if self.shared.logits is None or self.shared.batch is not x:
+            raise RuntimeError("a sweep member ran outside SweepMethod.train_step: no teacher outputs for this batch")
+        return self.shared.logits, {name: self.shared.features[name] for name in self.layers}
+
+    def remove(self) -> None:
+        """Nothing to remove: the hooks belong to the sweep's extractor."""
+
+
+def _share_teacher(distiller, shared: "SharedTeacherOutputs") -> None:
+    # featkd.Distiller has no public way to be given the teacher's outputs, so its teacher extractor
+    # (set up and dry-run already) is replaced by one reading the sweep's; its hooks are removed so
+    # that the teacher forward captures each layer once, for all members.
+    if not distiller.is_setup:
+        raise RuntimeError("set the distiller up (distiller.setup(example_x)) before adding it to a sweep")
+    distiller._teacher_features.remove()
+    distiller._teacher_features = _SharedTeacherFeatures(shared, teacher_layers(distiller))
+
+
+@dataclass
+class Member:
+    """One student configuration of a sweep.
+
+    ``method`` is a :class:`~featkd.engine.DistillMethod` whose distiller reads the shared teacher
+    outputs (see :func:`make_member`), or any other one-model Method that needs no teacher, such as
+    the student-alone baseline (:class:`~featkd.engine.SupervisedMethod`).
+    """
+
+    name: str
+    method: Any
+    config: dict = field(default_factory=dict)  # the member's resolved config (written to its run dir)
+    rng: dict | None = None  # its own random-number state, restored around each of its steps
+
+    @property
+    def distiller(self):
+        return getattr(self.method, "distiller", None)
+
+    @property
+    def student(self) -> nn.Module:
+        models = self.method.eval_models()
+        if len(models) != 1:
+            raise ValueError(f"sweep member {self.name!r} evaluates {len(models)} models; a member trains one student")
+        return next(iter(models.values()))
+
+
+def make_member(name: str, distiller, optimizer, scheduler=None, *, shared: SharedTeacherOutputs,
+                config: dict | None = None, rng: dict | None = None, **method_options) -> Member:
+    """A :class:`Member` whose :class:`~featkd.engine.DistillMethod` reads the teacher outputs from ``shared``.
+
+    ``distiller`` must be set up already (its optimiser covers its adapters). ``rng`` is the random state to start from (default: the current one, i.e. right after the caller
+    seeded and built this member — what a separate run would continue with).
+    """
+    from featkd.engine import DistillMethod
+
+    _share_teacher(distiller, shared)
+    method = DistillMethod(distiller, optimizer, scheduler, **method_options)
+    return Member(name, method, dict(config or {}), rng if rng is not None else ckpt.rng_state())
+
+
+class SweepMethod:
+    """A :class:`featkd.engine.Method` training several members against one teacher forward per batch."""
+
+    def __init__(self, teacher: nn.Module, members: Sequence[Member], shared: SharedTeacherOutputs,
+                 *, precision=None):
+        if not members:
+            raise ValueError("a sweep needs at least one member")
+        names = [m.name for m in members]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"sweep member names must be unique; repeated: {duplicates}")
+        foreign = [m.name for m in members if m.distiller is not None and m.distiller.teacher is not teacher]
+        if foreign:
+            raise ValueError(f"members {foreign} were built with another teacher; a sweep shares exactly one")
+        self.teacher, self.members, self.shared = teacher, list(members), shared
+        self.precision = precision or members[0].method.precision
+        layers = list(dict.fromkeys(layer for m in members if m.distiller is not None
+                                    for layer in teacher_layers(m.distiller)))
+        self.teacher_layers = layers
+        self._extractor = FeatureExtractor(teacher, layers, detach=True, no_grad=True) if layers else None
+        # fit() logs the learning rate of `optimizer`: the first member's (members usually share a schedule).
+        self.optimizer = members[0].method.optimizer
+
+    def teacher_forward(self, x: torch.Tensor) -> None:
+        """Run the teacher once on ``x`` and store its logits and features for the members."""
+        self.teacher.eval()
+        with self.precision.autocast():
+            if self._extractor is None:
+                with torch.no_grad():
+                    logits, features = self.teacher(x), {}
+            else:
+                logits, features = self._extractor(x)
+        self.shared.batch, self.shared.logits, self.shared.features = x, logits.detach(), dict(features)
+
+    def train_step(self, x, y, step):
+        self.teacher_forward(x)
+        losses: dict[str, float] = {}
+        outer = ckpt.rng_state()
+        try:
+            for member in self.members:
+                ckpt.set_rng_state(member.rng if member.rng is not None else outer)
+                member_losses = member.method.train_step(x, y, step)
+                member.rng = ckpt.rng_state()
+                losses.update({f"{member.name}/{k}": v for k, v in member_losses.items()})
+        finally:
+            ckpt.set_rng_state(outer)
+            self.shared.batch, self.shared.logits, self.shared.features = None, None, {}
+        return losses
+
+    def eval_models(self):
+        return {m.name: m.student for m in self.members}
+
+    def on_epoch_end(self, epoch):
+        for member in self.members:
+            member.method.on_epoch_end(epoch)
+
+    def state_dict(self):
+        return {"members": {m.name: {"method": m.method.state_dict(), "rng": m.rng} for m in self.members}}
+
+    def load_state_dict(self, state):
+        stored = state["members"]
+        missing = [m.name for m in self.members if m.name not in stored]
+        if missing:
+            raise KeyError(f"checkpoint has no state for sweep members {missing}; it holds {sorted(stored)}")
+        for member in self.members:
+            member.method.load_state_dict(stored[member.name]["method"])
+            member.rng = stored[member.name]["rng"]
+
+    def close(self) -> None:
+        """Remove the teacher hooks."""
+        if self._extractor is not None:
+            self._extractor.remove()
+            self._extractor = None
+
+
+# ----------------------------------------------------------------------------- per-member run directories
+
+
+def member_history(history: Iterable[Mapping[str, Any]], name: str) -> list[dict[str, Any]]:
+    """One member's rows out of a sweep's metrics: ``train/<name>/kd`` -> ``train/kd``, ``<name>/acc1`` -> ``student/acc1``."""
+    rows = []
+    for row in history:
+        out: dict[str, Any] = {}
+        for key, value in row.items():
+            if key.startswith(f"train/{name}/"):
+                out["train/" + key[len(f"train/{name}/"):]] = value
+            elif key.startswith(f"{name}/"):
+                out["student/" + key[len(name) + 1:]] = value
+            elif key in ("epoch", "step", "lr", "epoch_time_s"):
+                out[key] = value
+        rows.append(out)
+    return rows
+
+
+def write_member_runs(run_dir: str | Path, members: Sequence[Member], history: Sequence[Mapping[str, Any]]) -> list[Path]:
+    """Write ``run_dir/members/<name>/{config.yaml, metrics.jsonl, metrics.csv}`` for each member."""
+    paths = []
+    for member in members:
+        path = Path(run_dir) / MEMBERS_DIR / member.name
+        path.mkdir(parents=True, exist_ok=True)
+        ckpt.write_run_info(path, member.config)
+        ckpt.write_metrics(path, member_history(history, member.name))
+        paths.append(path)
+    return paths

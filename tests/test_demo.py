@@ -1,0 +1,43 @@
+"""featkd demo: the README's main job, end to end in its tiny mode (synthetic data, seconds)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from featkd.commands.demo import DEMO_RECIPES, choose_run_dir
+
+
+@pytest.mark.slow
+def test_demo_tiny_end_to_end_and_reuse(tmp_path, subprocess_env):
+    command = [sys.executable, "-m", "featkd.cli", "demo", "--tiny", "--run-dir", str(tmp_path / "demo")]
+    first = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr
+    rows = [line for line in first.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [*DEMO_RECIPES, "teacher"]
+    assert "wall time" in first.stdout and "on synthetic" in first.stdout
+    for suffix in (".png", ".pdf"):
+        assert (tmp_path / "demo" / f"kernel_ablation{suffix}").stat().st_size > 1000
+    # the per-seed accuracies printed are those in the sweep's metrics
+    sweep_dir = next((tmp_path / "demo" / "demo").iterdir())
+    last = json.loads((sweep_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    kd_row = next(r for r in rows if r.startswith("| KD |"))
+    assert kd_row.split("|")[4].strip() == f"{last['KD-s0/acc1']:.2f}"
+    # a second run with the same settings reuses everything and prints the same table
+    second = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, cwd=tmp_path, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert "reusing finished parts" in second.stdout
+    assert [line for line in second.stdout.splitlines() if line.startswith("| ")] == rows
+    assert not (tmp_path / "demo-2").exists()
+
+
+def test_choose_run_dir_never_reuses_other_settings(tmp_path):
+    assert choose_run_dir(tmp_path / "demo", {"a": 1}) == (tmp_path / "demo", False)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "demo.json").write_text(json.dumps({"a": 1}))
+    assert choose_run_dir(tmp_path / "demo", {"a": 1}) == (tmp_path / "demo", True)
+    assert choose_run_dir(tmp_path / "demo", {"a": 2}) == (tmp_path / "demo-2", False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.txt").write_text("someone's results")
+    assert choose_run_dir(tmp_path / "other", {"a": 1}) == (tmp_path / "other-2", False)

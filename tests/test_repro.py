@@ -1,0 +1,156 @@
+"""featkd.repro: tables, the omitted-class bias correction, budgets, and a tiny end-to-end protocol run."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from featkd import repro
+
+
+def test_stats_match_numpy():
+    values = [8.1, 7.7, 8.4, 7.9, 8.0]
+    s = repro.Stats.of(values)
+    assert (s.mean, s.median, s.n) == (pytest.approx(np.mean(values)), 8.0, 5)
+    assert s.std == pytest.approx(np.std(values, ddof=1))
+    assert repro.Stats.of([3.0]).std == 0.0
+    with pytest.raises(ValueError, match="at least one value"):
+        repro.Stats.of([])
+
+
+def test_results_table_deltas_against_the_student_of_the_same_pair():
+    cells = [
+        repro.Cell("A", "student", [10.0, 12.0], 8.77),
+        repro.Cell("A", "AT", [9.0, 9.5], 7.93),
+        repro.Cell("A", "KD", [11.5, 11.0], None),
+        repro.Cell("B", "student", [20.0, 20.0], None),
+        repro.Cell("B", "AT", [19.0, 18.0], 5.0),
+        repro.Cell("B", "F-ActT", [], None),
+    ]
+    table = repro.results_table(cells, ours_dataset="Fashion-MNIST")
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
+            for line in table.splitlines()[2:]}
+    assert rows[("A", "AT")] == ["9.25 ± 0.35", "9.25", "2", "-1.75", "7.93", "-0.84"]
+    assert rows[("A", "KD")] == ["11.25 ± 0.35", "11.25", "2", "+0.25", "—", "—"]
+    assert rows[("A", "student")][3] == "—"
+    assert rows[("B", "AT")][3:] == ["-1.50", "5.00", "—"]  # no published student for B: no published delta
+    assert rows[("B", "F-ActT")][:3] == ["not run", "—", "0"]
+    assert "(Fashion-MNIST)" in table.splitlines()[0] and "(CIFAR-10)" in table.splitlines()[0]
+
+
+def test_choose_bias_shift_maximises_heldout_accuracy():
+    # The class-2 examples lose by 1.5: a shift in (1.5, 2) fixes them; from 2 on, the two class-0
+    # examples (margin 2) flip to class 2.
+    labels = torch.tensor([2, 2, 2, 0, 0, 1])
+    logits = torch.tensor([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [1.0, 0.0, -0.5],
+                           [2.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    choice = repro.choose_bias_shift(logits, labels, cls=2, candidates=[0.0, 1.0, 1.75, 2.5])
+    assert choice.shift == 1.75 and choice.heldout_accuracy == pytest.approx(100.0)
+    assert dict(choice.curve) == pytest.approx({0.0: 50.0, 1.0: 50.0, 1.75: 100.0, 2.5: 400 / 6})
+    # ties go to the smallest shift
+    assert repro.choose_bias_shift(logits[3:], labels[3:], cls=2, candidates=[1.0, 0.0]).shift == 0.0
+
+
+def test_apply_bias_shift_equals_shifted_logits():
+    torch.manual_seed(0)
+    model = repro.mlp(num_classes=5, in_channels=1, image_size=4, hidden=(6,))
+    x = torch.randn(7, 1, 4, 4)
+    before = model(x).detach()
+    head = repro.apply_bias_shift(model, 3, 2.5)
+    assert head is model[-1]
+    torch.testing.assert_close(model(x).detach(), repro.shift_logit(before, 3, 2.5))
+    with pytest.raises(ValueError, match="no final nn.Linear"):
+        repro.apply_bias_shift(torch.nn.Conv2d(1, 1, 1), 0, 1.0)
+
+
+def test_class_errors_counts():
+    logits = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    labels = torch.tensor([1, 1, 0, 0])
+    e = repro.class_errors(logits, labels, cls=1)
+    assert (e.total_errors, e.total, e.class_errors, e.class_total) == (2, 4, 1, 2)
+    assert e.class_accuracy == 50.0
+
+
+def test_split_heldout_is_balanced_disjoint_and_complete():
+    from featkd.data import load_dataset
+
+    ds = load_dataset("synthetic", split="train", size=200, num_classes=4)
+    rest, held = repro.split_heldout(ds, 40, seed=3)
+    assert len(rest) + len(held) == 200
+    assert torch.bincount(held.labels, minlength=4).tolist() == [10, 10, 10, 10]
+    rows = {tuple(img.flatten()[:20].tolist()) for img in held.images}
+    assert not any(tuple(img.flatten()[:20].tolist()) in rows for img in rest.images)
+
+
+def test_budget_milestones_scale_the_paper_schedule():
+    assert repro.Budget("full", 200, 200, (0,)).milestones(200) == [60, 120, 160]
+    assert repro.Budget("short", 30, 30, (0,)).milestones(30) == [9, 18, 24]
+    assert repro.Budget("cpu", 2, 3, (0,)).milestones(2) == [1]
+
+
+def test_protocol_definitions_hold_the_published_cells():
+    pairs = {p.label: p.published for p in repro.AT_TABLE1.pairs}
+    assert pairs["WRN-16-1 ← WRN-16-2"] == {"student": 8.77, "AT": 7.93, "teacher": 6.31}
+    assert pairs["WRN-16-2 ← WRN-40-2"]["KD"] == 6.08
+    at = {r.name: r for r in repro.AT_TABLE1.recipes}
+    kwargs = at["AT+KD"].distill(["group1", "group2", "group3"], ["group1", "group2", "group3"])
+    assert [t.weight for t in kwargs["terms"]] == [1e3] * 3 and kwargs["kd"]["T"] == 4
+    assert kwargs["kd"]["weight"] == 0.9 and kwargs["ce_weight"] == pytest.approx(0.1)
+    nst = {r.name: r for r in repro.NST_KERNELS.recipes}
+    last = nst["NST-gaussian@last"].distill(["a", "b", "c"], ["x", "y", "z"])["terms"]
+    assert [(t.teacher, t.student, t.weight, t.options) for t in last] == [("z", "c", 50.0, {"kernel": "gaussian"})]
+    assert len(nst["NST-poly@all+KD"].distill(["a", "b", "c"], ["x", "y", "z"])["terms"]) == 3
+    assert repro.AT_TABLE1.recipes[0].distill is None  # the student alone: cross-entropy only
+
+
+def test_compact_summary_keeps_accuracies():
+    line = "epoch 2  train/a-s0/ce 1.2  a-s0/acc1 55.5  a-s0/loss 1.1  b-s1/acc1 60  lr 0.1  epoch_time_s 3.5"
+    assert repro.compact_summary(line) == "epoch 2  a-s0/acc1 55.5  b-s1/acc1 60  epoch_time_s 3.5"
+    assert repro.compact_summary("reusing x") == "reusing x"
+
+
+@pytest.mark.slow
+def test_tiny_protocol_run_reuses_teacher_and_never_overwrites(tmp_path):
+    protocol = dataclasses.replace(
+        repro.AT_TABLE1, pairs=(repro.Pair("wrn10_1", "wrn10_2", {"student": 8.77, "AT": 7.93}),),
+        recipes=tuple(r for r in repro.AT_TABLE1.recipes if r.name in ("student", "AT")))
+    budget = repro.Budget("tiny", 1, 1, (0,), batch_size=16, train_limit=32, test_limit=16)
+    data = repro.DataSpec("synthetic")
+    logs = []
+    first = repro.run_protocol(protocol, budget, data, tmp_path, command="test", log=logs.append)
+    assert "| WRN-10-1 ← WRN-10-2 | AT |" in first.markdown and "dataset (ours): synthetic (not CIFAR-10" in first.markdown
+    acc = first.accuracies["WRN-10-1 ← WRN-10-2"]
+    assert set(acc) == {"student", "AT"} and all(len(v) == 1 for v in acc.values())
+    assert (tmp_path / "at-table1" / "wrn10_1-from-wrn10_2-synthetic-tiny" / "members" / "AT-s0" / "metrics.jsonl").is_file()
+    # a second call reuses the finished teacher and sweep, gives the same numbers, keeps the first report
+    logs.clear()
+    second = repro.run_protocol(protocol, budget, data, tmp_path, command="test", log=logs.append)
+    assert second.accuracies == first.accuracies and second.teachers == first.teachers
+    assert sum("reusing finished run" in line for line in logs) == 2
+    assert (tmp_path / "at-table1-tiny-synthetic.md").is_file() and (tmp_path / "at-table1-tiny-synthetic-2.md").is_file()
+    # a cached run made with other settings is left alone, with a clear error
+    from featkd.checkpoint import RunDirectoryExistsError
+
+    with pytest.raises(RunDirectoryExistsError, match="other settings.*choose another --run-dir"):
+        repro.run_protocol(protocol, dataclasses.replace(budget, train_limit=48), data, tmp_path, log=logs.append)
+
+
+def test_cli_rejects_unknown_protocol_and_method(capsys):
+    from featkd.cli import main
+
+    assert main(["repro", "at-tabel1"]) == 2
+    assert "Did you mean: at-table1" in capsys.readouterr().err
+    assert main(["repro", "at-table1", "--methods", "ATT"]) == 2
+    assert "unknown method(s) ['ATT']" in capsys.readouterr().err
+
+
+def test_a_run_in_progress_is_not_trained_twice(tmp_path):
+    from featkd.checkpoint import RunDirectoryExistsError
+
+    run_dir = tmp_path / "teachers" / "t"
+    (tmp_path / "teachers").mkdir()
+    (tmp_path / "teachers" / ".t.lock").write_text("12345")
+    with pytest.raises(RunDirectoryExistsError, match="being trained by another process"):
+        repro._fit_or_resume(None, None, None, run_dir, 1, log=print)
+    assert (tmp_path / "teachers" / ".t.lock").read_text() == "12345"  # someone else's lock is left alone
