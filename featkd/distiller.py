@@ -217,9 +217,10 @@ class Distiller(nn.Module):
             raise ValueError("nothing to distill: give at least one Term or a kd loss")
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        teacher_layers = list(dict.fromkeys(name for t in self.terms for name in t.teacher_layers))
+        self.teacher_layers = list(dict.fromkeys(name for t in self.terms for name in t.teacher_layers))
         student_layers = list(dict.fromkeys(name for t in self.terms for name in t.student_layers))
-        self._teacher_features = FeatureExtractor(teacher, teacher_layers, detach=True, no_grad=True)
+        self._teacher_features = FeatureExtractor(teacher, self.teacher_layers, detach=True, no_grad=True)
+        self._teacher_outputs = self._teacher_features  # x -> (teacher logits, teacher features)
         # Hooks are registered on the student before torch.compile first runs it, so they are traced in.
         runner = student
         if compile:
@@ -325,6 +326,19 @@ class Distiller(nn.Module):
                 params.update((id(p), p) for p in module.parameters() if p.requires_grad)
         return list(params.values())
 
+    def share_teacher(self, teacher_outputs) -> None:
+        """Take the teacher's ``(logits, features)`` from ``teacher_outputs(x)`` instead of running it.
+
+        For several students trained against one teacher forward per batch (:mod:`featkd.sweep`):
+        the features must hold :attr:`teacher_layers`. This distiller's own teacher hooks are
+        removed, so the teacher's forward stores each layer once, for whoever ran it. Call it after
+        :meth:`setup` (the dry run needs the real teacher).
+        """
+        if not self.is_setup:
+            raise RuntimeError("call distiller.setup(example_x) before share_teacher: the dry run needs the teacher")
+        self._teacher_features.remove()
+        self._teacher_outputs = teacher_outputs
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, step: int | None = None,
                 epoch: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student logits and the weighted losses ``{"ce", "kd", <term names>..., "total"}``.
@@ -335,7 +349,7 @@ class Distiller(nn.Module):
         """
         if not self.is_setup:
             self.setup(x[:2])
-        teacher_logits, f_t = self._teacher_features(x)
+        teacher_logits, f_t = self._teacher_outputs(x)
         student_logits, f_s = self._student_features(x)
         losses: dict[str, torch.Tensor] = {}
         ce_weight = _weight_at(self.ce_weight, step, epoch)

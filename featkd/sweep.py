@@ -78,16 +78,10 @@ class SharedTeacherOutputs:
         self.features: dict[str, torch.Tensor] = {}
 
 
-def teacher_layers(distiller) -> list[str]:
-    """The teacher layers a Distiller's terms read, in order, each once."""
-    return list(dict.fromkeys(name for term in distiller.terms for name in term.teacher_layers))
-
-
 class _SharedTeacherFeatures:
-    """Stands in for a Distiller's teacher FeatureExtractor: hands over the sweep's teacher outputs.
+    """A Distiller's teacher outputs in a sweep (:meth:`featkd.Distiller.share_teacher`).
 
-    It is called like the extractor, ``(logits, features) = f(x)``, and checks that the batch is the
-    one the sweep ran the teacher on.
+    ``(logits, features) = f(x)``, checking that ``x`` is the batch the sweep ran the teacher on.
     """
 
     def __init__(self, shared: "SharedTeacherOutputs", layers: Sequence[str]):
@@ -97,19 +91,6 @@ class _SharedTeacherFeatures:
         if self.shared.logits is None or self.shared.batch is not x:
             raise RuntimeError("a sweep member ran outside SweepMethod.train_step: no teacher outputs for this batch")
         return self.shared.logits, {name: self.shared.features[name] for name in self.layers}
-
-    def remove(self) -> None:
-        """Nothing to remove: the hooks belong to the sweep's extractor."""
-
-
-def _share_teacher(distiller, shared: "SharedTeacherOutputs") -> None:
-    # featkd.Distiller has no public way to be given the teacher's outputs, so its teacher extractor
-    # (set up and dry-run already) is replaced by one reading the sweep's; its hooks are removed so
-    # that the teacher forward captures each layer once, for all members.
-    if not distiller.is_setup:
-        raise RuntimeError("set the distiller up (distiller.setup(example_x)) before adding it to a sweep")
-    distiller._teacher_features.remove()
-    distiller._teacher_features = _SharedTeacherFeatures(shared, teacher_layers(distiller))
 
 
 @dataclass
@@ -147,7 +128,7 @@ def make_member(name: str, distiller, optimizer, scheduler=None, *, shared: Shar
     """
     from featkd.engine import DistillMethod
 
-    _share_teacher(distiller, shared)
+    distiller.share_teacher(_SharedTeacherFeatures(shared, distiller.teacher_layers))
     method = DistillMethod(distiller, optimizer, scheduler, **method_options)
     return Member(name, method, dict(config or {}), rng if rng is not None else ckpt.rng_state())
 
@@ -169,7 +150,7 @@ class SweepMethod:
         self.teacher, self.members, self.shared = teacher, list(members), shared
         self.precision = precision or members[0].method.precision
         layers = list(dict.fromkeys(layer for m in members if m.distiller is not None
-                                    for layer in teacher_layers(m.distiller)))
+                                    for layer in m.distiller.teacher_layers))
         self.teacher_layers = layers
         self._extractor = FeatureExtractor(teacher, layers, detach=True, no_grad=True) if layers else None
         # fit() logs the learning rate of `optimizer`: the first member's (members usually share a schedule).

@@ -244,3 +244,28 @@ def test_compiled_student_keeps_its_hooks():
         torch.testing.assert_close(got[key], expected[key])
     got["total"].backward()
     assert student.fc.weight.grad.abs().sum() > 0
+
+
+def test_shared_teacher_outputs_replace_the_teacher_forward():
+    teacher, student = wrns()
+    terms = [featkd.Term(teacher="group3", loss="nst", weight=50)]
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    own = featkd.Distiller(teacher, student, terms=terms, kd={"loss": "kd", "T": 4})
+    with pytest.raises(RuntimeError, match="setup"):
+        own.share_teacher(lambda x: None)
+    own.setup(x[:2])
+    _, expected = own(x, y)
+    own.remove_hooks()
+
+    shared = featkd.Distiller(teacher, student, terms=terms, kd={"loss": "kd", "T": 4}).setup(x[:2])
+    assert shared.teacher_layers == ["group3"]
+    with torch.no_grad():
+        logits, feats = teacher(x), groups(teacher, x)
+    calls = []
+    shared.share_teacher(lambda batch: calls.append(batch) or (logits, {"group3": feats["group3"]}))
+    _, losses = shared(x, y)
+    assert calls == [x]
+    for name, value in expected.items():
+        torch.testing.assert_close(losses[name], value)
+    # its own teacher hooks are gone; the student's stay
+    assert not teacher.group3._forward_hooks and student.group3._forward_hooks
