@@ -19,7 +19,7 @@ import time
 import torch
 import torchvision
 
-from featkd.capture import FeatureExtractor
+from featkd.hooks import FeatureExtractor
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 

@@ -86,7 +86,7 @@ def main(argv=None):
     teacher = create_model(args.teacher, num_classes=num_classes, in_channels=1)
 
     lines = [
-        f"# Sweep throughput: one shared teacher forward vs N separate runs",
+        "# Sweep throughput: one shared teacher forward vs N separate runs",
         "",
         f"teacher {args.teacher}, students {args.student} (recipes cycled: {', '.join(r for r, _ in RECIPES)}), "
         f"batch {args.batch_size} of 1×{args.image_size}×{args.image_size}, {args.steps} steps × {args.repeats} "

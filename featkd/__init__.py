@@ -9,12 +9,12 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "capture": "featkd.capture",
-    "FeatureExtractor": "featkd.capture",
-    "Features": "featkd.capture",
-    "LayerInfo": "featkd.capture",
-    "list_layers": "featkd.capture",
-    "resolve_layers": "featkd.capture",
+    "capture": "featkd.hooks",
+    "FeatureExtractor": "featkd.hooks",
+    "Features": "featkd.hooks",
+    "LayerInfo": "featkd.hooks",
+    "list_layers": "featkd.hooks",
+    "resolve_layers": "featkd.hooks",
     "Distiller": "featkd.distiller",
     "Term": "featkd.distiller",
     "Warmup": "featkd.distiller",

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featkd.capture import FeatureExtractor
+from featkd.hooks import FeatureExtractor
 from featkd.functional import cross_entropy
 
 __all__ = ["Distiller", "Term", "Warmup", "FeatureAdapter"]

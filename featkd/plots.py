@@ -283,7 +283,7 @@ def attention_maps(model, x, layers: Sequence[str], p: float = 2) -> dict[str, n
     """
     import torch
 
-    from featkd.capture import capture
+    from featkd.hooks import capture
     from featkd.functional import attention_map
 
     was_training = model.training

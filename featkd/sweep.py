@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from featkd import checkpoint as ckpt
-from featkd.capture import FeatureExtractor
+from featkd.hooks import FeatureExtractor
 
 MEMBERS_DIR = "members"
 

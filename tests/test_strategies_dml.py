@@ -180,7 +180,7 @@ def test_bad_configuration_is_reported():
 
 
 def test_peer_feature_terms_use_the_other_peers_detached_features():
-    from featkd.capture import FeatureExtractor
+    from featkd.hooks import FeatureExtractor
     from featkd.functional import at_loss
     from featkd.models import create_model
 

@@ -1,7 +1,6 @@
 """featkd.sweep: sharing one teacher forward among N students changes no number."""
 
 import pytest
-import torch
 
 from featkd import sweep
 from featkd.data import DeviceLoader, load_dataset

@@ -43,7 +43,7 @@ def _format_shape(shape) -> str:
 
 
 def format_table(infos) -> str:
-    """The table ``featkd layers`` prints, one row per :class:`featkd.capture.LayerInfo`."""
+    """The table ``featkd layers`` prints, one row per :class:`featkd.LayerInfo`."""
     header = ("name", "type", "output shape", "layout", "channels", "stride", "calls")
     rows = [header]
     for info in infos:
@@ -64,7 +64,7 @@ def format_table(infos) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from featkd.capture import glob_regex, list_layers
+    from featkd.hooks import glob_regex, list_layers
     from featkd.models import create_model
 
     try:

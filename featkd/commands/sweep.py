@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         method.close()
     sweep.write_member_runs(run_dir, members, history)
-    print(f"\n| member | test acc1 % (last epoch) |\n|---|---|")
+    print("\n| member | test acc1 % (last epoch) |\n|---|---|")
     for member in members:
         print(f"| {member.name} | {history[-1][f'{member.name}/acc1']:.2f} |")
     print(f"\nfinished: {run_dir} (one run directory per member under {run_dir / sweep.MEMBERS_DIR})")

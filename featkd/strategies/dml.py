@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from featkd.capture import FeatureExtractor, resolve_layers
+from featkd.hooks import FeatureExtractor, resolve_layers
 from featkd.engine import Precision
 from featkd.functional import cross_entropy, dml_kl_loss, kd_loss
 from featkd.losses import build_feature_loss

@@ -47,7 +47,6 @@ import dataclasses
 import difflib
 import re
 import sys
-import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -666,18 +665,3 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
             m.training = flag
     in_hw = tuple(args[0].shape[2:]) if isinstance(args[0], torch.Tensor) and args[0].dim() >= 3 else None
     return [_layer_info(n, modules[n], first[n], counts[n], in_hw) for n in modules if n in first]
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``featkd.capture(model, layers)`` work although ``featkd.capture`` is also this module.
-
-    Importing a submodule binds it as an attribute of its package, so whichever of
-    ``import featkd.capture`` / ``featkd.capture`` came first, the package attribute may be
-    the module; calling it calls :func:`capture`.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return capture(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

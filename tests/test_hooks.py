@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import featkd
-from featkd.capture import Features, LayerInfo
+from featkd.hooks import Features, LayerInfo
 
 
 @pytest.fixture(scope="module")
