@@ -123,12 +123,3 @@ def wrap(module: nn.Module, device: str | torch.device | None = None, **ddp_opti
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **ddp_options)
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module inside DDP/DataParallel and ``torch.compile`` wrappers (for saving and naming)."""
-    while True:
-        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
-        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
-            module = module._orig_mod
-        else:
-            return module

@@ -53,6 +53,7 @@ from torch import nn
 from featkd import checkpoint as ckpt
 from featkd import distributed
 from featkd.functional import cross_entropy
+from featkd.hooks import unwrap
 
 __all__ = [
     "Method",
@@ -270,14 +271,14 @@ class SupervisedMethod:
 
     def state_dict(self):
         return {
-            "model": distributed.unwrap(self.model).state_dict(),
+            "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "precision": self.precision.state_dict(),
         }
 
     def load_state_dict(self, state):
-        distributed.unwrap(self.model).load_state_dict(state["model"])
+        unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -349,7 +350,7 @@ def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = No
     Under DDP every rank evaluates its own shard and the counts are summed, so the
     numbers are those of the whole split. Samples with target ``-1`` are skipped.
     """
-    model = distributed.unwrap(model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    model = unwrap(model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
     was_training = model.training
     model.eval()
     precision = precision or Precision()
@@ -514,7 +515,7 @@ def fit(
                 "step": step,
                 "method": method.state_dict(),
                 "models": {
-                    name: {**(model_info or {}).get(name, {}), "state_dict": distributed.unwrap(model).state_dict()}
+                    name: {**(model_info or {}).get(name, {}), "state_dict": unwrap(model).state_dict()}
                     for name, model in models.items()
                 },
                 "rng": rng,

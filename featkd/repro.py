@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from featkd.commands.train import model_record
+
 # ----------------------------------------------------------------------------- statistics
 
 
@@ -426,11 +428,6 @@ def _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir: Path, ep
     return fit(method, train_loader, test_loader, run_dir, epochs, log=log, **options)
 
 
-def model_record(name: str, info) -> dict:
-    """What a checkpoint stores beside a model's weights so that ``featkd distill``/``plot`` can rebuild it."""
-    return {"name": name, "options": {}, "num_classes": info.num_classes, "in_channels": info.in_channels}
-
-
 def _check_cached_config(run_dir: Path, config: Mapping) -> None:
     """A cached run is reused only if it was made with the same settings; otherwise say so (never overwrite)."""
     import yaml
@@ -461,7 +458,7 @@ def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epo
               "train_examples": len(train_loader.dataset), "batch_size": train_loader.batch_size}
     _check_cached_config(run_dir, config)
     history = _fit_or_resume(method, train_loader, test_loader, run_dir, epochs, log=log, device=device, config=config,
-                             model_info={"teacher": model_record(name, info)})
+                             model_info={"teacher": model_record(name, {}, info)})
     model.eval()
     return model, history[-1]["teacher/acc1"]
 
@@ -513,7 +510,7 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
     try:
         history = _fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,
                                  config=config, log=lambda line: log(compact_summary(line)),
-                                 model_info={m.name: model_record(student_name, info) for m in members})
+                                 model_info={m.name: model_record(student_name, {}, info) for m in members})
     finally:
         method.close()
         for member in members:
