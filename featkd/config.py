@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+STRATEGY_CONFIG_DIR = CONFIG_DIR / "strategies"
+SHIPPED_CONFIG_DIRS = (CONFIG_DIR, STRATEGY_CONFIG_DIR)
 
 
 class ConfigError(ValueError):
@@ -267,14 +269,17 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config file path, or the name of one shipped in ``featkd/configs`` (with or without ``.yaml``)."""
+    """A config file path, or the name of one shipped in ``featkd/configs`` or ``featkd/configs/strategies``
+    (with or without ``.yaml``)."""
     candidate = Path(path)
     if candidate.is_file():
         return candidate
-    for shipped in (CONFIG_DIR / candidate.name, CONFIG_DIR / f"{candidate.name}.yaml"):
-        if candidate.parent == Path(".") and shipped.is_file():
-            return shipped
-    shipped_names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    if candidate.parent == Path("."):
+        for folder in SHIPPED_CONFIG_DIRS:
+            for shipped in (folder / candidate.name, folder / f"{candidate.name}.yaml"):
+                if shipped.is_file():
+                    return shipped
+    shipped_names = sorted(p.stem for folder in SHIPPED_CONFIG_DIRS for p in folder.glob("*.yaml"))
     close = difflib.get_close_matches(candidate.stem, shipped_names, n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise FileNotFoundError(f"config file {str(path)!r} not found.{hint} Shipped configs: {', '.join(shipped_names)}")

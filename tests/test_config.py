@@ -89,3 +89,12 @@ def test_shipped_configs_parse_and_can_be_named_without_path():
     assert load_config(shipped[0].stem) == load_config(shipped[0])
     with pytest.raises(FileNotFoundError, match="Did you mean"):
         load_config(shipped[0].stem[:-1] + "x")
+
+
+def test_one_resolver_finds_the_engine_and_the_strategy_configs():
+    from featkd.config import STRATEGY_CONFIG_DIR, resolve_config_path
+
+    assert resolve_config_path("dml") == STRATEGY_CONFIG_DIR / "dml.yaml"
+    assert resolve_config_path("fmnist_teacher_wrn16_2") == CONFIG_DIR / "fmnist_teacher_wrn16_2.yaml"
+    with pytest.raises(FileNotFoundError, match="Did you mean: born_again"):
+        resolve_config_path("born_agian")

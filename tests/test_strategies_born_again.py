@@ -46,7 +46,7 @@ def test_generation_objective_is_kl_from_the_previous_generation(ce_weight):
 def _shipped():
     import yaml
 
-    from featkd.strategies.runner import STRATEGY_CONFIG_DIR
+    from featkd.config import STRATEGY_CONFIG_DIR
 
     return yaml.safe_load((STRATEGY_CONFIG_DIR / "born_again.yaml").read_text())
 

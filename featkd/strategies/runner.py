@@ -18,18 +18,6 @@ from typing import Any
 from featkd import checkpoint as ckpt
 from featkd import config as config_lib
 
-STRATEGY_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "strategies"
-
-
-def config_path(path: str | Path) -> Path:
-    """A config file path, or the name of one shipped in ``featkd/configs/strategies`` (or ``featkd/configs``)."""
-    candidate = Path(path)
-    if not candidate.is_file() and candidate.parent == Path("."):
-        for shipped in (STRATEGY_CONFIG_DIR / candidate.name, STRATEGY_CONFIG_DIR / f"{candidate.name}.yaml"):
-            if shipped.is_file():
-                return shipped
-    return config_lib.resolve_config_path(path)
-
 
 def load_strategy_config(args: argparse.Namespace, section: str, schema: type) -> tuple[config_lib.Config, Any, dict]:
     """The engine config, this strategy's section (a ``schema`` instance) and the whole resolved config.
@@ -49,10 +37,10 @@ def load_strategy_config(args: argparse.Namespace, section: str, schema: type) -
             raise FileNotFoundError(f"cannot resume: {path} does not exist; is {args.run_dir!r} a run directory "
                                     f"of 'featkd {command}'?")
     elif args.config is None:
-        shipped = ", ".join(sorted(p.stem for p in STRATEGY_CONFIG_DIR.glob("*.yaml")))
+        shipped = ", ".join(sorted(p.stem for p in config_lib.STRATEGY_CONFIG_DIR.glob("*.yaml")))
         raise config_lib.ConfigError(f"featkd {command} needs --config (e.g. --config {section}; shipped: {shipped})")
     else:
-        path = config_path(args.config)
+        path = args.config
     data = config_lib.apply_overrides(config_lib.read_yaml(path), args.overrides)
     section_data = data.pop(section, None) or {}
     if not isinstance(section_data, dict):
