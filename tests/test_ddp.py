@@ -51,11 +51,18 @@ def test_ddp_train_and_distill_match_single_process(tmp_path, subprocess_env):
     assert_close_rows(ckpt.read_metrics(tmp_path / "teacher_ddp"), ckpt.read_metrics(teacher))
     assert sorted(p.name for p in (tmp_path / "teacher_ddp").iterdir()) == sorted(p.name for p in teacher.iterdir())
 
+    # NST reads the conv output '2' (before its ReLU, where the official NST code puts it too), not the
+    # ReLU output '3'. Measured with torch 2.14.1: on '3' some student channels die during these 8 steps
+    # (live channel norms down to 1.6e-3 against a median of 1.8), and the poly-NST gradient through a
+    # channel's l2 normalisation scales with 1/|f_c|. Summation-order differences of 1e-7 then grow to
+    # ~1e-3 in train/nst:3 — as much between one process at 1 and at 2 threads (9.5e-4) as between DDP and
+    # one process (9.9e-4), with NST's value itself within 5e-7 of float64 at every step. On '2' all three
+    # agree to 1e-6, so the 1e-4 tolerance below checks DDP rather than that amplification.
     distill = ["distill", f"teacher.checkpoint={teacher / 'last.pt'}", f"student.name={MODEL}",
-               "terms=[{teacher: '1', loss: at, weight: 100}, {teacher: '3', loss: nst, weight: 10}]",
+               "terms=[{teacher: '1', loss: at, weight: 100}, {teacher: '2', loss: nst, weight: 10}]",
                "kd={loss: kd, weight: 1.0, options: {T: 4}}", *COMMON]
     assert main([*distill, "--run-dir", str(tmp_path / "student")]) == 0
     torchrun([*distill, "--run-dir", str(tmp_path / "student_ddp")], subprocess_env, tmp_path)
     single, ddp = ckpt.read_metrics(tmp_path / "student"), ckpt.read_metrics(tmp_path / "student_ddp")
-    assert ddp[-1]["train/at:1"] > 0 and ddp[-1]["train/nst:3"] > 0  # hooks captured through the DDP wrapper
+    assert ddp[-1]["train/at:1"] > 0 and ddp[-1]["train/nst:2"] > 0  # hooks captured through the DDP wrapper
     assert_close_rows(ddp, single)
