@@ -3,8 +3,12 @@
 Compared side by side, in one run, for each kernel (linear, poly d=2 c=0, gaussian with an explicit
 bandwidth so that every form does the same arithmetic):
 
-* featkd     -- ``featkd.functional.nst_loss`` (channel means for linear; cheaper of the N×N / C×C
-                route for poly; one Gram matrix per block for every other kernel)
+* featkd     -- ``featkd.functional.nst_loss``: with equal channel counts (as here) the paired,
+                cancellation-free route from D = X - Y (mean of D for linear; cheaper of the N×N /
+                C×C products for poly; the kernel's second difference on three Gram blocks otherwise)
+* three-mean -- featkd's previous computation, kept as the route for unequal channel counts:
+                mean k(X,X) + mean k(Y,Y) - 2 mean k(X,Y) (channel means for linear, the N×N
+                route for poly when cheaper) — the time the paired route must stay within 1.3× of
 * bmm        -- the plain batched-Gram version: k(bmm(x, yᵀ)).mean() for the three blocks
 * broadcast  -- the public-code form ``(a.unsqueeze(1) * b.unsqueeze(2)).sum(-1)`` (a (B, C, C, N)
                 temporary per block), as in RepDistiller / mdistiller
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from featkd.functional import nst_loss  # noqa: E402
+from featkd.functional import nst as nst_module, nst_loss  # noqa: E402
 
 SHAPES = [(16, 32, 32), (64, 16, 16), (256, 8, 8), (512, 7, 7)]
 KERNELS = ["linear", "poly", "gaussian"]
@@ -109,11 +113,24 @@ def loop_form(f_s, f_t, kernel):
     return total / x.shape[0]
 
 
+def _options(kernel):
+    return {"sigma2": SIGMA2} if kernel == "gaussian" else {}
+
+
 def featkd_form(f_s, f_t, kernel):
-    return nst_loss(f_s, f_t, kernel, sigma2=SIGMA2 if kernel == "gaussian" else None)
+    return nst_loss(f_s, f_t, kernel, **_options(kernel))
 
 
-FORMS = {"featkd": featkd_form, "bmm": bmm_form, "broadcast": broadcast_form, "loops": loop_form}
+def three_mean_form(f_s, f_t, kernel):
+    x, y = f_s.flatten(2), f_t.detach().flatten(2)
+    if kernel == "poly":
+        return nst_module.spatial_gram_distance(x, y, "auto").mean()
+    spec = nst_module.KERNELS[kernel]
+    return nst_module._three_mean_mmd(spec, spec.resolve(_options(kernel)), x, y).mean()
+
+
+FORMS = {"featkd": featkd_form, "three-mean": three_mean_form, "bmm": bmm_form, "broadcast": broadcast_form,
+         "loops": loop_form}
 
 
 # ---- measurement ---------------------------------------------------------------------------------
@@ -189,9 +206,9 @@ def fmt_mib(nbytes):
 
 def run(device, batches, shapes, repeats, max_broadcast_gib, max_loop_pairs):
     print(f"\n### {device.type.upper()}  ({torch.get_num_threads()} threads)\n")
-    print("| B | C | H×W | kernel | featkd ms | bmm ms | broadcast ms | loops ms | × vs broadcast | × vs bmm "
-          "| featkd peak MiB | bmm peak MiB | broadcast peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| B | C | H×W | kernel | featkd ms | three-mean ms | featkd time / three-mean | bmm ms | broadcast ms "
+          "| loops ms | × vs broadcast | × vs bmm | featkd peak MiB | bmm peak MiB | broadcast peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     notes = []
     for b in batches:
         for c, h, w in shapes:
@@ -218,13 +235,35 @@ def run(device, batches, shapes, repeats, max_broadcast_gib, max_loop_pairs):
                 m = {k: v[1] for k, v in res.items()}
                 ratio_b = f"{t['broadcast'] / t['featkd']:.1f}" if "broadcast" in t else "—"
                 ratio_m = f"{t['bmm'] / t['featkd']:.1f}"
-                print(f"| {b} | {c} | {h}×{w} | {kernel} | {fmt_ms(t['featkd'])} | {fmt_ms(t['bmm'])} | "
+                print(f"| {b} | {c} | {h}×{w} | {kernel} | {fmt_ms(t['featkd'])} | {fmt_ms(t['three-mean'])} | "
+                      f"{t['featkd'] / t['three-mean']:.2f} | {fmt_ms(t['bmm'])} | "
                       f"{fmt_ms(t.get('broadcast'))} | {fmt_ms(t.get('loops'))} | {ratio_b} | {ratio_m} | "
                       f"{fmt_mib(m['featkd'])} | {fmt_mib(m['bmm'])} | {fmt_mib(m.get('broadcast'))} |", flush=True)
     print(f"\nloops: explicit Python loops over samples and channel pairs, run once, only where B·C² ≤ {max_loop_pairs} "
           "(elsewhere too slow: —).")
     for note in dict.fromkeys(notes):
         print(f"- {note}")
+    accuracy(device, shapes)
+
+
+def accuracy(device, shapes, b=8):
+    """Relative error against float64 on the same float32 tensors, student = teacher + eps (post-ReLU maps)."""
+    print("\nValue accuracy, student = teacher + eps (ReLU maps), |float32 - float64| / float64, worst over eps "
+          "in 1e-1 … 1e-4:\n")
+    print("| C | H×W | kernel | featkd | three-mean |")
+    print("|---|---|---|---|---|")
+    for c, h, w in shapes:
+        gen = torch.Generator().manual_seed(1)
+        f_t = torch.randn(b, c, h, w, generator=gen).relu().to(device)
+        for kernel in KERNELS:
+            worst = {"featkd": 0.0, "three-mean": 0.0}
+            for eps in (1e-1, 1e-2, 1e-3, 1e-4):
+                f_s = (f_t + eps * torch.randn(b, c, h, w, generator=gen).to(device)).relu()
+                exact = featkd_form(f_s.double(), f_t.double(), kernel).item()
+                for name in worst:
+                    got = FORMS[name](f_s, f_t, kernel).item()
+                    worst[name] = max(worst[name], abs(got - exact) / exact)
+            print(f"| {c} | {h}×{w} | {kernel} | {worst['featkd']:.1e} | {worst['three-mean']:.1e} |", flush=True)
 
 
 def main(argv=None):

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as KF
+from .functional.logits import check_temperature
 from .functional._shapes import channels, check_choice, check_spatial, unknown_name_error
-from .functional.nst import kernel_signature
 
 Shape = Sequence[int]
 
@@ -24,19 +24,19 @@ Shape = Sequence[int]
 class NSTLoss(nn.Module):
     """Neuron Selectivity Transfer: kernel MMD between channels (see :func:`featkd.functional.nst_loss`)."""
 
-    def __init__(self, kernel="poly", *, degree=2, c=0.0, sigma2=None, resize=None,
-                 layout="channels_first", route="auto", **kernel_options):
+    def __init__(self, kernel="poly", *, resize=None, layout="channels_first", route="auto", **kernel_options):
         super().__init__()
         if kernel not in KF.KERNELS:
             raise unknown_name_error("NST kernel", kernel, sorted(KF.KERNELS))
-        _, accepted = kernel_signature(KF.KERNELS[kernel])
+        spec = KF.KERNELS[kernel]
         for key in kernel_options:
-            if key not in accepted:
-                known = sorted(set(accepted) | {"degree", "c", "sigma2", "resize", "layout", "route"})
+            if key not in spec.defaults:
+                known = sorted(set(spec.defaults) | {"resize", "layout", "route"})
                 raise unknown_name_error(f"NST kernel {kernel!r} option", key, known)
+        spec.resolve(kernel_options)  # invalid parameters are refused when the loss is built
+        check_choice("NST route", route, KF.nst.ROUTES)
         self.kernel = kernel
-        self.options = dict(degree=degree, c=c, sigma2=sigma2, resize=resize, layout=layout, route=route,
-                            **kernel_options)
+        self.options = dict(resize=resize, layout=layout, route=route, **kernel_options)
 
     def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
         check_spatial(student_shape, teacher_shape, self.options["resize"], self.options["layout"])
@@ -51,16 +51,17 @@ class NSTLoss(nn.Module):
 class ATLoss(nn.Module):
     """Attention Transfer (see :func:`featkd.functional.at_loss`)."""
 
-    def __init__(self, p=2, *, mode="official", resize=None, layout="channels_first"):
+    def __init__(self, p=2, *, mode="official", q=2, resize=None, layout="channels_first"):
         super().__init__()
         check_choice("AT mode", mode, KF.AT_MODES)
-        self.p, self.mode, self.resize, self.layout = p, mode, resize, layout
+        KF.at_loss(torch.ones(1, 1, 1), torch.ones(1, 1, 1), p, mode=mode, q=q)  # refuses bad exponents now
+        self.p, self.mode, self.q, self.resize, self.layout = p, mode, q, resize, layout
 
     def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
         check_spatial(student_shape, teacher_shape, self.resize, self.layout)
 
     def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
-        return KF.at_loss(f_s, f_t, self.p, mode=self.mode, resize=self.resize, layout=self.layout)
+        return KF.at_loss(f_s, f_t, self.p, mode=self.mode, q=self.q, resize=self.resize, layout=self.layout)
 
 
 class GramLoss(nn.Module):
@@ -193,6 +194,7 @@ class KDLoss(nn.Module):
 
     def __init__(self, T: float = 4.0):
         super().__init__()
+        check_temperature(T)
         self.T = T
 
     def forward(self, student_logits, teacher_logits, targets=None):
@@ -204,6 +206,7 @@ class KDCELoss(nn.Module):
 
     def __init__(self, T: float = 4.0, alpha: float = 0.9, beta: float = 0.1):
         super().__init__()
+        check_temperature(T)
         self.T, self.alpha, self.beta = T, alpha, beta
 
     def forward(self, student_logits, teacher_logits, targets=None):
@@ -224,6 +227,7 @@ class SoftCEMSELoss(nn.Module):
 
     def __init__(self, T: float = 4.0, lam: float = 0.5):
         super().__init__()
+        check_temperature(T)
         self.T, self.lam = T, lam
 
     def forward(self, student_logits, teacher_logits, targets=None):
@@ -235,6 +239,7 @@ class SymKLLoss(nn.Module):
 
     def __init__(self, T: float = 1.0, one_sided: bool = False):
         super().__init__()
+        check_temperature(T)
         self.T, self.one_sided = T, one_sided
 
     def forward(self, student_logits, teacher_logits, targets=None):

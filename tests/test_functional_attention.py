@@ -27,12 +27,27 @@ def test_official_mode_matches_reference(p, cs, ct):
     assert torch.allclose(KF.attention_map(f_s, p), torch.from_numpy(q_s))
 
 
-@pytest.mark.parametrize("p", [1, 2, 4])
-def test_paper_mode_is_batch_mean_of_p_norm(p):
+@pytest.mark.parametrize("p,q", [(1, 2), (2, 2), (4, 2), (2, 1), (2, 3), (3, 1.5)])
+def test_paper_mode_has_separate_map_and_norm_exponents(p, q):
+    # The paper: maps sum_c |A_c|^p, loss ||Q_s/|Q_s|_2 - Q_t/|Q_t|_2||_q — two exponents, both 2 in its runs.
     f_s, f_t = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randn(3, 2, 6, 6, dtype=torch.float64)
     q_s, q_t = at_map_reference(f_s.numpy(), p), at_map_reference(f_t.numpy(), p)
-    want = np.mean([np.sum(np.abs(q_s[i] - q_t[i]) ** p) ** (1 / p) for i in range(3)])
-    assert KF.at_loss(f_s, f_t, p, mode="paper").item() == pytest.approx(want, rel=1e-12)
+    want = np.mean([np.sum(np.abs(q_s[i] - q_t[i]) ** q) ** (1 / q) for i in range(3)])
+    assert KF.at_loss(f_s, f_t, p, mode="paper", q=q).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_paper_mode_norm_is_2_whatever_the_map_exponent():
+    f_s, f_t = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    q_s, q_t = at_map_reference(f_s.numpy(), 4), at_map_reference(f_t.numpy(), 4)
+    want = np.mean([np.sqrt(np.sum((q_s[i] - q_t[i]) ** 2)) for i in range(2)])
+    assert KF.at_loss(f_s, f_t, 4, mode="paper").item() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("options,message", [({"p": 0}, "p must be > 0"), ({"p": -2}, "p must be > 0"),
+                                             ({"mode": "paper", "q": 0.5}, "q must be >= 1")])
+def test_invalid_exponents_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        KF.at_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), **options)
 
 
 def test_official_code_expression_for_p2():

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from scipy.special import log_softmax, rel_entr, softmax
 
 import featkd.functional as KF
+from featkd.losses import build_logit_loss
 
 
 def logits(b=4, k=5, seed=0):
@@ -129,3 +130,19 @@ def test_property_kd_non_negative_zero_on_self(b, k, T, seed):
     assert got >= 0
     assert abs(KF.kd_loss(s, s.clone(), T).item()) < 1e-12
     assert abs(KF.sym_kl_loss(s, s.clone(), T).item()) < 1e-12
+
+
+@pytest.mark.parametrize("T", [0, -1, -4.0])
+def test_non_positive_temperature_is_refused_by_function_and_module(T):
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    for fn in (KF.kd_loss, KF.soft_ce_mse_loss, KF.sym_kl_loss):
+        with pytest.raises(ValueError, match="temperature T must be > 0"):
+            fn(s, t, T)
+    for name in ("kd", "kd_ce", "soft_ce_mse", "sym_kl"):
+        with pytest.raises(ValueError, match="temperature T must be > 0"):
+            build_logit_loss(name, T=T)
+
+
+def test_empty_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match="empty batch"):
+        KF.kd_loss(torch.randn(0, 5), torch.randn(0, 5))

@@ -98,6 +98,8 @@ def resize_pair(f_a: Tensor, f_b: Tensor, resize=None, layout="channels_first") 
     check_spatial(f_a.shape, f_b.shape, resize, layout)
     if f_a.shape[0] != f_b.shape[0]:
         raise ValueError(f"batch sizes differ: student {tuple(f_a.shape)} vs teacher {tuple(f_b.shape)}")
+    if f_a.shape[0] == 0:
+        raise ValueError(f"feature loss of an empty batch (B = 0): student {tuple(f_a.shape)}, teacher {tuple(f_b.shape)}")
     if f_a.dim() == 4 and f_a.shape[2:] != f_b.shape[2:] and resize is not None:
         if resize == "pool":
             # Pool whichever map is larger (per axis) down to the smaller grid.
@@ -109,15 +111,28 @@ def resize_pair(f_a: Tensor, f_b: Tensor, resize=None, layout="channels_first") 
     return to_bcn(f_a, layout, "student"), to_bcn(f_b, layout, "teacher")
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has one query per device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def full_precision(fn):
     """Run a loss with autocast off and half-precision inputs upcast to float32.
 
     Squared distances and MMD differences cancel badly in bf16/fp16; the Gram products are cheap
-    enough to do in float32 under mixed precision. float64 inputs stay float64.
+    enough to do in float32 under mixed precision. float64 inputs stay float64. The devices whose
+    autocast is turned off are those of every tensor argument, positional or keyword; outside
+    autocast with float32 inputs the loss is called as it is (the check costs no more than a
+    dictionary lookup, which matters for the cheap losses such as AT).
     """
 
     def upcast(x):
-        if isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16):
+        if isinstance(x, Tensor) and x.dtype in _HALF:
             return x.float()
         if isinstance(x, (tuple, list)):
             return type(x)(upcast(v) for v in x)
@@ -125,9 +140,13 @@ def full_precision(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        device_types = {a.device.type for a in _tensors(args)} or {"cpu"}
+        tensors = list(_tensors(args)) + list(_tensors(kwargs.values()))
+        device_types = {t.device.type for t in tensors} or {"cpu"}
+        autocast_on = sorted(d for d in device_types if _autocast_enabled(d))
+        if not autocast_on and not any(t.dtype in _HALF for t in tensors):
+            return fn(*args, **kwargs)
         with contextlib.ExitStack() as stack:
-            for device_type in sorted(device_types):
+            for device_type in autocast_on:
                 stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
             return fn(*(upcast(a) for a in args), **{k: upcast(v) for k, v in kwargs.items()})
 
@@ -140,4 +159,3 @@ def _tensors(args):
             yield a
         elif isinstance(a, (tuple, list)):
             yield from _tensors(a)
-

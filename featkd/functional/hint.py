@@ -20,4 +20,6 @@ def hint_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
             f"hint_loss needs equal shapes, got student {tuple(f_s.shape)} vs teacher {tuple(f_t.shape)}; "
             "use featkd.losses.HintLoss(student_shape, teacher_shape) for a learnable regressor"
         )
+    if f_s.shape[0] == 0:
+        raise ValueError(f"hint loss of an empty batch (B = 0): student {tuple(f_s.shape)}")
     return F.mse_loss(f_s, f_t.detach())

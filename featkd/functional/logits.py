@@ -14,12 +14,22 @@ from ._shapes import full_precision
 UNLABELED = -1
 
 
-def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
+def _check_logits(student_logits: Tensor, teacher_logits: Tensor, T: float | None = None) -> None:
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(
             f"logit losses need two (B, num_classes) tensors of one shape, got student {tuple(student_logits.shape)} "
             f"and teacher {tuple(teacher_logits.shape)}"
         )
+    if student_logits.shape[0] == 0:
+        raise ValueError("logit loss of an empty batch (B = 0): nothing to average")
+    if T is not None:
+        check_temperature(T)
+
+
+def check_temperature(T) -> None:
+    """A softmax temperature must be a number > 0 (T <= 0 flips or divides by zero)."""
+    if isinstance(T, bool) or not isinstance(T, (int, float)) or not T > 0:
+        raise ValueError(f"temperature T must be > 0, got {T!r}")
 
 
 @full_precision
@@ -28,7 +38,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0) -> T
 
     The T^2 factor keeps the gradient scale independent of T.
     """
-    _check_logits(student_logits, teacher_logits)
+    _check_logits(student_logits, teacher_logits, T)
     log_p_s = F.log_softmax(student_logits / T, dim=1)
     log_p_t = F.log_softmax(teacher_logits / T, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
@@ -81,7 +91,7 @@ def soft_ce_mse_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"soft_ce_mse_loss needs 0 <= lam <= 1, got lam={lam}")
-    _check_logits(student_logits, teacher_logits)
+    _check_logits(student_logits, teacher_logits, T)
     p_t = F.softmax(teacher_logits / T, dim=1)
     soft_ce = -(p_t * F.log_softmax(student_logits / T, dim=1)).sum(1).mean() * (T * T)
     return (1.0 - lam) * soft_ce + lam * F.mse_loss(student_logits, teacher_logits)
@@ -90,7 +100,7 @@ def soft_ce_mse_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 
 @full_precision
 def sym_kl_loss(logits_a: Tensor, logits_b: Tensor, T: float = 1.0) -> Tensor:
     """Symmetric KL: T^2 · (KL(p_a || p_b) + KL(p_b || p_a)), batch mean; gradients reach both sides."""
-    _check_logits(logits_a, logits_b)
+    _check_logits(logits_a, logits_b, T)
     log_a = F.log_softmax(logits_a / T, dim=1)
     log_b = F.log_softmax(logits_b / T, dim=1)
     kl_ab = F.kl_div(log_b, log_a, reduction="batchmean", log_target=True)

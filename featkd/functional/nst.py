@@ -5,79 +5,178 @@ R^N. The loss is the biased squared MMD
 
     mean_ij k(s_i, s_j) + mean_ij k(t_i, t_j) - 2 mean_ij k(s_i, t_j)
 
-averaged over the batch. Every kernel is an elementwise function of the batched Gram matrices
-(``bmm``), so nothing of size (B, C, C, N) is ever built:
+averaged over the batch. Every kernel is an elementwise function of batched Gram matrices
+(``bmm``), so nothing of size (B, C, C, N) is ever built.
 
-* linear: the MMD is the squared distance of the channel means, O(B·C·N);
-* poly with degree=2, c=0 (the paper's kernel): ``||X^T X / Cs - Y^T Y / Ct||_F^2`` through the
-  N×N Gram when that is cheaper than the C×C route (and non-negative by construction, so accurate
-  when the student is close to the teacher; the C×C route's a + b - 2c form is not);
-* every other kernel: the three C×C Gram blocks, with squared distances ``|x|^2 + |y|^2 - 2 x^T y``
-  from the true norms (dead channels are zero vectors) clamped at 0.
+Accuracy. Written as above, the three means are O(1) and their difference is O(ε²) when the
+student is within ε of the teacher: float32 keeps none of its digits at ε = 1e-4. When student and
+teacher have the same channel count, the MMD is computed instead from the *difference* of the unit
+channels, D = X - Y (:func:`unit_difference`), as the mean over channel pairs of the kernel's
+second difference
 
-The teacher is a fixed target: its features are detached and the teacher–teacher term is computed
-under ``no_grad``.
+    k(x_i, x_j) - k(x_i, y_j) - k(y_i, x_j) + k(y_i, y_j),
 
-Adding a kernel takes one function registered with :func:`register_kernel`; it receives the Gram
-entries as ``dot`` and/or the squared distances as ``sq_dist`` (declare the ones you need) plus
-its own keyword parameters. A kernel with a ``sigma2`` parameter gets the median heuristic when
-``sigma2=None``.
+which each kernel states in a cancellation-free form (``second_difference``). Kernels with a small
+explicit feature map take a cheaper route (``feature_map``): "mean" (linear: the squared distance
+of the channel means, whose rounding is first order only) or "outer" (poly degree 2, c = 0: ``||(XᵀX - YᵀY) / C||²_F`` through the N×N or the
+C×C products, whichever is cheaper). With unequal channel counts no channel pairing exists and the
+three-mean form is used (the N×N route for poly 2/0, non-negative by construction).
+
+The teacher is a fixed target: its features are detached and teacher-only products run under
+``no_grad``.
+
+Adding a kernel takes one function registered with :func:`register_kernel`: it receives the Gram
+entries as ``dot`` or the squared distances as ``sq_dist`` (declare the one you need) plus its own
+keyword parameters, whose defaults are its own. A kernel with a ``sigma2`` parameter gets the
+median heuristic when ``sigma2=None``. Without a ``second_difference`` it is computed by the
+three-mean form.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-from typing import Callable, Sequence
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from ._shapes import check_choice, full_precision, resize_pair, unknown_name_error
 
-KERNELS: dict[str, Callable[..., Tensor]] = {}
 ROUTES = ("auto", "spatial", "channels")
+STRUCTURES = ("dot", "sq_dist")
 
 
-def register_kernel(name: str):
-    """Decorator adding an elementwise kernel ``fn(dot=..., sq_dist=..., **params)`` to :data:`KERNELS`."""
+@dataclass(frozen=True)
+class Kernel:
+    """A registered NST kernel and what the loss may rely on about it.
+
+    * ``fn(dot=... | sq_dist=..., **params)``: the kernel elementwise on Gram entries or squared
+      distances (``structure`` says which).
+    * ``second_difference(base, du, dv, dw, **params)``: ``f(base+du+dv+dw) - f(base+du) -
+      f(base+dv) + f(base)`` for the kernel's elementwise ``f``, without cancellation; None if
+      the kernel has none (then the three-mean form is used).
+    * ``feature_map(params)``: "mean" or "outer" when the kernel with these parameters has that
+      explicit feature map (see the module docstring), else None.
+    * ``check(params)``: raises ValueError for parameters that do not give a positive definite
+      kernel (a squared MMD is never negative).
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    structure: str
+    defaults: Mapping[str, Any]
+    second_difference: Callable[..., Tensor] | None = None
+    feature_map: Callable[[Mapping[str, Any]], str | None] | None = None
+    check: Callable[[Mapping[str, Any]], None] | None = None
+
+    def resolve(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The kernel's parameters: its defaults updated by ``options``, checked."""
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"NST kernel {self.name!r} takes options {sorted(self.defaults)}, "
+                             f"got unknown {sorted(unknown)}")
+        params = {**self.defaults, **options}
+        if self.check is not None:
+            self.check(params)
+        return params
+
+
+KERNELS: dict[str, Kernel] = {}
+
+
+def register_kernel(name: str, *, second_difference=None, feature_map=None, check=None):
+    """Decorator adding an elementwise kernel ``fn(dot=... or sq_dist=..., **params)`` to :data:`KERNELS`."""
 
     def add(fn):
-        KERNELS[name] = fn
+        params = inspect.signature(fn).parameters
+        inputs = [p for p in params if p in STRUCTURES]
+        if len(inputs) != 1:
+            raise ValueError(f"kernel {name!r} must take exactly one of {STRUCTURES}, got {inputs}")
+        defaults = {p: (None if v.default is inspect.Parameter.empty else v.default)
+                    for p, v in params.items() if p not in STRUCTURES}
+        KERNELS[name] = Kernel(name, fn, inputs[0], defaults, second_difference, feature_map, check)
         return fn
 
     return add
 
 
-@register_kernel("linear")
+# ----------------------------------------------------------------------------- the built-in kernels
+
+
+def _linear_difference(base, du, dv, dw):
+    return dw
+
+
+@register_kernel("linear", second_difference=_linear_difference, feature_map=lambda params: "mean")
 def linear_kernel(dot: Tensor) -> Tensor:
     """k(x, y) = x^T y."""
     return dot
 
 
-@register_kernel("poly")
+def _poly_difference(base, du, dv, dw, *, degree, c):
+    # h(z) = (b + z)^p with b = base + c:
+    #   h(u+v+w) - h(u+v)              = w · Σ_k (b+u+v+w)^k (b+u+v)^(p-1-k)
+    #   h(u+v) - h(u) - h(v) + h(0)    = Σ_{k≥2} C(p,k) b^(p-k) Σ_{0<m<k} C(k,m) u^m v^(k-m)
+    # Every term is a product with a small quantity (w, or u and v together): no cancellation.
+    b = base + c if c else base
+    uv, full = b + du + dv, b + du + dv + dw
+    first = sum(full.pow(k) * uv.pow(degree - 1 - k) for k in range(degree))
+    out = dw * first
+    for k in range(2, degree + 1):
+        cross = sum(math.comb(k, m) * du.pow(m) * dv.pow(k - m) for m in range(1, k))
+        out = out + math.comb(degree, k) * b.pow(degree - k) * cross
+    return out
+
+
+def _check_poly(params):
+    degree, c = params["degree"], params["c"]
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"NST poly kernel: degree must be a positive integer, got {degree!r}")
+    if not c >= 0:
+        raise ValueError(f"NST poly kernel: c must be >= 0 (the kernel is not positive definite otherwise), got {c!r}")
+
+
+@register_kernel("poly", second_difference=_poly_difference, check=_check_poly,
+                 feature_map=lambda params: "outer" if params["degree"] == 2 and params["c"] == 0 else None)
 def poly_kernel(dot: Tensor, *, degree: int = 2, c: float = 0.0) -> Tensor:
     """k(x, y) = (x^T y + c)^degree (the NST paper uses degree=2, c=0)."""
     return (dot + c).pow(degree) if c else dot.pow(degree)
 
 
-@register_kernel("gaussian")
-def gaussian_kernel(sq_dist: Tensor, *, sigma2) -> Tensor:
-    """k(x, y) = exp(-|x - y|^2 / (2 sigma2)); a sequence of bandwidths sums one kernel per bandwidth."""
-    bandwidths = sigma2 if isinstance(sigma2, (list, tuple)) else (sigma2,)
-    out = torch.exp(sq_dist / (-2.0 * bandwidths[0]))
-    for s2 in bandwidths[1:]:
-        out = out + torch.exp(sq_dist / (-2.0 * s2))
+def _bandwidths(sigma2):
+    return sigma2 if isinstance(sigma2, (list, tuple)) else (sigma2,)
+
+
+def _gaussian_difference(base, du, dv, dw, *, sigma2):
+    # exp(a·(Q+α+β+γ)) - exp(a·(Q+α)) - exp(a·(Q+β)) + exp(a·Q)
+    #   = exp(aQ) [expm1(aα) expm1(aβ) + exp(aα) exp(aβ) expm1(aγ)],   a = -1 / (2σ²)
+    out = 0
+    for s2 in _bandwidths(sigma2):
+        scale = -0.5 / s2
+        e_u, e_v = torch.expm1(du * scale), torch.expm1(dv * scale)
+        out = out + torch.exp(base * scale) * (e_u * e_v + (1 + e_u) * (1 + e_v) * torch.expm1(dw * scale))
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def kernel_signature(fn) -> tuple[frozenset, frozenset]:
-    """(Gram inputs the kernel declares, its keyword parameters)."""
-    params = inspect.signature(fn).parameters
-    inputs = frozenset(p for p in params if p in ("dot", "sq_dist"))
-    options = frozenset(p for p in params if p not in ("dot", "sq_dist"))
-    return inputs, options
+def _check_gaussian(params):
+    sigma2 = params["sigma2"]
+    if sigma2 is None:
+        return
+    values = _bandwidths(sigma2)
+    if not values or any(isinstance(s, Tensor) and s.numel() != 1 for s in values) or not all(float(s) > 0 for s in values):
+        raise ValueError(f"NST gaussian kernel: sigma2 must be > 0 (or a list of values > 0, or None for the "
+                         f"median heuristic), got {sigma2!r}")
+
+
+@register_kernel("gaussian", second_difference=_gaussian_difference, check=_check_gaussian)
+def gaussian_kernel(sq_dist: Tensor, *, sigma2=None) -> Tensor:
+    """k(x, y) = exp(-|x - y|^2 / (2 sigma2)); a sequence of bandwidths sums one kernel per bandwidth."""
+    out = 0
+    for s2 in _bandwidths(sigma2):
+        out = out + torch.exp(sq_dist * (-0.5 / s2))
+    return out
 
 
 def median_bandwidth(sq_dist: Tensor) -> Tensor:
@@ -93,15 +192,15 @@ def median_bandwidth(sq_dist: Tensor) -> Tensor:
         return torch.where(med > 0, med, torch.ones_like(med))
 
 
+# ----------------------------------------------------------------------------- the loss
+
+
 @full_precision
 def nst_loss(
     f_s: Tensor,
     f_t: Tensor,
     kernel: str = "poly",
     *,
-    degree: int = 2,
-    c: float = 0.0,
-    sigma2: float | Sequence[float] | None = None,
     resize: str | None = None,
     layout: str = "channels_first",
     route: str = "auto",
@@ -113,35 +212,32 @@ def nst_loss(
         f_s, f_t: student / teacher features; channel counts may differ, spatial sizes must match
             unless ``resize`` is ``"pool"`` or ``"interpolate"``.
         kernel: a name in :data:`KERNELS` ("linear", "poly", "gaussian", or one you registered).
-        degree, c: polynomial kernel parameters.
-        sigma2: Gaussian bandwidth(s); None uses :func:`median_bandwidth`.
         layout: "channels_first" for (B, C, H, W) / (B, C, N), "tokens" for (B, N, C).
-        route: for poly degree=2, c=0 only: "spatial" (N×N Gram difference, cancellation-free),
-            "channels" (C×C Gram blocks), or "auto" (the cheaper).
-        kernel_options: further keyword parameters of a registered kernel.
+        route: for kernels with the "outer" feature map (poly degree 2, c = 0): "spatial" (N×N),
+            "channels" (C×C), or "auto" (the cheaper).
+        kernel_options: the kernel's parameters — ``degree``, ``c`` (poly, default 2 and 0),
+            ``sigma2`` (gaussian: a value > 0, a list of them, or None for the median heuristic).
     """
     if kernel not in KERNELS:
         raise unknown_name_error("NST kernel", kernel, sorted(KERNELS))
     check_choice("NST route", route, ROUTES)
+    spec = KERNELS[kernel]
+    params = spec.resolve(kernel_options)
     x, y = resize_pair(f_s, f_t.detach(), resize, layout)
-    if kernel == "linear":
+    feature_map = spec.feature_map(params) if spec.feature_map else None
+    if feature_map == "mean":
+        # The squared distance of the channel means: first-order rounding only, never negative.
         return _linear_mmd(x, y).mean()
-    if kernel == "poly" and degree == 2 and c == 0:
-        return spatial_gram_distance(x, y, route, normalize=True).mean()
-    fn = KERNELS[kernel]
-    inputs, accepted = kernel_signature(fn)
-    given = {"degree": degree, "c": c, "sigma2": sigma2, **kernel_options}
-    unknown = set(kernel_options) - accepted
-    if unknown:
-        raise ValueError(f"kernel {kernel!r} takes options {sorted(accepted)}, got unknown {sorted(unknown)}")
-    params = {k: v for k, v in given.items() if k in accepted}
-    return _gram_mmd(fn, inputs, params, x, y).mean()
+    if x.shape[1] == y.shape[1] and (feature_map or spec.second_difference):
+        return _paired_mmd(spec, params, feature_map, route, x, y).mean()
+    if feature_map == "outer":
+        return spatial_gram_distance(x, y, "spatial" if route == "auto" else route, normalize=True).mean()
+    return _three_mean_mmd(spec, params, x, y).mean()
 
 
-# The channels are never normalised as (B, C, N) tensors where a Gram matrix is formed anyway:
-# the Gram of the unit rows is the raw Gram scaled by 1/|f_i| 1/|f_j|, with the squared norms read
-# off its diagonal. That is O(C²) instead of O(C·N) elementwise work (and its backward), which is
-# what dominates when C is small next to N.
+# The channels are never normalised as (B, C, N) tensors where a Gram matrix is formed anyway on the
+# unpaired route: the Gram of the unit rows is the raw Gram scaled by 1/|f_i| 1/|f_j|, with the
+# squared norms read off its diagonal.
 
 _DEAD = 1e-24  # squared norm under which a channel is all-zero (F.normalize's eps, squared)
 
@@ -160,16 +256,47 @@ def _unit_gram(gram: Tensor, inv_a: Tensor, inv_b: Tensor) -> Tensor:
     return gram * (inv_a.unsqueeze(2) * inv_b.unsqueeze(1))
 
 
-def _linear_mmd(x: Tensor, y: Tensor) -> Tensor:
-    """Squared distance of the means of the unit rows, as one (B, 1, C) @ (B, C, N) product each."""
+def unit_difference(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(D, Y, live_x, live_y): D = x/|x| - y/|y| per row, Y = y/|y| (no grad); dead rows are zero vectors.
 
-    def unit_mean(f):
-        weights = inverse_norms(f.square().sum(-1)) / f.shape[1]
-        return torch.bmm(weights.unsqueeze(1), f).squeeze(1)
-
+    D's own rounding is first order: about 1e-7/eps relative when x is within eps of y (3.5e-4 measured
+    at eps = 1e-4), against the 1e-7/eps² of the three-mean form. Forming it without any cancellation
+    ((x - y)/|x| + y (1/|x| - 1/|y|)) took 1.3–2.6× the time of the whole loss at C = 16, N = 1024.
+    """
+    inv_x = inverse_norms(x.square().sum(-1))
     with torch.no_grad():
-        y_mean = unit_mean(y)
-    return (unit_mean(x) - y_mean).square().sum(-1)
+        inv_y = inverse_norms(y.square().sum(-1))
+        unit_y = y * inv_y.unsqueeze(-1)
+    return x * inv_x.unsqueeze(-1) - unit_y, unit_y, inv_x > 0, inv_y > 0
+
+
+def _paired_mmd(spec: Kernel, params: dict, feature_map: str | None, route: str, x: Tensor, y: Tensor) -> Tensor:
+    """Per-sample MMD from D = X - Y (equal channel counts): see the module docstring."""
+    c, n = x.shape[1], x.shape[2]
+    d, unit_y, live_x, live_y = unit_difference(x, y)
+    if feature_map == "outer" and (route == "spatial" or (route == "auto" and n < c)):
+        # XᵀX - YᵀY = DᵀY + YᵀD + DᵀD  (N×N)
+        p = torch.bmm(d.transpose(1, 2), unit_y)
+        diff = torch.baddbmm(p + p.transpose(1, 2), d.transpose(1, 2), d)
+        return _sq_frobenius(diff) / (c * c)
+    # Gram blocks in increments: x_i·y_j = a + u_ij, y_i·x_j = a + u_ji, x_i·x_j = a + u_ij + u_ji + w_ij.
+    with torch.no_grad():
+        a = torch.bmm(unit_y, unit_y.transpose(1, 2))
+    u = torch.bmm(d, unit_y.transpose(1, 2))
+    w = torch.bmm(d, d.transpose(1, 2))
+    if spec.structure == "dot":
+        base, du, dv, dw = a, u, u.transpose(1, 2), w
+    else:
+        # |p|² + |q|² - 2 p·q with |.|² ∈ {0, 1} (dead or live); the student's norms change by e.
+        n_y = live_y.to(a.dtype)
+        e = live_x.to(a.dtype) - n_y
+        with torch.no_grad():
+            base = (n_y.unsqueeze(2) + n_y.unsqueeze(1) - 2 * a).clamp_min(0.0)
+        du = e.unsqueeze(2) - 2 * u
+        dv, dw = du.transpose(1, 2), -2 * w
+        if "sigma2" in params and params["sigma2"] is None:
+            params = {**params, "sigma2": median_bandwidth((base + du).clamp_min(0.0))}
+    return spec.second_difference(base, du, dv, dw, **params).mean((1, 2))
 
 
 def spatial_gram_distance(x: Tensor, y: Tensor, route: str = "auto", *, normalize: bool = True) -> Tensor:
@@ -212,7 +339,9 @@ def _sq_frobenius(m: Tensor) -> Tensor:
     return torch.bmm(flat, flat.transpose(1, 2)).view(-1)
 
 
-def _gram_mmd(fn, inputs, params, x: Tensor, y: Tensor) -> Tensor:
+def _three_mean_mmd(spec: Kernel, params: dict, x: Tensor, y: Tensor) -> Tensor:
+    """mean k(X,X) + mean k(Y,Y) - 2 mean k(X,Y) per sample (unequal channel counts, or a kernel without
+    a second difference)."""
     # Every elementwise pass over a (B, C, C) block costs as much as the block's bmm here, so the
     # rows are normalised once (O(C·N)) and squared distances come out of one fused baddbmm.
     inv_s = inverse_norms(x.square().sum(-1))
@@ -223,30 +352,34 @@ def _gram_mmd(fn, inputs, params, x: Tensor, y: Tensor) -> Tensor:
     # True squared norms of the unit rows: 1 for live channels, 0 for dead ones.
     n_s, n_t = (inv_s > 0).to(x.dtype), (inv_t > 0).to(y.dtype)
     needs_median = "sigma2" in params and params["sigma2"] is None
-    cross = _kernel_args(inputs | {"sq_dist"} if needs_median else inputs, x, y, n_s, n_t)
+    cross = _kernel_input(spec.structure, x, y, n_s, n_t)
     if needs_median:
-        params = {**params, "sigma2": median_bandwidth(cross["sq_dist"])}
-        cross = {k: v for k, v in cross.items() if k in inputs}
-    st = fn(**cross, **params).mean((1, 2))
+        params = {**params, "sigma2": median_bandwidth(cross)}
+    st = spec.fn(**{spec.structure: cross}, **params).mean((1, 2))
     del cross
-    ss = fn(**_kernel_args(inputs, x, x, n_s, n_s), **params).mean((1, 2))
+    ss = spec.fn(**{spec.structure: _kernel_input(spec.structure, x, x, n_s, n_s)}, **params).mean((1, 2))
     with torch.no_grad():
-        tt = fn(**_kernel_args(inputs, y, y, n_t, n_t), **params).mean((1, 2))
+        tt = spec.fn(**{spec.structure: _kernel_input(spec.structure, y, y, n_t, n_t)}, **params).mean((1, 2))
     return ss + tt - 2.0 * st
 
 
-def _kernel_args(inputs, a: Tensor, b: Tensor, n_a: Tensor, n_b: Tensor) -> dict[str, Tensor]:
-    """The Gram entries ``dot`` and/or squared distances ``sq_dist`` of unit rows a (B, P, N), b (B, Q, N)."""
-    args = {}
-    if "dot" in inputs:
-        args["dot"] = torch.bmm(a, b.transpose(1, 2))
-    if "sq_dist" in inputs:
-        with torch.no_grad():
-            norms = n_a.unsqueeze(2) + n_b.unsqueeze(1)
-        if "dot" in args:
-            sq = torch.add(norms, args["dot"], alpha=-2.0)
-        else:
-            sq = torch.baddbmm(norms, a, b.transpose(1, 2), alpha=-2.0)
-        # |a|^2 + |b|^2 - 2 a.b, clamped: rounding makes it slightly negative for a == b.
-        args["sq_dist"] = sq.clamp_min(0.0)
-    return args
+def _linear_mmd(x: Tensor, y: Tensor) -> Tensor:
+    """Squared distance of the means of the unit rows, as one (B, 1, C) @ (B, C, N) product each."""
+
+    def unit_mean(f):
+        weights = inverse_norms(f.square().sum(-1)) / f.shape[1]
+        return torch.bmm(weights.unsqueeze(1), f).squeeze(1)
+
+    with torch.no_grad():
+        y_mean = unit_mean(y)
+    return (unit_mean(x) - y_mean).square().sum(-1)
+
+
+def _kernel_input(structure: str, a: Tensor, b: Tensor, n_a: Tensor, n_b: Tensor) -> Tensor:
+    """The Gram entries (``dot``) or squared distances (``sq_dist``) of unit rows a (B, P, N), b (B, Q, N)."""
+    if structure == "dot":
+        return torch.bmm(a, b.transpose(1, 2))
+    with torch.no_grad():
+        norms = n_a.unsqueeze(2) + n_b.unsqueeze(1)
+    # |a|^2 + |b|^2 - 2 a.b, clamped: rounding makes it slightly negative for a == b.
+    return torch.baddbmm(norms, a, b.transpose(1, 2), alpha=-2.0).clamp_min(0.0)
