@@ -413,6 +413,7 @@ def fit(
     channels_last: bool = False,
     precision: Precision | None = None,
     best_metric: str | None = None,
+    eval_every: int = 1,
     progress: bool | None = None,
     log=print,
 ) -> list[dict[str, Any]]:
@@ -434,7 +435,12 @@ def fit(
     * A NaN/Inf loss raises :class:`DivergenceError` naming the term, step and
       epoch, before anything of that epoch is written.
     * ``precision`` is used for evaluation (default: the Method's own ``precision``).
+    * ``eval_every``: evaluate after every that many epochs and always after the last (a sweep of
+      dozens of students on a CPU spends more on evaluating than on training otherwise); epochs
+      without evaluation have no model metrics and cannot become ``best.pt``.
     """
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
     rank = distributed.info()
     run_dir = Path(run_dir)
     precision = precision or getattr(method, "precision", None) or Precision()
@@ -493,7 +499,8 @@ def fit(
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step}
         row.update({f"train/{name}": total / max(seen, 1) for name, total in sums.items()})
         models = method.eval_models()
-        for name, model in models.items():
+        evaluated = (epoch + 1) % eval_every == 0 or epoch + 1 == epochs
+        for name, model in models.items() if evaluated else ():
             scores = evaluate(model, test_loader, device=device, precision=precision, channels_last=channels_last)
             row.update({f"{name}/{key}": value for key, value in scores.items()})
         row["lr"] = lr
@@ -502,10 +509,11 @@ def fit(
         history.append(row)
 
         metric = best_metric or f"{next(iter(models))}/acc1"
-        if metric not in row:
+        if evaluated and metric not in row:
             raise KeyError(f"best_metric {metric!r} is not among the epoch metrics {sorted(row)}")
         lower_is_better = metric.endswith("loss")
-        improved = best is None or (row[metric] < best["value"] if lower_is_better else row[metric] > best["value"])
+        improved = evaluated and (
+            best is None or (row[metric] < best["value"] if lower_is_better else row[metric] > best["value"]))
         if improved:
             best = {"metric": metric, "value": row[metric], "epoch": epoch + 1}
         rng = distributed.all_gather_object(ckpt.rng_state())

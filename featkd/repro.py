@@ -495,7 +495,7 @@ def build_members(teacher: nn.Module, student_name: str, recipes: Sequence[Recip
 
 
 def run_students(teacher, student_name, recipes, budget, info, train_loader, test_loader, run_dir: Path, device,
-                 base_config, log=print) -> dict[str, list[float]]:
+                 base_config, log=print, eval_every: int = 1) -> dict[str, list[float]]:
     """Train every (recipe, seed) student against one shared teacher; return ``{recipe: [acc % per seed]}``."""
     from featkd import sweep
 
@@ -509,7 +509,7 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
     _check_cached_config(run_dir, config)
     try:
         history = _fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,
-                                 config=config, log=lambda line: log(compact_summary(line)),
+                                 config=config, log=lambda line: log(compact_summary(line)), eval_every=eval_every,
                                  model_info={m.name: model_record(student_name, {}, info) for m in members})
     finally:
         method.close()
