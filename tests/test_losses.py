@@ -49,8 +49,15 @@ def test_shape_errors_at_build_time_name_the_shapes():
         build_feature_loss("gram", S, T, mode="channel")
     with pytest.raises(ValueError, match="smaller than teacher"):
         build_feature_loss("hint", (2, 4, 4, 4), (2, 6, 8, 8), resize="pool")
-    assert build_feature_loss("at", S, (2, 6, 4, 4), resize="pool") is not None
-    assert build_feature_loss("gram", S, (2, 4, 4, 4), mode="channel") is not None
+    f_s, f_small = torch.randn(S), torch.randn(2, 6, 4, 4)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(f_s, (4, 4))
+    at = build_feature_loss("at", S, (2, 6, 4, 4), resize="pool")
+    assert at(f_s, f_small).item() == pytest.approx(KF.at_loss(pooled, f_small).item(), rel=1e-6)
+    f_same_c = torch.randn(2, 4, 4, 4)
+    gram = build_feature_loss("gram", S, (2, 4, 4, 4), mode="channel")
+    g_s = f_s.flatten(2) @ f_s.flatten(2).transpose(1, 2) / 64
+    g_t = f_same_c.flatten(2) @ f_same_c.flatten(2).transpose(1, 2) / 16
+    assert gram(f_s, f_same_c).item() == pytest.approx((g_s - g_t).square().sum((1, 2)).mean().item(), rel=1e-5)
 
 
 def test_unknown_names_and_options_suggest_close_matches():
