@@ -31,9 +31,12 @@ import torch
 from torch import nn
 
 from featkd import checkpoint as ckpt
+from featkd.config import to_dict
 from featkd.hooks import FeatureExtractor
 
 MEMBERS_DIR = "members"
+# what a shared teacher forward forces every member to share
+SHARED_KEYS = ("data", "epochs", "teacher", "device", "amp", "channels_last")
 
 
 # ----------------------------------------------------------------------------- grids
@@ -64,6 +67,29 @@ def member_name(overrides: Mapping[str, Any]) -> str:
              for short, (key, value) in zip(shorts, overrides.items())]
     name = ",".join(parts) or "base"
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+
+
+def member_configs(base: dict, overrides: list[str], grid: Mapping[str, Sequence[Any]]):
+    """The base config and one ``(name, config)`` per grid point: ``base`` data, ``overrides``, the point.
+
+    Raises :class:`featkd.config.ConfigError` when a point changes one of :data:`SHARED_KEYS`.
+    """
+    import yaml
+
+    from featkd.config import ConfigError, load_config
+
+    base_cfg = load_config(None, overrides, base=base)
+    members = []
+    for point in expand_grid(grid) if grid else [{}]:
+        point_overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                           for k, v in point.items()]
+        cfg = load_config(None, overrides + point_overrides, base=base)
+        for key in SHARED_KEYS:
+            if getattr(cfg, key) != getattr(base_cfg, key):
+                raise ConfigError(f"the grid changes {key!r} (member {member_name(point)}); a sweep shares one "
+                                  f"teacher forward, so {', '.join(SHARED_KEYS)} must be the same for every member")
+        members.append((member_name(point), cfg))
+    return base_cfg, members
 
 
 # ----------------------------------------------------------------------------- the shared-teacher method
@@ -206,6 +232,32 @@ class SweepMethod:
         if self._extractor is not None:
             self._extractor.remove()
             self._extractor = None
+
+
+def build_sweep(member_cfgs, teacher: nn.Module, teacher_state: dict, run) -> tuple[SweepMethod, dict]:
+    """The sweep of ``member_cfgs`` (from :func:`member_configs`) against ``teacher`` (loaded from
+    ``teacher_state``) for a started :class:`featkd.runs.Run`, and the records the members' checkpoints
+    store. Each member starts exactly where ``featkd distill`` with its config starts."""
+    from featkd import runs
+    from featkd.engine import Precision, seed_everything
+
+    example_x, _ = next(iter(run.train_loader))
+    shared = SharedTeacherOutputs()
+    members, model_info = [], {}
+    for name, cfg in member_cfgs:
+        seed_everything(cfg.seed, cfg.deterministic)
+        # featkd distill builds the teacher between seeding and building the student, so the student's
+        # initial weights depend on the random numbers the teacher's construction drew; draw them too
+        # (a throwaway CPU copy) so that a member starts exactly where that run starts.
+        ckpt.model_from_checkpoint(teacher_state, torch.device("cpu"))
+        student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
+        distiller = runs.build_distiller(cfg, teacher, student).setup(example_x[:2])
+        optimizer, scheduler = runs.build_optimization(cfg, distiller.trainable_parameters())
+        members.append(make_member(name, distiller, optimizer, scheduler, shared=shared, config=to_dict(cfg),
+                                   precision=Precision(cfg.amp, run.device), grad_clip=cfg.grad_clip,
+                                   steps_per_epoch=len(run.train_loader)))
+        model_info[name] = ckpt.model_record(cfg.student.name, cfg.student.options, run.info)
+    return SweepMethod(teacher, members, shared), model_info
 
 
 # ----------------------------------------------------------------------------- per-member run directories

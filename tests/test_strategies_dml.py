@@ -257,18 +257,14 @@ def test_cli_logs_every_peer_and_the_ensemble(tmp_path, subprocess_env, python_e
 
 
 def test_config_section_errors_name_the_key():
-    import argparse
-
     from featkd.commands.dml import DMLConfig
     from featkd.config import ConfigError
-    from featkd.strategies.runner import load_strategy_config
+    from featkd.runs import load_strategy_config
 
-    args = argparse.Namespace(config="dml", overrides=["dml.mdoe=ensemble"], run_dir="x", resume=False)
     with pytest.raises(ConfigError, match="dml.mode"):
-        load_strategy_config(args, "dml", DMLConfig)
-    args.overrides = ["dml.peers.0.name=resnet20", "epochs=3"]
-    cfg, dml, resolved = load_strategy_config(args, "dml", DMLConfig)
+        load_strategy_config("dml", DMLConfig, "dml", "x", False, ["dml.mdoe=ensemble"])
+    overrides = ["dml.peers.0.name=resnet20", "epochs=3"]
+    cfg, dml, resolved = load_strategy_config("dml", DMLConfig, "dml", "x", False, overrides)
     assert cfg.epochs == 3 and dml.peers[0].name == "resnet20" and resolved["dml"]["peers"][1]["name"] == "wrn16_1"
-    args.config = None
     with pytest.raises(ConfigError, match="--config"):
-        load_strategy_config(args, "dml", DMLConfig)
+        load_strategy_config("dml", DMLConfig, None, "x", False, overrides)
