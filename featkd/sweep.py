@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from featkd import checkpoint as ckpt
+from featkd import runs
 from featkd.config import to_dict
+from featkd.engine import DistillMethod, MethodBase, Precision, seed_everything
 from featkd.hooks import FeatureExtractor
 
 MEMBERS_DIR = "members"
@@ -137,6 +139,13 @@ class Member:
     def distiller(self):
         return getattr(self.method, "distiller", None)
 
+    def state_dict(self) -> dict:
+        return {"method": self.method.state_dict(), "rng": self.rng}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.method.load_state_dict(state["method"])
+        self.rng = state["rng"]
+
     @property
     def student(self) -> nn.Module:
         models = self.method.eval_models()
@@ -152,14 +161,12 @@ def make_member(name: str, distiller, optimizer, scheduler=None, *, shared: Shar
     ``distiller`` must be set up already (its optimiser covers its adapters). ``rng`` is the random state to start from (default: the current one, i.e. right after the caller
     seeded and built this member — what a separate run would continue with).
     """
-    from featkd.engine import DistillMethod
-
     distiller.share_teacher(_SharedTeacherFeatures(shared, distiller.teacher_layers))
     method = DistillMethod(distiller, optimizer, scheduler, **method_options)
     return Member(name, method, dict(config or {}), rng if rng is not None else ckpt.rng_state())
 
 
-class SweepMethod:
+class SweepMethod(MethodBase):
     """A :class:`featkd.engine.Method` training several members against one teacher forward per batch."""
 
     def __init__(self, teacher: nn.Module, members: Sequence[Member], shared: SharedTeacherOutputs,
@@ -173,14 +180,13 @@ class SweepMethod:
         foreign = [m.name for m in members if m.distiller is not None and m.distiller.teacher is not teacher]
         if foreign:
             raise ValueError(f"members {foreign} were built with another teacher; a sweep shares exactly one")
+        # fit logs the learning rate of the first member's optimiser (members usually share a schedule)
+        super().__init__(members[0].method.optimizer, (), precision or members[0].method.precision)
         self.teacher, self.members, self.shared = teacher, list(members), shared
-        self.precision = precision or members[0].method.precision
         layers = list(dict.fromkeys(layer for m in members if m.distiller is not None
                                     for layer in m.distiller.teacher_layers))
         self.teacher_layers = layers
         self._extractor = FeatureExtractor(teacher, layers, detach=True, no_grad=True) if layers else None
-        # fit() logs the learning rate of `optimizer`: the first member's (members usually share a schedule).
-        self.optimizer = members[0].method.optimizer
 
     def teacher_forward(self, x: torch.Tensor) -> None:
         """Run the teacher once on ``x`` and store its logits and features for the members."""
@@ -215,17 +221,8 @@ class SweepMethod:
         for member in self.members:
             member.method.on_epoch_end(epoch)
 
-    def state_dict(self):
-        return {"members": {m.name: {"method": m.method.state_dict(), "rng": m.rng} for m in self.members}}
-
-    def load_state_dict(self, state):
-        stored = state["members"]
-        missing = [m.name for m in self.members if m.name not in stored]
-        if missing:
-            raise KeyError(f"checkpoint has no state for sweep members {missing}; it holds {sorted(stored)}")
-        for member in self.members:
-            member.method.load_state_dict(stored[member.name]["method"])
-            member.rng = stored[member.name]["rng"]
+    def state_parts(self):
+        return {"members": {m.name: m for m in self.members}}
 
     def close(self) -> None:
         """Remove the teacher hooks."""
@@ -238,9 +235,6 @@ def build_sweep(member_cfgs, teacher: nn.Module, teacher_state: dict, run) -> tu
     """The sweep of ``member_cfgs`` (from :func:`member_configs`) against ``teacher`` (loaded from
     ``teacher_state``) for a started :class:`featkd.runs.Run`, and the records the members' checkpoints
     store. Each member starts exactly where ``featkd distill`` with its config starts."""
-    from featkd import runs
-    from featkd.engine import Precision, seed_everything
-
     example_x, _ = next(iter(run.train_loader))
     shared = SharedTeacherOutputs()
     members, model_info = [], {}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from featkd.hooks import FeatureExtractor, resolve_layers
-from featkd.engine import Precision
+from featkd.engine import MethodBase, Precision
 from featkd.functional import cross_entropy, dml_kl_loss, kd_loss
 from featkd.losses import build_feature_loss
 from featkd.strategies.ensemble import ProbabilityAverage
@@ -85,7 +85,7 @@ def preserved_norm_statistics(model: nn.Module):
                 buf.copy_(saved[name])
 
 
-class DeepMutualLearning:
+class DeepMutualLearning(MethodBase):
     """A ``featkd.engine`` Method training K peers with mutual learning.
 
     ``peers`` and ``optimizers`` are parallel sequences; ``schedulers`` (optional) are stepped
@@ -107,13 +107,12 @@ class DeepMutualLearning:
             raise ValueError(f"got {len(peers)} peers but {len(schedulers)} schedulers; give one per peer or none.")
         if mode not in MODES:
             raise ValueError(f"unknown DML mode {mode!r}; expected one of {MODES}.")
+        # fit logs the first peer's learning rate
+        super().__init__(optimizers[0], schedulers if schedulers is not None else [], precision)
         self.peers = list(peers)
         self.optimizers = list(optimizers)
-        self.schedulers = list(schedulers) if schedulers is not None else []
         self.mode, self.temperature = mode, temperature
         self.ce_weight, self.mimicry_weight = ce_weight, mimicry_weight
-        self.optimizer = self.optimizers[0]  # the engine logs this one's learning rate
-        self.precision = precision or Precision()
         for term in terms:
             if not term.layers:
                 raise ValueError(f"DML feature term {term.loss!r} names no layers; give layers=[...] "
@@ -197,31 +196,8 @@ class DeepMutualLearning:
         models["ensemble"] = self.ensemble
         return models
 
-    def on_epoch_end(self, epoch: int) -> None:
-        for scheduler in self.schedulers:
-            scheduler.step()
-
-    def state_dict(self) -> dict:
-        return {
-            "peers": [p.state_dict() for p in self.peers],
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "schedulers": [s.state_dict() for s in self.schedulers],
-            "precision": self.precision.state_dict(),
-            "term_losses": [{l: {f"{i}:{layer}": m.state_dict() for (i, layer), m in losses.items()}
-                             for l, losses in row.items()} for row in self.term_losses],
-        }
-
-    def load_state_dict(self, state: Mapping) -> None:
-        if len(state["peers"]) != len(self.peers):
-            raise ValueError(f"checkpoint holds {len(state['peers'])} peers but this run has {len(self.peers)}.")
-        for peer, s in zip(self.peers, state["peers"]):
-            peer.load_state_dict(s)
-        for opt, s in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
-        for sched, s in zip(self.schedulers, state["schedulers"]):
-            sched.load_state_dict(s)
-        self.precision.load_state_dict(state["precision"])
-        for row, saved_row in zip(self.term_losses, state.get("term_losses", [])):
-            for l, losses in row.items():
-                for (i, layer), module in losses.items():
-                    module.load_state_dict(saved_row[l][f"{i}:{layer}"])
+    def state_parts(self) -> dict:
+        term_losses = nn.ModuleList(module for row in self.term_losses for losses in row.values()
+                                    for module in losses.values())
+        return {"peers": self.peers, "optimizers": self.optimizers, "schedulers": self.schedulers,
+                "precision": self.precision, "term_losses": term_losses}
