@@ -34,6 +34,7 @@ from featkd import checkpoint as ckpt
 from featkd import runs
 from featkd.config import to_dict
 from featkd.engine import DistillMethod, MethodBase, Precision, seed_everything
+from featkd.engine.sinks import run_sinks
 from featkd.hooks import FeatureExtractor
 
 MEMBERS_DIR = "members"
@@ -274,12 +275,15 @@ def member_history(history: Iterable[Mapping[str, Any]], name: str) -> list[dict
 
 
 def write_member_runs(run_dir: str | Path, members: Sequence[Member], history: Sequence[Mapping[str, Any]]) -> list[Path]:
-    """Write ``run_dir/members/<name>/{config.yaml, metrics.jsonl, metrics.csv}`` for each member."""
+    """Write ``run_dir/members/<name>/`` for each member: its ``config.yaml`` and its metrics, through the
+    sinks of an ordinary run (:func:`featkd.engine.sinks.run_sinks`: metrics files, TensorBoard when installed)."""
     paths = []
     for member in members:
         path = Path(run_dir) / MEMBERS_DIR / member.name
         path.mkdir(parents=True, exist_ok=True)
         ckpt.write_run_info(path, member.config)
-        ckpt.write_metrics(path, member_history(history, member.name))
+        for sink in run_sinks(path):
+            sink.write(member_history(history, member.name))
+            sink.close()
         paths.append(path)
     return paths

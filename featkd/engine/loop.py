@@ -25,6 +25,7 @@ from featkd import checkpoint as ckpt
 from featkd import distributed
 from featkd.engine.method import Method
 from featkd.engine.precision import Precision
+from featkd.engine.sinks import run_sinks
 from featkd.hooks import unwrap
 
 # --------------------------------------------------------------------------- seeding and devices
@@ -140,7 +141,8 @@ def fit(
       run continues from ``run_dir/last.pt`` and ends exactly where an
       uninterrupted run would (loader order is a function of (seed, epoch) via
       ``train_loader.set_epoch``; RNG states are restored per rank).
-    * Each epoch appends a row to ``metrics.jsonl``/``metrics.csv``: every named
+    * Each epoch appends a row to the run's log (:func:`featkd.engine.sinks.run_sinks`: ``metrics.jsonl``/
+      ``metrics.csv``, TensorBoard when installed, and ``log``): every named
       loss averaged over the epoch (``train/<name>``), ``<model>/acc1``,
       ``<model>/acc5`` and ``<model>/loss`` for each eval model, ``lr``,
       ``epoch_time_s`` (training steps) and ``eval_time_s``. ``last.pt`` is
@@ -177,75 +179,80 @@ def fit(
         ckpt.write_run_info(run_dir, config)
 
     # -- epochs ------------------------------------------------------------------------
-    for epoch in range(start_epoch, epochs):
-        started = time.perf_counter()
-        train_loader.set_epoch(epoch)
-        sums: dict[str, float] = defaultdict(float)
-        seen = 0
-        bar = _progress_bar(train_loader, epoch, epochs, progress)
-        for x, y in bar:
-            x, y = _to_device(x, y, device, channels_last)
-            losses = method.train_step(x, y, step)
-            bad = [name for name, value in losses.items() if not math.isfinite(value)]
-            if bad:
-                culprit = next((name for name in bad if name != "total"), bad[0])
-                raise DivergenceError(
-                    f"loss {culprit!r} became {losses[culprit]} at step {step} (epoch {epoch + 1}); "
-                    f"non-finite terms: {bad}. Training stopped; {run_dir / ckpt.LAST} still holds the last good "
-                    "epoch. Lower the learning rate or that term's weight, then resume or restart."
-                )
-            batch = x.shape[0]
-            for name, value in losses.items():
-                sums[name] += value * batch
-            seen += batch
-            step += 1
-            if progress:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
-        optimizer = getattr(method, "optimizer", None)
-        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
-        method.on_epoch_end(epoch)
-        train_time = time.perf_counter() - started
+    sinks = run_sinks(run_dir, log, logged_epochs=start_epoch) if rank.is_main else []
+    try:
+        for epoch in range(start_epoch, epochs):
+            started = time.perf_counter()
+            train_loader.set_epoch(epoch)
+            sums: dict[str, float] = defaultdict(float)
+            seen = 0
+            bar = _progress_bar(train_loader, epoch, epochs, progress)
+            for x, y in bar:
+                x, y = _to_device(x, y, device, channels_last)
+                losses = method.train_step(x, y, step)
+                bad = [name for name, value in losses.items() if not math.isfinite(value)]
+                if bad:
+                    culprit = next((name for name in bad if name != "total"), bad[0])
+                    raise DivergenceError(
+                        f"loss {culprit!r} became {losses[culprit]} at step {step} (epoch {epoch + 1}); "
+                        f"non-finite terms: {bad}. Training stopped; {run_dir / ckpt.LAST} still holds the last good "
+                        "epoch. Lower the learning rate or that term's weight, then resume or restart."
+                    )
+                batch = x.shape[0]
+                for name, value in losses.items():
+                    sums[name] += value * batch
+                seen += batch
+                step += 1
+                if progress:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+            optimizer = getattr(method, "optimizer", None)
+            lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+            method.on_epoch_end(epoch)
+            train_time = time.perf_counter() - started
 
-        sums = distributed.all_reduce_sum({**sums, "_seen": seen})
-        seen = sums.pop("_seen")
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step}
-        row.update({f"train/{name}": total / max(seen, 1) for name, total in sums.items()})
-        models = method.eval_models()
-        for name, model in models.items():
-            scores = evaluate(model, test_loader, device=device, precision=precision, channels_last=channels_last)
-            row.update({f"{name}/{key}": value for key, value in scores.items()})
-        row["lr"] = lr
-        row["epoch_time_s"] = train_time
-        row["eval_time_s"] = time.perf_counter() - started - train_time
-        history.append(row)
+            sums = distributed.all_reduce_sum({**sums, "_seen": seen})
+            seen = sums.pop("_seen")
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": step}
+            row.update({f"train/{name}": total / max(seen, 1) for name, total in sums.items()})
+            models = method.eval_models()
+            for name, model in models.items():
+                scores = evaluate(model, test_loader, device=device, precision=precision, channels_last=channels_last)
+                row.update({f"{name}/{key}": value for key, value in scores.items()})
+            row["lr"] = lr
+            row["epoch_time_s"] = train_time
+            row["eval_time_s"] = time.perf_counter() - started - train_time
+            history.append(row)
 
-        metric = best_metric or f"{next(iter(models))}/acc1"
-        if metric not in row:
-            raise KeyError(f"best_metric {metric!r} is not among the epoch metrics {sorted(row)}")
-        lower_is_better = metric.endswith("loss")
-        improved = best is None or (row[metric] < best["value"] if lower_is_better else row[metric] > best["value"])
-        if improved:
-            best = {"metric": metric, "value": row[metric], "epoch": epoch + 1}
-        rng = distributed.all_gather_object(ckpt.rng_state())
-        if rank.is_main:
-            state = {
-                "epoch": epoch + 1,
-                "step": step,
-                "method": method.state_dict(),
-                "models": {
-                    name: {**(model_info or {}).get(name, {}), "state_dict": unwrap(model).state_dict()}
-                    for name, model in models.items()
-                },
-                "rng": rng,
-                "history": history,
-                "best": best,
-                "config": config,
-            }
-            paths = [run_dir / ckpt.LAST] + ([run_dir / ckpt.BEST] if improved else [])
-            ckpt.save_checkpoint(paths, state)
-            ckpt.write_metrics(run_dir, history)
-            log(_summary(row))
-        distributed.barrier()
+            metric = best_metric or f"{next(iter(models))}/acc1"
+            if metric not in row:
+                raise KeyError(f"best_metric {metric!r} is not among the epoch metrics {sorted(row)}")
+            lower_is_better = metric.endswith("loss")
+            improved = best is None or (row[metric] < best["value"] if lower_is_better else row[metric] > best["value"])
+            if improved:
+                best = {"metric": metric, "value": row[metric], "epoch": epoch + 1}
+            rng = distributed.all_gather_object(ckpt.rng_state())
+            if rank.is_main:
+                state = {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "method": method.state_dict(),
+                    "models": {
+                        name: {**(model_info or {}).get(name, {}), "state_dict": unwrap(model).state_dict()}
+                        for name, model in models.items()
+                    },
+                    "rng": rng,
+                    "history": history,
+                    "best": best,
+                    "config": config,
+                }
+                paths = [run_dir / ckpt.LAST] + ([run_dir / ckpt.BEST] if improved else [])
+                ckpt.save_checkpoint(paths, state)
+                for sink in sinks:
+                    sink.write(history)
+            distributed.barrier()
+    finally:
+        for sink in sinks:
+            sink.close()
     return history
 
 
@@ -256,10 +263,3 @@ def _progress_bar(loader, epoch: int, epochs: int, enabled: bool):
 
     return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
 
-
-def _summary(row: dict[str, Any]) -> str:
-    parts = [f"epoch {row['epoch']}"]
-    for key, value in row.items():
-        if key not in ("epoch", "step") and isinstance(value, float):
-            parts.append(f"{key} {value:.4g}")
-    return "  ".join(parts)
