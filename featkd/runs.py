@@ -156,7 +156,7 @@ def load_teacher(path, device: torch.device, info) -> tuple[nn.Module, dict]:
 
 
 def _weight(weight):
-    from featkd.distiller import Warmup
+    from featkd.terms import Warmup
 
     if isinstance(weight, WarmupConfig):
         return Warmup(weight.value, epochs=weight.epochs, steps=weight.steps)
@@ -165,7 +165,8 @@ def _weight(weight):
 
 def build_distiller(cfg: Config, teacher: nn.Module, student: nn.Module):
     """A :class:`featkd.Distiller` from the config's ``terms``, ``kd`` and ``ce_weight``."""
-    from featkd.distiller import Distiller, Term
+    from featkd.distiller import Distiller
+    from featkd.terms import Term
 
     terms = [Term(teacher=t.teacher, student=t.student, loss=t.loss, weight=_weight(t.weight), name=t.name,
                   adapter=t.adapter, options=t.options) for t in cfg.terms]

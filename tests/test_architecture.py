@@ -14,7 +14,7 @@ LAYERS = [
     ["featkd.cli"],
     ["featkd.commands"],
     ["featkd.runs", "featkd.repro", "featkd.sweep", "featkd.strategies", "featkd.plots"],
-    ["featkd.distiller", "featkd.engine"],
+    ["featkd.distiller", "featkd.terms", "featkd.engine"],
     ["featkd.hooks", "featkd.losses", "featkd.functional", "featkd.models", "featkd.data", "featkd.checkpoint",
      "featkd.config", "featkd.distributed"],
 ]

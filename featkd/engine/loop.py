@@ -187,9 +187,10 @@ def fit(
             sums: dict[str, float] = defaultdict(float)
             seen = 0
             bar = _progress_bar(train_loader, epoch, epochs, progress)
-            for x, y in bar:
+            for x, y, *indices in bar:  # a loader may yield the samples' dataset indices too
                 x, y = _to_device(x, y, device, channels_last)
-                losses = method.train_step(x, y, step)
+                extra = {"indices": indices[0].to(x.device)} if indices else {}
+                losses = method.train_step(x, y, step, **extra)
                 bad = [name for name, value in losses.items() if not math.isfinite(value)]
                 if bad:
                     culprit = next((name for name in bad if name != "total"), bad[0])

@@ -20,7 +20,12 @@ class Method(Protocol):
     """What :func:`~featkd.engine.fit` needs from a training method (see :class:`MethodBase`)."""
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
-        """Forward, backward and optimiser step(s) on one batch; return the named losses as floats."""
+        """Forward, backward and optimiser step(s) on one batch; return the named losses as floats.
+
+        When the training loader yields ``(x, y, indices)``, ``fit`` also passes the samples' dataset
+        ``indices=``; a Method with per-sample state (e.g. :class:`DistillMethod` for a loss with a
+        memory bank) takes them.
+        """
 
     def eval_models(self) -> dict[str, nn.Module]:
         """The models to evaluate (and save) after every epoch, by name."""
@@ -154,11 +159,11 @@ class DistillMethod(MethodBase):
         self.grad_clip, self.steps_per_epoch = grad_clip, steps_per_epoch
         self.forward = forward if forward is not None else distiller
 
-    def train_step(self, x, y, step):
+    def train_step(self, x, y, step, indices=None):
         self.distiller.train()
         epoch = step / self.steps_per_epoch if self.steps_per_epoch else None
         with self.precision.autocast():
-            _, losses = self.forward(x, y, step=step, epoch=epoch)
+            _, losses = self.forward(x, y, step=step, epoch=epoch, indices=indices)
         self.precision.backward_step(losses["total"], self.optimizer, self.grad_clip)
         return losses_to_floats(losses)
 
