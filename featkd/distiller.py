@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from featkd.functional import cross_entropy
-from featkd.hooks import FeatureExtractor
+from featkd.hooks import FeatureExtractor, feature_shapes
 from featkd.losses import BatchContext, build_logit_loss
 from featkd.terms import Term, Warmup, build_term_pairs, call_loss, weight_at
 
@@ -105,16 +105,11 @@ class Distiller(nn.Module):
         """
         if self.is_setup:
             return self
-        was_training = self.student.training
-        self.student.eval()  # the dry run must not move BN running statistics
-        try:
-            _, f_t = self._teacher_features(example_x)
-            _, f_s = self._student_features(example_x)
-        finally:
-            self.student.train(was_training)
+        t_shapes = feature_shapes(self.teacher, self.teacher_layers, example_x)
+        s_shapes = feature_shapes(self.student, self._student_features.layers, example_x)
+        for extractor in (self._student_features, self._teacher_features):
+            extractor.clear()  # their hooks stored the dry run's features too
         device = next(self.student.parameters()).device
-        s_shapes = {name: tuple(f.shape) for name, f in f_s.items()}
-        t_shapes = {name: tuple(f.shape) for name, f in f_t.items()}
         for term in self.terms:
             adapters, losses = build_term_pairs(term, s_shapes, t_shapes, device)
             self.adapters.append(adapters)

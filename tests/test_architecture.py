@@ -15,8 +15,8 @@ LAYERS = [
     ["featkd.commands"],
     ["featkd.runs", "featkd.repro", "featkd.sweep", "featkd.strategies", "featkd.plots"],
     ["featkd.distiller", "featkd.terms", "featkd.engine"],
-    ["featkd.hooks", "featkd.losses", "featkd.functional", "featkd.models", "featkd.data", "featkd.checkpoint",
-     "featkd.config", "featkd.distributed"],
+    ["featkd.hooks", "featkd.layer_specs", "featkd.layer_info", "featkd.losses", "featkd.functional", "featkd.models",
+     "featkd.data", "featkd.checkpoint", "featkd.config", "featkd.distributed"],
 ]
 DEPTH = {prefix: depth for depth, prefixes in enumerate(LAYERS) for prefix in prefixes}
 

@@ -207,6 +207,32 @@ def test_peer_feature_terms_use_the_other_peers_detached_features():
     assert metrics["peer0/total"] == pytest.approx(ce + mimicry + 100.0 * expected0, rel=1e-4)
 
 
+def test_peers_of_different_widths_get_the_distillers_adapters():
+    from featkd.functional import gram_loss
+    from featkd.hooks import FeatureExtractor
+    from featkd.models import create_model
+    from featkd.terms import FeatureAdapter
+
+    torch.manual_seed(4)
+    peers = [create_model("wrn10_1", num_classes=4, in_channels=1), create_model("wrn10_2", num_classes=4, in_channels=1)]
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 4, (4,))
+    method = DeepMutualLearning(peers, [torch.optim.SGD(p.parameters(), lr=0.05) for p in peers],
+                                terms=[PeerTerm("gram", ["group2"], options={"mode": "channel"})], example_input=x)
+    # the channel Gram needs equal channel counts: 32 vs 64, so each direction gets a 1x1 conv + BN
+    adapter01, adapter10 = method.pairs[(0, 1, 0, "group2")][0], method.pairs[(1, 0, 0, "group2")][0]
+    assert isinstance(adapter01, FeatureAdapter) and adapter01.conv[0].weight.shape == (64, 32, 1, 1)
+    assert adapter10.conv[0].weight.shape == (32, 64, 1, 1)
+    assert {id(p) for p in adapter01.parameters()} <= {id(p) for p in method.optimizers[0].param_groups[1]["params"]}
+    before_peer, before_adapter = copy.deepcopy(peers[0]), copy.deepcopy(adapter01)
+    target = copy.deepcopy(peers[1])
+    metrics = method.train_step(x, y, 0)
+    with FeatureExtractor(before_peer, ["group2"]) as own, FeatureExtractor(target, ["group2"]) as other:
+        with torch.no_grad(), preserved_norm_statistics(before_peer), preserved_norm_statistics(target):
+            expected = gram_loss(before_adapter(own(x)[1]["group2"]), other(x)[1]["group2"], mode="channel")
+    assert metrics["peer0/gram"] == pytest.approx(expected.item(), rel=1e-4)
+    assert not torch.equal(adapter01.conv[0].weight, before_adapter.conv[0].weight)  # trained with peer 0
+
+
 def test_feature_terms_need_an_example_batch():
     peers = [_peer(0), _peer(1)]
     with pytest.raises(ValueError, match="example_input"):

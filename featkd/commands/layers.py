@@ -64,7 +64,8 @@ def format_table(infos) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from featkd.hooks import glob_regex, list_layers
+    from featkd.layer_info import list_layers
+    from featkd.layer_specs import glob_regex
     from featkd.models import create_model
 
     try:

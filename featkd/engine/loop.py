@@ -26,7 +26,7 @@ from featkd import distributed
 from featkd.engine.method import Method
 from featkd.engine.precision import Precision
 from featkd.engine.sinks import run_sinks
-from featkd.hooks import unwrap
+from featkd.layer_specs import unwrap
 
 # --------------------------------------------------------------------------- seeding and devices
 

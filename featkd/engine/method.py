@@ -12,7 +12,7 @@ from torch import nn
 
 from featkd.engine.precision import Precision
 from featkd.functional import cross_entropy
-from featkd.hooks import unwrap
+from featkd.layer_specs import unwrap
 
 
 @runtime_checkable

@@ -10,24 +10,27 @@ The peers are updated one after the other within a step, as in the paper's Algor
 predictions of all peers are computed, peer 1 is updated, its prediction is recomputed,
 peer 2 is updated against the already-updated peer 1, and so on. Optional feature terms
 (AT, NST, ... from ``featkd.losses``) pull peer k's captured features towards every other
-peer's detached features at the same layers.
+peer's detached features at the same layers, through the adapters and losses a Distiller
+builds for a :class:`featkd.Term` (so peers of different widths get a 1×1 conv adapter).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from featkd.hooks import FeatureExtractor, resolve_layers
 from featkd.engine import MethodBase, Precision
 from featkd.functional import cross_entropy, dml_kl_loss, kd_loss
-from featkd.losses import build_feature_loss
+from featkd.hooks import FeatureExtractor, feature_shapes
+from featkd.layer_specs import resolve_layers
+from featkd.losses import BatchContext
 from featkd.strategies.ensemble import ProbabilityAverage
+from featkd.terms import Term, build_term_pairs, call_loss
 
 MODES = ("pairwise", "ensemble")
 
@@ -123,40 +126,44 @@ class DeepMutualLearning(MethodBase):
         self.term_keys = [t.loss if losses.count(t.loss) == 1 else f"{t.loss}:{i}" for i, t in enumerate(self.terms)]
         self.layers = list(dict.fromkeys(layer for term in self.terms for layer in term.layers))
         self.extractors = [FeatureExtractor(p, self.layers) for p in self.peers] if self.layers else []
-        # term_losses[k][l][(term index, layer)] -> loss module between peer k (student) and peer l (target)
-        self.term_losses: list[dict[int, dict]] = []
+        # pairs[(k, l, term index, layer)] -> (adapter, loss) from peer k (the learner) to peer l (the target),
+        # built as the Distiller builds a Term's pairs; term_modules holds them in a fixed order for checkpoints
+        self.pairs: dict[tuple[int, int, int, str], nn.ModuleList] = {}
+        self.term_modules = nn.ModuleList()
         if self.terms:
             if example_input is None:
                 raise ValueError("DML feature terms need example_input (one batch) to learn the feature shapes.")
-            self._build_term_losses(example_input)
+            self._build_term_pairs(example_input)
         self.ensemble = ProbabilityAverage(self.peers)
 
-    def _build_term_losses(self, example_input: torch.Tensor) -> None:
-        shapes = []
-        for peer, ext in zip(self.peers, self.extractors):
-            with torch.no_grad(), preserved_norm_statistics(peer):
-                _, feats = ext(example_input)
-            shapes.append({name: tuple(f.shape) for name, f in feats.items()})
+    def _build_term_pairs(self, example_input: torch.Tensor) -> None:
+        shapes = [feature_shapes(peer, self.layers, example_input) for peer in self.peers]
         for k in range(len(self.peers)):
-            row = {}
+            learned = []  # adapters and loss parameters (e.g. a FitNets regressor) learn with peer k
             for l in range(len(self.peers)):
                 if l == k:
                     continue
-                row[l] = {(i, layer): build_feature_loss(term.loss, shapes[k][layer], shapes[l][layer],
-                                                         **term.options).to(example_input.device)
-                          for i, term in enumerate(self.terms) for layer in term.layers}
-            self.term_losses.append(row)
-        # losses with parameters (e.g. a FitNets regressor) learn with the peer that uses them
-        for k, row in enumerate(self.term_losses):
-            extra = [p for losses in row.values() for module in losses.values() for p in module.parameters()]
-            if extra:
-                self.optimizers[k].add_param_group({"params": extra})
+                for i, term in enumerate(self.terms):
+                    for layer in term.layers:
+                        between = Term(layer, loss=term.loss, options=term.options,
+                                       name=f"{self.term_keys[i]}:{layer} from peer{k} to peer{l}")
+                        adapters, losses = build_term_pairs(between, shapes[k], shapes[l], example_input.device)
+                        pair = self.pairs[(k, l, i, layer)] = nn.ModuleList([adapters[0], losses[0]])
+                        self.term_modules.append(pair)
+                        learned += list(pair.parameters())
+            if learned:
+                self.optimizers[k].add_param_group({"params": learned})
 
     def _forward(self, k: int, x: torch.Tensor):
         with self.precision.autocast():
             if self.extractors:
                 return self.extractors[k](x)
             return self.peers[k](x), {}
+
+    def _pair_loss(self, k: int, l: int, i: int, layer: str, feats, target_feats, context) -> torch.Tensor:
+        """Term ``i``'s loss at ``layer`` from peer k's feature (adapted) to peer l's."""
+        adapter, loss = self.pairs[(k, l, i, layer)]
+        return call_loss(loss, adapter(feats[layer]), target_feats[layer], context)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
         """One DML step (Algorithm 1): update peers 0..K-1 in order, each against the current others."""
@@ -167,6 +174,7 @@ class DeepMutualLearning(MethodBase):
         outputs = [self._forward(k, x) for k in range(len(self.peers))]
         targets = [(logits.detach(), {n: f.detach() for n, f in feats.items()}) for logits, feats in outputs]
         metrics: dict[str, float] = {}
+        context = BatchContext(y, step)
         for k, (logits, feats) in enumerate(outputs):
             others = [l for l in range(len(self.peers)) if l != k]
             with self.precision.autocast():
@@ -177,7 +185,7 @@ class DeepMutualLearning(MethodBase):
                 metrics[f"peer{k}/ce"] = ce.item()
                 metrics[f"peer{k}/mimicry"] = mimicry.item()
                 for i, term in enumerate(self.terms):
-                    term_value = sum(self.term_losses[k][l][(i, layer)](feats[layer], targets[l][1][layer])
+                    term_value = sum(self._pair_loss(k, l, i, layer, feats, targets[l][1], context)
                                      for l in others for layer in term.layers) / len(others)
                     loss = loss + term.weight * term_value
                     metrics[f"peer{k}/{self.term_keys[i]}"] = term_value.item()
@@ -197,7 +205,5 @@ class DeepMutualLearning(MethodBase):
         return models
 
     def state_parts(self) -> dict:
-        term_losses = nn.ModuleList(module for row in self.term_losses for losses in row.values()
-                                    for module in losses.values())
         return {"peers": self.peers, "optimizers": self.optimizers, "schedulers": self.schedulers,
-                "precision": self.precision, "term_losses": term_losses}
+                "precision": self.precision, "term_losses": self.term_modules}
