@@ -95,7 +95,8 @@ class WarmupConfig:
 
 @dataclass
 class TermConfig:
-    """One transfer term; see :class:`featkd.Term`."""
+    """The config form (``terms:``) of one :class:`featkd.Term`, which :func:`featkd.runs.build_distiller`
+    builds from it. DML's terms between peers have their own form, ``strategies.dml.PeerTermConfig``."""
 
     teacher: str | list[str] = ""
     student: str | list[str] | None = None

@@ -158,8 +158,8 @@ class FeatureAdapter(nn.Module):
 # --------------------------------------------------------------------------- building a term's modules
 
 
-def build_term_pairs(term: Term, student_shapes: Mapping[str, Sequence[int]], teacher_shapes: Mapping[str, Sequence[int]],
-                     device: torch.device) -> tuple[nn.ModuleList, nn.ModuleList]:
+def build_term_pairs(term: Term, student_shapes: Mapping[str, Sequence[int]],
+                     teacher_shapes: Mapping[str, Sequence[int]], device: torch.device) -> tuple[nn.ModuleList, nn.ModuleList]:
     """The adapters and loss modules of ``term``, one per (student, teacher) layer pair, or one for all
     its layers when its loss is ``multi_layer``; ``*_shapes`` are the dry run's feature shapes by layer."""
     s_shapes = [tuple(student_shapes[name]) for name in term.student_layers]

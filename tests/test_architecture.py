@@ -48,7 +48,8 @@ def imported_modules(source: str, name: str, is_package: bool = False) -> list[t
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             for alias in node.names:  # `from featkd import checkpoint` imports a module, not a name
                 candidate = f"{base}.{alias.name}"
                 found.append((node.lineno, candidate if is_module(candidate) else base))
@@ -69,7 +70,8 @@ def test_imports_point_down(path):
     if importer == "featkd":
         return
     imports = imported_modules(path.read_text(), importer, path.name == "__init__.py")
-    upward = [f"line {line}: {module}" for line, module in imports if module != "featkd" and layer(module) < layer(importer)]
+    upward = [f"line {line}: {module}" for line, module in imports
+              if module != "featkd" and layer(module) < layer(importer)]
     assert not upward, f"{importer} (layer {LAYERS[layer(importer)]}) imports from a higher layer: {upward}"
 
 

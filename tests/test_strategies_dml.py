@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from scipy.special import log_softmax, rel_entr, softmax
 from torch import nn
 
-from featkd.strategies.dml import DeepMutualLearning, PeerTerm, mutual_loss, preserved_norm_statistics
+from featkd.strategies.dml import DeepMutualLearning, PeerTermConfig, mutual_loss, preserved_norm_statistics
 from featkd.strategies.ensemble import ProbabilityAverage
 
 
@@ -189,7 +189,7 @@ def test_peer_feature_terms_use_the_other_peers_detached_features():
     x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 4, (8,))
     before = [copy.deepcopy(p) for p in peers]
     method = DeepMutualLearning(peers, [torch.optim.SGD(p.parameters(), lr=0.05) for p in peers],
-                                terms=[PeerTerm("at", ["layer*"], weight=100.0)], example_input=x)
+                                terms=[PeerTermConfig("at", ["layer*"], weight=100.0)], example_input=x)
     assert method.terms[0].layers == ["layer1", "layer2", "layer3"]
     metrics = method.train_step(x, y, 0)
 
@@ -214,10 +214,11 @@ def test_peers_of_different_widths_get_the_distillers_adapters():
     from featkd.terms import FeatureAdapter
 
     torch.manual_seed(4)
-    peers = [create_model("wrn10_1", num_classes=4, in_channels=1), create_model("wrn10_2", num_classes=4, in_channels=1)]
+    peers = [create_model(name, num_classes=4, in_channels=1) for name in ("wrn10_1", "wrn10_2")]
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 4, (4,))
     method = DeepMutualLearning(peers, [torch.optim.SGD(p.parameters(), lr=0.05) for p in peers],
-                                terms=[PeerTerm("gram", ["group2"], options={"mode": "channel"})], example_input=x)
+                                terms=[PeerTermConfig("gram", ["group2"], options={"mode": "channel"})],
+                                example_input=x)
     # the channel Gram needs equal channel counts: 32 vs 64, so each direction gets a 1x1 conv + BN
     adapter01, adapter10 = method.pairs[(0, 1, 0, "group2")][0], method.pairs[(1, 0, 0, "group2")][0]
     assert isinstance(adapter01, FeatureAdapter) and adapter01.conv[0].weight.shape == (64, 32, 1, 1)
@@ -237,7 +238,7 @@ def test_feature_terms_need_an_example_batch():
     peers = [_peer(0), _peer(1)]
     with pytest.raises(ValueError, match="example_input"):
         DeepMutualLearning(peers, [torch.optim.SGD(p.parameters(), lr=0.1) for p in peers],
-                           terms=[PeerTerm("at", ["0"])])
+                           terms=[PeerTermConfig("at", ["0"])])
 
 
 @pytest.mark.slow

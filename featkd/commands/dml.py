@@ -13,7 +13,7 @@ from featkd import runs
 from featkd.checkpoint import model_record
 from featkd.commands._common import add_run_arguments, finished, reports_user_errors
 from featkd.config import ConfigError, ModelConfig
-from featkd.strategies.dml import MODES, DeepMutualLearning, PeerTerm
+from featkd.strategies.dml import MODES, DeepMutualLearning, PeerTermConfig
 
 
 @dataclass
@@ -29,7 +29,7 @@ class DMLConfig:
     temperature: float = 1.0
     ce_weight: float = 1.0
     mimicry_weight: float = 1.0
-    terms: list[PeerTerm] = field(default_factory=list)
+    terms: list[PeerTermConfig] = field(default_factory=list)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -58,12 +58,15 @@ def mutual_loss(logits: torch.Tensor, peer_logits: Sequence[torch.Tensor], mode:
 
 
 @dataclass
-class PeerTerm:
-    """A feature-transfer term between peers: ``loss`` (a ``build_feature_loss`` name) at ``layers``.
+class PeerTermConfig:
+    """A feature-transfer term between DML peers, as the ``dml.terms`` config gives it: ``loss`` (a
+    :func:`featkd.losses.build_feature_loss` name with ``options``) at ``layers``.
 
-    ``layers`` are capture specs (globs allowed) naming the same layers in every peer; each layer
-    gives one loss between peer k's feature (with gradient) and peer l's (detached), summed over
-    the layers, averaged over the other peers l, times ``weight``.
+    ``layers`` are capture specs (globs allowed) naming the same layers in every peer. Each layer and
+    each pair of peers becomes a :class:`featkd.Term` from peer k's feature (with gradient) to peer l's
+    (detached), built as the Distiller builds its terms (adapters included); the term's value is the
+    sum over the layers, averaged over the other peers l, times ``weight``. (A Distiller's terms are
+    :class:`featkd.Term`; their config form is :class:`featkd.config.TermConfig`.)
     """
 
     loss: str = "at"
@@ -100,7 +103,7 @@ class DeepMutualLearning(MethodBase):
 
     def __init__(self, peers: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
                  schedulers: Sequence | None = None, mode: str = "pairwise", temperature: float = 1.0,
-                 ce_weight: float = 1.0, mimicry_weight: float = 1.0, terms: Sequence[PeerTerm] = (),
+                 ce_weight: float = 1.0, mimicry_weight: float = 1.0, terms: Sequence[PeerTermConfig] = (),
                  example_input: torch.Tensor | None = None, precision: Precision | None = None):
         if len(peers) < 2:
             raise ValueError(f"Deep Mutual Learning needs at least 2 peers, got {len(peers)}.")
@@ -120,7 +123,8 @@ class DeepMutualLearning(MethodBase):
             if not term.layers:
                 raise ValueError(f"DML feature term {term.loss!r} names no layers; give layers=[...] "
                                  "(e.g. ['layer1', 'layer2', 'layer3']; 'featkd layers <model>' lists them).")
-        self.terms = [PeerTerm(t.loss, resolve_layers(self.peers[0], t.layers), t.weight, t.options) for t in terms]
+        self.terms = [PeerTermConfig(t.loss, resolve_layers(self.peers[0], t.layers), t.weight, t.options)
+                      for t in terms]
         losses = [t.loss for t in self.terms]
         # the key of each term in the logged losses: its loss name, numbered when a loss is used twice
         self.term_keys = [t.loss if losses.count(t.loss) == 1 else f"{t.loss}:{i}" for i, t in enumerate(self.terms)]
