@@ -1,4 +1,4 @@
-"""``featkd layers <model> --input-size 3x224x224``: every hookable layer with its output shape.
+"""``featkd layers <model> --input-size 3x224x224``: list every hookable layer of a model with its output shape.
 
 The names printed are what ``featkd.capture`` / ``FeatureExtractor`` / config files accept.
 """
