@@ -41,8 +41,7 @@ class AdversarialConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3, weight_decay=0.0))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
+add_arguments = add_run_arguments  # --config, --run-dir, --resume, key=value overrides
 
 
 @reports_user_errors

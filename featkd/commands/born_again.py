@@ -29,8 +29,7 @@ class BornAgainConfig:
     teacher_checkpoint: str | None = None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
+add_arguments = add_run_arguments  # --config, --run-dir, --resume, key=value overrides
 
 
 @reports_user_errors

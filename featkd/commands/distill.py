@@ -20,8 +20,7 @@ from featkd.commands._common import add_run_arguments, finished, reports_user_er
 from featkd.config import ConfigError
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
+add_arguments = add_run_arguments  # --config, --run-dir, --resume, key=value overrides
 
 
 @reports_user_errors

@@ -32,8 +32,7 @@ class DMLConfig:
     terms: list[PeerTermConfig] = field(default_factory=list)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
+add_arguments = add_run_arguments  # --config, --run-dir, --resume, key=value overrides
 
 
 @reports_user_errors
