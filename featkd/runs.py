@@ -5,7 +5,8 @@
 >>> teacher, _ = load_teacher(cfg.teacher.checkpoint, run.device, run.info)
 >>> student = build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
 >>> distiller = build_distiller(cfg, teacher, student).setup(next(iter(run.train_loader))[0][:2])
->>> history = fit_run(run, method, model_info)
+>>> optimizer, scheduler = build_optimization(cfg, distiller.trainable_parameters())
+>>> history = fit_run(run, DistillMethod(distiller, optimizer, scheduler), {"student": model_record(...)})
 
 The commands in :mod:`featkd.commands` parse their arguments, call these and print; the
 strategies' commands add their own config section with :func:`load_strategy_config`.

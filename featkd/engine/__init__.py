@@ -10,7 +10,7 @@ Writing a new Method (``featkd/engine/method.py`` holds the protocol, the base a
 
     class MyMethod(MethodBase):
         def __init__(self, model, optimizer, scheduler=None, precision=None):
-            super().__init__(optimizer, [scheduler] if scheduler else [], precision)
+            super().__init__(optimizer, [scheduler], precision)      # None schedulers are left out
             self.model = model
         def train_step(self, x, y, step):
             self.model.train()

@@ -154,6 +154,8 @@ def fit(
     * A NaN/Inf loss raises :class:`DivergenceError` naming the term, step and
       epoch, before anything of that epoch is written.
     * ``precision`` is used for evaluation (default: the Method's own ``precision``).
+    * A training loader may yield ``(x, y, indices)`` (the samples' dataset indices); they are passed
+      on as ``method.train_step(x, y, step, indices=...)`` for losses with per-sample state.
     """
     rank = distributed.info()
     run_dir = Path(run_dir)

@@ -11,7 +11,7 @@ predictions of all peers are computed, peer 1 is updated, its prediction is reco
 peer 2 is updated against the already-updated peer 1, and so on. Optional feature terms
 (AT, NST, ... from ``featkd.losses``) pull peer k's captured features towards every other
 peer's detached features at the same layers, through the adapters and losses a Distiller
-builds for a :class:`featkd.Term` (so peers of different widths get a 1×1 conv adapter).
+builds for a :class:`featkd.Term` (so peers of different widths get an adapter where the loss needs one).
 """
 
 from __future__ import annotations
@@ -129,7 +129,6 @@ class DeepMutualLearning(MethodBase):
         # the key of each term in the logged losses: its loss name, numbered when a loss is used twice
         self.term_keys = [t.loss if losses.count(t.loss) == 1 else f"{t.loss}:{i}" for i, t in enumerate(self.terms)]
         self.layers = list(dict.fromkeys(layer for term in self.terms for layer in term.layers))
-        self.extractors = [FeatureExtractor(p, self.layers) for p in self.peers] if self.layers else []
         # pairs[(k, l, term index, layer)] -> (adapter, loss) from peer k (the learner) to peer l (the target),
         # built as the Distiller builds a Term's pairs; term_modules holds them in a fixed order for checkpoints
         self.pairs: dict[tuple[int, int, int, str], nn.ModuleList] = {}
@@ -138,6 +137,7 @@ class DeepMutualLearning(MethodBase):
             if example_input is None:
                 raise ValueError("DML feature terms need example_input (one batch) to learn the feature shapes.")
             self._build_term_pairs(example_input)
+        self.extractors = [FeatureExtractor(p, self.layers) for p in self.peers] if self.layers else []
         self.ensemble = ProbabilityAverage(self.peers)
 
     def _build_term_pairs(self, example_input: torch.Tensor) -> None:
