@@ -111,7 +111,7 @@ def file_sha256(path: str | Path) -> str:
 def load_teacher(path: str | Path, device, sha256: str | None = None):
     """The teacher model from a featkd checkpoint; with ``sha256``, refuse a file whose hash differs."""
     from featkd import checkpoint as ckpt
-    from featkd.commands.distill import model_from_checkpoint
+    from featkd.checkpoint import model_from_checkpoint
 
     if sha256 is not None:
         got = file_sha256(path)

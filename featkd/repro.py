@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featkd.commands.train import model_record
+from featkd.checkpoint import model_record
 
 # ----------------------------------------------------------------------------- statistics
 

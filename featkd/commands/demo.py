@@ -73,7 +73,7 @@ def _read_stamp(stamp: Path):
 def _teacher(args, run_dir: Path, data):
     """(checkpoint path, expected sha256 or None) of the teacher to use."""
     from featkd import shipped
-    from featkd.cli import main as cli_main
+    from featkd.commands import train
 
     if args.tiny or args.retrain_teacher:
         teacher_dir = run_dir / "teacher"
@@ -81,8 +81,10 @@ def _teacher(args, run_dir: Path, data):
         if not last.is_file():
             overrides = (["model.name=wrn10_2", "epochs=1", "data.name=synthetic", "data.limit=64",
                           "data.test_limit=32", "data.batch_size=16"] if args.tiny else list(shipped.TEACHER.overrides))
-            code = cli_main(["train", "--config", shipped.TEACHER.config, "--run-dir", str(teacher_dir),
-                             *([] if not teacher_dir.exists() else ["--resume"]), *overrides])
+            resume = teacher_dir.exists()
+            code = train.run(argparse.Namespace(config=None if resume else shipped.TEACHER.config,
+                                                run_dir=str(teacher_dir), resume=resume,
+                                                overrides=[] if resume else overrides))
             if code != 0:
                 raise RuntimeError(f"training the teacher failed (exit {code})")
         return last, None
@@ -90,7 +92,7 @@ def _teacher(args, run_dir: Path, data):
 
 
 def run(args: argparse.Namespace) -> int:
-    from featkd.commands.train import reports_user_errors
+    from featkd.commands._common import reports_user_errors
 
     return reports_user_errors(_run)(args)
 

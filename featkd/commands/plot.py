@@ -137,7 +137,7 @@ def _attention_figure(args):
 
     from featkd import checkpoint as ckpt
     from featkd import plots
-    from featkd.commands.distill import model_from_checkpoint
+    from featkd.checkpoint import model_from_checkpoint
     from featkd.data import DeviceLoader, load_dataset
     from featkd.models import default_distill_layers
 

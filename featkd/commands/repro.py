@@ -61,7 +61,7 @@ def _budget(base, args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from featkd.commands.train import reports_user_errors
+    from featkd.commands._common import reports_user_errors
 
     return reports_user_errors(_run)(args)
 
