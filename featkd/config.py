@@ -48,7 +48,8 @@ class DatasetConfig:
 class DataConfig:
     """Training/test data and the transfer set.
 
-    ``limit`` / ``test_limit`` keep a class-balanced subset. Transfer-set edits
+    ``limit`` / ``test_limit`` keep a class-balanced subset. ``augment`` crops the image padded by ``pad``
+    pixels (``pad_mode``: ``zeros``, or ``reflect`` as the official AT code) and flips it. Transfer-set edits
     apply to the training split only: ``omit_classes`` drops classes,
     ``unlabeled_fraction`` hides that fraction of labels (label -1: no CE, still
     KD), ``extra_unlabeled`` appends another dataset's images as unlabelled.
@@ -63,6 +64,7 @@ class DataConfig:
     eval_batch_size: int = 500
     augment: bool = True
     pad: int = 4
+    pad_mode: str = "zeros"
     flip: bool = True
     omit_classes: list[int] = field(default_factory=list)
     unlabeled_fraction: float = 0.0

@@ -191,7 +191,7 @@ class Budget:
         test = f"test subset {self.test_limit}" if self.test_limit else "full test split"
         return (f"budget `{self.name}`: students {self.epochs} epochs, teachers {self.teacher_epochs} epochs, "
                 f"batch {self.batch_size}, SGD lr {PAPER_SCHEDULE['lr']} momentum 0.9 wd 5e-4, lr ×0.2 at epochs "
-                f"{self.milestones(self.epochs)}, pad-4 crop + flip, {subset}, {test}, seeds {list(self.seeds)}")
+                f"{self.milestones(self.epochs)}, pad-4 reflection crop + flip, {subset}, {test}, seeds {list(self.seeds)}")
 
 
 @dataclass(frozen=True)
@@ -545,6 +545,14 @@ class TableResult:
     wall_s: float
 
 
+def protocol_train_loader(ds, budget: Budget, device):
+    """The official AT code's training data: padded by 4 pixels by reflection, randomly cropped, flipped."""
+    from featkd.data import DeviceLoader
+
+    return DeviceLoader(ds, budget.batch_size, shuffle=True, augment=True, device=device, seed=0, pad=4,
+                        pad_mode="reflect")
+
+
 def run_protocol(protocol: Protocol, budget: Budget, data: DataSpec, run_root: Path, *, device="auto",
                  command: str | None = None, log=print) -> TableResult:
     """Run a table protocol: per pair, a cached teacher and one student sweep; return (and write) the table."""
@@ -556,7 +564,7 @@ def run_protocol(protocol: Protocol, budget: Budget, data: DataSpec, run_root: P
     train = data.load("train", budget.train_limit)
     test = data.load("test", budget.test_limit)
     info = train.info
-    train_loader = DeviceLoader(train, budget.batch_size, shuffle=True, augment=True, device=device, seed=0)
+    train_loader = protocol_train_loader(train, budget, device)
     test_loader = DeviceLoader(test, 256, shuffle=False, drop_last=False, device=device)
     pairs = protocol.pairs[: budget.pairs] if budget.pairs else protocol.pairs
     recipes = [r for r in protocol.recipes if budget.methods is None or r.name in budget.methods]

@@ -98,3 +98,9 @@ def test_one_resolver_finds_the_engine_and_the_strategy_configs():
     assert resolve_config_path("fmnist_teacher_wrn16_2") == CONFIG_DIR / "fmnist_teacher_wrn16_2.yaml"
     with pytest.raises(FileNotFoundError, match="Did you mean: born_again"):
         resolve_config_path("born_agian")
+
+
+@pytest.mark.parametrize("name", ["cifar10_teacher_wrn16_2", "cifar10_at_wrn16_1_from_wrn16_2"])
+def test_cifar_configs_follow_the_official_at_code(name):
+    cfg = load_config(name)
+    assert (cfg.data.pad, cfg.data.pad_mode, cfg.data.flip) == (4, "reflect", True)

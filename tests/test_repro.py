@@ -154,3 +154,10 @@ def test_a_run_in_progress_is_not_trained_twice(tmp_path):
     with pytest.raises(RunDirectoryExistsError, match="being trained by another process"):
         repro._fit_or_resume(None, None, None, run_dir, 1, log=print)
     assert (tmp_path / "teachers" / ".t.lock").read_text() == "12345"  # someone else's lock is left alone
+
+
+def test_protocol_training_data_is_the_official_augmentation():
+    from featkd.data import load_dataset
+
+    loader = repro.protocol_train_loader(load_dataset("synthetic", size=100), repro.CPU_BUDGET, "cpu")
+    assert (loader.augment, loader.pad, loader.pad_mode, loader.flip) == (True, 4, "reflect", True)
