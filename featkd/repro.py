@@ -191,7 +191,7 @@ class Budget:
         test = f"test subset {self.test_limit}" if self.test_limit else "full test split"
         return (f"budget `{self.name}`: students {self.epochs} epochs, teachers {self.teacher_epochs} epochs, "
                 f"batch {self.batch_size}, SGD lr {PAPER_SCHEDULE['lr']} momentum 0.9 wd 5e-4, lr ×0.2 at epochs "
-                f"{self.milestones(self.epochs)}, pad-4 reflection crop + flip, {subset}, {test}, seeds {list(self.seeds)}")
+                f"{self.milestones(self.epochs)}, pad-4 reflection crop + flip, WRN BN weights ~ U[0, 1), {subset}, {test}, seeds {list(self.seeds)}")
 
 
 @dataclass(frozen=True)
@@ -365,6 +365,12 @@ class DataSpec:
 # ----------------------------------------------------------------------------- teachers (cached, never overwritten)
 
 
+def protocol_model_options(name: str) -> dict:
+    """Constructor options that make a protocol's model the reference code's: WRN BN weights ~ U[0, 1)."""
+    return {"bn_init": "uniform"} if name.startswith("wrn") else {}
+
+
+
 def _schedule(model_params, epochs, budget):
     from featkd.engine import build_optimizer, build_scheduler
 
@@ -451,14 +457,15 @@ def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epo
     from featkd.models import create_model
 
     seed_everything(0)
-    model = create_model(name, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+    options = protocol_model_options(name)
+    model = create_model(name, num_classes=info.num_classes, in_channels=info.in_channels, **options).to(device)
     optimizer, scheduler = _schedule(model.parameters(), epochs, budget)
     method = SupervisedMethod(model, optimizer, scheduler, name="teacher")
-    config = {"role": "teacher", "model": name, "dataset": info.name, "epochs": epochs, "budget": budget.name,
-              "train_examples": len(train_loader.dataset), "batch_size": train_loader.batch_size}
+    config = {"role": "teacher", "model": name, "model_options": options, "dataset": info.name, "epochs": epochs,
+              "budget": budget.name, "train_examples": len(train_loader.dataset), "batch_size": train_loader.batch_size}
     _check_cached_config(run_dir, config)
     history = _fit_or_resume(method, train_loader, test_loader, run_dir, epochs, log=log, device=device, config=config,
-                             model_info={"teacher": model_record(name, {}, info)})
+                             model_info={"teacher": model_record(name, options, info)})
     model.eval()
     return model, history[-1]["teacher/acc1"]
 
@@ -480,7 +487,8 @@ def build_members(teacher: nn.Module, student_name: str, recipes: Sequence[Recip
     for recipe in recipes:
         for seed in seeds:
             seed_everything(seed)
-            student = create_model(student_name, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+            student = create_model(student_name, num_classes=info.num_classes, in_channels=info.in_channels,
+                                   **protocol_model_options(student_name)).to(device)
             s_layers = default_distill_layers(student)
             name = f"{recipe.name}-s{seed}"
             config = {**base_config, "method": recipe.name, "seed": seed, "student": student_name}
@@ -510,7 +518,8 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
     try:
         history = _fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,
                                  config=config, log=lambda line: log(compact_summary(line)),
-                                 model_info={m.name: model_record(student_name, {}, info) for m in members})
+                                 model_info={m.name: model_record(student_name, protocol_model_options(student_name), info)
+                                             for m in members})
     finally:
         method.close()
         for member in members:

@@ -104,3 +104,4 @@ def test_one_resolver_finds_the_engine_and_the_strategy_configs():
 def test_cifar_configs_follow_the_official_at_code(name):
     cfg = load_config(name)
     assert (cfg.data.pad, cfg.data.pad_mode, cfg.data.flip) == (4, "reflect", True)
+    assert (cfg.model or cfg.student).options == {"bn_init": "uniform"}

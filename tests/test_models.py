@@ -138,6 +138,29 @@ def test_wrn_dropout_sits_between_convs_and_only_in_training():
     assert torch.equal(model(x), model(x))
 
 
+def bn_parameters(model):
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    return torch.cat([m.weight.detach() for m in norms]), torch.cat([m.bias.detach() for m in norms]), norms
+
+
+def test_wrn_bn_init_uniform_is_the_official_torch_rand_and_ones_stays_the_default():
+    from scipy import stats
+
+    weights, biases, norms = bn_parameters(create_model("wrn16_1"))
+    assert torch.equal(weights, torch.ones_like(weights)) and not biases.any()
+    torch.manual_seed(1)  # a fixed draw; over seeds 0..39 the KS p-values below spread evenly over (0, 1)
+    weights, biases, norms = bn_parameters(create_model("wrn40_2", bn_init="uniform"))
+    # BN channels of WRN-40-2 by hand: per group 6 bn1 (the first on the group's input) and 6 bn2, then the final bn
+    assert len(weights) == (16 + 5 * 32 + 6 * 32) + (32 + 5 * 64 + 6 * 64) + (64 + 5 * 128 + 6 * 128) + 128
+    assert 0 <= weights.min() and weights.max() < 1 and not biases.any()
+    # U[0, 1): mean 1/2, variance 1/12 (2704 draws: standard errors 0.006 and 0.0015), and the whole distribution
+    assert abs(weights.mean().item() - 0.5) < 0.02 and abs(weights.var().item() - 1 / 12) < 0.005
+    assert stats.kstest(weights.numpy(), "uniform").pvalue > 1e-3
+    assert not torch.equal(norms[0].weight[:16], norms[1].weight[:16])  # every layer draws its own
+    with pytest.raises(ValueError, match=r"bn_init must be one of \['ones', 'uniform'\], got 'rand'"):
+        create_model("wrn16_1", bn_init="rand")
+
+
 def test_name_spellings():
     assert n_params(create_model("wrn-16-1")) == n_params(create_model("WRN-16-1")) == wrn_param_count(16, 1)
     assert n_params(create_model("wrn22_1")) == wrn_param_count(22, 1)  # any 6n+4 depth

@@ -122,7 +122,15 @@ def test_tiny_protocol_run_reuses_teacher_and_never_overwrites(tmp_path):
     assert "| WRN-10-1 ← WRN-10-2 | AT |" in first.markdown and "dataset (ours): synthetic (not CIFAR-10" in first.markdown
     acc = first.accuracies["WRN-10-1 ← WRN-10-2"]
     assert set(acc) == {"student", "AT"} and all(len(v) == 1 for v in acc.values())
-    assert (tmp_path / "at-table1" / "wrn10_1-from-wrn10_2-synthetic-tiny" / "members" / "AT-s0" / "metrics.jsonl").is_file()
+    sweep_dir = tmp_path / "at-table1" / "wrn10_1-from-wrn10_2-synthetic-tiny"
+    assert (sweep_dir / "members" / "AT-s0" / "metrics.jsonl").is_file()
+    from featkd.checkpoint import load_checkpoint
+
+    # the reference code's WRN initialisation, recorded with the weights so that they are rebuilt the same way
+    teacher_state = load_checkpoint(tmp_path / "teachers" / "wrn10_2-synthetic-tiny" / "last.pt")
+    student_state = load_checkpoint(sweep_dir / "last.pt")
+    assert teacher_state["models"]["teacher"]["options"] == {"bn_init": "uniform"}
+    assert student_state["models"]["AT-s0"]["options"] == {"bn_init": "uniform"}
     # a second call reuses the finished teacher and sweep, gives the same numbers, keeps the first report
     logs.clear()
     second = repro.run_protocol(protocol, budget, data, tmp_path, command="test", log=logs.append)
