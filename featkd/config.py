@@ -130,13 +130,16 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """See :func:`featkd.engine.build_scheduler` (epoch-based; the AT/NST papers' schedule by default)."""
+    """See :func:`featkd.engine.build_scheduler` (epoch-based; the AT/NST papers' schedule by default:
+    stages of 60/60/40/40 epochs; the official AT code's are milestones [59, 119, 159] with
+    ``restart_momentum_at_milestones``)."""
 
     name: str = "multistep"
     milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
     gamma: float = 0.2
     warmup_epochs: int = 0
     min_factor: float = 0.0
+    restart_momentum_at_milestones: bool = False
 
 
 @dataclass

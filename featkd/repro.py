@@ -171,7 +171,8 @@ PAPER_SCHEDULE = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, gamma=0.2, milest
 
 @dataclass(frozen=True)
 class Budget:
-    """How much of a protocol to run. Milestones are the paper's 60/120/160 of 200 epochs, scaled."""
+    """How much of a protocol to run. The lr decays where the official AT code decays it — at the start
+    of (1-indexed) epochs 60/120/160 of 200 — scaled to the budget's epochs, with momentum restarts."""
 
     name: str
     epochs: int
@@ -184,14 +185,27 @@ class Budget:
     methods: tuple[str, ...] | None = None  # run only these methods (None: all)
 
     def milestones(self, epochs: int) -> list[int]:
-        return sorted({max(1, round(f * epochs)) for f in PAPER_SCHEDULE["milestone_fractions"] if round(f * epochs) < epochs})
+        from featkd.engine import decay_milestones
+
+        return decay_milestones(epochs, PAPER_SCHEDULE["milestone_fractions"])
 
     def describe(self) -> str:
         subset = f"train subset {self.train_limit}" if self.train_limit else "full train split"
         test = f"test subset {self.test_limit}" if self.test_limit else "full test split"
-        return (f"budget `{self.name}`: students {self.epochs} epochs, teachers {self.teacher_epochs} epochs, "
-                f"batch {self.batch_size}, SGD lr {PAPER_SCHEDULE['lr']} momentum 0.9 wd 5e-4, lr ×0.2 at epochs "
-                f"{self.milestones(self.epochs)}, pad-4 reflection crop + flip, WRN BN weights ~ U[0, 1), {subset}, {test}, seeds {list(self.seeds)}")
+        epochs = (f"students and teachers {self.epochs} epochs ({self.stages(self.epochs)})"
+                  if self.epochs == self.teacher_epochs else
+                  f"students {self.epochs} epochs ({self.stages(self.epochs)}), teachers {self.teacher_epochs} epochs "
+                  f"({self.stages(self.teacher_epochs)})")
+        return (f"budget `{self.name}`: {epochs}, batch {self.batch_size}, SGD lr "
+                f"{PAPER_SCHEDULE['lr']} momentum 0.9 (restarted at each decay) wd 5e-4, pad-4 reflection crop + flip, "
+                f"WRN BN weights ~ U[0, 1), {subset}, {test}, seeds {list(self.seeds)}")
+
+    def stages(self, epochs: int) -> str:
+        milestones = self.milestones(epochs)
+        if not milestones:
+            return "constant lr"
+        lengths = "/".join(str(b - a) for a, b in zip([0, *milestones], [*milestones, epochs]))
+        return f"lr ×0.2 at the start of epochs {'/'.join(str(m + 1) for m in milestones)}: stages of {lengths}"
 
 
 @dataclass(frozen=True)
@@ -376,7 +390,9 @@ def _schedule(model_params, epochs, budget):
 
     optimizer = build_optimizer(model_params, lr=PAPER_SCHEDULE["lr"], momentum=PAPER_SCHEDULE["momentum"],
                                 weight_decay=PAPER_SCHEDULE["weight_decay"])
-    scheduler = build_scheduler(optimizer, epochs=epochs, milestones=budget.milestones(epochs), gamma=PAPER_SCHEDULE["gamma"])
+    # The official AT code builds a new optimiser at each decay: its momentum restarts there.
+    scheduler = build_scheduler(optimizer, epochs=epochs, milestones=budget.milestones(epochs), gamma=PAPER_SCHEDULE["gamma"],
+                                restart_momentum_at_milestones=True)
     return optimizer, scheduler
 
 
@@ -735,7 +751,8 @@ def run_omitted_class(budget: OmittedBudget, data: DataSpec, run_root: Path, *, 
     from featkd import sweep
     from featkd.data import DeviceLoader, omit_classes
     from featkd.distiller import Distiller
-    from featkd.engine import SupervisedMethod, build_optimizer, build_scheduler, resolve_device, seed_everything
+    from featkd.engine import (SupervisedMethod, build_optimizer, build_scheduler, decay_milestones, resolve_device,
+                               seed_everything)
     from featkd.models import create_model
 
     started = time.perf_counter()
@@ -756,7 +773,7 @@ def run_omitted_class(budget: OmittedBudget, data: DataSpec, run_root: Path, *, 
 
     def schedule(params, epochs):
         optimizer = build_optimizer(params, lr=budget.lr, momentum=0.9, weight_decay=5e-4)
-        milestones = [round(f * epochs) for f in PAPER_SCHEDULE["milestone_fractions"] if 0 < round(f * epochs) < epochs]
+        milestones = decay_milestones(epochs, PAPER_SCHEDULE["milestone_fractions"])
         return optimizer, build_scheduler(optimizer, epochs=epochs, milestones=milestones, gamma=0.2)
 
     test_loader, heldout_loader = loader(test, False), loader(heldout, False)

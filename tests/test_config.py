@@ -105,3 +105,6 @@ def test_cifar_configs_follow_the_official_at_code(name):
     cfg = load_config(name)
     assert (cfg.data.pad, cfg.data.pad_mode, cfg.data.flip) == (4, "reflect", True)
     assert (cfg.model or cfg.student).options == {"bn_init": "uniform"}
+    assert (cfg.epochs, cfg.schedule.name, cfg.schedule.milestones, cfg.schedule.gamma) == (200, "multistep",
+                                                                                          [59, 119, 159], 0.2)
+    assert cfg.schedule.restart_momentum_at_milestones and not cfg.optim.nesterov

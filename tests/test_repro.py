@@ -83,10 +83,20 @@ def test_split_heldout_is_balanced_disjoint_and_complete():
     assert not any(tuple(img.flatten()[:20].tolist()) in rows for img in rest.images)
 
 
-def test_budget_milestones_scale_the_paper_schedule():
-    assert repro.Budget("full", 200, 200, (0,)).milestones(200) == [60, 120, 160]
-    assert repro.Budget("short", 30, 30, (0,)).milestones(30) == [9, 18, 24]
+def test_budget_milestones_are_the_official_loops_scaled_and_reported():
+    # featkd milestone m = "decay after m epochs"; the official loop decays at the start of epochs 60/120/160
+    assert repro.Budget("full", 200, 200, (0,)).milestones(200) == [59, 119, 159]
+    assert repro.Budget("short", 30, 30, (0,)).milestones(30) == [8, 17, 23]
     assert repro.Budget("cpu", 2, 3, (0,)).milestones(2) == [1]
+    described = repro.AT_TABLE1.budgets["full"].describe()
+    assert "lr ×0.2 at the start of epochs 60/120/160: stages of 59/60/40/41" in described
+    assert "momentum 0.9 (restarted at each decay)" in described
+
+
+def test_protocol_schedules_restart_momentum_at_each_decay():
+    budget = repro.AT_TABLE1.budgets["full"]
+    optimizer, scheduler = repro._schedule([torch.nn.Parameter(torch.zeros(1))], 200, budget)
+    assert scheduler.restart_momentum_at_milestones and scheduler.lr_lambdas[0].milestones == [59, 119, 159]
 
 
 def test_protocol_definitions_hold_the_published_cells():
@@ -169,3 +179,16 @@ def test_protocol_training_data_is_the_official_augmentation():
 
     loader = repro.protocol_train_loader(load_dataset("synthetic", size=100), repro.CPU_BUDGET, "cpu")
     assert (loader.augment, loader.pad, loader.pad_mode, loader.flip) == (True, 4, "reflect", True)
+
+
+@pytest.mark.slow
+def test_omitted_class_run_decays_the_lr_once_in_two_epochs(tmp_path):
+    from featkd.checkpoint import read_metrics
+
+    budget = repro.OmittedBudget("tiny", 2, 2, (0,), teacher_hidden=(16,), student_hidden=(8,), batch_size=32,
+                                 train_limit=300, test_limit=100, heldout=100)
+    repro.run_omitted_class(budget, repro.DataSpec("synthetic"), tmp_path, log=lambda line: None)
+    runs = [tmp_path / "teachers" / "mlp16-synthetic-omitted-tiny",
+            tmp_path / "omitted-class" / "synthetic-tiny-full", tmp_path / "omitted-class" / "synthetic-tiny-omitted"]
+    for run in runs:  # lr 0.05 then ×0.2 once (two coinciding milestones once gave ×0.04)
+        assert [row["lr"] for row in read_metrics(run)] == pytest.approx([0.05, 0.01]), run
