@@ -49,7 +49,9 @@ class DataConfig:
     """Training/test data and the transfer set.
 
     ``limit`` / ``test_limit`` keep a class-balanced subset. ``augment`` crops the image padded by ``pad``
-    pixels (``pad_mode``: ``zeros``, or ``reflect`` as the official AT code) and flips it. Transfer-set edits
+    pixels (``pad_mode``: ``zeros``, or ``reflect`` as the official AT code) and flips it. ``drop_last``
+    drops the last, smaller training batch of each epoch (``false``: every example once an epoch, as
+    the official AT code). Transfer-set edits
     apply to the training split only: ``omit_classes`` drops classes,
     ``unlabeled_fraction`` hides that fraction of labels (label -1: no CE, still
     KD), ``extra_unlabeled`` appends another dataset's images as unlabelled.
@@ -61,6 +63,7 @@ class DataConfig:
     test_limit: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 128
+    drop_last: bool = True
     eval_batch_size: int = 500
     augment: bool = True
     pad: int = 4

@@ -196,7 +196,7 @@ class Budget:
                   if self.epochs == self.teacher_epochs else
                   f"students {self.epochs} epochs ({self.stages(self.epochs)}), teachers {self.teacher_epochs} epochs "
                   f"({self.stages(self.teacher_epochs)})")
-        return (f"budget `{self.name}`: {epochs}, batch {self.batch_size}, SGD lr "
+        return (f"budget `{self.name}`: {epochs}, batch {self.batch_size} (the last, smaller one kept), SGD lr "
                 f"{PAPER_SCHEDULE['lr']} momentum 0.9 (restarted at each decay) wd 5e-4, pad-4 reflection crop + flip, "
                 f"WRN BN weights ~ U[0, 1), {subset}, {test}, seeds {list(self.seeds)}")
 
@@ -571,11 +571,12 @@ class TableResult:
 
 
 def protocol_train_loader(ds, budget: Budget, device):
-    """The official AT code's training data: padded by 4 pixels by reflection, randomly cropped, flipped."""
+    """The official AT code's training data: padded by 4 pixels by reflection, randomly cropped, flipped;
+    every example once an epoch (the last, smaller batch is kept)."""
     from featkd.data import DeviceLoader
 
     return DeviceLoader(ds, budget.batch_size, shuffle=True, augment=True, device=device, seed=0, pad=4,
-                        pad_mode="reflect")
+                        pad_mode="reflect", drop_last=False)
 
 
 def run_protocol(protocol: Protocol, budget: Budget, data: DataSpec, run_root: Path, *, device="auto",

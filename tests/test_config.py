@@ -103,7 +103,8 @@ def test_one_resolver_finds_the_engine_and_the_strategy_configs():
 @pytest.mark.parametrize("name", ["cifar10_teacher_wrn16_2", "cifar10_at_wrn16_1_from_wrn16_2"])
 def test_cifar_configs_follow_the_official_at_code(name):
     cfg = load_config(name)
-    assert (cfg.data.pad, cfg.data.pad_mode, cfg.data.flip) == (4, "reflect", True)
+    assert (cfg.data.pad, cfg.data.pad_mode, cfg.data.flip, cfg.data.batch_size) == (4, "reflect", True, 128)
+    assert not cfg.data.drop_last
     assert (cfg.model or cfg.student).options == {"bn_init": "uniform"}
     assert (cfg.epochs, cfg.schedule.name, cfg.schedule.milestones, cfg.schedule.gamma) == (200, "multistep",
                                                                                           [59, 119, 159], 0.2)

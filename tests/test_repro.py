@@ -125,7 +125,8 @@ def test_tiny_protocol_run_reuses_teacher_and_never_overwrites(tmp_path):
     protocol = dataclasses.replace(
         repro.AT_TABLE1, pairs=(repro.Pair("wrn10_1", "wrn10_2", {"student": 8.77, "AT": 7.93}),),
         recipes=tuple(r for r in repro.AT_TABLE1.recipes if r.name in ("student", "AT")))
-    budget = repro.Budget("tiny", 1, 1, (0,), batch_size=16, train_limit=32, test_limit=16)
+    # 33 examples in batches of 16: the last batch holds one example, which every member and BN layer must take
+    budget = repro.Budget("tiny", 1, 1, (0,), batch_size=16, train_limit=33, test_limit=16)
     data = repro.DataSpec("synthetic")
     logs = []
     first = repro.run_protocol(protocol, budget, data, tmp_path, command="test", log=logs.append)
@@ -141,6 +142,7 @@ def test_tiny_protocol_run_reuses_teacher_and_never_overwrites(tmp_path):
     student_state = load_checkpoint(sweep_dir / "last.pt")
     assert teacher_state["models"]["teacher"]["options"] == {"bn_init": "uniform"}
     assert student_state["models"]["AT-s0"]["options"] == {"bn_init": "uniform"}
+    assert teacher_state["step"] == student_state["step"] == 3  # 16 + 16 + the last batch of 1
     # a second call reuses the finished teacher and sweep, gives the same numbers, keeps the first report
     logs.clear()
     second = repro.run_protocol(protocol, budget, data, tmp_path, command="test", log=logs.append)
@@ -177,8 +179,16 @@ def test_a_run_in_progress_is_not_trained_twice(tmp_path):
 def test_protocol_training_data_is_the_official_augmentation():
     from featkd.data import load_dataset
 
-    loader = repro.protocol_train_loader(load_dataset("synthetic", size=100), repro.CPU_BUDGET, "cpu")
+    ds = load_dataset("synthetic", size=100)
+    loader = repro.protocol_train_loader(ds, repro.CPU_BUDGET, "cpu")
     assert (loader.augment, loader.pad, loader.pad_mode, loader.flip) == (True, 4, "reflect", True)
+    # every example once an epoch: the batch of 64 and the last one of 36 (the official loader keeps it)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        labels = [y for _, y in loader]
+        assert [len(y) for y in labels] == [64, 36]
+        assert sorted(loader.epoch_plan().indices.tolist()) == list(range(100))
+        assert torch.equal(torch.cat(labels).sort().values, ds.labels.sort().values)
 
 
 @pytest.mark.slow
