@@ -109,3 +109,21 @@ def test_cifar_configs_follow_the_official_at_code(name):
     assert (cfg.epochs, cfg.schedule.name, cfg.schedule.milestones, cfg.schedule.gamma) == (200, "multistep",
                                                                                           [59, 119, 159], 0.2)
     assert cfg.schedule.restart_momentum_at_milestones and not cfg.optim.nesterov
+
+
+def test_no_shipped_config_or_documented_command_loads_a_teachers_best_pt():
+    # best.pt is the epoch with the best test accuracy: a teacher chosen that way selects on the test set.
+    import re
+    from pathlib import Path
+
+    configs = sorted(CONFIG_DIR.rglob("*.yaml"))
+    assert len(configs) >= 8
+    for path in configs:
+        assert "best.pt" not in path.read_text(), path  # values and the commands in the comments
+    root = Path(__file__).resolve().parents[1]
+    documented = [root / "README.md", *sorted((root / "paper_repro").rglob("*.md")),
+                  *sorted((root / "featkd" / "commands").glob("*.py"))]
+    teacher_best = re.compile(r"(teacher[._]checkpoint[=:]|--teacher)[\s{]*[^\s}]*best\.pt")
+    assert teacher_best.search("x teacher.checkpoint=runs/t/best.pt") and teacher_best.search("--teacher a/best.pt")
+    for path in documented:
+        assert not teacher_best.search(path.read_text()), path

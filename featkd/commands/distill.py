@@ -1,7 +1,7 @@
 """``featkd distill``: distill a teacher checkpoint into a student with feature terms and KD from a config.
 
     featkd distill --config fmnist_distill_kd_at_nst --run-dir runs/kd_at_nst \\
-        teacher.checkpoint=runs/fmnist_teacher_wrn16_2/best.pt
+        teacher.checkpoint=runs/fmnist_teacher_wrn16_2/last.pt
     featkd distill --run-dir runs/kd_at_nst --resume
 
 The teacher is rebuilt from what ``featkd train`` stored in its checkpoint
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args)
     check_sections(cfg, "distill", needed=("teacher", "student"), unused=("model",))
     if not cfg.teacher.checkpoint:
-        raise ConfigError("teacher.checkpoint is empty: give the best.pt of a 'featkd train' run")
+        raise ConfigError("teacher.checkpoint is empty: give the last.pt of a 'featkd train' run")
     device = start(cfg)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir("distill", cfg.student.name)
     train_loader, test_loader = build_loaders(cfg, device)
