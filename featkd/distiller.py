@@ -20,8 +20,9 @@ terms add up to ``total``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from torch import nn
 from featkd.hooks import FeatureExtractor
 from featkd.functional import cross_entropy
 
-__all__ = ["Distiller", "Term", "Warmup", "FeatureAdapter"]
+__all__ = ["Distiller", "Term", "Warmup", "FeatureAdapter", "TEACHER_BN_MODES", "teacher_bn_mode"]
 
 
 # --------------------------------------------------------------------------- weights
@@ -167,6 +168,36 @@ class FeatureAdapter(nn.Module):
         return f"resize={self.resize}, size={self.size}"
 
 
+# --------------------------------------------------------------------------- the teacher's batch norm
+
+TEACHER_BN_MODES = ("eval", "batch_stats")
+
+
+@contextlib.contextmanager
+def teacher_bn_mode(teacher: nn.Module, mode: str) -> Iterator[None]:
+    """Run the frozen ``teacher``'s forwards inside this block with its BN layers in ``mode``.
+
+    ``"eval"``: as they are (the teacher is in eval mode: its running statistics). ``"batch_stats"``:
+    every BN layer normalises each batch with that batch's own statistics, as the official NST code ran
+    its teacher, and its running statistics (and batch count) are left untouched.
+    """
+    if mode not in TEACHER_BN_MODES:
+        raise ValueError(f"teacher_bn must be one of {list(TEACHER_BN_MODES)}, got {mode!r}")
+    batch_norms = nn.modules.batchnorm._BatchNorm
+    norms = [m for m in teacher.modules() if isinstance(m, batch_norms)] if mode == "batch_stats" else []
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    try:
+        for m in norms:
+            # training mode with track_running_stats off: batch statistics, no running-statistics update
+            m.train(True)
+            m.track_running_stats = False
+        yield
+    finally:
+        for m, (training, tracking) in zip(norms, saved):
+            m.train(training)
+            m.track_running_stats = tracking
+
+
 # --------------------------------------------------------------------------- the distiller
 
 
@@ -200,11 +231,17 @@ class Distiller(nn.Module):
         ce_weight: weight of the cross-entropy on labelled samples (targets ``-1`` are skipped).
         compile: ``torch.compile`` the student (after its hooks are registered) with these options
             (``True`` for the defaults).
+        teacher_bn: ``"eval"`` (default): the teacher's BN layers use their running statistics;
+            ``"batch_stats"``: they normalise each batch with its own statistics, as the official NST
+            code ran its teacher, leaving the running statistics as they are (:func:`teacher_bn_mode`).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, terms: Sequence[Term] = (), kd=None,
-                 ce_weight: float | Warmup = 1.0, compile: bool | dict = False):
+                 ce_weight: float | Warmup = 1.0, compile: bool | dict = False, teacher_bn: str = "eval"):
         super().__init__()
+        if teacher_bn not in TEACHER_BN_MODES:
+            raise ValueError(f"teacher_bn must be one of {list(TEACHER_BN_MODES)}, got {teacher_bn!r}")
+        self.teacher_bn = teacher_bn
         self.teacher, self.student = teacher, student
         self.terms = list(terms)
         keys = [t.key for t in self.terms]
@@ -244,7 +281,8 @@ class Distiller(nn.Module):
         was_training = self.student.training
         self.student.eval()  # the dry run must not move BN running statistics
         try:
-            _, f_t = self._teacher_features(example_x)
+            with teacher_bn_mode(self.teacher, self.teacher_bn):
+                _, f_t = self._teacher_features(example_x)
             _, f_s = self._student_features(example_x)
         finally:
             self.student.train(was_training)
@@ -349,7 +387,8 @@ class Distiller(nn.Module):
         """
         if not self.is_setup:
             self.setup(x[:2])
-        teacher_logits, f_t = self._teacher_outputs(x)
+        with teacher_bn_mode(self.teacher, self.teacher_bn):
+            teacher_logits, f_t = self._teacher_outputs(x)
         student_logits, f_s = self._student_features(x)
         losses: dict[str, torch.Tensor] = {}
         ce_weight = _weight_at(self.ce_weight, step, epoch)
@@ -375,4 +414,4 @@ class Distiller(nn.Module):
 
     def extra_repr(self) -> str:
         terms = ", ".join(f"{t.key}×{t.weight}" for t in self.terms)
-        return f"terms=[{terms}], kd_weight={self.kd_weight}, ce_weight={self.ce_weight}"
+        return f"terms=[{terms}], kd_weight={self.kd_weight}, ce_weight={self.ce_weight}, teacher_bn={self.teacher_bn}"

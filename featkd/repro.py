@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from featkd.commands.train import model_record
+from featkd.models import default_distill_layers, pre_relu_layer
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -222,10 +223,12 @@ class Pair:
 @dataclass(frozen=True)
 class Recipe:
     """One column of a table: how a student is trained. ``distill(student_layers, teacher_layers)`` gives
-    the :class:`featkd.Distiller` keyword arguments, or is None for the student alone (cross-entropy)."""
+    the :class:`featkd.Distiller` keyword arguments, or is None for the student alone (cross-entropy);
+    ``layers(model)`` gives those layer names for each model."""
 
     name: str
     distill: Callable[[list[str], list[str]], dict] | None
+    layers: Callable[[nn.Module], list[str]] = default_distill_layers
 
 
 @dataclass(frozen=True)
@@ -262,13 +265,19 @@ def _fact_terms(s_layers, t_layers):
     return [Term(t, s, loss="hint", weight=1.0, name=f"hint:{s}") for s, t in zip(s_layers, t_layers)]
 
 
+def nst_layers(model: nn.Module) -> list[str]:
+    """The official NST code's placement of the last map — after its BN, before its ReLU (featkd's WRN:
+    ``bn``) — in place of the last group's output; ``@all`` adds the earlier groups' outputs."""
+    return [*default_distill_layers(model)[:-1], pre_relu_layer(model)]
+
+
 def _nst_terms(kernel, which):
     def terms(s_layers, t_layers):
         from featkd.distiller import Term
 
         pairs = list(zip(s_layers, t_layers))
         pairs = pairs[-1:] if which == "last" else pairs
-        # Official NST: weight 50 on the (1/C²-normalised) MMD.
+        # Official NST: weight 50 on the (1/C²-normalised) MMD, applied once, to the last map (`@last`).
         return [Term(t, s, loss="nst", weight=50.0, name=f"nst-{kernel}:{s}", options={"kernel": kernel})
                 for s, t in pairs]
     return terms
@@ -282,10 +291,10 @@ AT_KD = {"loss": "kd", "weight": 0.9, "T": 4}  # AT code: (1-α)·CE + α·T²·
 NST_KD = {"loss": "kd", "weight": 1.0, "T": 4}  # NST code: CE + 16·KL at T=4; featkd's kd_loss has the T² = 16 built in
 
 
-def _recipe(name, terms=None, kd=None, ce_weight=1.0):
+def _recipe(name, terms=None, kd=None, ce_weight=1.0, layers=default_distill_layers):
     if terms is None and kd is None:
         return Recipe(name, None)
-    return Recipe(name, lambda s, t: dict(terms=terms(s, t) if terms else [], kd=kd, ce_weight=ce_weight))
+    return Recipe(name, lambda s, t: dict(terms=terms(s, t) if terms else [], kd=kd, ce_weight=ce_weight), layers)
 
 
 AT_TABLE1 = Protocol(
@@ -313,6 +322,8 @@ AT_TABLE1 = Protocol(
                    "against the paper are filled, the others are left blank.",
 )
 
+KERNELS = ("linear", "poly", "gaussian")
+
 NST_KERNELS = Protocol(
     name="nst-kernels",
     title="NST kernels (linear, polynomial d=2 c=0, Gaussian) on the last group and on all groups, alone and with KD",
@@ -320,10 +331,10 @@ NST_KERNELS = Protocol(
     recipes=(
         _recipe("student"),
         _recipe("KD", kd=NST_KD),
-        *(_recipe(f"NST-{k}@last", _nst_terms(k, "last")) for k in ("linear", "poly", "gaussian")),
-        *(_recipe(f"NST-{k}@last+KD", _nst_terms(k, "last"), kd=NST_KD) for k in ("linear", "poly", "gaussian")),
-        *(_recipe(f"NST-{k}@all", _nst_terms(k, "all")) for k in ("linear", "poly", "gaussian")),
-        *(_recipe(f"NST-{k}@all+KD", _nst_terms(k, "all"), kd=NST_KD) for k in ("linear", "poly", "gaussian")),
+        *(_recipe(f"NST-{k}@last", _nst_terms(k, "last"), layers=nst_layers) for k in KERNELS),
+        *(_recipe(f"NST-{k}@last+KD", _nst_terms(k, "last"), kd=NST_KD, layers=nst_layers) for k in KERNELS),
+        *(_recipe(f"NST-{k}@all", _nst_terms(k, "all"), layers=nst_layers) for k in KERNELS),
+        *(_recipe(f"NST-{k}@all+KD", _nst_terms(k, "all"), kd=NST_KD, layers=nst_layers) for k in KERNELS),
     ),
     budgets={
         "full": Budget("full", 200, 200, (0, 1, 2, 3, 4)),
@@ -496,16 +507,15 @@ def build_members(teacher: nn.Module, student_name: str, recipes: Sequence[Recip
     from featkd import sweep
     from featkd.distiller import Distiller
     from featkd.engine import SupervisedMethod, seed_everything
-    from featkd.models import create_model, default_distill_layers
+    from featkd.models import create_model
 
-    t_layers = default_distill_layers(teacher)
     members = []
     for recipe in recipes:
         for seed in seeds:
             seed_everything(seed)
             student = create_model(student_name, num_classes=info.num_classes, in_channels=info.in_channels,
                                    **protocol_model_options(student_name)).to(device)
-            s_layers = default_distill_layers(student)
+            s_layers, t_layers = recipe.layers(student), recipe.layers(teacher)
             name = f"{recipe.name}-s{seed}"
             config = {**base_config, "method": recipe.name, "seed": seed, "student": student_name}
             if recipe.distill is None:

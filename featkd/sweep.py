@@ -147,6 +147,11 @@ class SweepMethod:
         foreign = [m.name for m in members if m.distiller is not None and m.distiller.teacher is not teacher]
         if foreign:
             raise ValueError(f"members {foreign} were built with another teacher; a sweep shares exactly one")
+        teacher_bn = {m.distiller.teacher_bn for m in members if m.distiller is not None}
+        if len(teacher_bn) > 1:
+            raise ValueError(f"members ask for teacher_bn {sorted(teacher_bn)}; one teacher forward serves them all: "
+                             "give every member the same teacher_bn")
+        self.teacher_bn = teacher_bn.pop() if teacher_bn else "eval"
         self.teacher, self.members, self.shared = teacher, list(members), shared
         self.precision = precision or members[0].method.precision
         layers = list(dict.fromkeys(layer for m in members if m.distiller is not None
@@ -158,8 +163,10 @@ class SweepMethod:
 
     def teacher_forward(self, x: torch.Tensor) -> None:
         """Run the teacher once on ``x`` and store its logits and features for the members."""
+        from featkd.distiller import teacher_bn_mode
+
         self.teacher.eval()
-        with self.precision.autocast():
+        with self.precision.autocast(), teacher_bn_mode(self.teacher, self.teacher_bn):
             if self._extractor is None:
                 with torch.no_grad():
                     logits, features = self.teacher(x), {}

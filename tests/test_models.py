@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from featkd.models import (CifarResNet, FeatureInfo, WideResNet, create_model, default_distill_layers,
-                           feature_info, list_models)
+                           feature_info, list_models, pre_relu_layer)
 from featkd.models.resnet_cifar import ZeroPadShortcut
 
 
@@ -159,6 +159,39 @@ def test_wrn_bn_init_uniform_is_the_official_torch_rand_and_ones_stays_the_defau
     assert not torch.equal(norms[0].weight[:16], norms[1].weight[:16])  # every layer draws its own
     with pytest.raises(ValueError, match=r"bn_init must be one of \['ones', 'uniform'\], got 'rand'"):
         create_model("wrn16_1", bn_init="rand")
+
+
+# The input of the last BN and the head after its ReLU, spelled out for each architecture.
+PRE_RELU_PATHS = {
+    "wrn16_1": (lambda m, x: m.group3(m.group2(m.group1(m.conv1(x)))),
+                lambda m, f: m.fc(torch.relu(f).mean((2, 3)))),
+    "nin_thin": (lambda m, x: m.block3[:4](m.block2(m.block1(x))), lambda m, f: m.classifier(torch.relu(f))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRE_RELU_PATHS))
+def test_pre_relu_layer_is_the_last_map_after_its_bn_and_before_its_relu(name):
+    import featkd
+
+    model = create_model(name).eval()
+    norm = model.get_submodule(pre_relu_layer(model))
+    with torch.no_grad():  # statistics and affine parameters that make normalised and raw maps differ
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    with featkd.capture(model, [pre_relu_layer(model)]) as feats:
+        logits = model(x)
+    feature = feats[pre_relu_layer(model)]
+    before_bn, head = PRE_RELU_PATHS[name]
+    with torch.no_grad():
+        raw = before_bn(model, x)
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        expected = (raw - norm.running_mean[:, None, None]) * scale[:, None, None] + norm.bias[:, None, None]
+        torch.testing.assert_close(feature, expected, rtol=1e-5, atol=1e-5)
+        assert (feature < 0).any()  # the ReLU comes after it
+        torch.testing.assert_close(head(model, feature), logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no pre-ReLU feature layer known for CifarResNet"):
+        pre_relu_layer(create_model("resnet20"))
 
 
 def test_name_spellings():

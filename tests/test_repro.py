@@ -114,6 +114,25 @@ def test_protocol_definitions_hold_the_published_cells():
     assert repro.AT_TABLE1.recipes[0].distill is None  # the student alone: cross-entropy only
 
 
+def test_nst_protocol_transfers_the_official_codes_pre_relu_map():
+    from featkd.models import create_model
+
+    nst = {r.name: r for r in repro.NST_KERNELS.recipes}
+    for teacher, student, last in (("wrn16_2", "wrn16_1", "bn"), ("nin", "nin_thin", "block3.4")):
+        t, s = create_model(teacher), create_model(student)
+        recipe = nst["NST-poly@last+KD"]
+        kwargs = recipe.distill(recipe.layers(s), recipe.layers(t))
+        assert [(x.teacher, x.student, x.weight, x.options) for x in kwargs["terms"]] == [(last, last, 50.0,
+                                                                                         {"kernel": "poly"})]
+        assert kwargs["kd"] == {"loss": "kd", "weight": 1.0, "T": 4} and kwargs["ce_weight"] == 1.0
+        assert "teacher_bn" not in kwargs  # the teacher's running statistics (batch statistics: an option)
+        everywhere = nst["NST-linear@all"]
+        assert [x.student for x in everywhere.distill(everywhere.layers(s), everywhere.layers(t))["terms"]] == [
+            *s.default_distill_layers[:2], last]
+    at = {r.name: r for r in repro.AT_TABLE1.recipes}["AT"]
+    assert at.layers(create_model("wrn16_1")) == ["group1", "group2", "group3"]  # AT stays on the group outputs
+
+
 def test_compact_summary_keeps_accuracies():
     line = "epoch 2  train/a-s0/ce 1.2  a-s0/acc1 55.5  a-s0/loss 1.1  b-s1/acc1 60  lr 0.1  epoch_time_s 3.5"
     assert repro.compact_summary(line) == "epoch 2  a-s0/acc1 55.5  b-s1/acc1 60  epoch_time_s 3.5"
@@ -154,6 +173,19 @@ def test_tiny_protocol_run_reuses_teacher_and_never_overwrites(tmp_path):
 
     with pytest.raises(RunDirectoryExistsError, match="other settings.*choose another --run-dir"):
         repro.run_protocol(protocol, dataclasses.replace(budget, train_limit=48), data, tmp_path, log=logs.append)
+
+
+@pytest.mark.slow
+def test_tiny_nst_protocol_run_distills_at_the_pre_relu_map(tmp_path):
+    from featkd.checkpoint import read_metrics
+
+    protocol = dataclasses.replace(repro.NST_KERNELS, pairs=(repro.Pair("wrn10_1", "wrn10_2"),),
+                                   recipes=tuple(r for r in repro.NST_KERNELS.recipes if r.name == "NST-poly@last+KD"))
+    budget = repro.Budget("tiny", 1, 1, (0,), batch_size=16, train_limit=33, test_limit=16)
+    repro.run_protocol(protocol, budget, repro.DataSpec("synthetic"), tmp_path, command="test", log=lambda line: None)
+    member = read_metrics(tmp_path / "nst-kernels" / "wrn10_1-from-wrn10_2-synthetic-tiny" / "members" /
+                          "NST-poly@last+KD-s0")
+    assert {"train/nst-poly:bn", "train/kd", "train/ce"} <= set(member[0])
 
 
 def test_cli_rejects_unknown_protocol_and_method(capsys):

@@ -5,7 +5,9 @@ blocks with widths 16k, 32k, 64k (strides 1, 2, 2), a final BN-ReLU, global aver
 linear classifier. Convolutions have no bias. A block whose input and output widths differ gets a
 1×1 projection shortcut applied to the *pre-activated* input (the official code's ``convdim``);
 otherwise the shortcut is the identity. Dropout (the WRN paper's option) sits between the two
-convolutions of a block. AT transfers the outputs of ``group1``, ``group2`` and ``group3``.
+convolutions of a block. AT transfers the outputs of ``group1``, ``group2`` and ``group3``; the last
+feature map after its BN and before its ReLU — where the official NST code applies its loss — is the
+output of the final ``bn`` (``pre_relu_layer``).
 
 Initialisation: He-normal convolutions and classifier weights, zero biases, and BN weights set by
 ``bn_init``: ``"ones"`` (featkd's default, PyTorch's) or ``"uniform"`` — uniform on [0, 1), the official
@@ -73,6 +75,7 @@ class WideResNet(nn.Module):
             FeatureInfo("group3", widths[2], 4),
         ]
         self.default_distill_layers = [f.name for f in self.feature_info]
+        self.pre_relu_layer = "bn"  # its output is the BN-normalised last map, before forward's final ReLU
         _init_weights(self, BN_INITS[bn_init])
 
     @staticmethod
