@@ -470,11 +470,20 @@ def _check_cached_config(run_dir: Path, config: Mapping) -> None:
     stored = run_dir / "config.yaml"
     if stored.is_file():
         old = yaml.safe_load(stored.read_text()) or {}
-        changed = {k: (old.get(k), v) for k, v in config.items() if k in old and old.get(k) != v}
+        # A setting the stored run does not record was not how it was made (it predates the setting).
+        changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if changed:
             raise ckpt.RunDirectoryExistsError(
                 f"{run_dir} holds a run made with other settings ({changed}: stored vs asked); "
                 "it is kept as it is: choose another --run-dir")
+
+
+def _training_record(train_loader, scheduler) -> dict:
+    """How a protocol run is trained beyond its sizes, stored with it so that a cached run made another way
+    is not reused."""
+    return {"pad": train_loader.pad, "pad_mode": train_loader.pad_mode, "drop_last": train_loader.drop_last,
+            "milestones": scheduler.lr_lambdas[0].milestones,
+            "restart_momentum_at_milestones": scheduler.restart_momentum_at_milestones}
 
 
 def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epochs: int, budget: Budget,
@@ -489,7 +498,8 @@ def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epo
     optimizer, scheduler = _schedule(model.parameters(), epochs, budget)
     method = SupervisedMethod(model, optimizer, scheduler, name="teacher")
     config = {"role": "teacher", "model": name, "model_options": options, "dataset": info.name, "epochs": epochs,
-              "budget": budget.name, "train_examples": len(train_loader.dataset), "batch_size": train_loader.batch_size}
+              "budget": budget.name, "train_examples": len(train_loader.dataset), "batch_size": train_loader.batch_size,
+              "training": _training_record(train_loader, scheduler)}
     _check_cached_config(run_dir, config)
     history = _fit_or_resume(method, train_loader, test_loader, run_dir, epochs, log=log, device=device, config=config,
                              model_info={"teacher": model_record(name, options, info)})
@@ -539,7 +549,7 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
                             base_config)
     method = sweep.SweepMethod(teacher, members, shared)
     config = {**base_config, "epochs": budget.epochs, "train_examples": len(train_loader.dataset),
-              "members": [m.name for m in members]}
+              "members": [m.name for m in members], "training": _training_record(train_loader, members[0].method.scheduler)}
     _check_cached_config(run_dir, config)
     try:
         history = _fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,

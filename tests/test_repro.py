@@ -162,6 +162,8 @@ def test_tiny_protocol_run_reuses_teacher_and_never_overwrites(tmp_path):
     assert teacher_state["models"]["teacher"]["options"] == {"bn_init": "uniform"}
     assert student_state["models"]["AT-s0"]["options"] == {"bn_init": "uniform"}
     assert teacher_state["step"] == student_state["step"] == 3  # 16 + 16 + the last batch of 1
+    assert teacher_state["config"]["training"] == {"pad": 4, "pad_mode": "reflect", "drop_last": False,
+                                                   "milestones": [], "restart_momentum_at_milestones": True}
     # a second call reuses the finished teacher and sweep, gives the same numbers, keeps the first report
     logs.clear()
     second = repro.run_protocol(protocol, budget, data, tmp_path, command="test", log=logs.append)
@@ -234,3 +236,12 @@ def test_omitted_class_run_decays_the_lr_once_in_two_epochs(tmp_path):
             tmp_path / "omitted-class" / "synthetic-tiny-full", tmp_path / "omitted-class" / "synthetic-tiny-omitted"]
     for run in runs:  # lr 0.05 then ×0.2 once (two coinciding milestones once gave ×0.04)
         assert [row["lr"] for row in read_metrics(run)] == pytest.approx([0.05, 0.01]), run
+
+
+def test_a_cached_run_made_before_a_setting_existed_is_not_reused(tmp_path):
+    from featkd.checkpoint import RunDirectoryExistsError
+
+    (tmp_path / "config.yaml").write_text("model: wrn16_2\nepochs: 4\n")
+    repro._check_cached_config(tmp_path, {"model": "wrn16_2", "epochs": 4})  # the same settings: reused
+    with pytest.raises(RunDirectoryExistsError, match=r"'training': \(None, \{'pad_mode': 'reflect'\}\)"):
+        repro._check_cached_config(tmp_path, {"model": "wrn16_2", "epochs": 4, "training": {"pad_mode": "reflect"}})
