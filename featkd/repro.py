@@ -193,11 +193,9 @@ class Budget:
     def describe(self) -> str:
         subset = f"train subset {self.train_limit}" if self.train_limit else "full train split"
         test = f"test subset {self.test_limit}" if self.test_limit else "full test split"
-        epochs = (f"students and teachers {self.epochs} epochs ({self.stages(self.epochs)})"
-                  if self.epochs == self.teacher_epochs else
-                  f"students {self.epochs} epochs ({self.stages(self.epochs)}), teachers {self.teacher_epochs} epochs "
-                  f"({self.stages(self.teacher_epochs)})")
-        return (f"budget `{self.name}`: {epochs}, batch {self.batch_size} (the last, smaller one kept), SGD lr "
+        return (f"budget `{self.name}`: students {self.epochs} epochs ({self.stages(self.epochs)}), teachers "
+                f"{self.teacher_epochs} epochs ({self.stages(self.teacher_epochs)}), batch {self.batch_size} (the "
+                f"last, smaller one kept), SGD lr "
                 f"{PAPER_SCHEDULE['lr']} momentum 0.9 (restarted at each decay) wd 5e-4, pad-4 reflection crop + flip, "
                 f"WRN BN weights ~ U[0, 1), {subset}, {test}, seeds {list(self.seeds)}")
 
@@ -395,15 +393,14 @@ def protocol_model_options(name: str) -> dict:
     return {"bn_init": "uniform"} if name.startswith("wrn") else {}
 
 
-
 def _schedule(model_params, epochs, budget):
     from featkd.engine import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(model_params, lr=PAPER_SCHEDULE["lr"], momentum=PAPER_SCHEDULE["momentum"],
                                 weight_decay=PAPER_SCHEDULE["weight_decay"])
     # The official AT code builds a new optimiser at each decay: its momentum restarts there.
-    scheduler = build_scheduler(optimizer, epochs=epochs, milestones=budget.milestones(epochs), gamma=PAPER_SCHEDULE["gamma"],
-                                restart_momentum_at_milestones=True)
+    scheduler = build_scheduler(optimizer, epochs=epochs, milestones=budget.milestones(epochs),
+                                gamma=PAPER_SCHEDULE["gamma"], restart_momentum_at_milestones=True)
     return optimizer, scheduler
 
 
@@ -544,17 +541,19 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
     from featkd import sweep
 
     shared = sweep.SharedTeacherOutputs()
+    student_options = protocol_model_options(student_name)
     example_x = next(iter(test_loader))[0].to(device)
     members = build_members(teacher, student_name, recipes, budget.seeds, info, example_x, shared, budget, device,
                             base_config)
     method = sweep.SweepMethod(teacher, members, shared)
     config = {**base_config, "epochs": budget.epochs, "train_examples": len(train_loader.dataset),
-              "members": [m.name for m in members], "training": _training_record(train_loader, members[0].method.scheduler)}
+              "members": [m.name for m in members],
+              "training": _training_record(train_loader, members[0].method.scheduler)}
     _check_cached_config(run_dir, config)
     try:
         history = _fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,
                                  config=config, log=lambda line: log(compact_summary(line)),
-                                 model_info={m.name: model_record(student_name, protocol_model_options(student_name), info)
+                                 model_info={m.name: model_record(student_name, student_options, info)
                                              for m in members})
     finally:
         method.close()

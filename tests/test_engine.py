@@ -176,8 +176,9 @@ def stage_lengths(lrs):
 def test_decay_milestones_are_the_official_at_loops_epochs():
     paper = (0.3, 0.6, 0.8)
     assert decay_milestones(200, paper) == [59, 119, 159]
-    assert featkd_lrs(200, decay_milestones(200, paper)) == pytest.approx(official_at_lrs(200, [60, 120, 160]), rel=1e-12)
-    assert stage_lengths(featkd_lrs(200, decay_milestones(200, paper))) == [59, 60, 40, 41]
+    lrs = featkd_lrs(200, decay_milestones(200, paper))
+    assert lrs == pytest.approx(official_at_lrs(200, [60, 120, 160]), rel=1e-12)
+    assert stage_lengths(lrs) == [59, 60, 40, 41]
     # a shorter run is the official loop with epoch_step scaled: 30 epochs -> epochs 9, 18, 24
     assert featkd_lrs(30, decay_milestones(30, paper)) == pytest.approx(official_at_lrs(30, [9, 18, 24]), rel=1e-12)
     # very short runs: never two decays on one epoch (2 epochs once had [1, 1]: lr x0.04 at once)

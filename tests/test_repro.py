@@ -90,7 +90,9 @@ def test_budget_milestones_are_the_official_loops_scaled_and_reported():
     assert repro.Budget("cpu", 2, 3, (0,)).milestones(2) == [1]
     described = repro.AT_TABLE1.budgets["full"].describe()
     assert "lr ×0.2 at the start of epochs 60/120/160: stages of 59/60/40/41" in described
-    assert "momentum 0.9 (restarted at each decay)" in described
+    for part in ("momentum 0.9 (restarted at each decay)", "batch 128 (the last, smaller one kept)",
+                 "pad-4 reflection crop + flip", "WRN BN weights ~ U[0, 1)"):
+        assert part in described
 
 
 def test_protocol_schedules_restart_momentum_at_each_decay():
