@@ -414,4 +414,5 @@ class Distiller(nn.Module):
 
     def extra_repr(self) -> str:
         terms = ", ".join(f"{t.key}×{t.weight}" for t in self.terms)
-        return f"terms=[{terms}], kd_weight={self.kd_weight}, ce_weight={self.ce_weight}, teacher_bn={self.teacher_bn}"
+        return (f"terms=[{terms}], kd_weight={self.kd_weight}, ce_weight={self.ce_weight}, "
+                f"teacher_bn={self.teacher_bn}")

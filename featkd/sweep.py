@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from featkd import checkpoint as ckpt
+from featkd.distiller import teacher_bn_mode
 from featkd.hooks import FeatureExtractor
 
 MEMBERS_DIR = "members"
@@ -163,8 +164,6 @@ class SweepMethod:
 
     def teacher_forward(self, x: torch.Tensor) -> None:
         """Run the teacher once on ``x`` and store its logits and features for the members."""
-        from featkd.distiller import teacher_bn_mode
-
         self.teacher.eval()
         with self.precision.autocast(), teacher_bn_mode(self.teacher, self.teacher_bn):
             if self._extractor is None:
