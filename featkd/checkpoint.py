@@ -9,6 +9,10 @@ Everything here protects what a user already has:
   caller must ask to resume it or pick a new directory;
 * the metrics files are rewritten from the history stored in the checkpoint,
   so a run resumed after a kill has exactly one row per finished epoch.
+
+A checkpoint stores, next to each evaluated model's weights, the record :func:`model_record`
+gives (model name, options, classes, input channels), so that :func:`model_from_checkpoint`
+rebuilds the model without any other file.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 CHECKPOINT_FORMAT = "featkd-checkpoint/1"
 LAST = "last.pt"
@@ -91,6 +96,37 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             "teachers must be trained with 'featkd train' first."
         )
     return state
+
+
+# --------------------------------------------------------------------------- models in checkpoints
+
+
+def model_record(name: str, options: dict[str, Any], info) -> dict[str, Any]:
+    """What a checkpoint stores next to a model's weights so that ``distill``/``eval`` can rebuild it.
+
+    ``info`` is the :class:`featkd.data.DatasetInfo` of the data the model is trained on.
+    """
+    return {"name": name, "options": dict(options), "num_classes": info.num_classes,
+            "in_channels": info.in_channels, "dataset": info._asdict()}
+
+
+def model_from_checkpoint(state: dict, device: torch.device, name: str | None = None,
+                          source: str = "the checkpoint") -> tuple[nn.Module, dict]:
+    """Rebuild a model from a loaded featkd checkpoint: the one it holds, or ``name`` when it holds several."""
+    from featkd.models import create_model
+
+    models = state.get("models", {})
+    if name is None:
+        if len(models) != 1:
+            raise ValueError(f"{source} holds the models {sorted(models)}; say which one to use")
+        name = next(iter(models))
+    if name not in models:
+        raise KeyError(f"{source} has no model {name!r}; it holds {sorted(models)}")
+    record = models[name]
+    model = create_model(record["name"], num_classes=record["num_classes"], in_channels=record["in_channels"],
+                         **record.get("options", {}))
+    model.load_state_dict(record["state_dict"])
+    return model.to(device), record
 
 
 # --------------------------------------------------------------------------- RNG state

@@ -1,38 +1,43 @@
 """The ``featkd`` command line.
 
-Each subcommand lives in its own module under ``featkd.commands`` with two
-functions, ``add_arguments(parser)`` and ``run(args) -> int``. Only the module
-of the subcommand being run is imported, so ``featkd --help`` and the quick
+Each subcommand is a module of ``featkd.commands`` (``born_again.py`` is ``featkd born-again``) with
+two functions, ``add_arguments(parser)`` and ``run(args) -> int``, and a docstring whose first line
+``featkd --help`` shows: a new command is a new module there. Only the module of the subcommand being
+run is imported (the list reads the docstrings without importing), so ``featkd --help`` and the quick
 commands start without paying for the heavy ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
+import re
 import sys
 from importlib import import_module
+from pathlib import Path
 
-# name -> (module, one-line description)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "layers": ("featkd.commands.layers", "list every hookable layer of a model with its output shape"),
-    "train": ("featkd.commands.train", "train a model (teacher or student) with cross-entropy"),
-    "distill": ("featkd.commands.distill", "distill a trained teacher into a student from a config"),
-    "eval": ("featkd.commands.eval", "evaluate a checkpoint on a dataset split"),
-    "dml": ("featkd.commands.dml", "Deep Mutual Learning: K peers trained together"),
-    "born-again": ("featkd.commands.born_again", "Born-Again Networks: N generations of self-distillation"),
-    "adversarial": ("featkd.commands.adversarial", "adversarial KD with a conditional discriminator"),
-    "sweep": ("featkd.commands.sweep", "run many student configurations against one shared teacher"),
-    "plot": ("featkd.commands.plot", "plot ablations, sweeps, curves and attention maps from run directories"),
-    "repro": ("featkd.commands.repro", "run a paper_repro protocol (AT/NST tables, omitted class)"),
-    "demo": ("featkd.commands.demo", "the README's main job: a small distillation comparison on Fashion-MNIST"),
-}
+COMMANDS_DIR = Path(__file__).resolve().parent / "commands"
+
+
+def command_names() -> list[str]:
+    """Every subcommand, from the module names in ``featkd/commands`` (modules starting with ``_`` are shared code)."""
+    return sorted(p.stem.replace("_", "-") for p in COMMANDS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def description(name: str) -> str:
+    """The first line of the command module's docstring, without its ````featkd name ...``:`` lead-in."""
+    path = COMMANDS_DIR / f"{name.replace('-', '_')}.py"
+    first = (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").split("\n", 1)[0]
+    first = re.sub(r"^``featkd [^`]*``:\s*", "", first)
+    return re.sub(r"\s*\(see [^)]*\)", "", first).rstrip(".")
 
 
 def _usage() -> str:
-    width = max(map(len, COMMANDS))
+    names = command_names()
+    width = max(map(len, names))
     lines = ["usage: featkd <command> [options]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {description(name)}" for name in names]
     lines += ["", "Run 'featkd <command> --help' for the options of one command."]
     return "\n".join(lines)
 
@@ -43,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        close = difflib.get_close_matches(name, COMMANDS, n=3)
+    names = command_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         print(f"featkd: unknown command {name!r}.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name, description = COMMANDS[name]
-    module = import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"featkd {name}", description=description)
+    module = import_module(f"featkd.commands.{name.replace('-', '_')}")
+    parser = argparse.ArgumentParser(prog=f"featkd {name}", description=description(name))
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(rest)) or 0)
 

@@ -100,7 +100,8 @@ class WarmupConfig:
 
 @dataclass
 class TermConfig:
-    """One transfer term; see :class:`featkd.Term`."""
+    """The config form (``terms:``) of one :class:`featkd.Term`, which :func:`featkd.runs.build_distiller`
+    builds from it. DML's terms between peers have their own form, ``strategies.dml.PeerTermConfig``."""
 
     teacher: str | list[str] = ""
     student: str | list[str] | None = None
@@ -221,12 +222,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise _wrong_type(key, tp, value)
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _wrong_type(key, tp, value)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+    if tp in (bool, int, str):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):  # True is an int to Python
             raise _wrong_type(key, tp, value)
         return value
     if tp is float:
@@ -238,10 +235,6 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _wrong_type(key, tp, value)
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _wrong_type(key, tp, value)
-        return value
     raise TypeError(f"config schema has an unsupported type {tp!r} at {key!r}")
 
 

@@ -10,6 +10,7 @@ only rank 0 writes files.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -75,8 +76,21 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (call once at the end of a ``torchrun`` worker)."""
+    """Leave the process group (call once at the end of a ``torchrun`` worker).
+
+    Every rank waits for the others before tearing its group down: a gloo rank whose peer has already
+    destroyed its group can abort ("terminate called without an active exception", exit -6), which
+    made the DDP test fail now and then on a loaded 2-core machine. A rank that failed never arrives;
+    after the timeout the others tear down anyway.
+    """
     if dist.is_available() and dist.is_initialized():
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except RuntimeError:
+            pass
         dist.destroy_process_group()
 
 

@@ -2,32 +2,10 @@
 
 No forward is rewritten: each requested layer gets a forward hook (or a forward
 pre-hook for ``:input``) that stores what the layer produced, keyed by the spec
-the user wrote.
-
-Layer specs
------------
-``path[#k][:input|:output][selector...]``
-
-* ``path`` - a dotted module path as in ``model.named_modules()``
-  (``layer3.1.conv2``, ``features.4``, ``encoder.layers.encoder_layer_0``).
-  Globs: ``*`` and ``?`` stay within one dotted segment, ``**`` crosses dots
-  (``layer*.1.conv2``, ``blocks.*.attn``). A glob expands to one key per
-  matched module, in module order. ``[...]`` is never a glob character class:
-  brackets always select (below).
-  The ``module.`` segment of DataParallel / DistributedDataParallel and the
-  ``_orig_mod.`` segment of ``torch.compile`` are resolved transparently: the
-  model may be wrapped or not and the names may carry those segments or not.
-* ``#k`` - when the module runs several times in one forward (a shared block),
-  only call ``k`` (0-based). Without it every call is stored; see
-  :meth:`Features.calls`.
-* ``:input`` / ``:output`` (default) - what the module received or returned.
-  The input is the positional argument when there is exactly one, otherwise
-  the tuple of positional arguments.
-* selectors - pick part of a tuple / list / dict / dataclass / namedtuple:
-  ``[0]`` (an index), ``["key"]`` or ``['key']`` (a mapping key, else an
-  attribute), ``.attr`` (an attribute; only after a port or a bracket, e.g.
-  ``head:output.logits``, ``blk[0].hidden``, since a bare ``.`` belongs to the
-  module path).
+the user wrote (:mod:`featkd.layer_specs` says how specs name modules, calls and
+parts of outputs). :func:`probe` is featkd's one dry run: the Distiller, Deep Mutual
+Learning, :func:`featkd.list_layers` and :func:`featkd.models.feature_info` read the
+shapes they need from it.
 
 Memory and in-place operations
 ------------------------------
@@ -43,182 +21,17 @@ student features keep their autograd graph.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import difflib
-import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["capture", "FeatureExtractor", "Features", "LayerInfo", "list_layers", "resolve_layers"]
+from featkd.layer_specs import (Spec, is_compiled, named_modules, resolve_specs, select, strip_wrappers,
+                                unknown_layer_error, unwrap, wrapped_child)
 
-_SPEC_RE = re.compile(r"^(?P<path>[^#:\[]*)(?:#(?P<call>\d+))?(?::(?P<port>input|output))?(?P<rest>.*)$")
-_SELECTOR_RE = re.compile(r"\[\s*(?:(?P<index>-?\d+)|'(?P<sq>[^']*)'|\"(?P<dq>[^\"]*)\")\s*\]|\.(?P<attr>[A-Za-z_]\w*)")
-_WRAPPER_SEGMENTS = ("module", "_orig_mod")
-
-
-# ----------------------------------------------------------------------------- names
-
-
-def _is_compiled(module: nn.Module) -> bool:
-    # Checked by name so that importing featkd does not import torch._dynamo.
-    return type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
-
-
-def _wrapped_child(module: nn.Module) -> str | None:
-    """Name of the child a wrapper forwards to (``module`` for DP/DDP, ``_orig_mod`` for compile)."""
-    if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return "module"
-    if _is_compiled(module):
-        return "_orig_mod"
-    return None
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    while (child := _wrapped_child(model)) is not None:
-        model = getattr(model, child)
-    return model
-
-
-def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Canonical name -> module, with wrapper segments dropped, in ``named_modules`` order."""
-    names: dict[str, nn.Module] = {}
-    seen: set[int] = set()
-
-    def walk(module: nn.Module, prefix: str) -> None:
-        child = _wrapped_child(module)
-        if child is not None:  # the wrapper and what it wraps share one name
-            walk(getattr(module, child), prefix)
-            return
-        if id(module) in seen:  # a module registered twice keeps its first name, like named_modules
-            return
-        seen.add(id(module))
-        names[prefix] = module
-        for name, sub in module.named_children():
-            walk(sub, f"{prefix}.{name}" if prefix else name)
-
-    walk(model, "")
-    return names
-
-
-def _strip_wrappers(path: str) -> str:
-    return ".".join(p for p in path.split(".") if p not in _WRAPPER_SEGMENTS)
-
-
-def _canonical(path: str, modules: Mapping[str, nn.Module]) -> str:
-    """Drop ``module.`` / ``_orig_mod.`` segments the user wrote that the model does not have."""
-    return path if path in modules else _strip_wrappers(path)
-
-
-def glob_regex(pattern: str) -> re.Pattern:
-    """Regex for a layer glob: ``*`` and ``?`` stay within one dotted segment, ``**`` crosses dots."""
-    out = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append(r"[^.]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append(r"[^.]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-class LayerKeyError(KeyError):
-    """A KeyError whose message prints as written (KeyError alone shows its repr)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-def _unknown(what: str, name: str, candidates: Iterable[str]) -> KeyError:
-    candidates = [c for c in candidates if c]
-    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4)
-    hint = f" Closest existing names: {', '.join(close)}." if close else ""
-    return LayerKeyError(f"{what} {name!r}.{hint} featkd.list_layers(model, x) lists them all.")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    key: str                      # the spec as given (a glob replaced by the matched name)
-    path: str                     # canonical module path
-    call: int | None              # select one call of a module that runs several times
-    port: str                     # "input" or "output"
-    selectors: tuple[tuple[str, Any], ...]  # ("item", 0) / ("item", "key") / ("attr", "name")
-
-
-def _parse(spec: str) -> tuple[str, str, int | None, str, tuple]:
-    """``spec`` -> (module path, the rest of the spec after it, call, port, selectors)."""
-    if not isinstance(spec, str):
-        raise TypeError(f"layer specs are strings like 'layer3' or 'layer3:input', got {spec!r}")
-    spec = spec.strip()
-    m = _SPEC_RE.match(spec)
-    path, call, port, rest = m["path"], m["call"], m["port"] or "output", m["rest"]
-    selectors = []
-    pos = 0
-    while pos < len(rest):
-        s = _SELECTOR_RE.match(rest, pos)
-        if s is None or (s["attr"] is not None and pos == 0 and m["port"] is None):
-            raise ValueError(
-                f"cannot parse layer spec {spec!r} at {rest[pos:]!r}: expected path[#k][:input|:output] followed by "
-                "selectors [0], ['key'] or .attr (an .attr needs a port or a bracket before it, e.g. "
-                "'head:output.logits')"
-            )
-        if s["index"] is not None:
-            selectors.append(("item", int(s["index"])))
-        elif s["attr"] is not None:
-            selectors.append(("attr", s["attr"]))
-        else:
-            selectors.append(("item", s["sq"] if s["sq"] is not None else s["dq"]))
-        pos = s.end()
-    if not path:
-        raise ValueError(f"layer spec {spec!r} names no module")
-    return path, spec[len(path):], int(call) if call is not None else None, port, tuple(selectors)
-
-
-def _resolve_specs(model: nn.Module, layers: str | Sequence[str]) -> list[_Spec]:
-    if isinstance(layers, str):
-        layers = [layers]
-    modules = _named_modules(model)
-    specs: list[_Spec] = []
-    for given in layers:
-        written, suffix, call, port, selectors = _parse(given)
-        path = _canonical(written, modules)
-        if any(c in path for c in "*?"):
-            regex = glob_regex(path)
-            matched = [name for name in modules if name and regex.match(name)]
-            if not matched:
-                raise _unknown("no module matches the pattern", path, modules)
-            specs += [_Spec(name + suffix, name, call, port, selectors) for name in matched]
-        elif path in modules:
-            specs.append(_Spec(given.strip(), path, call, port, selectors))
-        else:
-            raise _unknown("the model has no module named", path, modules)
-    keys = [s.key for s in specs]
-    duplicates = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicates:
-        raise ValueError(f"layers requested more than once: {duplicates}")
-    return specs
-
-
-def resolve_layers(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
-    """Expand layer specs (globs, wrapper prefixes) into the keys they produce, in order.
-
-    ``resolve_layers(resnet, ["layer*"])`` -> ``["layer1", "layer2", "layer3", "layer4"]``.
-    Raises ``KeyError`` listing the closest module names when a name or pattern matches nothing.
-    """
-    return [s.key for s in _resolve_specs(model, patterns)]
-
+__all__ = ["capture", "FeatureExtractor", "Features", "feature_shapes", "probe"]
 
 # ----------------------------------------------------------------------------- storage
 
@@ -236,7 +49,7 @@ class Features(Mapping):
         self._selected = selected_call
         self._compiled = compiled
         # "module.layer1" and "layer1" name the same feature, whichever the user wrote
-        self._aliases = {_strip_wrappers(k): k for k in calls}
+        self._aliases = {strip_wrappers(k): k for k in calls}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._calls)
@@ -248,14 +61,14 @@ class Features(Mapping):
         return key in self._calls
 
     def _entries(self, key: str) -> tuple[str, list, int | None]:
-        for candidate in (key, self._aliases.get(_strip_wrappers(key))):
+        for candidate in (key, self._aliases.get(strip_wrappers(key))):
             if candidate in self._calls:
                 return candidate, self._calls[candidate], self._selected[candidate]
         base, sep, call = key.rpartition("#")
-        base = base if base in self._calls else self._aliases.get(_strip_wrappers(base))
+        base = base if base in self._calls else self._aliases.get(strip_wrappers(base))
         if sep and call.isdigit() and base in self._calls and self._selected[base] is None:
             return base, self._calls[base], int(call)
-        raise _unknown("no captured layer", key, self._calls)
+        raise unknown_layer_error("no captured layer", key, self._calls)
 
     def _not_run(self, key: str, ran: int, wanted: int) -> RuntimeError:
         msg = f"layer {key!r} ran {ran} time(s) in the last forward, {wanted} needed."
@@ -312,34 +125,6 @@ class Features(Mapping):
         return "Features({" + ", ".join(f"{k!r}: {describe(v)}" for k, v in self._calls.items()) + "})"
 
 
-def _select(value: Any, selectors: tuple, key: str) -> Any:
-    for kind, sel in selectors:
-        try:
-            if kind == "attr":
-                value = getattr(value, sel)
-            elif isinstance(sel, str) and not isinstance(value, Mapping):
-                value = getattr(value, sel)  # ["name"] on a dataclass / namedtuple / ModelOutput
-            else:
-                value = value[sel]
-        except (KeyError, IndexError, AttributeError, TypeError):
-            raise LayerKeyError(f"layer spec {key!r}: cannot select {sel!r} from a {_describe(value)}") from None
-    return value
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"Tensor{tuple(value.shape)}"
-    if isinstance(value, Mapping):
-        return f"{type(value).__name__} with keys {list(value)}"
-    if dataclasses.is_dataclass(value):
-        return f"{type(value).__name__} with fields {[f.name for f in dataclasses.fields(value)]}"
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return f"{type(value).__name__} with fields {list(value._fields)}"
-    if isinstance(value, (tuple, list)):
-        return f"{type(value).__name__} of length {len(value)}"
-    return type(value).__name__
-
-
 def _store_tensors(value: Any, detach: bool, clone: bool) -> Any:
     """Detach and/or clone every tensor in a (possibly nested) value; ``clone`` keeps autograd."""
     if isinstance(value, torch.Tensor):
@@ -367,13 +152,13 @@ class _Recorder:
 
     def __init__(self, model: nn.Module, layers: str | Sequence[str], *, detach: bool, clone: bool):
         self.model = model
-        self.specs = _resolve_specs(model, layers)
+        self.specs = resolve_specs(model, layers)
         self.detach = detach
         self.clone = clone
         self.calls: dict[str, list] = {s.key: [] for s in self.specs}
         self.selected = {s.key: s.call for s in self.specs}
         self.root_grad_enabled: bool | None = None  # grad mode at the start of the running forward
-        modules = _named_modules(model)
+        modules = named_modules(model)
         root = modules[""]
         self.handles = [root.register_forward_pre_hook(self._root_pre_hook),
                         root.register_forward_hook(self._root_hook, always_call=True)]
@@ -398,7 +183,7 @@ class _Recorder:
         if not torch.compiler.is_compiling():
             self.root_grad_enabled = None
 
-    def _make_hook(self, spec: _Spec):
+    def _make_hook(self, spec: Spec):
         entries = self.calls[spec.key]
 
         def record(value):
@@ -415,7 +200,7 @@ class _Recorder:
             if spec.call is not None and len(entries) != spec.call:
                 entries.append(None)  # keep counting calls; store only the selected one
                 return
-            entries.append(_store_tensors(_select(value, spec.selectors, spec.key), self.detach, self.clone))
+            entries.append(_store_tensors(select(value, spec.selectors, spec.key), self.detach, self.clone))
 
         if spec.port == "input":
             def pre_hook(module, args, kwargs):
@@ -452,8 +237,8 @@ def _forget_compiled_code(model: nn.Module) -> None:
     hooks existed would run without them forever. Dropping the cached code of each compiled
     module's ``forward`` costs one recompile (also for other instances of the same class).
     """
-    compiled = [m._orig_mod if _is_compiled(m) else m for m in model.modules()
-                if _is_compiled(m) or getattr(m, "_compiled_call_impl", None) is not None]  # nn.Module.compile()
+    compiled = [m._orig_mod if is_compiled(m) else m for m in model.modules()
+                if is_compiled(m) or getattr(m, "_compiled_call_impl", None) is not None]  # nn.Module.compile()
     if not compiled:
         return
     import torch._dynamo
@@ -465,8 +250,8 @@ def _forget_compiled_code(model: nn.Module) -> None:
 
 
 def _any_compiled(model: nn.Module) -> bool:
-    while (child := _wrapped_child(model)) is not None:
-        if _is_compiled(model) or getattr(model, "_compiled_call_impl", None) is not None:
+    while (child := wrapped_child(model)) is not None:
+        if is_compiled(model) or getattr(model, "_compiled_call_impl", None) is not None:
             return True
         model = getattr(model, child)
     return getattr(model, "_compiled_call_impl", None) is not None
@@ -557,111 +342,36 @@ class FeatureExtractor:
         return f"FeatureExtractor({type(unwrap(self.model)).__name__}, layers={self.layers})"
 
 
-# ----------------------------------------------------------------------------- list_layers
+# ----------------------------------------------------------------------------- the dry run
 
 
-class LayerInfo(NamedTuple):
-    """One hookable module and what it produced for the example input.
+def probe(model: nn.Module, example_input: Any, layers: str | Sequence[str]) -> Features:
+    """What ``layers`` produce in one dry-run forward of ``model`` on ``example_input``.
 
-    ``shape`` is the output shape (a tuple of shapes, ``None`` for non-tensors, when the
-    output is a tuple/list); ``layout`` is ``"NCHW"``, ``"NCL"`` (1-d conv/norm/pool),
-    ``"NLC"`` (tokens, channels last, e.g. transformer blocks), ``"NC"`` or ``""``;
-    ``stride`` is input size / output spatial size (for tokens: the patch grid's, with
-    ``prefix_tokens`` class/distillation tokens in front), ``None`` when not spatial.
+    The forward runs in eval mode under ``torch.no_grad()``, so nothing is updated (batch-norm
+    statistics included) and every module's training flag is restored afterwards. ``example_input``
+    is a tensor, or a tuple of positional arguments. DDP/DataParallel/compile wrappers are handled as
+    in :func:`capture`; each layer keeps every call (:meth:`Features.calls`).
     """
-
-    name: str
-    type: str
-    shape: Any
-    channels: int | None
-    stride: int | float | tuple | None
-    layout: str = ""
-    calls: int = 1
-    prefix_tokens: int = 0
-
-
-_CHANNELS_FIRST_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d,
-                      nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
-
-
-def _shape_of(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (tuple, list)):
-        return tuple(_shape_of(v) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _shape_of(v) for k, v in value.items()}
-    return None
-
-
-def _ratio(a: int, b: int) -> int | float:
-    r = a / b
-    return int(r) if r == int(r) else round(r, 3)
-
-
-def _layer_info(name: str, module: nn.Module, output: Any, calls: int, in_hw: tuple[int, ...] | None) -> LayerInfo:
-    type_name = type(module).__name__
-    if not isinstance(output, torch.Tensor):
-        return LayerInfo(name, type_name, _shape_of(output), None, None, "", calls)
-    shape = tuple(output.shape)
-    if output.dim() == 4:
-        stride = None
-        if in_hw is not None and len(in_hw) == 2:
-            sh, sw = _ratio(in_hw[0], shape[2]), _ratio(in_hw[1], shape[3])
-            stride = sh if sh == sw else (sh, sw)
-        return LayerInfo(name, type_name, shape, shape[1], stride, "NCHW", calls)
-    if output.dim() == 3 and isinstance(module, _CHANNELS_FIRST_1D):
-        stride = _ratio(in_hw[0], shape[2]) if in_hw is not None and len(in_hw) == 1 else None
-        return LayerInfo(name, type_name, shape, shape[1], stride, "NCL", calls)
-    if output.dim() == 3:
-        stride, prefix = None, 0
-        if in_hw is not None and len(in_hw) == 2:
-            stride, prefix = _token_grid(shape[1], in_hw)
-        return LayerInfo(name, type_name, shape, shape[2], stride, "NLC", calls, prefix)
-    if output.dim() == 2:
-        return LayerInfo(name, type_name, shape, shape[1], None, "NC", calls)
-    return LayerInfo(name, type_name, shape, None, None, "", calls)
-
-
-def _token_grid(tokens: int, in_hw: tuple[int, int]) -> tuple[int | None, int]:
-    """Patch size and number of prefix (class / distillation / register) tokens of a token sequence."""
-    h, w = in_hw
-    for prefix in range(0, min(tokens, 9)):
-        grid = tokens - prefix
-        for patch in range(1, min(h, w) + 1):
-            if h % patch == 0 and w % patch == 0 and (h // patch) * (w // patch) == grid:
-                return patch, prefix
-    return None, 0
-
-
-def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
-    """Every hookable module (canonical dotted name, root excluded) with its output for ``example_input``.
-
-    Runs one forward in eval mode under ``torch.no_grad()`` (training flags are restored;
-    nothing is updated). ``example_input`` is a tensor, or a tuple of positional arguments.
-    Modules that did not run are left out; ``calls`` counts modules that ran several times.
-    """
-    modules = _named_modules(model)
-    first: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-
-    def make_hook(name):
-        def hook(module, args, output):
-            counts[name] = counts.get(name, 0) + 1
-            first.setdefault(name, output)
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items() if n]
-    training = {m: m.training for m in modules.values()}
     args = example_input if isinstance(example_input, tuple) else (example_input,)
+    recorder = _Recorder(model, layers, detach=True, clone=False)
+    training = {module: module.training for module in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
             model(*args)
+        return recorder.take()
     finally:
-        for handle in handles:
-            handle.remove()
-        for m, flag in training.items():
-            m.training = flag
-    in_hw = tuple(args[0].shape[2:]) if isinstance(args[0], torch.Tensor) and args[0].dim() >= 3 else None
-    return [_layer_info(n, modules[n], first[n], counts[n], in_hw) for n in modules if n in first]
+        recorder.remove()
+        for module, flag in training.items():
+            module.training = flag
+
+
+def feature_shapes(model: nn.Module, layers: str | Sequence[str], example_input: Any) -> dict[str, tuple[int, ...]]:
+    """The shape of each captured layer's feature in a :func:`probe` (keys as :func:`capture` gives them).
+
+    Raises as reading a :class:`Features` does when a layer did not run, or ran several times
+    without a ``#k`` call selected.
+    """
+    features = probe(model, example_input, layers)
+    return {key: tuple(features[key].shape) for key in features}

@@ -22,6 +22,8 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
+from featkd import stats as seed_stats
+
 # Colour-blind-safe (Okabe & Ito) cycle, in the order methods are usually listed.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 REFERENCE_STYLE = {
@@ -171,6 +173,73 @@ def kernel_ablation(
     ax.grid(axis="y", alpha=0.3)
     if student is not None or teacher is not None:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title="reference")
+    return fig
+
+
+def paired_deltas(accuracies: Mapping[str, Sequence[float]], *, baseline: str = "student",
+                  teacher: float | None = None, title: str | None = None) -> Figure:
+    """Each method's paired Δ vs ``baseline`` (mean of per-seed differences) with its 95% t interval.
+
+    An interval that excludes 0 is drawn filled; the per-seed differences are dots. The teacher's gap
+    to the baseline's mean, when given, is a dashed line.
+    """
+    base = accuracies[baseline]
+    labels = [name for name in accuracies if name != baseline]
+    if not labels:
+        raise ValueError("paired_deltas needs at least one method besides the baseline")
+    fig = Figure(figsize=(max(4.5, 0.9 * len(labels) + 2), 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    for i, label in enumerate(labels):
+        delta = seed_stats.paired_delta(accuracies[label], base)
+        per_seed = np.asarray(accuracies[label], dtype=float) - np.asarray(base, dtype=float)
+        color = PALETTE[i % len(PALETTE)]
+        offsets = np.linspace(-0.12, 0.12, per_seed.size) if per_seed.size > 1 else np.zeros(1)
+        ax.plot(i + offsets, per_seed, "o", color=color, alpha=0.45, markersize=4, gid=f"seeds:{label}")
+        half = 0.0 if np.isnan(delta.half_width) else delta.half_width
+        ax.errorbar([i], [delta.mean], yerr=[half], fmt="none", ecolor="black", capsize=6, elinewidth=1.2)
+        ax.scatter([i], [delta.mean], s=60, c=color if delta.excludes_zero else "white", edgecolors=color,
+                   linewidths=2, zorder=3, gid=f"mean:{label}")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    if teacher is not None:
+        ax.axhline(teacher - float(np.mean(base)), color="gray", linestyle="--", linewidth=1,
+                   label="teacher − student mean")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    ax.set_xticks(np.arange(len(labels)), labels, rotation=30 if len(labels) > 4 else 0,
+                  ha="right" if len(labels) > 4 else "center")
+    ax.set_ylabel(f"Δ test accuracy vs {baseline} (points)")
+    ax.set_title(title or f"Paired Δ vs {baseline}: mean ± 95% CI over seeds (filled: interval excludes 0)")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def data_size_curve(results: Sequence[Mapping], *, title: str | None = None) -> Figure:
+    """Test accuracy against the students' share of the training data: per method the mean over seeds
+    with its 95% t band (``results``: the ``results.json`` of :mod:`featkd.limited_data` tables)."""
+    if not results:
+        raise ValueError("data_size_curve needs at least one limited-data result")
+    results = sorted(results, key=lambda r: r["fraction"])
+    methods = list(dict.fromkeys(m for r in results for m in r["accuracies"]))
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    for i, method in enumerate(methods):
+        points = [(r["fraction"] * 100, seed_stats.t_interval(r["accuracies"][method]))
+                  for r in results if method in r["accuracies"]]
+        x = np.array([p for p, _ in points])
+        mean = np.array([iv.mean for _, iv in points])
+        half = np.array([0.0 if np.isnan(iv.half_width) else iv.half_width for _, iv in points])
+        color = PALETTE[i % len(PALETTE)]
+        ax.plot(x, mean, "o-", color=color, label=method, gid=f"curve:{method}")
+        ax.fill_between(x, mean - half, mean + half, color=color, alpha=0.15, linewidth=0)
+    teachers = [r["teacher_acc"] for r in results if r.get("teacher_acc") is not None]
+    if teachers:
+        ax.axhline(teachers[0], color="gray", linestyle="--", linewidth=1, label="teacher")
+    ax.set_xscale("log")
+    ax.set_xticks([r["fraction"] * 100 for r in results], [f"{r['fraction'] * 100:g}%" for r in results])
+    ax.set_xlabel("students' share of the training split")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "Accuracy against transfer-set size (mean ± 95% CI over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return fig
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featkd.commands.train import model_record
+from featkd.checkpoint import model_record
 from featkd.models import default_distill_layers, pre_relu_layer
 
 # ----------------------------------------------------------------------------- statistics
@@ -536,7 +536,7 @@ def build_members(teacher: nn.Module, student_name: str, recipes: Sequence[Recip
 
 
 def run_students(teacher, student_name, recipes, budget, info, train_loader, test_loader, run_dir: Path, device,
-                 base_config, log=print) -> dict[str, list[float]]:
+                 base_config, log=print, eval_every: int = 1) -> dict[str, list[float]]:
     """Train every (recipe, seed) student against one shared teacher; return ``{recipe: [acc % per seed]}``."""
     from featkd import sweep
 
@@ -552,7 +552,7 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
     _check_cached_config(run_dir, config)
     try:
         history = _fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,
-                                 config=config, log=lambda line: log(compact_summary(line)),
+                                 config=config, log=lambda line: log(compact_summary(line)), eval_every=eval_every,
                                  model_info={m.name: model_record(student_name, student_options, info)
                                              for m in members})
     finally:

@@ -31,10 +31,16 @@ import torch
 from torch import nn
 
 from featkd import checkpoint as ckpt
+from featkd import runs
+from featkd.config import to_dict
 from featkd.distiller import teacher_bn_mode
+from featkd.engine import DistillMethod, MethodBase, Precision, seed_everything
+from featkd.engine.sinks import run_sinks
 from featkd.hooks import FeatureExtractor
 
 MEMBERS_DIR = "members"
+# what a shared teacher forward forces every member to share
+SHARED_KEYS = ("data", "epochs", "teacher", "device", "amp", "channels_last")
 
 
 # ----------------------------------------------------------------------------- grids
@@ -65,6 +71,29 @@ def member_name(overrides: Mapping[str, Any]) -> str:
              for short, (key, value) in zip(shorts, overrides.items())]
     name = ",".join(parts) or "base"
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+
+
+def member_configs(base: dict, overrides: list[str], grid: Mapping[str, Sequence[Any]]):
+    """The base config and one ``(name, config)`` per grid point: ``base`` data, ``overrides``, the point.
+
+    Raises :class:`featkd.config.ConfigError` when a point changes one of :data:`SHARED_KEYS`.
+    """
+    import yaml
+
+    from featkd.config import ConfigError, load_config
+
+    base_cfg = load_config(None, overrides, base=base)
+    members = []
+    for point in expand_grid(grid) if grid else [{}]:
+        point_overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                           for k, v in point.items()]
+        cfg = load_config(None, overrides + point_overrides, base=base)
+        for key in SHARED_KEYS:
+            if getattr(cfg, key) != getattr(base_cfg, key):
+                raise ConfigError(f"the grid changes {key!r} (member {member_name(point)}); a sweep shares one "
+                                  f"teacher forward, so {', '.join(SHARED_KEYS)} must be the same for every member")
+        members.append((member_name(point), cfg))
+    return base_cfg, members
 
 
 # ----------------------------------------------------------------------------- the shared-teacher method
@@ -112,6 +141,13 @@ class Member:
     def distiller(self):
         return getattr(self.method, "distiller", None)
 
+    def state_dict(self) -> dict:
+        return {"method": self.method.state_dict(), "rng": self.rng}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.method.load_state_dict(state["method"])
+        self.rng = state["rng"]
+
     @property
     def student(self) -> nn.Module:
         models = self.method.eval_models()
@@ -127,14 +163,12 @@ def make_member(name: str, distiller, optimizer, scheduler=None, *, shared: Shar
     ``distiller`` must be set up already (its optimiser covers its adapters). ``rng`` is the random state to start from (default: the current one, i.e. right after the caller
     seeded and built this member — what a separate run would continue with).
     """
-    from featkd.engine import DistillMethod
-
     distiller.share_teacher(_SharedTeacherFeatures(shared, distiller.teacher_layers))
     method = DistillMethod(distiller, optimizer, scheduler, **method_options)
     return Member(name, method, dict(config or {}), rng if rng is not None else ckpt.rng_state())
 
 
-class SweepMethod:
+class SweepMethod(MethodBase):
     """A :class:`featkd.engine.Method` training several members against one teacher forward per batch."""
 
     def __init__(self, teacher: nn.Module, members: Sequence[Member], shared: SharedTeacherOutputs,
@@ -153,14 +187,13 @@ class SweepMethod:
             raise ValueError(f"members ask for teacher_bn {sorted(teacher_bn)}; one teacher forward serves them all: "
                              "give every member the same teacher_bn")
         self.teacher_bn = teacher_bn.pop() if teacher_bn else "eval"
+        # fit logs the learning rate of the first member's optimiser (members usually share a schedule)
+        super().__init__(members[0].method.optimizer, (), precision or members[0].method.precision)
         self.teacher, self.members, self.shared = teacher, list(members), shared
-        self.precision = precision or members[0].method.precision
         layers = list(dict.fromkeys(layer for m in members if m.distiller is not None
                                     for layer in m.distiller.teacher_layers))
         self.teacher_layers = layers
         self._extractor = FeatureExtractor(teacher, layers, detach=True, no_grad=True) if layers else None
-        # fit() logs the learning rate of `optimizer`: the first member's (members usually share a schedule).
-        self.optimizer = members[0].method.optimizer
 
     def teacher_forward(self, x: torch.Tensor) -> None:
         """Run the teacher once on ``x`` and store its logits and features for the members."""
@@ -173,14 +206,14 @@ class SweepMethod:
                 logits, features = self._extractor(x)
         self.shared.batch, self.shared.logits, self.shared.features = x, logits.detach(), dict(features)
 
-    def train_step(self, x, y, step):
+    def train_step(self, x, y, step, **extra):  # extra: indices=, when the loader yields them
         self.teacher_forward(x)
         losses: dict[str, float] = {}
         outer = ckpt.rng_state()
         try:
             for member in self.members:
                 ckpt.set_rng_state(member.rng if member.rng is not None else outer)
-                member_losses = member.method.train_step(x, y, step)
+                member_losses = member.method.train_step(x, y, step, **extra)
                 member.rng = ckpt.rng_state()
                 losses.update({f"{member.name}/{k}": v for k, v in member_losses.items()})
         finally:
@@ -195,23 +228,37 @@ class SweepMethod:
         for member in self.members:
             member.method.on_epoch_end(epoch)
 
-    def state_dict(self):
-        return {"members": {m.name: {"method": m.method.state_dict(), "rng": m.rng} for m in self.members}}
-
-    def load_state_dict(self, state):
-        stored = state["members"]
-        missing = [m.name for m in self.members if m.name not in stored]
-        if missing:
-            raise KeyError(f"checkpoint has no state for sweep members {missing}; it holds {sorted(stored)}")
-        for member in self.members:
-            member.method.load_state_dict(stored[member.name]["method"])
-            member.rng = stored[member.name]["rng"]
+    def state_parts(self):
+        return {"members": {m.name: m for m in self.members}}
 
     def close(self) -> None:
         """Remove the teacher hooks."""
         if self._extractor is not None:
             self._extractor.remove()
             self._extractor = None
+
+
+def build_sweep(member_cfgs, teacher: nn.Module, teacher_state: dict, run) -> tuple[SweepMethod, dict]:
+    """The sweep of ``member_cfgs`` (from :func:`member_configs`) against ``teacher`` (loaded from
+    ``teacher_state``) for a started :class:`featkd.runs.Run`, and the records the members' checkpoints
+    store. Each member starts exactly where ``featkd distill`` with its config starts."""
+    example_x, _ = next(iter(run.train_loader))
+    shared = SharedTeacherOutputs()
+    members, model_info = [], {}
+    for name, cfg in member_cfgs:
+        seed_everything(cfg.seed, cfg.deterministic)
+        # featkd distill builds the teacher between seeding and building the student, so the student's
+        # initial weights depend on the random numbers the teacher's construction drew; draw them too
+        # (a throwaway CPU copy) so that a member starts exactly where that run starts.
+        ckpt.model_from_checkpoint(teacher_state, torch.device("cpu"))
+        student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
+        distiller = runs.build_distiller(cfg, teacher, student).setup(example_x[:2])
+        optimizer, scheduler = runs.build_optimization(cfg, distiller.trainable_parameters())
+        members.append(make_member(name, distiller, optimizer, scheduler, shared=shared, config=to_dict(cfg),
+                                   precision=Precision(cfg.amp, run.device), grad_clip=cfg.grad_clip,
+                                   steps_per_epoch=len(run.train_loader)))
+        model_info[name] = ckpt.model_record(cfg.student.name, cfg.student.options, run.info)
+    return SweepMethod(teacher, members, shared), model_info
 
 
 # ----------------------------------------------------------------------------- per-member run directories
@@ -234,12 +281,15 @@ def member_history(history: Iterable[Mapping[str, Any]], name: str) -> list[dict
 
 
 def write_member_runs(run_dir: str | Path, members: Sequence[Member], history: Sequence[Mapping[str, Any]]) -> list[Path]:
-    """Write ``run_dir/members/<name>/{config.yaml, metrics.jsonl, metrics.csv}`` for each member."""
+    """Write ``run_dir/members/<name>/`` for each member: its ``config.yaml`` and its metrics, through the
+    sinks of an ordinary run (:func:`featkd.engine.sinks.run_sinks`: metrics files, TensorBoard when installed)."""
     paths = []
     for member in members:
         path = Path(run_dir) / MEMBERS_DIR / member.name
         path.mkdir(parents=True, exist_ok=True)
         ckpt.write_run_info(path, member.config)
-        ckpt.write_metrics(path, member_history(history, member.name))
+        for sink in run_sinks(path):
+            sink.write(member_history(history, member.name))
+            sink.close()
         paths.append(path)
     return paths

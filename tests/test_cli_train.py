@@ -87,7 +87,7 @@ def test_config_mistakes_are_one_line_errors(tmp_path, capsys, args, message):
 
 
 def test_transfer_set_options():
-    from featkd.commands.train import build_datasets
+    from featkd.runs import build_datasets
     from featkd.config import load_config
     from featkd.data import load_dataset
 

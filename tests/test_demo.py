@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from featkd.commands.demo import DEMO_RECIPES, choose_run_dir
+from featkd.commands.demo import DEMO_METHODS, choose_run_dir
 
 
 @pytest.mark.slow
@@ -15,15 +15,17 @@ def test_demo_tiny_end_to_end_and_reuse(tmp_path, subprocess_env):
     first = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr
     rows = [line for line in first.stdout.splitlines() if line.startswith("| ")]
-    assert [r.split("|")[1].strip() for r in rows[1:]] == [*DEMO_RECIPES, "teacher"]
-    assert "wall time" in first.stdout and "on synthetic" in first.stdout
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [*DEMO_METHODS, "teacher"]
+    assert "paired mean ± 95% CI" in rows[0] and "wall time" in first.stdout and "synthetic" in first.stdout
     for suffix in (".png", ".pdf"):
-        assert (tmp_path / "demo" / f"kernel_ablation{suffix}").stat().st_size > 1000
-    # the per-seed accuracies printed are those in the sweep's metrics
-    sweep_dir = next((tmp_path / "demo" / "demo").iterdir())
-    last = json.loads((sweep_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    kd_row = next(r for r in rows if r.startswith("| KD |"))
-    assert kd_row.split("|")[4].strip() == f"{last['KD-s0/acc1']:.2f}"
+        assert (tmp_path / "demo" / f"paired_deltas{suffix}").stat().st_size > 1000
+    # the per-seed accuracies printed are those in the sweep's metrics, and Δ is their paired mean
+    last = json.loads((tmp_path / "demo" / "limited-data-0.03-synthetic" / "metrics.jsonl").read_text().splitlines()[-1])
+    kd_row = next(r for r in rows if r.startswith("| KD |")).split("|")
+    assert kd_row[5].strip() == f"{last['KD-s0/acc1']:.2f}, {last['KD-s1/acc1']:.2f}"
+    delta = (last["KD-s0/acc1"] - last["student-s0/acc1"] + last["KD-s1/acc1"] - last["student-s1/acc1"]) / 2
+    assert kd_row[3].strip().startswith(f"{delta:+.2f}")
+    assert kd_row[4].strip() in ("beyond noise", "inside noise")
     # a second run with the same settings reuses everything and prints the same table
     second = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, cwd=tmp_path, timeout=600)
     assert second.returncode == 0, second.stderr
@@ -38,6 +40,9 @@ def test_choose_run_dir_never_reuses_other_settings(tmp_path):
     (tmp_path / "demo" / "demo.json").write_text(json.dumps({"a": 1}))
     assert choose_run_dir(tmp_path / "demo", {"a": 1}) == (tmp_path / "demo", True)
     assert choose_run_dir(tmp_path / "demo", {"a": 2}) == (tmp_path / "demo-2", False)
+    (tmp_path / "demo-2").mkdir()
+    (tmp_path / "demo-2" / "demo.json").write_text("{not json")  # a corrupt stamp: left alone, never reused
+    assert choose_run_dir(tmp_path / "demo", {"a": 2}) == (tmp_path / "demo-3", False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "results.txt").write_text("someone's results")
     assert choose_run_dir(tmp_path / "other", {"a": 1}) == (tmp_path / "other-2", False)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import featkd
-from featkd.distiller import FeatureAdapter, Warmup
+from featkd.terms import FeatureAdapter, Warmup
 from featkd.engine import DistillMethod, build_optimizer
 from featkd.models import create_model
 
@@ -309,3 +309,64 @@ def test_shared_teacher_outputs_replace_the_teacher_forward():
         torch.testing.assert_close(losses[name], value)
     # its own teacher hooks are gone; the student's stay
     assert not teacher.group3._forward_hooks and student.group3._forward_hooks
+
+
+class MemoryBankLoss(nn.Module):
+    """A loss against per-sample memory, as CRD keeps one: it needs the batch's dataset indices."""
+
+    uses_context = True
+
+    def __init__(self, bank):
+        super().__init__()
+        self.bank, self.seen = bank, []
+
+    def forward(self, f_s, f_t, context):
+        self.seen.append((context.indices, context.targets, context.step))
+        return (f_s.mean((2, 3)) - self.bank[context.indices]).pow(2).sum(1).mean()
+
+
+class WithIndices:
+    """A DeviceLoader whose batches also carry their samples' dataset indices (from its epoch plan)."""
+
+    def __init__(self, loader):
+        self.loader, self.info = loader, loader.info
+
+    def set_epoch(self, epoch):
+        self.loader.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        plan, size = self.loader.epoch_plan(), self.loader.batch_size
+        for i, (x, y) in enumerate(self.loader):
+            yield x, y, plan.indices[i * size:(i + 1) * size]
+
+
+def test_losses_that_use_the_batch_context_get_the_sample_indices_through_fit(tmp_path):
+    from featkd.data import DeviceLoader, load_dataset
+    from featkd.engine import fit
+
+    data = load_dataset("synthetic", size=48, image_size=28, num_classes=10)
+    teacher, student = wrns()
+    bank = torch.randn(len(data), 64)
+    loss = MemoryBankLoss(bank)
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", loss=loss, name="bank")])
+    x, y = data.images[:4].float(), data.labels[:4]
+    d.setup(x[:2])
+    _, losses = d(x, y, indices=torch.tensor([5, 0, 7, 2]))
+    d.remove_hooks()
+    with torch.no_grad():
+        pooled = groups(student, x)["group3"].mean((2, 3))
+    torch.testing.assert_close(losses["bank"], (pooled - bank[[5, 0, 7, 2]]).pow(2).sum(1).mean())
+
+    loss.seen.clear()
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", loss=loss, name="bank")]).setup(x[:2])
+    loader = DeviceLoader(data, 16, shuffle=True, seed=3)
+    fit(DistillMethod(d, build_optimizer(d.trainable_parameters(), lr=0.01)), WithIndices(loader),
+        DeviceLoader(data, 48, shuffle=False, drop_last=False), tmp_path / "run", 1, log=lambda _: None)
+    plan = loader.epoch_plan(0).indices
+    assert [step for _, _, step in loss.seen] == [0, 1, 2]
+    for k, (indices, targets, _) in enumerate(loss.seen):
+        assert torch.equal(indices, plan[16 * k:16 * (k + 1)])
+        assert torch.equal(targets, data.labels[indices])  # the indices name the samples of the batch

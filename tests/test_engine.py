@@ -307,3 +307,16 @@ def test_best_checkpoint_follows_the_chosen_metric(tmp_path):
     assert state["epoch"] == best["epoch"] and state["best"]["value"] == best["model/loss"]
     with pytest.raises(KeyError, match="best_metric 'model/acc9'"):
         fit(supervised(), train, test, tmp_path / "other", epochs=1, best_metric="model/acc9", log=lambda s: None)
+
+
+def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(tmp_path):
+    train, test = loaders()
+    every = fit(supervised(epochs=3), train, test, tmp_path / "every", epochs=3, log=lambda s: None)
+    sparse = fit(supervised(epochs=3), train, test, tmp_path / "sparse", epochs=3, eval_every=2, log=lambda s: None)
+    assert ["model/acc1" in row for row in sparse] == [False, True, True]
+    # evaluation does not touch training: the same losses and the same final accuracy
+    assert [r["train/ce"] for r in sparse] == [r["train/ce"] for r in every]
+    assert sparse[-1]["model/acc1"] == every[-1]["model/acc1"]
+    assert ckpt.load_checkpoint(tmp_path / "sparse" / "best.pt")["epoch"] in (2, 3)
+    with pytest.raises(ValueError, match="eval_every"):
+        fit(supervised(), train, test, tmp_path / "bad", epochs=1, eval_every=0, log=lambda s: None)

@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import featkd
-from featkd.hooks import Features, LayerInfo
+from featkd.hooks import Features
+from featkd.layer_info import LayerInfo
 
 
 @pytest.fixture(scope="module")

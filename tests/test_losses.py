@@ -3,12 +3,16 @@ import torch
 
 import featkd.functional as KF
 from featkd.losses import (
-    FEATURE_LOSSES,
-    LOGIT_LOSSES,
-    HintLoss,
     build_feature_loss,
     build_logit_loss,
+    feature_loss_class,
+    feature_loss_names,
+    logit_loss_names,
+    register_feature_loss,
+    registry,
 )
+from featkd.losses.hint import HintLoss
+from featkd.terms import Term
 
 S, T = (2, 4, 8, 8), (2, 6, 8, 8)
 
@@ -49,8 +53,15 @@ def test_shape_errors_at_build_time_name_the_shapes():
         build_feature_loss("gram", S, T, mode="channel")
     with pytest.raises(ValueError, match="smaller than teacher"):
         build_feature_loss("hint", (2, 4, 4, 4), (2, 6, 8, 8), resize="pool")
-    assert build_feature_loss("at", S, (2, 6, 4, 4), resize="pool") is not None
-    assert build_feature_loss("gram", S, (2, 4, 4, 4), mode="channel") is not None
+    f_s, f_small = torch.randn(S), torch.randn(2, 6, 4, 4)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(f_s, (4, 4))
+    at = build_feature_loss("at", S, (2, 6, 4, 4), resize="pool")
+    assert at(f_s, f_small).item() == pytest.approx(KF.at_loss(pooled, f_small).item(), rel=1e-6)
+    f_same_c = torch.randn(2, 4, 4, 4)
+    gram = build_feature_loss("gram", S, (2, 4, 4, 4), mode="channel")
+    g_s = f_s.flatten(2) @ f_s.flatten(2).transpose(1, 2) / 64
+    g_t = f_same_c.flatten(2) @ f_same_c.flatten(2).transpose(1, 2) / 16
+    assert gram(f_s, f_same_c).item() == pytest.approx((g_s - g_t).square().sum((1, 2)).mean().item(), rel=1e-5)
 
 
 def test_unknown_names_and_options_suggest_close_matches():
@@ -68,9 +79,39 @@ def test_unknown_names_and_options_suggest_close_matches():
         build_logit_loss("kd_ce", alpa=0.9)
 
 
-def test_registries_hold_the_documented_names():
-    assert sorted(FEATURE_LOSSES) == ["at", "fsp", "gram", "hint", "nst"]
-    assert sorted(LOGIT_LOSSES) == ["kd", "kd_ce", "logit_mse", "soft_ce_mse", "sym_kl"]
+def test_registries_hold_the_documented_names_with_their_capabilities():
+    assert {"at", "fsp", "gram", "hint", "nst"} <= set(feature_loss_names())  # the README's losses, at least
+    assert logit_loss_names() == ["kd", "kd_ce", "logit_mse", "soft_ce_mse", "sym_kl"]
+    capabilities = {name: (cls.multi_layer, cls.needs_shapes, cls.uses_context)
+                    for name in ("at", "fsp", "gram", "hint", "nst") for cls in [feature_loss_class(name)]}
+    assert capabilities == {"at": (False, False, False), "fsp": (True, False, False), "gram": (False, False, False),
+                            "hint": (False, True, False), "nst": (False, False, False)}
+
+
+@pytest.fixture
+def own_registry(monkeypatch):
+    """Registrations made in a test stay in the test."""
+    monkeypatch.setattr(registry, "_FEATURE_LOSSES", dict(registry._FEATURE_LOSSES))
+
+
+def test_a_registered_loss_is_built_by_name_with_its_capabilities(own_registry):
+    @register_feature_loss("pair_sum", multi_layer=True)
+    class PairSum(torch.nn.Module):
+        def __init__(self, scale=1.0):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, f_s, f_t):
+            return self.scale * sum((a.mean() - b.mean()) ** 2 for a, b in zip(f_s, f_t))
+
+    assert "pair_sum" in feature_loss_names()
+    module = build_feature_loss("pair_sum", (S, S), (T, T), scale=2.0)
+    assert isinstance(module, PairSum) and module.scale == 2.0
+    assert Term(["a", "b"], loss="pair_sum").multi_layer and not Term(["a", "b"], loss="at").multi_layer
+    with pytest.raises(ValueError, match="option 'scal'. Did you mean 'scale'"):
+        build_feature_loss("pair_sum", (S, S), (T, T), scal=2.0)
+    with pytest.raises(ValueError, match="'at' is registered already, by ATLoss"):
+        register_feature_loss("at")(PairSum)
 
 
 @pytest.mark.parametrize(

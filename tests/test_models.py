@@ -133,9 +133,13 @@ def test_wrn_module_names_are_the_at_layers():
 def test_wrn_dropout_sits_between_convs_and_only_in_training():
     model = create_model("wrn16_1", dropout=0.3)
     assert isinstance(model.group1[0].dropout, nn.Dropout) and model.group1[0].dropout.p == 0.3
-    model.eval()
     x = torch.randn(2, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # dropout draws a new mask each call in training
+    model.eval()
     assert torch.equal(model(x), model(x))
+    without = create_model("wrn16_1")
+    assert not any(isinstance(m, nn.Dropout) and m.p > 0 for m in without.modules())
 
 
 def bn_parameters(model):

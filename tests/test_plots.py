@@ -90,16 +90,16 @@ def test_training_curves_values(runs):
 
 
 def test_attention_maps_match_functional(tmp_path):
-    from featkd.functional import attention_map
-
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 6, 3, stride=2, padding=1))
     student = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(2, 3, 3, stride=2, padding=1))
     x = torch.randn(2, 1, 8, 8)
     t_maps = plots.attention_maps(teacher, x, ["0", "2"])
     s_maps = plots.attention_maps(student, x, ["0", "2"])
-    expected = attention_map(teacher[2](teacher[1](teacher[0](x)))).reshape(2, 4, 4)
-    np.testing.assert_allclose(t_maps["2"], expected.detach().numpy(), rtol=1e-5, atol=1e-7)
+    feature = teacher[2](teacher[1](teacher[0](x))).detach().double().numpy()
+    power = (feature ** 2).mean(1).reshape(2, -1)  # AT's map: channel mean of f², l2-normalised per image
+    expected = (power / np.linalg.norm(power, axis=1, keepdims=True)).reshape(2, 4, 4)
+    np.testing.assert_allclose(t_maps["2"], expected, rtol=1e-5, atol=1e-7)
     assert t_maps["0"].shape == (2, 8, 8)
     fig = plots.attention_grid(x[:, 0].numpy(), t_maps, s_maps)
     images = {im.get_gid(): im.get_array() for ax in fig.axes for im in ax.get_images()}

@@ -191,7 +191,7 @@ def test_cli_trains_against_a_teacher_checkpoint(tmp_path, subprocess_env, pytho
     import json
     import subprocess
 
-    from featkd.commands.train import model_record
+    from featkd.checkpoint import model_record
     from featkd.data import DeviceLoader, load_dataset
     from featkd.engine import SupervisedMethod, fit
     from featkd.models import create_model

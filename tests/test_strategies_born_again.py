@@ -24,7 +24,7 @@ def _net():
 
 @pytest.mark.parametrize("ce_weight", [0.0, 1.0])
 def test_generation_objective_is_kl_from_the_previous_generation(ce_weight):
-    from featkd.commands.distill import build_distiller
+    from featkd.runs import build_distiller
 
     shipped = {k: v for k, v in _shipped().items() if k != "born_again"}
     assert shipped["ce_weight"] == 0.0  # BAN's basic form: the teacher's output is the only target

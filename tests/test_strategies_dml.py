@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from scipy.special import log_softmax, rel_entr, softmax
 from torch import nn
 
-from featkd.strategies.dml import DeepMutualLearning, PeerTerm, mutual_loss, preserved_norm_statistics
+from featkd.functional import cross_entropy
+from featkd.strategies.dml import DeepMutualLearning, PeerTermConfig, mutual_loss, preserved_norm_statistics
 from featkd.strategies.ensemble import ProbabilityAverage
 
 
@@ -33,7 +34,8 @@ def test_mutual_loss_matches_scipy(mode, num_peers):
     y = torch.randint(0, 5, (6,), generator=g)
     ce_ref, kl_ref = _reference_peer_loss(logits[0].numpy(), [z.numpy() for z in logits[1:]], y.numpy(), mode)
     assert mutual_loss(logits[0], logits[1:], mode).item() == pytest.approx(kl_ref, rel=1e-10)
-    assert F.cross_entropy(logits[0], y).item() == pytest.approx(ce_ref, rel=1e-10)
+    # featkd's cross-entropy (the one the DML step adds), not torch's, against the SciPy reference
+    assert cross_entropy(logits[0], y).item() == pytest.approx(ce_ref, rel=1e-10)
 
 
 def test_mutual_loss_identities():
@@ -189,7 +191,7 @@ def test_peer_feature_terms_use_the_other_peers_detached_features():
     x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 4, (8,))
     before = [copy.deepcopy(p) for p in peers]
     method = DeepMutualLearning(peers, [torch.optim.SGD(p.parameters(), lr=0.05) for p in peers],
-                                terms=[PeerTerm("at", ["layer*"], weight=100.0)], example_input=x)
+                                terms=[PeerTermConfig("at", ["layer*"], weight=100.0)], example_input=x)
     assert method.terms[0].layers == ["layer1", "layer2", "layer3"]
     metrics = method.train_step(x, y, 0)
 
@@ -207,11 +209,38 @@ def test_peer_feature_terms_use_the_other_peers_detached_features():
     assert metrics["peer0/total"] == pytest.approx(ce + mimicry + 100.0 * expected0, rel=1e-4)
 
 
+def test_peers_of_different_widths_get_the_distillers_adapters():
+    from featkd.functional import gram_loss
+    from featkd.hooks import FeatureExtractor
+    from featkd.models import create_model
+    from featkd.terms import FeatureAdapter
+
+    torch.manual_seed(4)
+    peers = [create_model(name, num_classes=4, in_channels=1) for name in ("wrn10_1", "wrn10_2")]
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 4, (4,))
+    method = DeepMutualLearning(peers, [torch.optim.SGD(p.parameters(), lr=0.05) for p in peers],
+                                terms=[PeerTermConfig("gram", ["group2"], options={"mode": "channel"})],
+                                example_input=x)
+    # the channel Gram needs equal channel counts: 32 vs 64, so each direction gets a 1x1 conv + BN
+    adapter01, adapter10 = method.pairs[(0, 1, 0, "group2")][0], method.pairs[(1, 0, 0, "group2")][0]
+    assert isinstance(adapter01, FeatureAdapter) and adapter01.conv[0].weight.shape == (64, 32, 1, 1)
+    assert adapter10.conv[0].weight.shape == (32, 64, 1, 1)
+    assert {id(p) for p in adapter01.parameters()} <= {id(p) for p in method.optimizers[0].param_groups[1]["params"]}
+    before_peer, before_adapter = copy.deepcopy(peers[0]), copy.deepcopy(adapter01)
+    target = copy.deepcopy(peers[1])
+    metrics = method.train_step(x, y, 0)
+    with FeatureExtractor(before_peer, ["group2"]) as own, FeatureExtractor(target, ["group2"]) as other:
+        with torch.no_grad(), preserved_norm_statistics(before_peer), preserved_norm_statistics(target):
+            expected = gram_loss(before_adapter(own(x)[1]["group2"]), other(x)[1]["group2"], mode="channel")
+    assert metrics["peer0/gram"] == pytest.approx(expected.item(), rel=1e-4)
+    assert not torch.equal(adapter01.conv[0].weight, before_adapter.conv[0].weight)  # trained with peer 0
+
+
 def test_feature_terms_need_an_example_batch():
     peers = [_peer(0), _peer(1)]
     with pytest.raises(ValueError, match="example_input"):
         DeepMutualLearning(peers, [torch.optim.SGD(p.parameters(), lr=0.1) for p in peers],
-                           terms=[PeerTerm("at", ["0"])])
+                           terms=[PeerTermConfig("at", ["0"])])
 
 
 @pytest.mark.slow
@@ -257,18 +286,14 @@ def test_cli_logs_every_peer_and_the_ensemble(tmp_path, subprocess_env, python_e
 
 
 def test_config_section_errors_name_the_key():
-    import argparse
-
     from featkd.commands.dml import DMLConfig
     from featkd.config import ConfigError
-    from featkd.strategies.runner import load_strategy_config
+    from featkd.runs import load_strategy_config
 
-    args = argparse.Namespace(config="dml", overrides=["dml.mdoe=ensemble"], run_dir="x", resume=False)
     with pytest.raises(ConfigError, match="dml.mode"):
-        load_strategy_config(args, "dml", DMLConfig)
-    args.overrides = ["dml.peers.0.name=resnet20", "epochs=3"]
-    cfg, dml, resolved = load_strategy_config(args, "dml", DMLConfig)
+        load_strategy_config("dml", DMLConfig, "dml", "x", False, ["dml.mdoe=ensemble"])
+    overrides = ["dml.peers.0.name=resnet20", "epochs=3"]
+    cfg, dml, resolved = load_strategy_config("dml", DMLConfig, "dml", "x", False, overrides)
     assert cfg.epochs == 3 and dml.peers[0].name == "resnet20" and resolved["dml"]["peers"][1]["name"] == "wrn16_1"
-    args.config = None
     with pytest.raises(ConfigError, match="--config"):
-        load_strategy_config(args, "dml", DMLConfig)
+        load_strategy_config("dml", DMLConfig, None, "x", False, overrides)

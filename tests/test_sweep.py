@@ -176,6 +176,7 @@ def test_sweep_cli_member_equals_featkd_distill(tmp_path, capsys):
     single = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     member = load_run(tmp_path / "sweep" / "members" / "kernel=gaussian,seed=0")
     assert member.config["terms"][0]["options"]["kernel"] == "gaussian"
+    assert len(member.metrics) == len(single) > 0
     for ours, theirs in zip(member.metrics, single):
         for key in ("train/ce", "train/kd", "train/nst:group3", "train/total", "student/acc1", "student/loss"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-7), key

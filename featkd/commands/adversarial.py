@@ -9,15 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from featkd import checkpoint as ckpt
-from featkd.commands.distill import model_from_checkpoint
-from featkd.commands.train import (add_run_arguments, build_loaders, build_model, build_optimization,
-                                   default_run_dir, launch, model_record, reports_user_errors, start)
+from featkd import runs
+from featkd.checkpoint import model_record
+from featkd.commands._common import add_run_arguments, finished, reports_user_errors
 from featkd.config import ConfigError, OptimConfig
 from featkd.strategies.adversarial import OBJECTIVES, AdversarialKD, LogitDiscriminator
-from featkd.strategies.runner import load_strategy_config
 
 
 @dataclass
@@ -44,37 +41,30 @@ class AdversarialConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3, weight_decay=0.0))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
+add_arguments = add_run_arguments  # --config, --run-dir, --resume, key=value overrides
 
 
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from featkd.engine import Precision
 
-    cfg, adv, resolved = load_strategy_config(args, "adversarial", AdversarialConfig)
+    cfg, adv, resolved = runs.load_strategy_config("adversarial", AdversarialConfig, args.config, args.run_dir,
+                                                   args.resume, args.overrides)
     if adv.objective not in OBJECTIVES:
         raise ConfigError(f"adversarial.objective must be one of {OBJECTIVES}, got {adv.objective!r}")
     if cfg.teacher is None or not cfg.teacher.checkpoint or cfg.student is None:
         raise ConfigError("featkd adversarial needs teacher.checkpoint (the last.pt of a 'featkd train' run) "
                           "and student.name")
-    device = start(cfg)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir("adversarial", cfg.student.name)
-    train_loader, test_loader = build_loaders(cfg, device)
-    info = train_loader.info
-    teacher, record = model_from_checkpoint(ckpt.load_checkpoint(cfg.teacher.checkpoint), device,
-                                            source=cfg.teacher.checkpoint)
-    if (record["num_classes"], record["in_channels"]) != (info.num_classes, info.in_channels):
-        raise ValueError(f"teacher {cfg.teacher.checkpoint} was trained for {record['num_classes']} classes of "
-                         f"{record['in_channels']}-channel images, but {info.name} has {info.num_classes} classes "
-                         f"of {info.in_channels}-channel images")
-    student = build_model(cfg.student.name, cfg.student.options, info, device, cfg.channels_last)
-    discriminator = LogitDiscriminator(info.num_classes, adv.discriminator.width, adv.discriminator.blocks).to(device)
-    student_opt, student_sched = build_optimization(cfg, student.parameters())
+    run = runs.start_run(cfg, "adversarial", cfg.student.name, args.run_dir, args.resume, resolved)
+    teacher, _ = runs.load_teacher(cfg.teacher.checkpoint, run.device, run.info)
+    student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
+    discriminator = LogitDiscriminator(run.info.num_classes, adv.discriminator.width,
+                                       adv.discriminator.blocks).to(run.device)
+    student_opt, student_sched = runs.build_optimization(cfg, student.parameters())
     disc_cfg = dataclasses.replace(cfg, optim=adv.optim)  # the same schedule, the discriminator's optimiser
-    disc_opt, disc_sched = build_optimization(disc_cfg, discriminator.parameters())
+    disc_opt, disc_sched = runs.build_optimization(disc_cfg, discriminator.parameters())
     method = AdversarialKD(student, teacher, discriminator, student_opt, disc_opt, student_sched, disc_sched,
                            objective=adv.objective, adv_weight=adv.adv_weight, class_weight=adv.class_weight,
-                           l1_weight=adv.l1_weight, ce_weight=cfg.ce_weight, precision=Precision(cfg.amp, device))
-    records = {"student": model_record(cfg.student.name, cfg.student.options, info)}
-    return launch(method, cfg, args, run_dir, train_loader, test_loader, device, records, config=resolved)
+                           l1_weight=adv.l1_weight, ce_weight=cfg.ce_weight, precision=Precision(cfg.amp, run.device))
+    history = runs.fit_run(run, method, {"student": model_record(cfg.student.name, cfg.student.options, run.info)})
+    return finished(run, history)

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 
-from featkd import checkpoint as ckpt
-from featkd import distributed
-from featkd.commands.distill import build_distiller, model_from_checkpoint
-from featkd.commands.train import (add_run_arguments, build_loaders, build_model, build_optimization,
-                                   default_run_dir, model_record, reports_user_errors, start)
+from featkd import distributed, runs
+from featkd.checkpoint import model_record
+from featkd.commands._common import add_run_arguments, reports_user_errors
 from featkd.config import ConfigError
 from featkd.strategies.born_again import train_generations
-from featkd.strategies.runner import load_strategy_config
 
 
 @dataclass
@@ -33,52 +29,49 @@ class BornAgainConfig:
     teacher_checkpoint: str | None = None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
+add_arguments = add_run_arguments  # --config, --run-dir, --resume, key=value overrides
 
 
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from featkd.engine import DistillMethod, Precision, SupervisedMethod
 
-    cfg, ban, resolved = load_strategy_config(args, "born_again", BornAgainConfig)
+    cfg, ban, resolved = runs.load_strategy_config("born_again", BornAgainConfig, args.config, args.run_dir,
+                                                   args.resume, args.overrides)
     if cfg.model is None:
         raise ConfigError("featkd born-again needs model.name: the architecture of every generation")
     if cfg.kd is None and not cfg.terms:
         raise ConfigError("featkd born-again needs kd (e.g. {loss: kd, weight: 1, options: {T: 1}}) or terms: "
                           "what each generation learns from the previous one")
-    device = start(cfg)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir("born-again", cfg.model.name)
-    precision = Precision(cfg.amp, device)
-    train_loader, test_loader = build_loaders(cfg, device)
-    info = train_loader.info
-    example = next(iter(train_loader))[0][:2]
+    run = runs.start_run(cfg, "born-again", cfg.model.name, args.run_dir, args.resume, resolved)
+    precision = Precision(cfg.amp, run.device)
+    example = next(iter(run.train_loader))[0][:2]
 
     def make_model():
-        return build_model(cfg.model.name, cfg.model.options, info, device, cfg.channels_last)
+        return runs.build_model(cfg.model.name, cfg.model.options, run.info, run.device, cfg.channels_last)
 
     def make_method(generation, student, teacher):
         if teacher is None:
-            optimizer, scheduler = build_optimization(cfg, student.parameters())
+            optimizer, scheduler = runs.build_optimization(cfg, student.parameters())
             return SupervisedMethod(student, optimizer, scheduler, precision=precision, grad_clip=cfg.grad_clip,
                                     name="student")
-        distiller = build_distiller(cfg, teacher, student).setup(example)
-        optimizer, scheduler = build_optimization(cfg, distiller.trainable_parameters())
+        distiller = runs.build_distiller(cfg, teacher, student).setup(example)
+        optimizer, scheduler = runs.build_optimization(cfg, distiller.trainable_parameters())
         return DistillMethod(distiller, optimizer, scheduler, precision=precision, grad_clip=cfg.grad_clip,
-                             steps_per_epoch=len(train_loader))
+                             steps_per_epoch=len(run.train_loader))
 
     generation0 = None
     if ban.teacher_checkpoint:
-        generation0, _ = model_from_checkpoint(ckpt.load_checkpoint(ban.teacher_checkpoint), device,
-                                               source=ban.teacher_checkpoint)
+        generation0, _ = runs.load_teacher(ban.teacher_checkpoint, run.device, run.info)
     try:
-        summary = train_generations(make_model, make_method, train_loader, test_loader, run_dir, ban.generations,
-                                    cfg.epochs, seed=cfg.seed, resume=args.resume, generation0=generation0,
-                                    config=resolved, model_info=model_record(cfg.model.name, cfg.model.options, info),
-                                    device=device, channels_last=cfg.channels_last)
+        summary = train_generations(make_model, make_method, run.train_loader, run.test_loader, run.run_dir,
+                                    ban.generations, cfg.epochs, seed=cfg.seed, resume=args.resume,
+                                    generation0=generation0, config=resolved,
+                                    model_info=model_record(cfg.model.name, cfg.model.options, run.info),
+                                    device=run.device, channels_last=cfg.channels_last)
     finally:
         distributed.shutdown()
     for row in summary:
         print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-    print(f"finished: {run_dir} (gen*/, born_again.json)")
+    print(f"finished: {run.run_dir} (gen*/, born_again.json)")
     return 0

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from featkd.commands.train import (add_run_arguments, build_loaders, build_model, build_optimization,
-                                   default_run_dir, launch, model_record, reports_user_errors, start)
+from featkd import runs
+from featkd.checkpoint import model_record
+from featkd.commands._common import add_run_arguments, finished, reports_user_errors
 from featkd.config import ConfigError, ModelConfig
-from featkd.strategies.dml import MODES, DeepMutualLearning, PeerTerm
-from featkd.strategies.runner import load_strategy_config
+from featkd.strategies.dml import MODES, DeepMutualLearning, PeerTermConfig
 
 
 @dataclass
@@ -30,32 +29,29 @@ class DMLConfig:
     temperature: float = 1.0
     ce_weight: float = 1.0
     mimicry_weight: float = 1.0
-    terms: list[PeerTerm] = field(default_factory=list)
+    terms: list[PeerTermConfig] = field(default_factory=list)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
+add_arguments = add_run_arguments  # --config, --run-dir, --resume, key=value overrides
 
 
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from featkd.engine import Precision
 
-    cfg, dml, resolved = load_strategy_config(args, "dml", DMLConfig)
+    cfg, dml, resolved = runs.load_strategy_config("dml", DMLConfig, args.config, args.run_dir, args.resume,
+                                                   args.overrides)
     if dml.mode not in MODES:
         raise ConfigError(f"dml.mode must be one of {MODES}, got {dml.mode!r}")
     if len(dml.peers) < 2:
         raise ConfigError(f"dml.peers must list at least 2 models, got {len(dml.peers)}")
-    device = start(cfg)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir("dml", dml.peers[0].name)
-    train_loader, test_loader = build_loaders(cfg, device)
-    info = train_loader.info
-    peers = [build_model(p.name, p.options, info, device, cfg.channels_last) for p in dml.peers]
-    optimization = [build_optimization(cfg, peer.parameters()) for peer in peers]
-    example = next(iter(train_loader))[0][:2] if dml.terms else None
+    run = runs.start_run(cfg, "dml", dml.peers[0].name, args.run_dir, args.resume, resolved)
+    peers = [runs.build_model(p.name, p.options, run.info, run.device, cfg.channels_last) for p in dml.peers]
+    optimization = [runs.build_optimization(cfg, peer.parameters()) for peer in peers]
+    example = next(iter(run.train_loader))[0][:2] if dml.terms else None
     method = DeepMutualLearning(peers, [o for o, _ in optimization], [s for _, s in optimization], mode=dml.mode,
                                 temperature=dml.temperature, ce_weight=dml.ce_weight,
                                 mimicry_weight=dml.mimicry_weight, terms=dml.terms, example_input=example,
-                                precision=Precision(cfg.amp, device))
-    records = {f"peer{k}": model_record(p.name, p.options, info) for k, p in enumerate(dml.peers)}
-    return launch(method, cfg, args, run_dir, train_loader, test_loader, device, records, config=resolved)
+                                precision=Precision(cfg.amp, run.device))
+    records = {f"peer{k}": model_record(p.name, p.options, run.info) for k, p in enumerate(dml.peers)}
+    return finished(run, runs.fit_run(run, method, records))

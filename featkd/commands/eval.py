@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from featkd import checkpoint as ckpt
-from featkd.commands.train import reports_user_errors
+from featkd.commands._common import reports_user_errors
 from featkd.config import ConfigError, load_config
 
 
@@ -36,7 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from featkd.commands.distill import model_from_checkpoint
     from featkd.data import DeviceLoader, load_dataset
     from featkd.engine import Precision, evaluate, resolve_device
 
@@ -55,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     results = {"checkpoint": str(path), "epoch": state["epoch"], "split": args.split, "dataset": data.info.name,
                "examples": len(data)}
     for name in names:
-        model, _ = model_from_checkpoint(state, device, name, source=str(path))
+        model, _ = ckpt.model_from_checkpoint(state, device, name, source=str(path))
         with torch.no_grad():
             scores = evaluate(model, loader, device=device, precision=Precision(cfg.amp, device))
         results[name] = scores

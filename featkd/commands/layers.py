@@ -1,4 +1,4 @@
-"""``featkd layers <model> --input-size 3x224x224``: every hookable layer with its output shape.
+"""``featkd layers <model> --input-size 3x224x224``: list every hookable layer of a model with its output shape.
 
 The names printed are what ``featkd.capture`` / ``FeatureExtractor`` / config files accept.
 """
@@ -64,7 +64,8 @@ def format_table(infos) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from featkd.hooks import glob_regex, list_layers
+    from featkd.layer_info import list_layers
+    from featkd.layer_specs import glob_regex
     from featkd.models import create_model
 
     try:

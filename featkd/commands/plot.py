@@ -5,6 +5,7 @@
     featkd plot sweep    runs/w-sweep --x terms.0.weight --logx --xlabel "NST weight λ" --out figs/lambda
     featkd plot curves   runs/demo/demo/* --out figs/curves
     featkd plot attention --teacher runs/t/last.pt --student runs/s/last.pt --out figs/attention
+    featkd plot datasize runs/repro/limited-data-*.json --out figs/datasize
 
 A sweep directory stands for its members (``members/<name>/``); any other argument is one run
 directory (``metrics.jsonl`` + ``config.yaml``). Values are those of the last epoch.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{ablation,sweep,curves,attention}")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{ablation,sweep,curves,attention,datasize}")
     ablation = kinds.add_parser("ablation", help="metric per method/kernel with error bars over seeds")
     sweep = kinds.add_parser("sweep", help="metric against a swept hyper-parameter (λ, T, ...)")
     curves = kinds.add_parser("curves", help="every named loss and the accuracy against the epoch")
@@ -36,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--xlabel")
     sweep.add_argument("--logx", action="store_true")
     curves.add_argument("--keys", nargs="+", help="metrics to plot (default: every train/* loss and */acc1)")
+    datasize = kinds.add_parser("datasize", help="test accuracy against the students' share of the data, "
+                                                 "with 95%% bands (from featkd repro limited-data results)")
+    datasize.add_argument("results", nargs="+", type=Path, help="the .json files written next to each table")
+    datasize.add_argument("--out", type=Path, required=True, help="output path without suffix (writes .png and .pdf)")
+    datasize.add_argument("--overwrite", action="store_true", help="replace existing figure files")
+    datasize.add_argument("--title")
     attention = kinds.add_parser("attention", help="teacher vs student AT attention maps for a few test images")
     attention.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (.pt)")
     attention.add_argument("--student", required=True, help="student checkpoint (.pt), or CKPT:name for one of several")
@@ -91,6 +98,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.kind == "attention":
         fig = _attention_figure(args)
+    elif args.kind == "datasize":
+        from featkd.limited_data import load_results
+
+        fig = plots.data_size_curve(load_results(args.results), title=args.title)
     elif args.kind == "curves":
         runs = expand_runs(args.runs)
         curves = {}
@@ -126,7 +137,7 @@ def _attention_figure(args):
 
     from featkd import checkpoint as ckpt
     from featkd import plots
-    from featkd.commands.distill import model_from_checkpoint
+    from featkd.checkpoint import model_from_checkpoint
     from featkd.data import DeviceLoader, load_dataset
     from featkd.models import default_distill_layers
 

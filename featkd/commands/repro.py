@@ -1,7 +1,8 @@
 """``featkd repro <protocol> --budget cpu|short|full``: one paper table per command.
 
 Protocols: ``at-table1`` (AT paper, Table 1), ``nst-kernels`` (NST with each kernel, alone and with
-KD), ``omitted-class`` (Hinton et al. 2015). Fashion-MNIST unless ``--cifar10 PATH`` is given; the
+KD), ``omitted-class`` (Hinton et al. 2015), ``limited-data`` (students on a small share of the data,
+every method paired by seed against the student alone; ``--fraction``, ``--teacher``). Fashion-MNIST unless ``--cifar10 PATH`` is given; the
 report always says which. Teachers and finished sweeps in ``--run-dir`` are reused, never overwritten.
 """
 
@@ -14,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-PROTOCOL_NAMES = ("at-table1", "nst-kernels", "omitted-class")
+PROTOCOL_NAMES = ("at-table1", "nst-kernels", "omitted-class", "limited-data")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     over.add_argument("--test-limit", type=int, help="class-balanced test subset size (0: the whole split)")
     over.add_argument("--pairs", type=int, help="run the first N pairs of the protocol")
     over.add_argument("--methods", nargs="+", help="run only these methods (the student baseline is always run)")
+    limited = parser.add_argument_group("limited-data")
+    limited.add_argument("--fraction", type=float, default=0.03,
+                         help="students' class-balanced share of the training split (default 0.03)")
+    limited.add_argument("--teacher", type=Path, default=None,
+                         help="teacher checkpoint (default: the shipped Fashion-MNIST WRN-16-2, hash-checked)")
 
 
 def _budget(base, args):
@@ -55,7 +61,7 @@ def _budget(base, args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from featkd.commands.train import reports_user_errors
+    from featkd.commands._common import reports_user_errors
 
     return reports_user_errors(_run)(args)
 
@@ -71,7 +77,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     data = repro.DataSpec("cifar10", args.cifar10) if args.cifar10 else repro.DataSpec("fashion_mnist")
     command = "featkd repro " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
-    if args.protocol == "omitted-class":
+    if args.protocol == "limited-data":
+        result = _limited_data(args, command)
+    elif args.protocol == "omitted-class":
         budget = _budget(repro.OMITTED_BUDGETS[args.budget], args)
         result = repro.run_omitted_class(budget, data, args.run_dir, device=args.device, command=command)
     else:
@@ -87,3 +95,17 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(result.markdown)
     return 0
+
+
+def _limited_data(args, command):
+    from featkd import limited_data, shipped
+
+    changes = {k: v for k, v in (("epochs", args.epochs), ("test_limit", args.test_limit or None)) if v is not None}
+    if args.seeds:
+        changes["seeds"] = tuple(args.seeds)
+    if args.methods:
+        changes["methods"] = tuple(dict.fromkeys(["student", *args.methods]))
+    setup = limited_data.LimitedDataSetup(fraction=args.fraction, epochs=changes.pop("epochs", 20), **changes)
+    teacher, sha256 = (args.teacher, None) if args.teacher else (shipped.TEACHER.path, shipped.TEACHER.sha256)
+    return limited_data.run_limited_data(teacher, setup, args.run_dir, device=args.device, command=command,
+                                         teacher_sha256=sha256)

@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 import yaml
 
-SHARED_KEYS = ("data", "epochs", "teacher", "device", "amp", "channels_last")
+from featkd.commands._common import reports_user_errors
 
 
 def _grid_arg(text: str) -> tuple[str, list]:
@@ -42,37 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config")
 
 
-def _member_configs(base: dict, overrides: list[str], grid: dict[str, list]):
-    from featkd import sweep
-    from featkd.config import ConfigError, load_config
-
-    base_cfg = load_config(None, overrides, base=base)
-    members = []
-    for point in sweep.expand_grid(grid) if grid else [{}]:
-        point_overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                           for k, v in point.items()]
-        cfg = load_config(None, overrides + point_overrides, base=base)
-        for key in SHARED_KEYS:
-            if getattr(cfg, key) != getattr(base_cfg, key):
-                raise ConfigError(f"the grid changes {key!r} (member {sweep.member_name(point)}); a sweep shares one "
-                                  f"teacher forward, so {', '.join(SHARED_KEYS)} must be the same for every member")
-        members.append((sweep.member_name(point), cfg))
-    return base_cfg, members
-
-
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
-    from featkd.commands.train import reports_user_errors
-
-    return reports_user_errors(_run)(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from featkd import checkpoint as ckpt
-    from featkd import sweep
-    from featkd.commands.distill import build_distiller, model_from_checkpoint
-    from featkd.commands.train import build_loaders, build_model, build_optimization, model_record, start
-    from featkd.config import ConfigError, read_yaml, to_dict
-    from featkd.engine import Precision, fit, seed_everything
+    from featkd import runs, sweep
+    from featkd.config import ConfigError, read_yaml
 
     run_dir = Path(args.run_dir)
     if args.resume:
@@ -81,44 +54,25 @@ def _run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"cannot resume: {saved} does not exist; is {run_dir} a featkd sweep directory?")
         stored = yaml.safe_load(saved.read_text())
         base, grid = stored["base"], stored["grid"]
-        overrides = list(args.overrides)
     else:
         if not args.config:
             raise ConfigError("featkd sweep needs --config (the base distill config) unless --resume")
-        base, grid, overrides = read_yaml(args.config), {}, list(args.overrides)
-        for key, values in args.grid:
-            grid[key] = values
-    base_cfg, members_cfg = _member_configs(base, overrides, grid)
+        base, grid = read_yaml(args.config), dict(args.grid)
+    overrides = list(args.overrides)
+    base_cfg, member_cfgs = sweep.member_configs(base, overrides, grid)
     if base_cfg.teacher is None or not base_cfg.teacher.checkpoint:
         raise ConfigError("teacher.checkpoint is empty: give the last.pt of a 'featkd train' run")
 
-    device = start(base_cfg)
-    train_loader, test_loader = build_loaders(base_cfg, device)
-    info = train_loader.info
+    run = runs.start_run(base_cfg, "sweep", "", run_dir, args.resume,  # --run-dir is required: no default name
+                         {"base": base, "overrides": overrides, "grid": grid})
     teacher_state = ckpt.load_checkpoint(base_cfg.teacher.checkpoint)
-    teacher, _ = model_from_checkpoint(teacher_state, device, source=base_cfg.teacher.checkpoint)
-    example_x, _ = next(iter(train_loader))
-    shared = sweep.SharedTeacherOutputs()
-    members, model_info = [], {}
-    for name, cfg in members_cfg:
-        seed_everything(cfg.seed, cfg.deterministic)
-        # featkd distill builds the teacher between seeding and building the student, so the student's
-        # initial weights depend on the random numbers the teacher's construction drew; draw them too
-        # (a throwaway CPU copy) so that a member starts exactly where that run starts.
-        model_from_checkpoint(teacher_state, torch.device("cpu"))
-        student = build_model(cfg.student.name, cfg.student.options, info, device, cfg.channels_last)
-        distiller = build_distiller(cfg, teacher, student).setup(example_x[:2])
-        optimizer, scheduler = build_optimization(cfg, distiller.trainable_parameters())
-        members.append(sweep.make_member(name, distiller, optimizer, scheduler, shared=shared, config=to_dict(cfg),
-                                         precision=Precision(cfg.amp, device), grad_clip=cfg.grad_clip,
-                                         steps_per_epoch=len(train_loader)))
-        model_info[name] = model_record(cfg.student.name, cfg.student.options, info)
-    method = sweep.SweepMethod(teacher, members, shared)
+    teacher, record = ckpt.model_from_checkpoint(teacher_state, run.device, source=base_cfg.teacher.checkpoint)
+    runs.check_teacher_fits(record, run.info, base_cfg.teacher.checkpoint)
+    method, model_info = sweep.build_sweep(member_cfgs, teacher, teacher_state, run)
+    members = method.members
     print(f"sweep of {len(members)} members against {base_cfg.teacher.checkpoint}: {', '.join(m.name for m in members)}")
     try:
-        history = fit(method, train_loader, test_loader, run_dir, base_cfg.epochs, resume=args.resume,
-                      config={"base": base, "overrides": overrides, "grid": grid}, model_info=model_info,
-                      device=device, log=print)
+        history = runs.fit_run(run, method, model_info)
     finally:
         method.close()
     sweep.write_member_runs(run_dir, members, history)
@@ -127,4 +81,3 @@ def _run(args: argparse.Namespace) -> int:
         print(f"| {member.name} | {history[-1][f'{member.name}/acc1']:.2f} |")
     print(f"\nfinished: {run_dir} (one run directory per member under {run_dir / sweep.MEMBERS_DIR})")
     return 0
-

@@ -267,7 +267,8 @@ def unit_difference(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tenso
     with torch.no_grad():
         inv_y = inverse_norms(y.square().sum(-1))
         unit_y = y * inv_y.unsqueeze(-1)
-    return x * inv_x.unsqueeze(-1) - unit_y, unit_y, inv_x > 0, inv_y > 0
+    # One fused pass: x · (1/|x|) - Y.
+    return torch.addcmul(-unit_y, x, inv_x.unsqueeze(-1)), unit_y, inv_x > 0, inv_y > 0
 
 
 def _paired_mmd(spec: Kernel, params: dict, feature_map: str | None, route: str, x: Tensor, y: Tensor) -> Tensor:
@@ -282,8 +283,7 @@ def _paired_mmd(spec: Kernel, params: dict, feature_map: str | None, route: str,
     # Gram blocks in increments: x_i·y_j = a + u_ij, y_i·x_j = a + u_ji, x_i·x_j = a + u_ij + u_ji + w_ij.
     with torch.no_grad():
         a = torch.bmm(unit_y, unit_y.transpose(1, 2))
-    u = torch.bmm(d, unit_y.transpose(1, 2))
-    w = torch.bmm(d, d.transpose(1, 2))
+    u, w = torch.bmm(d, torch.cat([unit_y, d], 1).transpose(1, 2)).split(c, dim=2)  # one product for both
     if spec.structure == "dot":
         base, du, dv, dw = a, u, u.transpose(1, 2), w
     else:

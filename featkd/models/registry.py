@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from featkd.hooks import probe
 from featkd.models.features import FeatureInfo
 from featkd.models.nin import NIN
 from featkd.models.resnet_cifar import CifarResNet
@@ -168,37 +169,17 @@ def feature_info(model: nn.Module, layers: list[str] | None = None,
             "measure them with a dry forward; run 'featkd layers <model>' to list its layer names and shapes")
     if input_size is None:
         raise ValueError("feature_info(model, layers=...) needs input_size=(C, H, W) for the dry forward")
-    shapes = _probe_shapes(model, layers, input_size)
-    height = input_size[-1]
-    return [FeatureInfo(name, shape[1], max(1, round(height / shape[-1]))) for name, shape in shapes.items()]
-
-
-def _probe_shapes(model: nn.Module, layers: list[str], input_size: tuple[int, ...]) -> dict[str, torch.Size]:
-    modules = dict(model.named_modules())
-    missing = [n for n in layers if n not in modules]
-    if missing:
-        hints = {n: difflib.get_close_matches(n, modules, n=3) for n in missing}
-        raise ValueError(f"{type(model).__name__} has no layer(s) {hints} (name: close matches); "
-                         "run 'featkd layers <model>' to list them")
-    shapes: dict[str, torch.Size] = {}
-
-    def record(name: str, output: torch.Tensor) -> None:  # returns None: a hook's return value replaces the output
-        shapes.setdefault(name, output.shape)
-
-    handles = [modules[n].register_forward_hook(lambda _m, _i, out, n=n: record(n, out)) for n in layers]
-    was_training = model.training
+    example = torch.zeros(1, *input_size, device=next(model.parameters()).device)
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    not_run = [n for n in layers if n not in shapes]
+        features = probe(model, example, layers)
+    except KeyError as error:  # an unknown layer name, with the closest ones
+        raise ValueError(f"{type(model).__name__}: {error}") from None
+    not_run = [name for name in features if not features.calls(name)]
     if not_run:
         raise ValueError(f"layer(s) {not_run} of {type(model).__name__} did not run in the forward pass")
-    return shapes
+    height = input_size[-1]
+    shapes = {name: features.calls(name)[0].shape for name in features}  # a module run twice: its first call
+    return [FeatureInfo(name, shape[1], max(1, round(height / shape[-1]))) for name, shape in shapes.items()]
 
 
 def default_distill_layers(model: nn.Module) -> list[str]:

@@ -22,13 +22,11 @@ detached), then the student with the discriminator fixed. The student minimises
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featkd.engine import Precision
+from featkd.engine import MethodBase, Precision
 from featkd.functional import cross_entropy
 
 OBJECTIVES = ("bce", "lsgan")
@@ -99,7 +97,7 @@ class LogitDiscriminator(nn.Module):
         return self.head(F.relu(self.blocks(self.stem(logits))))
 
 
-class AdversarialKD:
+class AdversarialKD(MethodBase):
     """A ``featkd.engine`` Method: student against a fixed teacher and a conditional discriminator."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, discriminator: LogitDiscriminator,
@@ -109,15 +107,14 @@ class AdversarialKD:
                  precision: Precision | None = None):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown adversarial objective {objective!r}; expected one of {OBJECTIVES}.")
+        # fit logs the student optimiser's learning rate
+        super().__init__(student_optimizer, [student_scheduler, discriminator_scheduler], precision)
         self.student, self.teacher, self.discriminator = student, teacher, discriminator
         self.student_optimizer, self.discriminator_optimizer = student_optimizer, discriminator_optimizer
-        self.optimizer = student_optimizer  # the engine logs this one's learning rate
-        self.schedulers = [s for s in (student_scheduler, discriminator_scheduler) if s is not None]
         self.objective = objective
         self.adv_weight, self.class_weight = adv_weight, class_weight
         self.l1_weight, self.ce_weight = l1_weight, ce_weight
         self.num_classes = discriminator.num_classes
-        self.precision = precision or Precision()
         self.teacher.requires_grad_(False)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
@@ -148,25 +145,7 @@ class AdversarialKD:
     def eval_models(self) -> dict[str, nn.Module]:
         return {"student": self.student}
 
-    def on_epoch_end(self, epoch: int) -> None:
-        for scheduler in self.schedulers:
-            scheduler.step()
-
-    def state_dict(self) -> dict:
-        return {
-            "student": self.student.state_dict(),
-            "discriminator": self.discriminator.state_dict(),
-            "student_optimizer": self.student_optimizer.state_dict(),
-            "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
-            "schedulers": [s.state_dict() for s in self.schedulers],
-            "precision": self.precision.state_dict(),
-        }
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.student.load_state_dict(state["student"])
-        self.discriminator.load_state_dict(state["discriminator"])
-        self.student_optimizer.load_state_dict(state["student_optimizer"])
-        self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
-        for sched, s in zip(self.schedulers, state["schedulers"]):
-            sched.load_state_dict(s)
-        self.precision.load_state_dict(state["precision"])
+    def state_parts(self) -> dict:
+        return {"student": self.student, "discriminator": self.discriminator,
+                "student_optimizer": self.student_optimizer, "discriminator_optimizer": self.discriminator_optimizer,
+                "schedulers": self.schedulers, "precision": self.precision}

@@ -10,24 +10,27 @@ The peers are updated one after the other within a step, as in the paper's Algor
 predictions of all peers are computed, peer 1 is updated, its prediction is recomputed,
 peer 2 is updated against the already-updated peer 1, and so on. Optional feature terms
 (AT, NST, ... from ``featkd.losses``) pull peer k's captured features towards every other
-peer's detached features at the same layers.
+peer's detached features at the same layers, through the adapters and losses a Distiller
+builds for a :class:`featkd.Term` (so peers of different widths get an adapter where the loss needs one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from featkd.hooks import FeatureExtractor, resolve_layers
-from featkd.engine import Precision
+from featkd.engine import MethodBase, Precision
 from featkd.functional import cross_entropy, dml_kl_loss, kd_loss
-from featkd.losses import build_feature_loss
+from featkd.hooks import FeatureExtractor, feature_shapes
+from featkd.layer_specs import resolve_layers
+from featkd.losses import BatchContext
 from featkd.strategies.ensemble import ProbabilityAverage
+from featkd.terms import Term, build_term_pairs, call_loss
 
 MODES = ("pairwise", "ensemble")
 
@@ -55,12 +58,15 @@ def mutual_loss(logits: torch.Tensor, peer_logits: Sequence[torch.Tensor], mode:
 
 
 @dataclass
-class PeerTerm:
-    """A feature-transfer term between peers: ``loss`` (a ``build_feature_loss`` name) at ``layers``.
+class PeerTermConfig:
+    """A feature-transfer term between DML peers, as the ``dml.terms`` config gives it: ``loss`` (a
+    :func:`featkd.losses.build_feature_loss` name with ``options``) at ``layers``.
 
-    ``layers`` are capture specs (globs allowed) naming the same layers in every peer; each layer
-    gives one loss between peer k's feature (with gradient) and peer l's (detached), summed over
-    the layers, averaged over the other peers l, times ``weight``.
+    ``layers`` are capture specs (globs allowed) naming the same layers in every peer. Each layer and
+    each pair of peers becomes a :class:`featkd.Term` from peer k's feature (with gradient) to peer l's
+    (detached), built as the Distiller builds its terms (adapters included); the term's value is the
+    sum over the layers, averaged over the other peers l, times ``weight``. (A Distiller's terms are
+    :class:`featkd.Term`; their config form is :class:`featkd.config.TermConfig`.)
     """
 
     loss: str = "at"
@@ -85,7 +91,7 @@ def preserved_norm_statistics(model: nn.Module):
                 buf.copy_(saved[name])
 
 
-class DeepMutualLearning:
+class DeepMutualLearning(MethodBase):
     """A ``featkd.engine`` Method training K peers with mutual learning.
 
     ``peers`` and ``optimizers`` are parallel sequences; ``schedulers`` (optional) are stepped
@@ -97,7 +103,7 @@ class DeepMutualLearning:
 
     def __init__(self, peers: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
                  schedulers: Sequence | None = None, mode: str = "pairwise", temperature: float = 1.0,
-                 ce_weight: float = 1.0, mimicry_weight: float = 1.0, terms: Sequence[PeerTerm] = (),
+                 ce_weight: float = 1.0, mimicry_weight: float = 1.0, terms: Sequence[PeerTermConfig] = (),
                  example_input: torch.Tensor | None = None, precision: Precision | None = None):
         if len(peers) < 2:
             raise ValueError(f"Deep Mutual Learning needs at least 2 peers, got {len(peers)}.")
@@ -107,57 +113,61 @@ class DeepMutualLearning:
             raise ValueError(f"got {len(peers)} peers but {len(schedulers)} schedulers; give one per peer or none.")
         if mode not in MODES:
             raise ValueError(f"unknown DML mode {mode!r}; expected one of {MODES}.")
+        # fit logs the first peer's learning rate
+        super().__init__(optimizers[0], schedulers if schedulers is not None else [], precision)
         self.peers = list(peers)
         self.optimizers = list(optimizers)
-        self.schedulers = list(schedulers) if schedulers is not None else []
         self.mode, self.temperature = mode, temperature
         self.ce_weight, self.mimicry_weight = ce_weight, mimicry_weight
-        self.optimizer = self.optimizers[0]  # the engine logs this one's learning rate
-        self.precision = precision or Precision()
         for term in terms:
             if not term.layers:
                 raise ValueError(f"DML feature term {term.loss!r} names no layers; give layers=[...] "
                                  "(e.g. ['layer1', 'layer2', 'layer3']; 'featkd layers <model>' lists them).")
-        self.terms = [PeerTerm(t.loss, resolve_layers(self.peers[0], t.layers), t.weight, t.options) for t in terms]
+        self.terms = [PeerTermConfig(t.loss, resolve_layers(self.peers[0], t.layers), t.weight, t.options)
+                      for t in terms]
         losses = [t.loss for t in self.terms]
         # the key of each term in the logged losses: its loss name, numbered when a loss is used twice
         self.term_keys = [t.loss if losses.count(t.loss) == 1 else f"{t.loss}:{i}" for i, t in enumerate(self.terms)]
         self.layers = list(dict.fromkeys(layer for term in self.terms for layer in term.layers))
-        self.extractors = [FeatureExtractor(p, self.layers) for p in self.peers] if self.layers else []
-        # term_losses[k][l][(term index, layer)] -> loss module between peer k (student) and peer l (target)
-        self.term_losses: list[dict[int, dict]] = []
+        # pairs[(k, l, term index, layer)] -> (adapter, loss) from peer k (the learner) to peer l (the target),
+        # built as the Distiller builds a Term's pairs; term_modules holds them in a fixed order for checkpoints
+        self.pairs: dict[tuple[int, int, int, str], nn.ModuleList] = {}
+        self.term_modules = nn.ModuleList()
         if self.terms:
             if example_input is None:
                 raise ValueError("DML feature terms need example_input (one batch) to learn the feature shapes.")
-            self._build_term_losses(example_input)
+            self._build_term_pairs(example_input)
+        self.extractors = [FeatureExtractor(p, self.layers) for p in self.peers] if self.layers else []
         self.ensemble = ProbabilityAverage(self.peers)
 
-    def _build_term_losses(self, example_input: torch.Tensor) -> None:
-        shapes = []
-        for peer, ext in zip(self.peers, self.extractors):
-            with torch.no_grad(), preserved_norm_statistics(peer):
-                _, feats = ext(example_input)
-            shapes.append({name: tuple(f.shape) for name, f in feats.items()})
+    def _build_term_pairs(self, example_input: torch.Tensor) -> None:
+        shapes = [feature_shapes(peer, self.layers, example_input) for peer in self.peers]
         for k in range(len(self.peers)):
-            row = {}
+            learned = []  # adapters and loss parameters (e.g. a FitNets regressor) learn with peer k
             for l in range(len(self.peers)):
                 if l == k:
                     continue
-                row[l] = {(i, layer): build_feature_loss(term.loss, shapes[k][layer], shapes[l][layer],
-                                                         **term.options).to(example_input.device)
-                          for i, term in enumerate(self.terms) for layer in term.layers}
-            self.term_losses.append(row)
-        # losses with parameters (e.g. a FitNets regressor) learn with the peer that uses them
-        for k, row in enumerate(self.term_losses):
-            extra = [p for losses in row.values() for module in losses.values() for p in module.parameters()]
-            if extra:
-                self.optimizers[k].add_param_group({"params": extra})
+                for i, term in enumerate(self.terms):
+                    for layer in term.layers:
+                        between = Term(layer, loss=term.loss, options=term.options,
+                                       name=f"{self.term_keys[i]}:{layer} from peer{k} to peer{l}")
+                        adapters, losses = build_term_pairs(between, shapes[k], shapes[l], example_input.device)
+                        pair = self.pairs[(k, l, i, layer)] = nn.ModuleList([adapters[0], losses[0]])
+                        self.term_modules.append(pair)
+                        learned += list(pair.parameters())
+            if learned:
+                self.optimizers[k].add_param_group({"params": learned})
 
     def _forward(self, k: int, x: torch.Tensor):
         with self.precision.autocast():
             if self.extractors:
                 return self.extractors[k](x)
             return self.peers[k](x), {}
+
+    def _pair_loss(self, k: int, l: int, i: int, layer: str, feats, target_feats, context) -> torch.Tensor:
+        """Term ``i``'s loss at ``layer`` from peer k's feature (adapted) to peer l's."""
+        adapter, loss = self.pairs[(k, l, i, layer)]
+        return call_loss(loss, adapter(feats[layer]), target_feats[layer], context)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
         """One DML step (Algorithm 1): update peers 0..K-1 in order, each against the current others."""
@@ -168,6 +178,7 @@ class DeepMutualLearning:
         outputs = [self._forward(k, x) for k in range(len(self.peers))]
         targets = [(logits.detach(), {n: f.detach() for n, f in feats.items()}) for logits, feats in outputs]
         metrics: dict[str, float] = {}
+        context = BatchContext(y, step)
         for k, (logits, feats) in enumerate(outputs):
             others = [l for l in range(len(self.peers)) if l != k]
             with self.precision.autocast():
@@ -178,7 +189,7 @@ class DeepMutualLearning:
                 metrics[f"peer{k}/ce"] = ce.item()
                 metrics[f"peer{k}/mimicry"] = mimicry.item()
                 for i, term in enumerate(self.terms):
-                    term_value = sum(self.term_losses[k][l][(i, layer)](feats[layer], targets[l][1][layer])
+                    term_value = sum(self._pair_loss(k, l, i, layer, feats, targets[l][1], context)
                                      for l in others for layer in term.layers) / len(others)
                     loss = loss + term.weight * term_value
                     metrics[f"peer{k}/{self.term_keys[i]}"] = term_value.item()
@@ -197,31 +208,6 @@ class DeepMutualLearning:
         models["ensemble"] = self.ensemble
         return models
 
-    def on_epoch_end(self, epoch: int) -> None:
-        for scheduler in self.schedulers:
-            scheduler.step()
-
-    def state_dict(self) -> dict:
-        return {
-            "peers": [p.state_dict() for p in self.peers],
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "schedulers": [s.state_dict() for s in self.schedulers],
-            "precision": self.precision.state_dict(),
-            "term_losses": [{l: {f"{i}:{layer}": m.state_dict() for (i, layer), m in losses.items()}
-                             for l, losses in row.items()} for row in self.term_losses],
-        }
-
-    def load_state_dict(self, state: Mapping) -> None:
-        if len(state["peers"]) != len(self.peers):
-            raise ValueError(f"checkpoint holds {len(state['peers'])} peers but this run has {len(self.peers)}.")
-        for peer, s in zip(self.peers, state["peers"]):
-            peer.load_state_dict(s)
-        for opt, s in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
-        for sched, s in zip(self.schedulers, state["schedulers"]):
-            sched.load_state_dict(s)
-        self.precision.load_state_dict(state["precision"])
-        for row, saved_row in zip(self.term_losses, state.get("term_losses", [])):
-            for l, losses in row.items():
-                for (i, layer), module in losses.items():
-                    module.load_state_dict(saved_row[l][f"{i}:{layer}"])
+    def state_parts(self) -> dict:
+        return {"peers": self.peers, "optimizers": self.optimizers, "schedulers": self.schedulers,
+                "precision": self.precision, "term_losses": self.term_modules}

@@ -27,8 +27,8 @@ def independent_ensemble(runs: list[Path]) -> float:
     import torch
 
     from featkd import checkpoint as ckpt
-    from featkd.commands.distill import model_from_checkpoint
-    from featkd.commands.train import build_datasets
+    from featkd.checkpoint import model_from_checkpoint
+    from featkd.runs import build_datasets
     import yaml
 
     from featkd.config import from_dict

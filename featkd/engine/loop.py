@@ -1,0 +1,276 @@
+"""The training loop :func:`fit`, evaluation, seeding and the device.
+
+``fit`` trains any :class:`~featkd.engine.Method` and owns everything around its steps: epochs,
+evaluation, checkpoints, resuming, the NaN guard, DDP bookkeeping, and the run's log (the sinks of
+:mod:`featkd.engine.sinks`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featkd import checkpoint as ckpt
+from featkd import distributed
+from featkd.engine.method import Method
+from featkd.engine.precision import Precision
+from featkd.engine.sinks import run_sinks
+from featkd.layer_specs import unwrap
+
+# --------------------------------------------------------------------------- seeding and devices
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device).
+
+    ``deterministic=True`` also asks torch for deterministic kernels (slower on GPU;
+    CPU kernels used here are deterministic already).
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` is the local CUDA device when there is one (per ``LOCAL_RANK`` under torchrun), else the CPU."""
+    if name is None or name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(name)!r} asked for, but CUDA is not available here; use device=cpu or auto.")
+    return device
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = None,
+             precision: Precision | None = None, channels_last: bool = False) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy in percent/nats (and top-5 when there are more than 5 classes).
+
+    Under DDP every rank evaluates its own shard and the counts are summed, so the
+    numbers are those of the whole split. Samples with target ``-1`` are skipped.
+    """
+    model = unwrap(model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    was_training = model.training
+    model.eval()
+    precision = precision or Precision()
+    sums: dict[str, float] = defaultdict(float)
+    try:
+        for x, y in loader:
+            x, y = _to_device(x, y, device, channels_last)
+            with precision.autocast():
+                logits = model(x)
+            labeled = y >= 0
+            logits, y = logits[labeled].float(), y[labeled]
+            sums["loss"] += F.cross_entropy(logits, y, reduction="sum").item()
+            ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = ranked == y[:, None]
+            sums["correct1"] += hits[:, 0].sum().item()
+            sums["correct5"] += hits.any(dim=1).sum().item()
+            sums["count"] += y.numel()
+            sums["classes"] = max(sums["classes"], logits.shape[1])
+    finally:
+        model.train(was_training)
+    classes = sums.pop("classes", 0)
+    sums = distributed.all_reduce_sum(dict(sums) or {"loss": 0.0, "correct1": 0.0, "correct5": 0.0, "count": 0.0})
+    count = max(sums["count"], 1)
+    result = {"acc1": 100.0 * sums["correct1"] / count, "loss": sums["loss"] / count}
+    if classes > 5:
+        result["acc5"] = 100.0 * sums["correct5"] / count
+    return result
+
+
+def _to_device(x, y, device, channels_last):
+    if device is not None:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class DivergenceError(RuntimeError):
+    """A training loss became NaN or infinite; the last good checkpoint was left as it was."""
+
+
+def _progress_enabled() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI") and distributed.is_main_process()
+
+
+def fit(
+    method: Method,
+    train_loader,
+    test_loader,
+    run_dir: str | os.PathLike,
+    epochs: int,
+    *,
+    resume: bool = False,
+    config: dict[str, Any] | None = None,
+    model_info: dict[str, dict[str, Any]] | None = None,
+    device: torch.device | str | None = None,
+    channels_last: bool = False,
+    precision: Precision | None = None,
+    best_metric: str | None = None,
+    eval_every: int = 1,
+    progress: bool | None = None,
+    log=print,
+) -> list[dict[str, Any]]:
+    """Train ``method`` for ``epochs`` epochs, evaluating and checkpointing after each; return the metrics history.
+
+    * ``run_dir`` must be new (or empty) unless ``resume=True``, in which case the
+      run continues from ``run_dir/last.pt`` and ends exactly where an
+      uninterrupted run would (loader order is a function of (seed, epoch) via
+      ``train_loader.set_epoch``; RNG states are restored per rank).
+    * Each epoch appends a row to the run's log (:func:`featkd.engine.sinks.run_sinks`: ``metrics.jsonl``/
+      ``metrics.csv``, TensorBoard when installed, and ``log``): every named
+      loss averaged over the epoch (``train/<name>``), ``<model>/acc1``,
+      ``<model>/acc5`` and ``<model>/loss`` for each eval model, ``lr``,
+      ``epoch_time_s`` (training steps) and ``eval_time_s``. ``last.pt`` is
+      rewritten every epoch, ``best.pt`` when ``best_metric`` improves (default:
+      the first eval model's ``acc1``; a metric named ``...loss`` improves downwards).
+    * ``config`` (the resolved config) is saved as ``config.yaml``; ``model_info``
+      maps an eval model's name to what is needed to rebuild it (model name,
+      num_classes, in_channels) and is stored with its weights in each checkpoint.
+    * A NaN/Inf loss raises :class:`DivergenceError` naming the term, step and
+      epoch, before anything of that epoch is written.
+    * ``precision`` is used for evaluation (default: the Method's own ``precision``).
+    * A training loader may yield ``(x, y, indices)`` (the samples' dataset indices); they are passed
+      on as ``method.train_step(x, y, step, indices=...)`` for losses with per-sample state.
+    * ``eval_every``: evaluate after every that many epochs and always after the last (a sweep of
+      dozens of students on a CPU spends more on evaluating than on training otherwise); epochs
+      without evaluation have no model metrics and cannot become ``best.pt``.
+    """
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
+    rank = distributed.info()
+    run_dir = Path(run_dir)
+    precision = precision or getattr(method, "precision", None) or Precision()
+    progress = _progress_enabled() if progress is None else progress and rank.is_main
+
+    # -- start or resume ---------------------------------------------------------------
+    if rank.is_main:
+        ckpt.prepare_run_dir(run_dir, resume)
+    distributed.barrier()
+    history: list[dict[str, Any]] = []
+    start_epoch, step, best = 0, 0, None
+    if resume:
+        state = ckpt.load_checkpoint(run_dir / ckpt.LAST)
+        method.load_state_dict(state["method"])
+        history, start_epoch, step, best = state["history"], state["epoch"], state["step"], state["best"]
+        if len(state["rng"]) != rank.world_size:
+            raise ValueError(f"{run_dir / ckpt.LAST} was written by {len(state['rng'])} processes; "
+                             f"resume it with the same number, not {rank.world_size}.")
+        ckpt.set_rng_state(state["rng"][rank.rank])
+        log(f"resuming {run_dir} after epoch {start_epoch} (step {step})")
+    if rank.is_main:
+        ckpt.write_run_info(run_dir, config)
+
+    # -- epochs ------------------------------------------------------------------------
+    sinks = run_sinks(run_dir, log, logged_epochs=start_epoch) if rank.is_main else []
+    try:
+        for epoch in range(start_epoch, epochs):
+            started = time.perf_counter()
+            train_loader.set_epoch(epoch)
+            sums: dict[str, float] = defaultdict(float)
+            seen = 0
+            bar = _progress_bar(train_loader, epoch, epochs, progress)
+            for x, y, *indices in bar:  # a loader may yield the samples' dataset indices too
+                x, y = _to_device(x, y, device, channels_last)
+                extra = {"indices": indices[0].to(x.device)} if indices else {}
+                losses = method.train_step(x, y, step, **extra)
+                bad = [name for name, value in losses.items() if not math.isfinite(value)]
+                if bad:
+                    culprit = next((name for name in bad if name != "total"), bad[0])
+                    raise DivergenceError(
+                        f"loss {culprit!r} became {losses[culprit]} at step {step} (epoch {epoch + 1}); "
+                        f"non-finite terms: {bad}. Training stopped; {run_dir / ckpt.LAST} still holds the last good "
+                        "epoch. Lower the learning rate or that term's weight, then resume or restart."
+                    )
+                batch = x.shape[0]
+                for name, value in losses.items():
+                    sums[name] += value * batch
+                seen += batch
+                step += 1
+                if progress:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+            optimizer = getattr(method, "optimizer", None)
+            lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+            method.on_epoch_end(epoch)
+            train_time = time.perf_counter() - started
+
+            sums = distributed.all_reduce_sum({**sums, "_seen": seen})
+            seen = sums.pop("_seen")
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": step}
+            row.update({f"train/{name}": total / max(seen, 1) for name, total in sums.items()})
+            models = method.eval_models()
+            evaluated = (epoch + 1) % eval_every == 0 or epoch + 1 == epochs
+            for name, model in models.items() if evaluated else ():
+                scores = evaluate(model, test_loader, device=device, precision=precision, channels_last=channels_last)
+                row.update({f"{name}/{key}": value for key, value in scores.items()})
+            row["lr"] = lr
+            row["epoch_time_s"] = train_time
+            row["eval_time_s"] = time.perf_counter() - started - train_time
+            history.append(row)
+
+            metric = best_metric or f"{next(iter(models))}/acc1"
+            if evaluated and metric not in row:
+                raise KeyError(f"best_metric {metric!r} is not among the epoch metrics {sorted(row)}")
+            lower_is_better = metric.endswith("loss")
+            improved = evaluated and (
+                best is None or (row[metric] < best["value"] if lower_is_better else row[metric] > best["value"]))
+            if improved:
+                best = {"metric": metric, "value": row[metric], "epoch": epoch + 1}
+            rng = distributed.all_gather_object(ckpt.rng_state())
+            if rank.is_main:
+                state = {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "method": method.state_dict(),
+                    "models": {
+                        name: {**(model_info or {}).get(name, {}), "state_dict": unwrap(model).state_dict()}
+                        for name, model in models.items()
+                    },
+                    "rng": rng,
+                    "history": history,
+                    "best": best,
+                    "config": config,
+                }
+                paths = [run_dir / ckpt.LAST] + ([run_dir / ckpt.BEST] if improved else [])
+                ckpt.save_checkpoint(paths, state)
+                for sink in sinks:
+                    sink.write(history)
+            distributed.barrier()
+    finally:
+        for sink in sinks:
+            sink.close()
+    return history
+
+
+def _progress_bar(loader, epoch: int, epochs: int, enabled: bool):
+    if not enabled:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+

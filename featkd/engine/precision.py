@@ -1,0 +1,50 @@
+"""Mixed precision shared by every Method: autocast for the forward, gradient scaling for fp16."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Precision:
+    """Autocast and (for fp16) gradient scaling, shared by every Method.
+
+    ``amp`` is ``None`` (full precision), ``"bf16"`` or ``"fp16"``. On the CPU
+    fp16 autocast is a no-op (CPU kernels gain nothing from it) while bf16 is
+    honoured, since it was asked for explicitly.
+    """
+
+    def __init__(self, amp: str | None = None, device: str | torch.device = "cpu"):
+        if amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be one of None, 'bf16', 'fp16'; got {amp!r}")
+        self.amp = amp
+        self.device_type = torch.device(device).type
+        self.enabled = amp == "bf16" or (amp == "fp16" and self.device_type == "cuda")
+        self.dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=amp == "fp16" and self.device_type == "cuda")
+
+    def autocast(self):
+        """Context manager for the forward pass (and the loss computation)."""
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def backward_step(
+        self,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        grad_clip: float | None = None,
+    ) -> None:
+        """``zero_grad``, backward (scaled under fp16), optional grad-norm clipping, optimiser step."""
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if grad_clip is not None:
+            self.scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

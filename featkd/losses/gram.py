@@ -1,0 +1,67 @@
+"""Gram-matrix and FSP modules (see :func:`featkd.functional.gram_loss`, :func:`featkd.functional.fsp_loss`)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from featkd import functional as KF
+from featkd.functional._shapes import channels, check_choice, check_spatial
+from featkd.losses.registry import Shape, register_feature_loss
+
+
+@register_feature_loss("gram")
+class GramLoss(nn.Module):
+    """Spatial or channel Gram matching (see :func:`featkd.functional.gram_loss`)."""
+
+    def __init__(self, *, mode="spatial", normalize=False, resize=None, layout="channels_first", route="auto"):
+        super().__init__()
+        check_choice("Gram mode", mode, KF.GRAM_MODES)
+        self.options = dict(mode=mode, normalize=normalize, resize=resize, layout=layout, route=route)
+
+    def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
+        layout = self.options["layout"]
+        if self.options["mode"] == "spatial":
+            check_spatial(student_shape, teacher_shape, self.options["resize"], layout)
+        elif channels(student_shape, layout, "student") != channels(teacher_shape, layout, "teacher"):
+            raise ValueError(
+                f"channel Gram needs equal channel counts: student {tuple(student_shape)} vs teacher "
+                f"{tuple(teacher_shape)}; use mode='spatial' or a hint regressor"
+            )
+
+    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return KF.gram_loss(f_s, f_t, **self.options)
+
+
+@register_feature_loss("fsp", multi_layer=True)
+class FSPLoss(nn.Module):
+    """FSP matrices between two layers of each network (see :func:`featkd.functional.fsp_loss`).
+
+    ``forward(f_s, f_t)`` takes a pair of features per network; the build shapes are pairs too.
+    """
+
+    def __init__(self, *, resize=None, layout="channels_first"):
+        super().__init__()
+        self.resize, self.layout = resize, layout
+
+    def check_shapes(self, student_shape: Sequence[Shape], teacher_shape: Sequence[Shape]) -> None:
+        if len(student_shape) != 2 or len(teacher_shape) != 2 or not all(
+            isinstance(s, (tuple, list, torch.Size)) for s in (*student_shape, *teacher_shape)
+        ):
+            raise ValueError(
+                f"FSP needs a pair of layer shapes per network, got student {student_shape} and teacher {teacher_shape}"
+            )
+        for pair in (student_shape, teacher_shape):  # the two layers of one network
+            check_spatial(pair[0], pair[1], self.resize, self.layout)
+        c_s = [channels(s, self.layout, "student") for s in student_shape]
+        c_t = [channels(s, self.layout, "teacher") for s in teacher_shape]
+        if c_s != c_t:
+            raise ValueError(
+                f"FSP needs equal channel counts layer by layer: student layers {[tuple(s) for s in student_shape]} "
+                f"(channels {c_s}) vs teacher layers {[tuple(s) for s in teacher_shape]} (channels {c_t})"
+            )
+
+    def forward(self, f_s: Sequence[Tensor], f_t: Sequence[Tensor]) -> Tensor:
+        return KF.fsp_loss(f_s, f_t, resize=self.resize, layout=self.layout)

@@ -1,0 +1,38 @@
+"""Neuron Selectivity Transfer's module (see :func:`featkd.functional.nst_loss`)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from featkd import functional as KF
+from featkd.functional._shapes import check_choice, check_spatial, unknown_name_error
+from featkd.functional.nst import ROUTES
+from featkd.losses.registry import Shape, register_feature_loss
+
+
+@register_feature_loss("nst")
+class NSTLoss(nn.Module):
+    """Neuron Selectivity Transfer: kernel MMD between channels (see :func:`featkd.functional.nst_loss`)."""
+
+    def __init__(self, kernel="poly", *, resize=None, layout="channels_first", route="auto", **kernel_options):
+        super().__init__()
+        if kernel not in KF.KERNELS:
+            raise unknown_name_error("NST kernel", kernel, sorted(KF.KERNELS))
+        spec = KF.KERNELS[kernel]
+        for key in kernel_options:
+            if key not in spec.defaults:
+                known = sorted(set(spec.defaults) | {"resize", "layout", "route"})
+                raise unknown_name_error(f"NST kernel {kernel!r} option", key, known)
+        spec.resolve(kernel_options)  # invalid parameters are refused when the loss is built
+        check_choice("NST route", route, ROUTES)
+        self.kernel = kernel
+        self.options = dict(resize=resize, layout=layout, route=route, **kernel_options)
+
+    def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
+        check_spatial(student_shape, teacher_shape, self.options["resize"], self.options["layout"])
+
+    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return KF.nst_loss(f_s, f_t, self.kernel, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,238 @@
+"""A run from a config: what every training command builds before and around :func:`featkd.engine.fit`.
+
+>>> cfg = load_run_config("fmnist_distill_kd_at_nst", run_dir=None, resume=False, overrides=["epochs=5"])
+>>> run = start_run(cfg, "distill", cfg.student.name)          # device, seed, run directory, loaders
+>>> teacher, _ = load_teacher(cfg.teacher.checkpoint, run.device, run.info)
+>>> student = build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
+>>> distiller = build_distiller(cfg, teacher, student).setup(next(iter(run.train_loader))[0][:2])
+>>> optimizer, scheduler = build_optimization(cfg, distiller.trainable_parameters())
+>>> history = fit_run(run, DistillMethod(distiller, optimizer, scheduler), {"student": model_record(...)})
+
+The commands in :mod:`featkd.commands` parse their arguments, call these and print; the
+strategies' commands add their own config section with :func:`load_strategy_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from featkd import checkpoint as ckpt
+from featkd import distributed
+from featkd.config import (STRATEGY_CONFIG_DIR, Config, ConfigError, DataConfig, WarmupConfig, apply_overrides,
+                           build_dataclass, from_dict, read_yaml, to_dict)
+
+# --------------------------------------------------------------------------- configs, fresh or resumed
+
+
+def read_run_config(config: str | os.PathLike | None, run_dir: str | os.PathLike | None, resume: bool,
+                    overrides: list[str]) -> dict[str, Any]:
+    """The config data of a run: the ``config`` file plus ``overrides``, or with ``resume`` the run's own
+    ``config.yaml`` plus ``overrides`` (no file: the defaults plus ``overrides``)."""
+    if resume:
+        if not run_dir:
+            raise ConfigError("--resume needs --run-dir (the run to continue)")
+        if config:
+            raise ConfigError("with --resume the config is the run's own config.yaml; drop --config "
+                              "(overrides such as epochs=300 are still applied)")
+        saved = Path(run_dir) / ckpt.CONFIG_YAML
+        if not saved.is_file():
+            raise FileNotFoundError(f"cannot resume: {saved} does not exist; is {str(run_dir)!r} a featkd run "
+                                    "directory?")
+        config = saved
+    return apply_overrides(read_yaml(config) if config is not None else {}, overrides)
+
+
+def load_run_config(config, run_dir, resume: bool, overrides: list[str]) -> Config:
+    """:func:`read_run_config` type-checked as a :class:`featkd.config.Config`."""
+    return from_dict(read_run_config(config, run_dir, resume, overrides))
+
+
+def load_strategy_config(section: str, schema: type, config, run_dir, resume: bool,
+                         overrides: list[str]) -> tuple[Config, Any, dict]:
+    """The run config, the strategy's own ``section`` (a ``schema`` instance) and the whole resolved config.
+
+    A strategy's config is an ordinary featkd config plus one section of its own (``dml:``, ...), checked
+    against its dataclass ``schema`` by the same machinery, so unknown keys get the same suggestions; the
+    saved ``config.yaml`` holds both.
+    """
+    command = section.replace("_", "-")
+    if not resume and config is None:
+        shipped = ", ".join(sorted(p.stem for p in STRATEGY_CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"featkd {command} needs --config (e.g. --config {section}; shipped: {shipped})")
+    data = read_run_config(config, run_dir, resume, overrides)
+    section_data = data.pop(section, None) or {}
+    if not isinstance(section_data, dict):
+        raise ConfigError(f"config key {section!r} must be a mapping, got {section_data!r}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by torchrun
+        raise ConfigError(f"featkd {command} runs in one process; it does not support torchrun/DDP yet")
+    cfg = from_dict(data)
+    strategy_cfg = build_dataclass(schema, section_data, section)
+    return cfg, strategy_cfg, {**to_dict(cfg), section: dataclasses.asdict(strategy_cfg)}
+
+
+def check_sections(cfg: Config, command: str, needed: tuple[str, ...], unused: tuple[str, ...]) -> None:
+    """Refuse a config that lacks what ``command`` needs or sets sections it would silently ignore."""
+    for key in needed:
+        if getattr(cfg, key) in (None, []):
+            raise ConfigError(f"featkd {command} needs the config key {key!r} (set it in the YAML file or as an override)")
+    for key in unused:
+        if getattr(cfg, key) not in (None, []):
+            raise ConfigError(f"featkd {command} does not use the config key {key!r}; remove it "
+                              f"(is this a config for another command?)")
+
+
+# --------------------------------------------------------------------------- data, models, optimisation
+
+
+def build_datasets(data: DataConfig):
+    """The training split (with its transfer-set edits) and the test split."""
+    from featkd.data import add_unlabeled, load_dataset, mark_unlabeled, omit_classes
+
+    # Subsets are chosen with a fixed seed so that runs with different training seeds see the same data.
+    train = load_dataset(data.name, data.root, "train", limit=data.limit, **data.options)
+    test = load_dataset(data.name, data.root, "test", limit=data.test_limit, **data.options)
+    if data.omit_classes:
+        train = omit_classes(train, data.omit_classes)
+    if data.unlabeled_fraction:
+        train = mark_unlabeled(train, data.unlabeled_fraction)
+    if data.extra_unlabeled is not None:
+        extra = data.extra_unlabeled
+        train = add_unlabeled(train, load_dataset(extra.name, extra.root, "train", limit=extra.limit, **extra.options))
+    return train, test
+
+
+def build_loaders(cfg: Config, device: torch.device):
+    """Training and test :class:`featkd.data.DeviceLoader` for this rank; ``data.batch_size`` is the global batch."""
+    from featkd.data import DeviceLoader
+
+    rank = distributed.info()
+    if cfg.data.batch_size % rank.world_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is the global batch and must divide evenly over "
+                          f"{rank.world_size} processes")
+    train, test = build_datasets(cfg.data)
+    shard = dict(rank=rank.rank, world_size=rank.world_size, device=device)
+    train_loader = DeviceLoader(train, cfg.data.batch_size // rank.world_size, shuffle=True, augment=cfg.data.augment,
+                                seed=cfg.seed, drop_last=cfg.data.drop_last, pad=cfg.data.pad, flip=cfg.data.flip,
+                                pad_mode=cfg.data.pad_mode, **shard)
+    test_loader = DeviceLoader(test, cfg.data.eval_batch_size, shuffle=False, augment=False, drop_last=False, **shard)
+    return train_loader, test_loader
+
+
+def build_model(name: str, options: dict[str, Any], info, device: torch.device, channels_last: bool) -> nn.Module:
+    """A fresh model for the dataset described by ``info`` (a :class:`featkd.data.DatasetInfo`)."""
+    from featkd.models import create_model
+
+    model = create_model(name, num_classes=info.num_classes, in_channels=info.in_channels, **options).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def build_optimization(cfg: Config, params):
+    """Optimiser and per-epoch schedule from the config's ``optim`` and ``schedule`` sections."""
+    from featkd.engine import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(params, **dataclasses.asdict(cfg.optim))
+    return optimizer, build_scheduler(optimizer, epochs=cfg.epochs, **dataclasses.asdict(cfg.schedule))
+
+
+def check_teacher_fits(record: dict, info, source) -> None:
+    """Refuse a teacher trained for other classes or other input channels than the run's data (``info``)."""
+    if (record["num_classes"], record["in_channels"]) != (info.num_classes, info.in_channels):
+        raise ValueError(f"teacher {source} was trained for {record['num_classes']} classes of "
+                         f"{record['in_channels']}-channel images, but {info.name} has {info.num_classes} classes of "
+                         f"{info.in_channels}-channel images")
+
+
+def load_teacher(path, device: torch.device, info) -> tuple[nn.Module, dict]:
+    """The model of a ``featkd train`` checkpoint and its record, checked against the run's data."""
+    teacher, record = ckpt.model_from_checkpoint(ckpt.load_checkpoint(path), device, source=path)
+    check_teacher_fits(record, info, path)
+    return teacher, record
+
+
+def _weight(weight):
+    from featkd.terms import Warmup
+
+    if isinstance(weight, WarmupConfig):
+        return Warmup(weight.value, epochs=weight.epochs, steps=weight.steps)
+    return weight
+
+
+def build_distiller(cfg: Config, teacher: nn.Module, student: nn.Module):
+    """A :class:`featkd.Distiller` from the config's ``terms``, ``kd`` and ``ce_weight``."""
+    from featkd.distiller import Distiller
+    from featkd.terms import Term
+
+    terms = [Term(teacher=t.teacher, student=t.student, loss=t.loss, weight=_weight(t.weight), name=t.name,
+                  adapter=t.adapter, options=t.options) for t in cfg.terms]
+    kd = None if cfg.kd is None else {"loss": cfg.kd.loss, "weight": _weight(cfg.kd.weight), **cfg.kd.options}
+    return Distiller(teacher, student, terms=terms, kd=kd, ce_weight=cfg.ce_weight, compile=cfg.compile)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """A started run: its config, device, directory and loaders, and the config its ``config.yaml`` holds.
+
+    ``is_main``: whether this process is the one that writes files and prints (rank 0).
+    """
+
+    cfg: Config
+    device: torch.device
+    is_main: bool
+    run_dir: Path
+    resume: bool
+    train_loader: Any
+    test_loader: Any
+    saved_config: dict
+
+    @property
+    def info(self):
+        """The training data's :class:`featkd.data.DatasetInfo`."""
+        return self.train_loader.info
+
+
+def default_run_dir(command: str, model_name: str) -> Path:
+    """``runs/<command>-<model>-<YYYYmmdd-HHMMSS>`` (the same on every rank)."""
+    stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in model_name)
+    return Path("runs") / f"{command}-{safe}-{stamp}"
+
+
+def start_run(cfg: Config, command: str, model_name: str, run_dir=None, resume: bool = False,
+              saved_config: dict | None = None) -> Run:
+    """Join the process group (under torchrun), seed, pick the device, the run directory and the loaders.
+
+    ``saved_config`` is what the run's ``config.yaml`` holds (default: ``cfg``; a strategy passes its
+    whole resolved config, its own section included).
+    """
+    from featkd.engine import resolve_device, seed_everything
+
+    device = resolve_device(cfg.device)
+    is_main = distributed.init(device).is_main
+    seed_everything(cfg.seed, cfg.deterministic)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(command, model_name)
+    train_loader, test_loader = build_loaders(cfg, device)
+    return Run(cfg, device, is_main, run_dir, resume, train_loader, test_loader,
+               to_dict(cfg) if saved_config is None else saved_config)
+
+
+def fit_run(run: Run, method, model_info: dict[str, dict]) -> list[dict]:
+    """:func:`featkd.engine.fit` on the run's loaders and directory, then leave the process group."""
+    from featkd.engine import fit
+
+    try:
+        return fit(method, run.train_loader, run.test_loader, run.run_dir, run.cfg.epochs, resume=run.resume,
+                   config=run.saved_config, model_info=model_info, device=run.device,
+                   channels_last=run.cfg.channels_last, log=print if run.is_main else (lambda message: None))
+    finally:
+        distributed.shutdown()

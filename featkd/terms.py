@@ -1,0 +1,220 @@
+"""Terms: what a :class:`featkd.Distiller` transfers between which layers, and how a term's losses are built.
+
+* :class:`Term`: a loss between student and teacher layers, its weight (a float or a :class:`Warmup`)
+  and its adapter; the config form of a Term is :class:`featkd.config.TermConfig`.
+* :func:`build_term_pairs`: a term's adapter and loss modules for the feature shapes of a dry run.
+  The Distiller builds its terms with it, and Deep Mutual Learning its terms between peers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featkd.losses import build_feature_loss, feature_loss_class
+
+__all__ = ["Term", "Warmup", "FeatureAdapter", "build_term_pairs", "call_loss", "weight_at"]
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """A loss weight that ramps linearly from 0 to ``value`` over ``epochs`` epochs or ``steps`` steps.
+
+    Several papers warm the feature loss up this way. Epochs may be fractional
+    (the training method passes ``step / steps_per_epoch``). Called with no
+    progress information (e.g. outside training) it gives the full ``value``.
+    """
+
+    value: float
+    epochs: float | None = None
+    steps: int | None = None
+
+    def __post_init__(self):
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError(f"Warmup needs exactly one of epochs= or steps=, got epochs={self.epochs}, steps={self.steps}")
+        length = self.epochs if self.epochs is not None else self.steps
+        if length <= 0:
+            raise ValueError(f"Warmup length must be positive, got {length}")
+
+    def __call__(self, step: int | None = None, epoch: float | None = None) -> float:
+        if self.steps is not None:
+            progress = None if step is None else step / self.steps
+        else:
+            progress = None if epoch is None else epoch / self.epochs
+        return self.value if progress is None else self.value * min(max(progress, 0.0), 1.0)
+
+
+def weight_at(weight: float | Warmup, step: int | None, epoch: float | None) -> float:
+    return weight(step, epoch) if callable(weight) else float(weight)
+
+
+# --------------------------------------------------------------------------- terms and adapters
+
+
+@dataclass
+class Term:
+    """One feature-transfer term of a :class:`featkd.Distiller`: a loss between student and teacher layers.
+
+    * ``teacher`` / ``student``: layer name(s) (``featkd layers <model>`` lists them).
+      ``student`` defaults to the teacher's names (same architecture family). With
+      lists, the loss is applied to each (student, teacher) pair and the term is
+      the sum (AT over the three WRN groups with one weight), except for losses
+      defined on several layers at once (registered ``multi_layer``, as ``fsp``, or a
+      module with ``multi_layer = True``), which get the lists.
+    * ``loss``: a feature-loss name (``featkd.losses.feature_loss_names()``; built with
+      ``options`` by :func:`featkd.losses.build_feature_loss`) or an ``nn.Module`` taking
+      ``(f_s, f_t)`` (or ``(f_s, f_t, context)`` with ``uses_context = True``).
+    * ``weight``: a float or a schedule such as :class:`Warmup`.
+    * ``adapter``: ``"auto"`` (default) adds one only if the loss cannot compare
+      the shapes as they are — a 1×1 conv + BN when channel counts differ, average
+      pooling / bilinear interpolation when spatial sizes differ; ``"conv"`` always
+      adds the 1×1 conv; ``None`` never adds one; or an ``nn.Module`` of your own.
+      Adapters are trained with the student.
+    * ``name``: the key of this term in the loss dict (default ``"<loss>:<student layer>"``).
+    """
+
+    teacher: str | Sequence[str]
+    student: str | Sequence[str] | None = None
+    loss: str | nn.Module = "at"
+    weight: float | Warmup = 1.0
+    name: str | None = None
+    adapter: str | nn.Module | None = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.teacher_layers = [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
+        student = self.teacher if self.student is None else self.student
+        self.student_layers = [student] if isinstance(student, str) else list(student)
+        if len(self.teacher_layers) != len(self.student_layers) or not self.teacher_layers:
+            raise ValueError(f"term {self.key!r}: teacher layers {self.teacher_layers} and student layers "
+                             f"{self.student_layers} must be non-empty lists of the same length")
+        if isinstance(self.loss, nn.Module) and len(self.student_layers) > 1 and not self.multi_layer:
+            raise ValueError(f"term {self.key!r}: a loss module is shared by all its layer pairs; give the loss "
+                             "by name (one module is built per pair) or use one Term per pair")
+        if isinstance(self.loss, nn.Module) and self.options:
+            raise ValueError(f"term {self.key!r}: options {self.options} only apply to a loss given by name")
+        if not (self.adapter in (None, "auto", "conv") or isinstance(self.adapter, nn.Module)):
+            raise ValueError(f"term {self.key!r}: adapter must be 'auto', 'conv', None or an nn.Module, "
+                             f"got {self.adapter!r}")
+
+    @property
+    def multi_layer(self) -> bool:
+        """Whether the loss takes the lists of layers at once (e.g. FSP) rather than one pair at a time:
+        the ``multi_layer`` capability its registration (or a module of your own) declares."""
+        loss = feature_loss_class(self.loss) if isinstance(self.loss, str) else self.loss
+        return bool(getattr(loss, "multi_layer", False))
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss if isinstance(self.loss, str) else type(self.loss).__name__
+
+    @property
+    def key(self) -> str:
+        return self.name or f"{self.loss_name}:{'+'.join(self.student_layers)}"
+
+
+class FeatureAdapter(nn.Module):
+    """Map a student feature map ``(B, Cs, Hs, Ws)`` to the teacher's ``(B, Ct, Ht, Wt)``.
+
+    Channels: a 1×1 convolution followed by batch norm (FitNets/ RepDistiller's
+    connector), present when ``channels=True`` or the counts differ. Spatial size:
+    adaptive average pooling when the student map is larger, bilinear
+    interpolation when it is smaller.
+    """
+
+    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], channels: bool | None = None):
+        super().__init__()
+        if len(student_shape) != 4 or len(teacher_shape) != 4:
+            raise ValueError(f"an automatic adapter needs (B, C, H, W) feature maps, got student "
+                             f"{tuple(student_shape)} and teacher {tuple(teacher_shape)}")
+        c_s, c_t = student_shape[1], teacher_shape[1]
+        self.size = tuple(teacher_shape[2:])
+        self.resize = None
+        if tuple(student_shape[2:]) != self.size:
+            larger = student_shape[2] >= self.size[0] and student_shape[3] >= self.size[1]
+            self.resize = "pool" if larger else "interpolate"
+        use_conv = c_s != c_t if channels is None else channels
+        self.conv = nn.Sequential(nn.Conv2d(c_s, c_t, 1, bias=False), nn.BatchNorm2d(c_t)) if use_conv else None
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        if self.resize == "pool":
+            f = F.adaptive_avg_pool2d(f, self.size)
+        elif self.resize == "interpolate":
+            f = F.interpolate(f, size=self.size, mode="bilinear", align_corners=False)
+        return self.conv(f) if self.conv is not None else f
+
+    def extra_repr(self) -> str:
+        return f"resize={self.resize}, size={self.size}"
+
+
+# --------------------------------------------------------------------------- building a term's modules
+
+
+def build_term_pairs(term: Term, student_shapes: Mapping[str, Sequence[int]],
+                     teacher_shapes: Mapping[str, Sequence[int]], device: torch.device) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The adapters and loss modules of ``term``, one per (student, teacher) layer pair, or one for all
+    its layers when its loss is ``multi_layer``; ``*_shapes`` are the dry run's feature shapes by layer."""
+    s_shapes = [tuple(student_shapes[name]) for name in term.student_layers]
+    t_shapes = [tuple(teacher_shapes[name]) for name in term.teacher_layers]
+    if term.multi_layer:
+        pairs = [_build_pair(term, tuple(s_shapes), tuple(t_shapes), term.student_layers, term.teacher_layers,
+                             device, multi=True)]
+    else:
+        pairs = [_build_pair(term, s, t, [s_name], [t_name], device)
+                 for s, t, s_name, t_name in zip(s_shapes, t_shapes, term.student_layers, term.teacher_layers)]
+    return nn.ModuleList(adapter for adapter, _ in pairs), nn.ModuleList(loss.to(device) for _, loss in pairs)
+
+
+def _build_pair(term: Term, s_shape: tuple, t_shape: tuple, s_names: list[str], t_names: list[str],
+                device: torch.device, multi: bool = False) -> tuple[nn.Module, nn.Module]:
+    """The adapter and loss module for one (student, teacher) layer pair (or the lists, for a multi_layer loss)."""
+    described = (f"term {term.key!r} ({term.loss_name}): student layer(s) {s_names} give {s_shape}, "
+                 f"teacher layer(s) {t_names} give {t_shape}")
+    if term.adapter is None or term.adapter == "auto":
+        adapter = nn.Identity()
+    elif multi:
+        raise ValueError(f"{described}: adapter={term.adapter!r} does not apply to a loss over several layers")
+    elif term.adapter == "conv":
+        adapter = FeatureAdapter(s_shape, t_shape, channels=True)
+    else:
+        adapter = term.adapter
+    adapter.to(device)
+    if not isinstance(adapter, nn.Identity):
+        with torch.no_grad():
+            s_shape = tuple(adapter(torch.zeros(s_shape, device=device)).shape)
+    try:
+        return adapter, _loss(term, s_shape, t_shape)
+    except ValueError as error:
+        first_error = error
+    if term.adapter == "auto" and not multi and len(s_shape) == 4 and len(t_shape) == 4:
+        adapter = FeatureAdapter(s_shape, t_shape).to(device)
+        adapted = (s_shape[0], t_shape[1] if adapter.conv is not None else s_shape[1], *t_shape[2:])
+        try:
+            return adapter, _loss(term, adapted, t_shape)
+        except ValueError as error:
+            if str(error) != str(first_error):
+                raise ValueError(f"{described}: {first_error}; with an automatic adapter to {adapted}: "
+                                 f"{error}") from None
+    raise ValueError(f"{described}: {first_error}") from None
+
+
+def call_loss(loss: nn.Module, f_s, f_t, context) -> torch.Tensor:
+    """``loss(f_s, f_t)``, with the batch's :class:`featkd.losses.BatchContext` for a loss that ``uses_context``."""
+    return loss(f_s, f_t, context) if getattr(loss, "uses_context", False) else loss(f_s, f_t)
+
+
+def _loss(term: Term, s_shape, t_shape) -> nn.Module:
+    if isinstance(term.loss, nn.Module):
+        check = getattr(term.loss, "check_shapes", None)
+        if check is not None:
+            check(s_shape, t_shape)
+        return term.loss
+    return build_feature_loss(term.loss, s_shape, t_shape, **term.options)

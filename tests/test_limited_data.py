@@ -1,0 +1,53 @@
+"""The limited-data table end to end on tiny synthetic data (its shape, not its values), and its plot."""
+
+import json
+
+import pytest
+import torch
+
+from featkd import limited_data, plots, repro
+from featkd.cli import main
+
+
+def test_setup_refuses_bad_settings():
+    with pytest.raises(ValueError, match="fraction"):
+        limited_data.LimitedDataSetup(fraction=0.0, epochs=1)
+    with pytest.raises(ValueError, match="unknown method"):
+        limited_data.LimitedDataSetup(fraction=0.1, epochs=1, methods=("student", "KDD"))
+    with pytest.raises(ValueError, match="'student'"):
+        limited_data.LimitedDataSetup(fraction=0.1, epochs=1, methods=("KD",))
+    with pytest.raises(ValueError, match="distinct"):
+        limited_data.LimitedDataSetup(fraction=0.1, epochs=1, seeds=(0, 0))
+
+
+def test_teacher_with_another_hash_is_refused(tmp_path):
+    path = tmp_path / "teacher.pt"
+    torch.save({"models": {}}, path)
+    with pytest.raises(ValueError, match="sha256"):
+        limited_data.load_teacher(path, "cpu", sha256="0" * 64)
+
+
+@pytest.mark.slow
+def test_tiny_table_end_to_end_and_datasize_plot(tmp_path):
+    assert main(["train", "--config", "fmnist_teacher_wrn16_2", "--run-dir", str(tmp_path / "teacher"),
+                 "model.name=wrn10_2", "epochs=1", "data.name=synthetic", "data.limit=64", "data.test_limit=32",
+                 "data.batch_size=16"]) == 0
+    results = []
+    for fraction in (0.01, 0.02):
+        setup = limited_data.LimitedDataSetup(fraction=fraction, epochs=1, seeds=(0, 1), batch_size=8, test_limit=40,
+                                              student="wrn10_1")
+        result = limited_data.run_limited_data(tmp_path / "teacher" / "last.pt", setup, tmp_path / "runs",
+                                               data=repro.DataSpec("synthetic"), device="cpu")
+        assert list(result.accuracies) == list(limited_data.RECIPES)
+        assert all(len(v) == 2 for v in result.accuracies.values())
+        assert result.train_examples == round(fraction * 2000)
+        report = tmp_path / "runs" / f"limited-data-{fraction:g}-synthetic.md"
+        text = report.read_text()
+        assert text.count("\n| ") == 2 + len(limited_data.RECIPES) and "paired" in text and "torch" in text
+        stored = json.loads(report.with_suffix(".json").read_text())
+        assert stored["accuracies"] == result.accuracies
+        results.append(report.with_suffix(".json"))
+    fig = plots.data_size_curve(limited_data.load_results(results))
+    assert {line.get_gid() for line in fig.axes[0].lines} >= {f"curve:{m}" for m in limited_data.RECIPES}
+    assert main(["plot", "datasize", *map(str, results), "--out", str(tmp_path / "fig")]) == 0
+    assert (tmp_path / "fig.png").stat().st_size > 1000

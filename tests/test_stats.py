@@ -1,0 +1,57 @@
+"""Paired intervals against SciPy's paired t-test and a hand computation."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from featkd import stats
+
+
+def test_paired_delta_matches_scipy_ttest_rel_interval():
+    rng = np.random.default_rng(0)
+    base = rng.normal(80, 1, 5)
+    method = base + rng.normal(0.8, 0.3, 5)
+    got = stats.paired_delta(method, base)
+    ci = scipy_stats.ttest_rel(method, base).confidence_interval(0.95)
+    assert got.low == pytest.approx(ci.low, rel=1e-12) and got.high == pytest.approx(ci.high, rel=1e-12)
+    assert got.excludes_zero and stats.verdict(got) == "beyond noise"
+
+
+def test_t_interval_by_hand():
+    values = [1.0, 2.0, 4.0]
+    got = stats.t_interval(values)
+    sd = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    assert got.mean == pytest.approx(7 / 3)
+    assert got.half_width == pytest.approx(4.302652729911275 * sd / math.sqrt(3))  # t_{2, 0.975}
+
+
+def test_interval_containing_zero_is_inside_noise_and_one_seed_has_none():
+    assert stats.verdict(stats.paired_delta([1.0, -1.0, 0.5], [0.0, 0.0, 0.0])) == "inside noise"
+    single = stats.paired_delta([2.0], [1.0])
+    assert math.isnan(single.half_width) and stats.verdict(single) == "one seed" and not single.excludes_zero
+
+
+def test_pairing_removes_the_shared_seed_variance():
+    # Large seed-to-seed spread shared by both methods, a constant +1 gain: paired interval is tight.
+    base = [70.0, 80.0, 90.0, 75.0, 85.0]
+    method = [b + 1.0 + e for b, e in zip(base, [0.1, -0.1, 0.05, -0.05, 0.0])]
+    paired = stats.paired_delta(method, base)
+    unpaired_half = stats.t_interval(method).half_width
+    assert paired.excludes_zero and paired.half_width < 0.2 < unpaired_half
+
+
+def test_unequal_seed_counts_are_refused():
+    with pytest.raises(ValueError, match="one value per seed"):
+        stats.paired_delta([1.0, 2.0], [1.0])
+
+
+def test_comparison_table_rows_and_verdicts():
+    table = stats.comparison_table({"student": [80.0, 81.0, 79.0], "KD": [82.0, 83.1, 81.2], "AT": [80.5, 80.0, 79.9]},
+                                   [0, 1, 2], teacher=92.0)
+    lines = table.splitlines()
+    assert len(lines) == 2 + 3 + 1
+    assert "| KD |" in lines[3] and "beyond noise" in lines[3]
+    assert "| AT |" in lines[4] and "inside noise" in lines[4]
+    assert lines[-1].startswith("| teacher | 92.00")
