@@ -48,7 +48,10 @@ class DatasetConfig:
 class DataConfig:
     """Training/test data and the transfer set.
 
-    ``limit`` / ``test_limit`` keep a class-balanced subset. Transfer-set edits
+    ``limit`` / ``test_limit`` keep a class-balanced subset. ``augment`` crops the image padded by ``pad``
+    pixels (``pad_mode``: ``zeros``, or ``reflect`` as the official AT code) and flips it. ``drop_last``
+    drops the last, smaller training batch of each epoch (``false``: every example once an epoch, as
+    the official AT code). Transfer-set edits
     apply to the training split only: ``omit_classes`` drops classes,
     ``unlabeled_fraction`` hides that fraction of labels (label -1: no CE, still
     KD), ``extra_unlabeled`` appends another dataset's images as unlabelled.
@@ -60,9 +63,11 @@ class DataConfig:
     test_limit: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 128
+    drop_last: bool = True
     eval_batch_size: int = 500
     augment: bool = True
     pad: int = 4
+    pad_mode: str = "zeros"
     flip: bool = True
     omit_classes: list[int] = field(default_factory=list)
     unlabeled_fraction: float = 0.0
@@ -129,13 +134,16 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """See :func:`featkd.engine.build_scheduler` (epoch-based; the AT/NST papers' schedule by default)."""
+    """See :func:`featkd.engine.build_scheduler` (epoch-based; the AT/NST papers' schedule by default:
+    stages of 60/60/40/40 epochs; the official AT code's are milestones [59, 119, 159] with
+    ``restart_momentum_at_milestones``)."""
 
     name: str = "multistep"
     milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
     gamma: float = 0.2
     warmup_epochs: int = 0
     min_factor: float = 0.0
+    restart_momentum_at_milestones: bool = False
 
 
 @dataclass

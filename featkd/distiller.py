@@ -20,7 +20,8 @@ terms add up to ``total``.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import contextlib
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +31,37 @@ from featkd.hooks import FeatureExtractor, feature_shapes
 from featkd.losses import BatchContext, build_logit_loss
 from featkd.terms import Term, Warmup, build_term_pairs, call_loss, weight_at
 
-__all__ = ["Distiller"]
+__all__ = ["Distiller", "TEACHER_BN_MODES", "teacher_bn_mode"]
+
+
+# --------------------------------------------------------------------------- the teacher's batch norm
+
+TEACHER_BN_MODES = ("eval", "batch_stats")
+
+
+@contextlib.contextmanager
+def teacher_bn_mode(teacher: nn.Module, mode: str) -> Iterator[None]:
+    """Run the frozen ``teacher``'s forwards inside this block with its BN layers in ``mode``.
+
+    ``"eval"``: as they are (the teacher is in eval mode: its running statistics). ``"batch_stats"``:
+    every BN layer normalises each batch with that batch's own statistics, as the official NST code ran
+    its teacher, and its running statistics (and batch count) are left untouched.
+    """
+    if mode not in TEACHER_BN_MODES:
+        raise ValueError(f"teacher_bn must be one of {list(TEACHER_BN_MODES)}, got {mode!r}")
+    batch_norms = nn.modules.batchnorm._BatchNorm
+    norms = [m for m in teacher.modules() if isinstance(m, batch_norms)] if mode == "batch_stats" else []
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    try:
+        for m in norms:
+            # training mode with track_running_stats off: batch statistics, no running-statistics update
+            m.train(True)
+            m.track_running_stats = False
+        yield
+    finally:
+        for m, (training, tracking) in zip(norms, saved):
+            m.train(training)
+            m.track_running_stats = tracking
 
 
 # --------------------------------------------------------------------------- the distiller
@@ -64,11 +95,17 @@ class Distiller(nn.Module):
         ce_weight: weight of the cross-entropy on labelled samples (targets ``-1`` are skipped).
         compile: ``torch.compile`` the student (after its hooks are registered) with these options
             (``True`` for the defaults).
+        teacher_bn: ``"eval"`` (default): the teacher's BN layers use their running statistics;
+            ``"batch_stats"``: they normalise each batch with its own statistics, as the official NST
+            code ran its teacher, leaving the running statistics as they are (:func:`teacher_bn_mode`).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, terms: Sequence[Term] = (), kd=None,
-                 ce_weight: float | Warmup = 1.0, compile: bool | dict = False):
+                 ce_weight: float | Warmup = 1.0, compile: bool | dict = False, teacher_bn: str = "eval"):
         super().__init__()
+        if teacher_bn not in TEACHER_BN_MODES:
+            raise ValueError(f"teacher_bn must be one of {list(TEACHER_BN_MODES)}, got {teacher_bn!r}")
+        self.teacher_bn = teacher_bn
         self.teacher, self.student = teacher, student
         self.terms = list(terms)
         keys = [t.key for t in self.terms]
@@ -162,7 +199,8 @@ class Distiller(nn.Module):
         """
         if not self.is_setup:
             self.setup(x[:2])
-        teacher_logits, f_t = self._teacher_outputs(x)
+        with teacher_bn_mode(self.teacher, self.teacher_bn):
+            teacher_logits, f_t = self._teacher_outputs(x)
         student_logits, f_s = self._student_features(x)
         losses: dict[str, torch.Tensor] = {}
         ce_weight = weight_at(self.ce_weight, step, epoch)
@@ -191,4 +229,5 @@ class Distiller(nn.Module):
 
     def extra_repr(self) -> str:
         terms = ", ".join(f"{t.key}×{t.weight}" for t in self.terms)
-        return f"terms=[{terms}], kd_weight={self.kd_weight}, ce_weight={self.ce_weight}"
+        return (f"terms=[{terms}], kd_weight={self.kd_weight}, ce_weight={self.ce_weight}, "
+                f"teacher_bn={self.teacher_bn}")

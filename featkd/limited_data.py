@@ -8,8 +8,10 @@ the students (WRN-16-1) see a class-balanced ``fraction`` of it, every method an
 (one teacher forward per batch, members of one seed share the student's initial weights and
 batches), and each method is compared with the student alone *paired by seed* (:mod:`featkd.stats`).
 
-Settings are fixed before any run and never chosen on the test set: the optimiser and schedule are
-the AT paper's (SGD 0.1, momentum 0.9, wd 5e-4, ×0.2 at 30/60/80% of the epochs), the loss weights
+Settings are fixed before any run and never chosen on the test set: the students are built and
+trained by :func:`featkd.repro.run_students`, so their optimiser, schedule and initialisation are the
+official AT code's (SGD 0.1, momentum 0.9 restarted at each decay, wd 5e-4, ×0.2 at the start of the
+epochs 30/60/80% of the way through; WRN BN weights uniform on [0, 1)), the loss weights
 the reference code's where one exists (AT β = 1e3 per group; NST 50 on the last feature after its
 BN; KD 0.9 with CE 0.1 at T = 4). Gram and FitNets have no weight for this pair in any paper: their
 weight makes the term start at about the size of the cross-entropy (measured on training batches).
@@ -180,8 +182,9 @@ def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size:
         "of them",
         "",
         f"- command: `{command or 'featkd repro limited-data'}`",
-        f"- students: {setup.epochs} epochs, batch {setup.batch_size}, SGD lr 0.1 momentum 0.9 wd 5e-4, lr ×0.2 at "
-        f"epochs {setup.budget().milestones(setup.epochs)}, pad-4 crop + flip, class-balanced subset (seed 0), "
+        f"- students: {setup.epochs} epochs ({setup.budget().stages(setup.epochs)}), batch {setup.batch_size}, "
+        "SGD lr 0.1 momentum 0.9 (restarted at each decay) wd 5e-4, WRN BN weights ~ U[0, 1), pad-4 zero-padded crop + flip, "
+        "class-balanced subset (seed 0), "
         f"seeds {list(setup.seeds)}; test set: {'all' if setup.test_limit is None else setup.test_limit} images, "
         "evaluated once, after the last epoch (no model selection)",
         "- losses: KD 0.9·T²·KL + 0.1·CE at T = 4; AT β = 1e3 on each group output, + CE; NST weight 50 on the "

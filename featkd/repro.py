@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from featkd.checkpoint import model_record
+from featkd.models import default_distill_layers, pre_relu_layer
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -171,7 +172,8 @@ PAPER_SCHEDULE = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, gamma=0.2, milest
 
 @dataclass(frozen=True)
 class Budget:
-    """How much of a protocol to run. Milestones are the paper's 60/120/160 of 200 epochs, scaled."""
+    """How much of a protocol to run. The lr decays where the official AT code decays it — at the start
+    of (1-indexed) epochs 60/120/160 of 200 — scaled to the budget's epochs, with momentum restarts."""
 
     name: str
     epochs: int
@@ -184,14 +186,25 @@ class Budget:
     methods: tuple[str, ...] | None = None  # run only these methods (None: all)
 
     def milestones(self, epochs: int) -> list[int]:
-        return sorted({max(1, round(f * epochs)) for f in PAPER_SCHEDULE["milestone_fractions"] if round(f * epochs) < epochs})
+        from featkd.engine import decay_milestones
+
+        return decay_milestones(epochs, PAPER_SCHEDULE["milestone_fractions"])
 
     def describe(self) -> str:
         subset = f"train subset {self.train_limit}" if self.train_limit else "full train split"
         test = f"test subset {self.test_limit}" if self.test_limit else "full test split"
-        return (f"budget `{self.name}`: students {self.epochs} epochs, teachers {self.teacher_epochs} epochs, "
-                f"batch {self.batch_size}, SGD lr {PAPER_SCHEDULE['lr']} momentum 0.9 wd 5e-4, lr ×0.2 at epochs "
-                f"{self.milestones(self.epochs)}, pad-4 crop + flip, {subset}, {test}, seeds {list(self.seeds)}")
+        return (f"budget `{self.name}`: students {self.epochs} epochs ({self.stages(self.epochs)}), teachers "
+                f"{self.teacher_epochs} epochs ({self.stages(self.teacher_epochs)}), batch {self.batch_size} (the "
+                f"last, smaller one kept), SGD lr "
+                f"{PAPER_SCHEDULE['lr']} momentum 0.9 (restarted at each decay) wd 5e-4, pad-4 reflection crop + flip, "
+                f"WRN BN weights ~ U[0, 1), {subset}, {test}, seeds {list(self.seeds)}")
+
+    def stages(self, epochs: int) -> str:
+        milestones = self.milestones(epochs)
+        if not milestones:
+            return "constant lr"
+        lengths = "/".join(str(b - a) for a, b in zip([0, *milestones], [*milestones, epochs]))
+        return f"lr ×0.2 at the start of epochs {'/'.join(str(m + 1) for m in milestones)}: stages of {lengths}"
 
 
 @dataclass(frozen=True)
@@ -208,10 +221,12 @@ class Pair:
 @dataclass(frozen=True)
 class Recipe:
     """One column of a table: how a student is trained. ``distill(student_layers, teacher_layers)`` gives
-    the :class:`featkd.Distiller` keyword arguments, or is None for the student alone (cross-entropy)."""
+    the :class:`featkd.Distiller` keyword arguments, or is None for the student alone (cross-entropy);
+    ``layers(model)`` gives those layer names for each model."""
 
     name: str
     distill: Callable[[list[str], list[str]], dict] | None
+    layers: Callable[[nn.Module], list[str]] = default_distill_layers
 
 
 @dataclass(frozen=True)
@@ -248,13 +263,19 @@ def _fact_terms(s_layers, t_layers):
     return [Term(t, s, loss="hint", weight=1.0, name=f"hint:{s}") for s, t in zip(s_layers, t_layers)]
 
 
+def nst_layers(model: nn.Module) -> list[str]:
+    """The official NST code's placement of the last map — after its BN, before its ReLU (featkd's WRN:
+    ``bn``) — in place of the last group's output; ``@all`` adds the earlier groups' outputs."""
+    return [*default_distill_layers(model)[:-1], pre_relu_layer(model)]
+
+
 def _nst_terms(kernel, which):
     def terms(s_layers, t_layers):
         from featkd.distiller import Term
 
         pairs = list(zip(s_layers, t_layers))
         pairs = pairs[-1:] if which == "last" else pairs
-        # Official NST: weight 50 on the (1/C²-normalised) MMD.
+        # Official NST: weight 50 on the (1/C²-normalised) MMD, applied once, to the last map (`@last`).
         return [Term(t, s, loss="nst", weight=50.0, name=f"nst-{kernel}:{s}", options={"kernel": kernel})
                 for s, t in pairs]
     return terms
@@ -268,10 +289,10 @@ AT_KD = {"loss": "kd", "weight": 0.9, "T": 4}  # AT code: (1-α)·CE + α·T²·
 NST_KD = {"loss": "kd", "weight": 1.0, "T": 4}  # NST code: CE + 16·KL at T=4; featkd's kd_loss has the T² = 16 built in
 
 
-def _recipe(name, terms=None, kd=None, ce_weight=1.0):
+def _recipe(name, terms=None, kd=None, ce_weight=1.0, layers=default_distill_layers):
     if terms is None and kd is None:
         return Recipe(name, None)
-    return Recipe(name, lambda s, t: dict(terms=terms(s, t) if terms else [], kd=kd, ce_weight=ce_weight))
+    return Recipe(name, lambda s, t: dict(terms=terms(s, t) if terms else [], kd=kd, ce_weight=ce_weight), layers)
 
 
 AT_TABLE1 = Protocol(
@@ -299,6 +320,8 @@ AT_TABLE1 = Protocol(
                    "against the paper are filled, the others are left blank.",
 )
 
+KERNELS = ("linear", "poly", "gaussian")
+
 NST_KERNELS = Protocol(
     name="nst-kernels",
     title="NST kernels (linear, polynomial d=2 c=0, Gaussian) on the last group and on all groups, alone and with KD",
@@ -306,10 +329,10 @@ NST_KERNELS = Protocol(
     recipes=(
         _recipe("student"),
         _recipe("KD", kd=NST_KD),
-        *(_recipe(f"NST-{k}@last", _nst_terms(k, "last")) for k in ("linear", "poly", "gaussian")),
-        *(_recipe(f"NST-{k}@last+KD", _nst_terms(k, "last"), kd=NST_KD) for k in ("linear", "poly", "gaussian")),
-        *(_recipe(f"NST-{k}@all", _nst_terms(k, "all")) for k in ("linear", "poly", "gaussian")),
-        *(_recipe(f"NST-{k}@all+KD", _nst_terms(k, "all"), kd=NST_KD) for k in ("linear", "poly", "gaussian")),
+        *(_recipe(f"NST-{k}@last", _nst_terms(k, "last"), layers=nst_layers) for k in KERNELS),
+        *(_recipe(f"NST-{k}@last+KD", _nst_terms(k, "last"), kd=NST_KD, layers=nst_layers) for k in KERNELS),
+        *(_recipe(f"NST-{k}@all", _nst_terms(k, "all"), layers=nst_layers) for k in KERNELS),
+        *(_recipe(f"NST-{k}@all+KD", _nst_terms(k, "all"), kd=NST_KD, layers=nst_layers) for k in KERNELS),
     ),
     budgets={
         "full": Budget("full", 200, 200, (0, 1, 2, 3, 4)),
@@ -365,12 +388,19 @@ class DataSpec:
 # ----------------------------------------------------------------------------- teachers (cached, never overwritten)
 
 
+def protocol_model_options(name: str) -> dict:
+    """Constructor options that make a protocol's model the reference code's: WRN BN weights ~ U[0, 1)."""
+    return {"bn_init": "uniform"} if name.startswith("wrn") else {}
+
+
 def _schedule(model_params, epochs, budget):
     from featkd.engine import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(model_params, lr=PAPER_SCHEDULE["lr"], momentum=PAPER_SCHEDULE["momentum"],
                                 weight_decay=PAPER_SCHEDULE["weight_decay"])
-    scheduler = build_scheduler(optimizer, epochs=epochs, milestones=budget.milestones(epochs), gamma=PAPER_SCHEDULE["gamma"])
+    # The official AT code builds a new optimiser at each decay: its momentum restarts there.
+    scheduler = build_scheduler(optimizer, epochs=epochs, milestones=budget.milestones(epochs),
+                                gamma=PAPER_SCHEDULE["gamma"], restart_momentum_at_milestones=True)
     return optimizer, scheduler
 
 
@@ -437,11 +467,20 @@ def _check_cached_config(run_dir: Path, config: Mapping) -> None:
     stored = run_dir / "config.yaml"
     if stored.is_file():
         old = yaml.safe_load(stored.read_text()) or {}
-        changed = {k: (old.get(k), v) for k, v in config.items() if k in old and old.get(k) != v}
+        # A setting the stored run does not record was not how it was made (it predates the setting).
+        changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if changed:
             raise ckpt.RunDirectoryExistsError(
                 f"{run_dir} holds a run made with other settings ({changed}: stored vs asked); "
                 "it is kept as it is: choose another --run-dir")
+
+
+def _training_record(train_loader, scheduler) -> dict:
+    """How a protocol run is trained beyond its sizes, stored with it so that a cached run made another way
+    is not reused."""
+    return {"pad": train_loader.pad, "pad_mode": train_loader.pad_mode, "drop_last": train_loader.drop_last,
+            "milestones": scheduler.lr_lambdas[0].milestones,
+            "restart_momentum_at_milestones": scheduler.restart_momentum_at_milestones}
 
 
 def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epochs: int, budget: Budget,
@@ -451,14 +490,16 @@ def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epo
     from featkd.models import create_model
 
     seed_everything(0)
-    model = create_model(name, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+    options = protocol_model_options(name)
+    model = create_model(name, num_classes=info.num_classes, in_channels=info.in_channels, **options).to(device)
     optimizer, scheduler = _schedule(model.parameters(), epochs, budget)
     method = SupervisedMethod(model, optimizer, scheduler, name="teacher")
-    config = {"role": "teacher", "model": name, "dataset": info.name, "epochs": epochs, "budget": budget.name,
-              "train_examples": len(train_loader.dataset), "batch_size": train_loader.batch_size}
+    config = {"role": "teacher", "model": name, "model_options": options, "dataset": info.name, "epochs": epochs,
+              "budget": budget.name, "train_examples": len(train_loader.dataset), "batch_size": train_loader.batch_size,
+              "training": _training_record(train_loader, scheduler)}
     _check_cached_config(run_dir, config)
     history = _fit_or_resume(method, train_loader, test_loader, run_dir, epochs, log=log, device=device, config=config,
-                             model_info={"teacher": model_record(name, {}, info)})
+                             model_info={"teacher": model_record(name, options, info)})
     model.eval()
     return model, history[-1]["teacher/acc1"]
 
@@ -473,15 +514,15 @@ def build_members(teacher: nn.Module, student_name: str, recipes: Sequence[Recip
     from featkd import sweep
     from featkd.distiller import Distiller
     from featkd.engine import SupervisedMethod, seed_everything
-    from featkd.models import create_model, default_distill_layers
+    from featkd.models import create_model
 
-    t_layers = default_distill_layers(teacher)
     members = []
     for recipe in recipes:
         for seed in seeds:
             seed_everything(seed)
-            student = create_model(student_name, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
-            s_layers = default_distill_layers(student)
+            student = create_model(student_name, num_classes=info.num_classes, in_channels=info.in_channels,
+                                   **protocol_model_options(student_name)).to(device)
+            s_layers, t_layers = recipe.layers(student), recipe.layers(teacher)
             name = f"{recipe.name}-s{seed}"
             config = {**base_config, "method": recipe.name, "seed": seed, "student": student_name}
             if recipe.distill is None:
@@ -500,17 +541,20 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
     from featkd import sweep
 
     shared = sweep.SharedTeacherOutputs()
+    student_options = protocol_model_options(student_name)
     example_x = next(iter(test_loader))[0].to(device)
     members = build_members(teacher, student_name, recipes, budget.seeds, info, example_x, shared, budget, device,
                             base_config)
     method = sweep.SweepMethod(teacher, members, shared)
     config = {**base_config, "epochs": budget.epochs, "train_examples": len(train_loader.dataset),
-              "members": [m.name for m in members]}
+              "members": [m.name for m in members],
+              "training": _training_record(train_loader, members[0].method.scheduler)}
     _check_cached_config(run_dir, config)
     try:
         history = _fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,
                                  config=config, log=lambda line: log(compact_summary(line)), eval_every=eval_every,
-                                 model_info={m.name: model_record(student_name, {}, info) for m in members})
+                                 model_info={m.name: model_record(student_name, student_options, info)
+                                             for m in members})
     finally:
         method.close()
         for member in members:
@@ -545,6 +589,15 @@ class TableResult:
     wall_s: float
 
 
+def protocol_train_loader(ds, budget: Budget, device):
+    """The official AT code's training data: padded by 4 pixels by reflection, randomly cropped, flipped;
+    every example once an epoch (the last, smaller batch is kept)."""
+    from featkd.data import DeviceLoader
+
+    return DeviceLoader(ds, budget.batch_size, shuffle=True, augment=True, device=device, seed=0, pad=4,
+                        pad_mode="reflect", drop_last=False)
+
+
 def run_protocol(protocol: Protocol, budget: Budget, data: DataSpec, run_root: Path, *, device="auto",
                  command: str | None = None, log=print) -> TableResult:
     """Run a table protocol: per pair, a cached teacher and one student sweep; return (and write) the table."""
@@ -556,7 +609,7 @@ def run_protocol(protocol: Protocol, budget: Budget, data: DataSpec, run_root: P
     train = data.load("train", budget.train_limit)
     test = data.load("test", budget.test_limit)
     info = train.info
-    train_loader = DeviceLoader(train, budget.batch_size, shuffle=True, augment=True, device=device, seed=0)
+    train_loader = protocol_train_loader(train, budget, device)
     test_loader = DeviceLoader(test, 256, shuffle=False, drop_last=False, device=device)
     pairs = protocol.pairs[: budget.pairs] if budget.pairs else protocol.pairs
     recipes = [r for r in protocol.recipes if budget.methods is None or r.name in budget.methods]
@@ -718,7 +771,8 @@ def run_omitted_class(budget: OmittedBudget, data: DataSpec, run_root: Path, *, 
     from featkd import sweep
     from featkd.data import DeviceLoader, omit_classes
     from featkd.distiller import Distiller
-    from featkd.engine import SupervisedMethod, build_optimizer, build_scheduler, resolve_device, seed_everything
+    from featkd.engine import (SupervisedMethod, build_optimizer, build_scheduler, decay_milestones, resolve_device,
+                               seed_everything)
     from featkd.models import create_model
 
     started = time.perf_counter()
@@ -739,7 +793,7 @@ def run_omitted_class(budget: OmittedBudget, data: DataSpec, run_root: Path, *, 
 
     def schedule(params, epochs):
         optimizer = build_optimizer(params, lr=budget.lr, momentum=0.9, weight_decay=5e-4)
-        milestones = [round(f * epochs) for f in PAPER_SCHEDULE["milestone_fractions"] if 0 < round(f * epochs) < epochs]
+        milestones = decay_milestones(epochs, PAPER_SCHEDULE["milestone_fractions"])
         return optimizer, build_scheduler(optimizer, epochs=epochs, milestones=milestones, gamma=0.2)
 
     test_loader, heldout_loader = loader(test, False), loader(heldout, False)

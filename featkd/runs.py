@@ -120,7 +120,8 @@ def build_loaders(cfg: Config, device: torch.device):
     train, test = build_datasets(cfg.data)
     shard = dict(rank=rank.rank, world_size=rank.world_size, device=device)
     train_loader = DeviceLoader(train, cfg.data.batch_size // rank.world_size, shuffle=True, augment=cfg.data.augment,
-                                seed=cfg.seed, drop_last=True, pad=cfg.data.pad, flip=cfg.data.flip, **shard)
+                                seed=cfg.seed, drop_last=cfg.data.drop_last, pad=cfg.data.pad, flip=cfg.data.flip,
+                                pad_mode=cfg.data.pad_mode, **shard)
     test_loader = DeviceLoader(test, cfg.data.eval_batch_size, shuffle=False, augment=False, drop_last=False, **shard)
     return train_loader, test_loader
 

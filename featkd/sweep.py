@@ -33,6 +33,7 @@ from torch import nn
 from featkd import checkpoint as ckpt
 from featkd import runs
 from featkd.config import to_dict
+from featkd.distiller import teacher_bn_mode
 from featkd.engine import DistillMethod, MethodBase, Precision, seed_everything
 from featkd.engine.sinks import run_sinks
 from featkd.hooks import FeatureExtractor
@@ -181,6 +182,11 @@ class SweepMethod(MethodBase):
         foreign = [m.name for m in members if m.distiller is not None and m.distiller.teacher is not teacher]
         if foreign:
             raise ValueError(f"members {foreign} were built with another teacher; a sweep shares exactly one")
+        teacher_bn = {m.distiller.teacher_bn for m in members if m.distiller is not None}
+        if len(teacher_bn) > 1:
+            raise ValueError(f"members ask for teacher_bn {sorted(teacher_bn)}; one teacher forward serves them all: "
+                             "give every member the same teacher_bn")
+        self.teacher_bn = teacher_bn.pop() if teacher_bn else "eval"
         # fit logs the learning rate of the first member's optimiser (members usually share a schedule)
         super().__init__(members[0].method.optimizer, (), precision or members[0].method.precision)
         self.teacher, self.members, self.shared = teacher, list(members), shared
@@ -192,7 +198,7 @@ class SweepMethod(MethodBase):
     def teacher_forward(self, x: torch.Tensor) -> None:
         """Run the teacher once on ``x`` and store its logits and features for the members."""
         self.teacher.eval()
-        with self.precision.autocast():
+        with self.precision.autocast(), teacher_bn_mode(self.teacher, self.teacher_bn):
             if self._extractor is None:
                 with torch.no_grad():
                     logits, features = self.teacher(x), {}

@@ -98,3 +98,32 @@ def test_one_resolver_finds_the_engine_and_the_strategy_configs():
     assert resolve_config_path("fmnist_teacher_wrn16_2") == CONFIG_DIR / "fmnist_teacher_wrn16_2.yaml"
     with pytest.raises(FileNotFoundError, match="Did you mean: born_again"):
         resolve_config_path("born_agian")
+
+
+@pytest.mark.parametrize("name", ["cifar10_teacher_wrn16_2", "cifar10_at_wrn16_1_from_wrn16_2"])
+def test_cifar_configs_follow_the_official_at_code(name):
+    cfg = load_config(name)
+    assert (cfg.data.pad, cfg.data.pad_mode, cfg.data.flip, cfg.data.batch_size) == (4, "reflect", True, 128)
+    assert not cfg.data.drop_last
+    assert (cfg.model or cfg.student).options == {"bn_init": "uniform"}
+    assert (cfg.epochs, cfg.schedule.name, cfg.schedule.milestones, cfg.schedule.gamma) == (200, "multistep",
+                                                                                          [59, 119, 159], 0.2)
+    assert cfg.schedule.restart_momentum_at_milestones and not cfg.optim.nesterov
+
+
+def test_no_shipped_config_or_documented_command_loads_a_teachers_best_pt():
+    # best.pt is the epoch with the best test accuracy: a teacher chosen that way selects on the test set.
+    import re
+    from pathlib import Path
+
+    configs = sorted(CONFIG_DIR.rglob("*.yaml"))
+    assert len(configs) >= 8
+    for path in configs:
+        assert "best.pt" not in path.read_text(), path  # values and the commands in the comments
+    root = Path(__file__).resolve().parents[1]
+    documented = [root / "README.md", *sorted((root / "paper_repro").rglob("*.md")),
+                  *sorted((root / "featkd" / "commands").glob("*.py"))]
+    teacher_best = re.compile(r"(teacher[._]checkpoint[=:]|--teacher)[\s{]*[^\s}]*best\.pt")
+    assert teacher_best.search("x teacher.checkpoint=runs/t/best.pt") and teacher_best.search("--teacher a/best.pt")
+    for path in documented:
+        assert not teacher_best.search(path.read_text()), path

@@ -57,19 +57,18 @@ def test_normalisation_values():
     np.testing.assert_allclose(x.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def reference_crop_flip(image: np.ndarray, dy: int, dx: int, flip: bool, pad: int) -> np.ndarray:
-    """One image at a time, the textbook way: zero-pad, cut the window, mirror."""
+def reference_crop_flip(image: np.ndarray, dy: int, dx: int, flip: bool, pad: int, mode: str) -> np.ndarray:
+    """One image at a time, the textbook way: pad with NumPy, cut the window, mirror."""
     c, h, w = image.shape
-    padded = np.zeros((c, h + 2 * pad, w + 2 * pad), image.dtype)
-    padded[:, pad:pad + h, pad:pad + w] = image
+    padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="constant" if mode == "zeros" else mode)
     out = padded[:, dy:dy + h, dx:dx + w]
     return out[:, :, ::-1] if flip else out
 
 
-@pytest.mark.parametrize("pad", [4, 2, 0])
-def test_augmentation_matches_per_image_reference(pad):
+@pytest.mark.parametrize("pad,pad_mode", [(4, "zeros"), (2, "zeros"), (0, "zeros"), (4, "reflect"), (7, "reflect")])
+def test_augmentation_matches_per_image_reference(pad, pad_mode):
     ds = toy(n=40, h=8, w=10)
-    loader = DeviceLoader(ds, 16, augment=True, seed=7, pad=pad)
+    loader = DeviceLoader(ds, 16, augment=True, seed=7, pad=pad, pad_mode=pad_mode)
     loader.set_epoch(5)
     plan = loader.epoch_plan()
     assert plan.offsets.min() >= 0 and plan.offsets.max() <= 2 * pad
@@ -79,11 +78,25 @@ def test_augmentation_matches_per_image_reference(pad):
         for i in range(len(y)):
             k = b * 16 + i
             index, (dy, dx), flip = plan.indices[k].item(), plan.offsets[k].tolist(), plan.flips[k].item()
-            ref = reference_crop_flip(ds.images[index].numpy(), dy, dx, flip, pad)
+            ref = reference_crop_flip(ds.images[index].numpy(), dy, dx, flip, pad, pad_mode)
             np.testing.assert_allclose(x[i].numpy(), (ref / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
             assert y[i] == ds.labels[index]
     if pad:
         assert 0.3 < plan.flips.float().mean() < 0.7 and len(plan.offsets.unique(dim=0)) > 5
+
+
+def test_reflection_padding_mirrors_about_the_edge_pixel():
+    # Worked by hand: the row 10 20 30 40 padded by 2 is 30 20 | 10 20 30 40 | 30 20 (edge pixels not repeated).
+    row = torch.tensor([[[[10, 20, 30, 40]]]], dtype=torch.uint8).expand(1, 1, 4, 4)
+    left = crop_flip(row, torch.tensor([[2, 0]]), torch.tensor([False]), 2, "reflect")
+    right = crop_flip(row, torch.tensor([[2, 4]]), torch.tensor([False]), 2, "reflect")
+    assert left[0, 0, 0].tolist() == [30, 20, 10, 20] and right[0, 0, 0].tolist() == [30, 40, 30, 20]
+    assert crop_flip(row, torch.tensor([[2, 0]]), torch.tensor([False]), 2)[0, 0, 0].tolist() == [0, 0, 10, 20]
+    with pytest.raises(ValueError, match="pad_mode must be one of"):
+        crop_flip(row, torch.tensor([[0, 0]]), torch.tensor([False]), 2, "mirror")
+    with pytest.raises(ValueError, match="pad must be smaller than its"):
+        DeviceLoader(toy(h=8, w=10), 8, augment=True, pad=8, pad_mode="reflect")
+    assert DeviceLoader(toy(), 8).pad_mode == "zeros"  # featkd's own default is unchanged
 
 
 def test_crop_flip_identity_and_pure_flip():
@@ -131,10 +144,11 @@ def test_unlabeled_examples_keep_label_minus_one():
 
 
 @pytest.mark.cuda
-def test_cuda_batches_equal_cpu_batches():
+@pytest.mark.parametrize("pad_mode", ["zeros", "reflect"])
+def test_cuda_batches_equal_cpu_batches(pad_mode):
     ds = toy(n=64)
-    cpu = epoch_batches(DeviceLoader(ds, 16, augment=True, seed=2), 1)
-    gpu = epoch_batches(DeviceLoader(ds, 16, augment=True, seed=2, device="cuda"), 1)
+    cpu = epoch_batches(DeviceLoader(ds, 16, augment=True, seed=2, pad_mode=pad_mode), 1)
+    gpu = epoch_batches(DeviceLoader(ds, 16, augment=True, seed=2, device="cuda", pad_mode=pad_mode), 1)
     assert all(x.is_cuda for x, _ in gpu)
     for (xc, yc), (xg, yg) in zip(cpu, gpu):
         assert torch.equal(yc, yg.cpu())

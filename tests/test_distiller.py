@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,6 +78,44 @@ def test_teacher_is_frozen_and_stays_in_eval_mode():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     ids = {id(p) for p in d.trainable_parameters()}
     assert ids == {id(p) for p in student.parameters()}
+
+
+class KeepsTeacherInputs(nn.Module):
+    """A feature loss (or a logit loss) that keeps what the teacher gave it and adds nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.teacher_inputs = []
+
+    def forward(self, student, teacher, targets=None):
+        self.teacher_inputs.append(teacher)
+        return student.sum() * 0
+
+
+@pytest.mark.parametrize("teacher_bn", ["eval", "batch_stats"])
+def test_teacher_bn_uses_running_or_batch_statistics_and_leaves_the_teacher_as_it_was(teacher_bn):
+    teacher, student = wrns()
+    reference = copy.deepcopy(teacher)  # run plainly below: eval mode, or training mode (batch statistics)
+    feature, logits = KeepsTeacherInputs(), KeepsTeacherInputs()
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term("bn", loss=feature, adapter=None)], kd=logits,
+                         teacher_bn=teacher_bn)
+    x = torch.randn(8, 1, 28, 28)
+    d.setup(x[:2])
+    d.train()
+    d(x)
+    d(x)
+    # the teacher's running statistics, batch counts and modes are what they were
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in teacher.state_dict().items())
+    assert not any(m.training for m in teacher.modules())
+    assert all(m.track_running_stats for m in teacher.modules() if isinstance(m, nn.BatchNorm2d))
+    captured = {}
+    reference.bn.register_forward_hook(lambda module, inputs, output: captured.update(bn=output))
+    with torch.no_grad():
+        reference_logits = reference.train(teacher_bn == "batch_stats")(x)
+    torch.testing.assert_close(feature.teacher_inputs[-1], captured["bn"])
+    torch.testing.assert_close(logits.teacher_inputs[-1], reference_logits)
+    with pytest.raises(ValueError, match=r"teacher_bn must be one of \['eval', 'batch_stats'\], got 'train'"):
+        featkd.Distiller(teacher, student, kd="kd", teacher_bn="train")
 
 
 def test_dry_run_does_not_touch_student_bn_statistics():

@@ -1,3 +1,5 @@
+import copy
+import itertools
 import json
 import math
 
@@ -7,8 +9,8 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd.data import DeviceLoader, load_dataset
-from featkd.engine import (DivergenceError, Precision, SupervisedMethod, build_optimizer, build_scheduler,
-                           evaluate, fit, seed_everything)
+from featkd.engine import (DivergenceError, LRFactor, Precision, SupervisedMethod, build_optimizer, build_scheduler,
+                           decay_milestones, evaluate, fit, seed_everything)
 
 
 def tiny_model(in_channels=1, num_classes=4):
@@ -26,11 +28,12 @@ def loaders(num_classes=4, size=256, batch_size=32):
     return train, test
 
 
-def supervised(seed=0, num_classes=4, epochs=3, lr=0.05):
+def supervised(seed=0, num_classes=4, epochs=3, lr=0.05, milestones=(2,), restart=False):
     seed_everything(seed)
     model = tiny_model(num_classes=num_classes)
     opt = build_optimizer(model.parameters(), lr=lr, weight_decay=5e-4)
-    sched = build_scheduler(opt, "multistep", epochs=epochs, milestones=[2], gamma=0.1)
+    sched = build_scheduler(opt, "multistep", epochs=epochs, milestones=milestones, gamma=0.1,
+                            restart_momentum_at_milestones=restart)
     return SupervisedMethod(model, opt, sched)
 
 
@@ -94,19 +97,21 @@ class CrashingMethod(SupervisedMethod):
         return super().train_step(x, y, step)
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
-    epochs = 4
+@pytest.mark.parametrize("restart", [False, True])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, restart):
+    # Momentum restarts at the end of epochs 1 (before the checkpoint resumed from) and 3 (after it).
+    epochs, schedule = 4, dict(milestones=(1, 3), restart=restart)
     train, test = loaders()
-    full = fit(supervised(epochs=epochs), train, test, tmp_path / "full", epochs, log=lambda s: None)
+    full = fit(supervised(epochs=epochs, **schedule), train, test, tmp_path / "full", epochs, log=lambda s: None)
 
-    m = supervised(epochs=epochs)
+    m = supervised(epochs=epochs, **schedule)
     crashing = CrashingMethod(m.model, m.optimizer, m.scheduler, crash_at=2 * len(train) + 3)
     with pytest.raises(Interrupt):
         fit(crashing, train, test, tmp_path / "killed", epochs, log=lambda s: None)
     assert ckpt.load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"] == 2
     # a fresh process would start from other RNG states and other weights
     torch.manual_seed(1234)
-    resumed = fit(supervised(seed=99, epochs=epochs), train, test, tmp_path / "killed", epochs, resume=True,
+    resumed = fit(supervised(seed=99, epochs=epochs, **schedule), train, test, tmp_path / "killed", epochs, resume=True,
                   log=lambda s: None)
     assert strip_times(resumed) == strip_times(full)
     assert ckpt.read_metrics(tmp_path / "killed") == resumed
@@ -146,6 +151,84 @@ def test_paper_multistep_schedule():
         sched.step()
     expected = [0.1] * 60 + [0.02] * 60 + [0.004] * 40 + [0.0008] * 40
     assert lrs == pytest.approx(expected, rel=1e-12)
+
+
+def official_at_lrs(epochs, epoch_step, lr=0.1, ratio=0.2):
+    """The learning rate of each epoch in the official AT loop (cifar.py's on_start_epoch): before the
+    1-indexed epoch ``e`` starts, ``if e in epoch_step`` the lr is multiplied by ``ratio``."""
+    lrs = []
+    for epoch in range(1, epochs + 1):
+        if epoch in epoch_step:
+            lr *= ratio
+        lrs.append(lr)
+    return lrs
+
+
+def featkd_lrs(epochs, milestones, lr=0.1, gamma=0.2):
+    factor = LRFactor("multistep", epochs, milestones, gamma)
+    return [lr * factor(e) for e in range(epochs)]
+
+
+def stage_lengths(lrs):
+    return [len(list(run)) for _, run in itertools.groupby(lrs)]
+
+
+def test_decay_milestones_are_the_official_at_loops_epochs():
+    paper = (0.3, 0.6, 0.8)
+    assert decay_milestones(200, paper) == [59, 119, 159]
+    lrs = featkd_lrs(200, decay_milestones(200, paper))
+    assert lrs == pytest.approx(official_at_lrs(200, [60, 120, 160]), rel=1e-12)
+    assert stage_lengths(lrs) == [59, 60, 40, 41]
+    # a shorter run is the official loop with epoch_step scaled: 30 epochs -> epochs 9, 18, 24
+    assert featkd_lrs(30, decay_milestones(30, paper)) == pytest.approx(official_at_lrs(30, [9, 18, 24]), rel=1e-12)
+    # very short runs: never two decays on one epoch (2 epochs once had [1, 1]: lr x0.04 at once)
+    assert decay_milestones(2, paper) == [1] and featkd_lrs(2, [1]) == pytest.approx([0.1, 0.02])
+    assert decay_milestones(4, paper) == [1, 2, 3] and decay_milestones(1, paper) == []
+    for epochs in range(1, 301):
+        milestones = decay_milestones(epochs, paper)
+        assert milestones == sorted(set(milestones)) and all(1 <= m < epochs for m in milestones)
+        assert len(milestones) == min(3, epochs - 1)
+    with pytest.raises(ValueError, match=r"increasing and in \(0, 1\]"):
+        decay_milestones(10, (0.6, 0.3))
+
+
+def test_momentum_restart_equals_a_new_sgd_at_each_decay():
+    """Against the official loop: a new torch.optim.SGD (no momentum yet) at the start of epochs 2 and 4."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 5, dtype=torch.float64), torch.randint(3, (8,))) for _ in range(3)]
+    initial = nn.Linear(5, 3).double()
+
+    def sgd_epoch(model, optimizer):
+        for x, y in batches:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    def official():
+        model = copy.deepcopy(initial)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for epoch in range(1, 6):
+            if epoch in (2, 4):
+                lr = optimizer.param_groups[0]["lr"] * 0.2
+                optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+            sgd_epoch(model, optimizer)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def featkd(restart):
+        model = copy.deepcopy(initial)
+        optimizer = build_optimizer(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        scheduler = build_scheduler(optimizer, "multistep", epochs=5, milestones=[1, 3], gamma=0.2,
+                                    restart_momentum_at_milestones=restart)
+        for _ in range(5):
+            sgd_epoch(model, optimizer)
+            scheduler.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    reference = official()
+    torch.testing.assert_close(featkd(restart=True), reference, rtol=1e-12, atol=1e-14)
+    assert (featkd(restart=False) - reference).abs().max() > 1e-4  # keeping the momentum is another trajectory
+    with pytest.raises(ValueError, match="needs the 'multistep' schedule"):
+        build_scheduler(torch.optim.SGD(initial.parameters(), lr=0.1), "cosine", restart_momentum_at_milestones=True)
 
 
 def test_cosine_schedule_with_warmup():

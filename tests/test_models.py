@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from featkd.models import (CifarResNet, FeatureInfo, WideResNet, create_model, default_distill_layers,
-                           feature_info, list_models)
+                           feature_info, list_models, pre_relu_layer)
 from featkd.models.resnet_cifar import ZeroPadShortcut
 
 
@@ -140,6 +140,62 @@ def test_wrn_dropout_sits_between_convs_and_only_in_training():
     assert torch.equal(model(x), model(x))
     without = create_model("wrn16_1")
     assert not any(isinstance(m, nn.Dropout) and m.p > 0 for m in without.modules())
+
+
+def bn_parameters(model):
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    return torch.cat([m.weight.detach() for m in norms]), torch.cat([m.bias.detach() for m in norms]), norms
+
+
+def test_wrn_bn_init_uniform_is_the_official_torch_rand_and_ones_stays_the_default():
+    from scipy import stats
+
+    weights, biases, norms = bn_parameters(create_model("wrn16_1"))
+    assert torch.equal(weights, torch.ones_like(weights)) and not biases.any()
+    torch.manual_seed(1)  # a fixed draw; over seeds 0..39 the KS p-values below spread evenly over (0, 1)
+    weights, biases, norms = bn_parameters(create_model("wrn40_2", bn_init="uniform"))
+    # BN channels of WRN-40-2 by hand: per group 6 bn1 (the first on the group's input) and 6 bn2, then the final bn
+    assert len(weights) == (16 + 5 * 32 + 6 * 32) + (32 + 5 * 64 + 6 * 64) + (64 + 5 * 128 + 6 * 128) + 128
+    assert 0 <= weights.min() and weights.max() < 1 and not biases.any()
+    # U[0, 1): mean 1/2, variance 1/12 (2704 draws: standard errors 0.006 and 0.0015), and the whole distribution
+    assert abs(weights.mean().item() - 0.5) < 0.02 and abs(weights.var().item() - 1 / 12) < 0.005
+    assert stats.kstest(weights.numpy(), "uniform").pvalue > 1e-3
+    assert not torch.equal(norms[0].weight[:16], norms[1].weight[:16])  # every layer draws its own
+    with pytest.raises(ValueError, match=r"bn_init must be one of \['ones', 'uniform'\], got 'rand'"):
+        create_model("wrn16_1", bn_init="rand")
+
+
+# The input of the last BN and the head after its ReLU, spelled out for each architecture.
+PRE_RELU_PATHS = {
+    "wrn16_1": (lambda m, x: m.group3(m.group2(m.group1(m.conv1(x)))),
+                lambda m, f: m.fc(torch.relu(f).mean((2, 3)))),
+    "nin_thin": (lambda m, x: m.block3[:4](m.block2(m.block1(x))), lambda m, f: m.classifier(torch.relu(f))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRE_RELU_PATHS))
+def test_pre_relu_layer_is_the_last_map_after_its_bn_and_before_its_relu(name):
+    import featkd
+
+    model = create_model(name).eval()
+    norm = model.get_submodule(pre_relu_layer(model))
+    with torch.no_grad():  # statistics and affine parameters that make normalised and raw maps differ
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    with featkd.capture(model, [pre_relu_layer(model)]) as feats:
+        logits = model(x)
+    feature = feats[pre_relu_layer(model)]
+    before_bn, head = PRE_RELU_PATHS[name]
+    with torch.no_grad():
+        raw = before_bn(model, x)
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        expected = (raw - norm.running_mean[:, None, None]) * scale[:, None, None] + norm.bias[:, None, None]
+        torch.testing.assert_close(feature, expected, rtol=1e-5, atol=1e-5)
+        assert (feature < 0).any()  # the ReLU comes after it
+        torch.testing.assert_close(head(model, feature), logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no pre-ReLU feature layer known for CifarResNet"):
+        pre_relu_layer(create_model("resnet20"))
 
 
 def test_name_spellings():

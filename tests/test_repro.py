@@ -83,10 +83,22 @@ def test_split_heldout_is_balanced_disjoint_and_complete():
     assert not any(tuple(img.flatten()[:20].tolist()) in rows for img in rest.images)
 
 
-def test_budget_milestones_scale_the_paper_schedule():
-    assert repro.Budget("full", 200, 200, (0,)).milestones(200) == [60, 120, 160]
-    assert repro.Budget("short", 30, 30, (0,)).milestones(30) == [9, 18, 24]
+def test_budget_milestones_are_the_official_loops_scaled_and_reported():
+    # featkd milestone m = "decay after m epochs"; the official loop decays at the start of epochs 60/120/160
+    assert repro.Budget("full", 200, 200, (0,)).milestones(200) == [59, 119, 159]
+    assert repro.Budget("short", 30, 30, (0,)).milestones(30) == [8, 17, 23]
     assert repro.Budget("cpu", 2, 3, (0,)).milestones(2) == [1]
+    described = repro.AT_TABLE1.budgets["full"].describe()
+    assert "lr ×0.2 at the start of epochs 60/120/160: stages of 59/60/40/41" in described
+    for part in ("momentum 0.9 (restarted at each decay)", "batch 128 (the last, smaller one kept)",
+                 "pad-4 reflection crop + flip", "WRN BN weights ~ U[0, 1)"):
+        assert part in described
+
+
+def test_protocol_schedules_restart_momentum_at_each_decay():
+    budget = repro.AT_TABLE1.budgets["full"]
+    optimizer, scheduler = repro._schedule([torch.nn.Parameter(torch.zeros(1))], 200, budget)
+    assert scheduler.restart_momentum_at_milestones and scheduler.lr_lambdas[0].milestones == [59, 119, 159]
 
 
 def test_protocol_definitions_hold_the_published_cells():
@@ -104,6 +116,25 @@ def test_protocol_definitions_hold_the_published_cells():
     assert repro.AT_TABLE1.recipes[0].distill is None  # the student alone: cross-entropy only
 
 
+def test_nst_protocol_transfers_the_official_codes_pre_relu_map():
+    from featkd.models import create_model
+
+    nst = {r.name: r for r in repro.NST_KERNELS.recipes}
+    for teacher, student, last in (("wrn16_2", "wrn16_1", "bn"), ("nin", "nin_thin", "block3.4")):
+        t, s = create_model(teacher), create_model(student)
+        recipe = nst["NST-poly@last+KD"]
+        kwargs = recipe.distill(recipe.layers(s), recipe.layers(t))
+        assert [(x.teacher, x.student, x.weight, x.options) for x in kwargs["terms"]] == [(last, last, 50.0,
+                                                                                         {"kernel": "poly"})]
+        assert kwargs["kd"] == {"loss": "kd", "weight": 1.0, "T": 4} and kwargs["ce_weight"] == 1.0
+        assert "teacher_bn" not in kwargs  # the teacher's running statistics (batch statistics: an option)
+        everywhere = nst["NST-linear@all"]
+        assert [x.student for x in everywhere.distill(everywhere.layers(s), everywhere.layers(t))["terms"]] == [
+            *s.default_distill_layers[:2], last]
+    at = {r.name: r for r in repro.AT_TABLE1.recipes}["AT"]
+    assert at.layers(create_model("wrn16_1")) == ["group1", "group2", "group3"]  # AT stays on the group outputs
+
+
 def test_compact_summary_keeps_accuracies():
     line = "epoch 2  train/a-s0/ce 1.2  a-s0/acc1 55.5  a-s0/loss 1.1  b-s1/acc1 60  lr 0.1  epoch_time_s 3.5"
     assert repro.compact_summary(line) == "epoch 2  a-s0/acc1 55.5  b-s1/acc1 60  epoch_time_s 3.5"
@@ -115,14 +146,26 @@ def test_tiny_protocol_run_reuses_teacher_and_never_overwrites(tmp_path):
     protocol = dataclasses.replace(
         repro.AT_TABLE1, pairs=(repro.Pair("wrn10_1", "wrn10_2", {"student": 8.77, "AT": 7.93}),),
         recipes=tuple(r for r in repro.AT_TABLE1.recipes if r.name in ("student", "AT")))
-    budget = repro.Budget("tiny", 1, 1, (0,), batch_size=16, train_limit=32, test_limit=16)
+    # 33 examples in batches of 16: the last batch holds one example, which every member and BN layer must take
+    budget = repro.Budget("tiny", 1, 1, (0,), batch_size=16, train_limit=33, test_limit=16)
     data = repro.DataSpec("synthetic")
     logs = []
     first = repro.run_protocol(protocol, budget, data, tmp_path, command="test", log=logs.append)
     assert "| WRN-10-1 ← WRN-10-2 | AT |" in first.markdown and "dataset (ours): synthetic (not CIFAR-10" in first.markdown
     acc = first.accuracies["WRN-10-1 ← WRN-10-2"]
     assert set(acc) == {"student", "AT"} and all(len(v) == 1 for v in acc.values())
-    assert (tmp_path / "at-table1" / "wrn10_1-from-wrn10_2-synthetic-tiny" / "members" / "AT-s0" / "metrics.jsonl").is_file()
+    sweep_dir = tmp_path / "at-table1" / "wrn10_1-from-wrn10_2-synthetic-tiny"
+    assert (sweep_dir / "members" / "AT-s0" / "metrics.jsonl").is_file()
+    from featkd.checkpoint import load_checkpoint
+
+    # the reference code's WRN initialisation, recorded with the weights so that they are rebuilt the same way
+    teacher_state = load_checkpoint(tmp_path / "teachers" / "wrn10_2-synthetic-tiny" / "last.pt")
+    student_state = load_checkpoint(sweep_dir / "last.pt")
+    assert teacher_state["models"]["teacher"]["options"] == {"bn_init": "uniform"}
+    assert student_state["models"]["AT-s0"]["options"] == {"bn_init": "uniform"}
+    assert teacher_state["step"] == student_state["step"] == 3  # 16 + 16 + the last batch of 1
+    assert teacher_state["config"]["training"] == {"pad": 4, "pad_mode": "reflect", "drop_last": False,
+                                                   "milestones": [], "restart_momentum_at_milestones": True}
     # a second call reuses the finished teacher and sweep, gives the same numbers, keeps the first report
     logs.clear()
     second = repro.run_protocol(protocol, budget, data, tmp_path, command="test", log=logs.append)
@@ -134,6 +177,19 @@ def test_tiny_protocol_run_reuses_teacher_and_never_overwrites(tmp_path):
 
     with pytest.raises(RunDirectoryExistsError, match="other settings.*choose another --run-dir"):
         repro.run_protocol(protocol, dataclasses.replace(budget, train_limit=48), data, tmp_path, log=logs.append)
+
+
+@pytest.mark.slow
+def test_tiny_nst_protocol_run_distills_at_the_pre_relu_map(tmp_path):
+    from featkd.checkpoint import read_metrics
+
+    protocol = dataclasses.replace(repro.NST_KERNELS, pairs=(repro.Pair("wrn10_1", "wrn10_2"),),
+                                   recipes=tuple(r for r in repro.NST_KERNELS.recipes if r.name == "NST-poly@last+KD"))
+    budget = repro.Budget("tiny", 1, 1, (0,), batch_size=16, train_limit=33, test_limit=16)
+    repro.run_protocol(protocol, budget, repro.DataSpec("synthetic"), tmp_path, command="test", log=lambda line: None)
+    member = read_metrics(tmp_path / "nst-kernels" / "wrn10_1-from-wrn10_2-synthetic-tiny" / "members" /
+                          "NST-poly@last+KD-s0")
+    assert {"train/nst-poly:bn", "train/kd", "train/ce"} <= set(member[0])
 
 
 def test_cli_rejects_unknown_protocol_and_method(capsys):
@@ -154,3 +210,40 @@ def test_a_run_in_progress_is_not_trained_twice(tmp_path):
     with pytest.raises(RunDirectoryExistsError, match="being trained by another process"):
         repro._fit_or_resume(None, None, None, run_dir, 1, log=print)
     assert (tmp_path / "teachers" / ".t.lock").read_text() == "12345"  # someone else's lock is left alone
+
+
+def test_protocol_training_data_is_the_official_augmentation():
+    from featkd.data import load_dataset
+
+    ds = load_dataset("synthetic", size=100)
+    loader = repro.protocol_train_loader(ds, repro.CPU_BUDGET, "cpu")
+    assert (loader.augment, loader.pad, loader.pad_mode, loader.flip) == (True, 4, "reflect", True)
+    # every example once an epoch: the batch of 64 and the last one of 36 (the official loader keeps it)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        labels = [y for _, y in loader]
+        assert [len(y) for y in labels] == [64, 36]
+        assert sorted(loader.epoch_plan().indices.tolist()) == list(range(100))
+        assert torch.equal(torch.cat(labels).sort().values, ds.labels.sort().values)
+
+
+@pytest.mark.slow
+def test_omitted_class_run_decays_the_lr_once_in_two_epochs(tmp_path):
+    from featkd.checkpoint import read_metrics
+
+    budget = repro.OmittedBudget("tiny", 2, 2, (0,), teacher_hidden=(16,), student_hidden=(8,), batch_size=32,
+                                 train_limit=300, test_limit=100, heldout=100)
+    repro.run_omitted_class(budget, repro.DataSpec("synthetic"), tmp_path, log=lambda line: None)
+    runs = [tmp_path / "teachers" / "mlp16-synthetic-omitted-tiny",
+            tmp_path / "omitted-class" / "synthetic-tiny-full", tmp_path / "omitted-class" / "synthetic-tiny-omitted"]
+    for run in runs:  # lr 0.05 then ×0.2 once (two coinciding milestones once gave ×0.04)
+        assert [row["lr"] for row in read_metrics(run)] == pytest.approx([0.05, 0.01]), run
+
+
+def test_a_cached_run_made_before_a_setting_existed_is_not_reused(tmp_path):
+    from featkd.checkpoint import RunDirectoryExistsError
+
+    (tmp_path / "config.yaml").write_text("model: wrn16_2\nepochs: 4\n")
+    repro._check_cached_config(tmp_path, {"model": "wrn16_2", "epochs": 4})  # the same settings: reused
+    with pytest.raises(RunDirectoryExistsError, match=r"'training': \(None, \{'pad_mode': 'reflect'\}\)"):
+        repro._check_cached_config(tmp_path, {"model": "wrn16_2", "epochs": 4, "training": {"pad_mode": "reflect"}})

@@ -111,6 +111,28 @@ def test_sweep_rejects_bad_members(data):
         sweep.SweepMethod(teacher, [a, c], shared)
 
 
+def test_sweep_runs_its_teacher_with_the_members_teacher_bn(data):
+    import copy
+
+    import torch
+
+    teacher = _teacher()
+    reference = copy.deepcopy(teacher).train()  # training mode: BN with batch statistics
+    x = next(iter(_loaders(data)[1]))[0]
+    shared = sweep.SharedTeacherOutputs()
+    spec = dict(SPECS["nst-poly"], teacher_bn="batch_stats")
+    members = [sweep.make_member(f"m{seed}", *_build(teacher, spec, seed, x), shared=shared) for seed in (0, 1)]
+    method = sweep.SweepMethod(teacher, members, shared)
+    method.teacher_forward(x)
+    with torch.no_grad():
+        torch.testing.assert_close(shared.logits, reference(x))
+    assert not teacher.training and not teacher.bn.training
+    eval_member = sweep.make_member("e", *_build(teacher, SPECS["nst-poly"], 2, x), shared=shared)
+    with pytest.raises(ValueError, match=r"teacher_bn \['batch_stats', 'eval'\].*same teacher_bn"):
+        sweep.SweepMethod(teacher, [*members, eval_member], shared)
+    method.close()
+
+
 def test_expand_grid_and_names():
     grid = sweep.expand_grid({"terms.0.options.kernel": ["linear", "poly"], "seed": [0, 1]})
     assert grid == [{"terms.0.options.kernel": "linear", "seed": 0}, {"terms.0.options.kernel": "linear", "seed": 1},

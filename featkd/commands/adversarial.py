@@ -1,6 +1,6 @@
 """``featkd adversarial``: adversarial KD with a conditional discriminator (see :mod:`featkd.strategies.adversarial`).
 
-    featkd adversarial --config adversarial --run-dir runs/adv teacher.checkpoint=runs/teacher/best.pt
+    featkd adversarial --config adversarial --run-dir runs/adv teacher.checkpoint=runs/teacher/last.pt
     featkd adversarial --run-dir runs/adv --resume
 """
 
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if adv.objective not in OBJECTIVES:
         raise ConfigError(f"adversarial.objective must be one of {OBJECTIVES}, got {adv.objective!r}")
     if cfg.teacher is None or not cfg.teacher.checkpoint or cfg.student is None:
-        raise ConfigError("featkd adversarial needs teacher.checkpoint (the best.pt of a 'featkd train' run) "
+        raise ConfigError("featkd adversarial needs teacher.checkpoint (the last.pt of a 'featkd train' run) "
                           "and student.name")
     run = runs.start_run(cfg, "adversarial", cfg.student.name, args.run_dir, args.resume, resolved)
     teacher, _ = runs.load_teacher(cfg.teacher.checkpoint, run.device, run.info)

@@ -1,7 +1,7 @@
 """``featkd distill``: distill a teacher checkpoint into a student with feature terms and KD from a config.
 
     featkd distill --config fmnist_distill_kd_at_nst --run-dir runs/kd_at_nst \\
-        teacher.checkpoint=runs/fmnist_teacher_wrn16_2/best.pt
+        teacher.checkpoint=runs/fmnist_teacher_wrn16_2/last.pt
     featkd distill --run-dir runs/kd_at_nst --resume
 
 The teacher is rebuilt from what ``featkd train`` stored in its checkpoint
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = runs.load_run_config(args.config, args.run_dir, args.resume, args.overrides)
     runs.check_sections(cfg, "distill", needed=("teacher", "student"), unused=("model",))
     if not cfg.teacher.checkpoint:
-        raise ConfigError("teacher.checkpoint is empty: give the best.pt of a 'featkd train' run")
+        raise ConfigError("teacher.checkpoint is empty: give the last.pt of a 'featkd train' run")
     run = runs.start_run(cfg, "distill", cfg.student.name, args.run_dir, args.resume)
     teacher, record = runs.load_teacher(cfg.teacher.checkpoint, run.device, run.info)
     if cfg.channels_last:

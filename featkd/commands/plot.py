@@ -4,7 +4,7 @@
     featkd plot sweep    runs/t-sweep --x kd.options.T --xlabel "temperature T" --out figs/temperature
     featkd plot sweep    runs/w-sweep --x terms.0.weight --logx --xlabel "NST weight λ" --out figs/lambda
     featkd plot curves   runs/demo/demo/* --out figs/curves
-    featkd plot attention --teacher runs/t/best.pt --student runs/s/best.pt --out figs/attention
+    featkd plot attention --teacher runs/t/last.pt --student runs/s/last.pt --out figs/attention
     featkd plot datasize runs/repro/limited-data-*.json --out figs/datasize
 
 A sweep directory stands for its members (``members/<name>/``); any other argument is one run

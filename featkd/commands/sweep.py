@@ -1,7 +1,7 @@
 """``featkd sweep``: many student configurations against one teacher, its forward computed once per batch.
 
     featkd sweep --config fmnist_distill_kd_at_nst --run-dir runs/kernels \\
-        teacher.checkpoint=runs/fmnist_teacher_wrn16_2/best.pt terms='[{teacher: group3, loss: nst, weight: 50}]' \\
+        teacher.checkpoint=runs/fmnist_teacher_wrn16_2/last.pt terms='[{teacher: group3, loss: nst, weight: 50}]' \\
         --grid terms.0.options.kernel=linear,poly,gaussian --grid terms.0.weight=10,50 --grid seed=0,1
     featkd sweep --run-dir runs/kernels --resume
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     base_cfg, member_cfgs = sweep.member_configs(base, overrides, grid)
     if base_cfg.teacher is None or not base_cfg.teacher.checkpoint:
-        raise ConfigError("teacher.checkpoint is empty: give the best.pt of a 'featkd train' run")
+        raise ConfigError("teacher.checkpoint is empty: give the last.pt of a 'featkd train' run")
 
     run = runs.start_run(base_cfg, "sweep", "", run_dir, args.resume,  # --run-dir is required: no default name
                          {"base": base, "overrides": overrides, "grid": grid})

@@ -19,6 +19,10 @@ import torch.nn.functional as F
 from featkd.data.datasets import ImageDataset
 
 
+# DeviceLoader's pad_mode -> torch.nn.functional.pad's mode.
+PAD_MODES = {"zeros": "constant", "reflect": "reflect"}
+
+
 class EpochPlan(NamedTuple):
     """This rank's data for one epoch, in order: dataset indices, crop offsets (dy, dx) in 0..2·pad, flips."""
 
@@ -27,14 +31,20 @@ class EpochPlan(NamedTuple):
     flips: torch.Tensor
 
 
-def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
-    """Batched random crop with zero padding and horizontal flip, as one gather.
+def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int,
+              pad_mode: str = "zeros") -> torch.Tensor:
+    """Batched random crop of the padded images and horizontal flip, as one gather.
 
     ``images`` (B, C, H, W); output pixel (y, x) of image b is pixel (y + dy_b, x' + dx_b) of the image
-    zero-padded by ``pad`` on every side, where x' = W - 1 - x if ``flips[b]`` else x.
+    padded by ``pad`` on every side, where x' = W - 1 - x if ``flips[b]`` else x. ``pad_mode``:
+    ``"zeros"`` pads with zeros; ``"reflect"`` mirrors the image about its edge pixels (as
+    ``np.pad(mode="reflect")``; the official AT code's CIFAR augmentation), which needs pad < H, W.
     """
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {sorted(PAD_MODES)}, got {pad_mode!r}")
     b, _, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C): gather rows/cols
+    padded = F.pad(images, (pad, pad, pad, pad), mode=PAD_MODES[pad_mode])
+    padded = padded.permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C): gather rows/cols
     ys = offsets[:, :1] + torch.arange(h, device=images.device)        # (B, H)
     xs = torch.arange(w, device=images.device).expand(b, w)
     xs = torch.where(flips[:, None], w - 1 - xs, xs) + offsets[:, 1:]   # (B, W)
@@ -46,27 +56,34 @@ class DeviceLoader:
     """Iterate ``(x, y)`` batches of ``ds`` on ``device``: x float32 normalised with the dataset mean/std,
     y int64 (-1 = unlabeled).
 
-    ``augment``: random crop with ``pad`` zero padding and horizontal flip (``flip=False`` to disable).
+    ``augment``: random crop of the image padded by ``pad`` pixels (``pad_mode`` ``"zeros"`` or ``"reflect"``,
+    see :func:`crop_flip`) and horizontal flip (``flip=False`` to disable).
     ``set_epoch(e)`` selects the epoch; as with ``DistributedSampler``, an epoch not set repeats epoch 0.
     DDP: ranks share one permutation; like ``DistributedSampler``'s default, it is padded by repeating
     its first examples to a multiple of ``world_size`` and rank r takes positions r, r + world_size, ...,
     so shards are disjoint (up to those < world_size repeats) and cover the dataset.
-    ``drop_last`` drops this rank's last incomplete batch; ``len(loader)`` is the batches per epoch.
+    ``drop_last`` drops this rank's last incomplete batch (``False`` keeps it: every example once per
+    epoch, as a plain ``DataLoader``); ``len(loader)`` is the batches per epoch.
     """
 
     def __init__(self, ds: ImageDataset, batch_size: int, *, shuffle: bool = True, augment: bool = False,
                  device: str | torch.device = "cpu", seed: int = 0, drop_last: bool = True, rank: int = 0,
-                 world_size: int = 1, pad: int = 4, flip: bool = True):
+                 world_size: int = 1, pad: int = 4, flip: bool = True, pad_mode: str = "zeros"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if len(ds) == 0:
             raise ValueError("cannot load from an empty dataset")
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {sorted(PAD_MODES)}, got {pad_mode!r}")
+        if augment and pad_mode == "reflect" and pad >= min(ds.images.shape[-2:]):
+            raise ValueError(f"pad_mode='reflect' mirrors inside the image, so pad must be smaller than its "
+                             f"{tuple(ds.images.shape[-2:])} size; got pad={pad}")
         self.dataset, self.info = ds, ds.info
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.device, self.seed, self.drop_last = torch.device(device), seed, drop_last
-        self.rank, self.world_size, self.pad, self.flip = rank, world_size, pad, flip
+        self.rank, self.world_size, self.pad, self.flip, self.pad_mode = rank, world_size, pad, flip, pad_mode
         self.epoch = 0
         self.images = ds.images.to(self.device)
         self.labels = ds.labels.to(self.device)
@@ -111,5 +128,5 @@ class DeviceLoader:
             index = plan.indices[batch]
             x = self.images[index]
             if self.augment:
-                x = crop_flip(x, plan.offsets[batch], plan.flips[batch], self.pad)
+                x = crop_flip(x, plan.offsets[batch], plan.flips[batch], self.pad, self.pad_mode)
             yield (x.float() - self.mean) / self.std, self.labels[index]

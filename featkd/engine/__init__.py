@@ -30,7 +30,7 @@ learning rate of ``optimizer``'s first parameter group.
 
 from featkd.engine.loop import DivergenceError, evaluate, fit, resolve_device, seed_everything
 from featkd.engine.method import DistillMethod, Method, MethodBase, SupervisedMethod, losses_to_floats
-from featkd.engine.optim import LRFactor, build_optimizer, build_scheduler
+from featkd.engine.optim import LRFactor, build_optimizer, build_scheduler, decay_milestones
 from featkd.engine.precision import Precision
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "SupervisedMethod",
     "build_optimizer",
     "build_scheduler",
+    "decay_milestones",
     "evaluate",
     "fit",
     "losses_to_floats",

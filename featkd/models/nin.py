@@ -8,7 +8,8 @@ then 3×3/2 average pool and dropout; ``block3`` 3×3 → (192, 192). The ``clas
 ``width`` scales every hidden channel count. The Attention Transfer paper's CIFAR-10 pair is
 NIN-wide (≈1M parameters) teacher and NIN-thin (≈0.2M) student; featkd's ``nin`` is ``width=1``
 (0.97M, the paper's network) and ``nin_thin`` is ``width=0.45`` (0.20M). The three distillable maps
-are the block outputs (after the pools), at strides 2, 4, 4.
+are the block outputs (after the pools), at strides 2, 4, 4; the last map after its BN and before its
+ReLU is ``block3.4`` (``pre_relu_layer``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class NIN(nn.Module):
         self.feature_info = [FeatureInfo("block1", c(96), 2), FeatureInfo("block2", c(192), 4),
                              FeatureInfo("block3", c(192), 4)]
         self.default_distill_layers = [f.name for f in self.feature_info]
+        self.pre_relu_layer = "block3.4"  # block3's last BN: conv, BN, ReLU, conv, BN (index 4), ReLU
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)

@@ -201,3 +201,13 @@ def default_distill_layers(model: nn.Module) -> list[str]:
         raise ValueError(f"no default distillation layers known for {type(model).__name__}: name them "
                          "explicitly; run 'featkd layers <model>' to list layer names and shapes") from None
     return [f.name for f in info][-4:]  # timm lists the stem (if any) first: keep the last four stages
+
+
+def pre_relu_layer(model: nn.Module) -> str:
+    """The layer whose output is the model's last feature map after its BN and before its ReLU — where the
+    official NST code applies its loss (featkd's WRNs: ``bn``; NIN: ``block3.4``)."""
+    name = getattr(model, "pre_relu_layer", None)
+    if not isinstance(name, str):
+        raise ValueError(f"no pre-ReLU feature layer known for {type(model).__name__}: name the layer explicitly; "
+                         "run 'featkd layers <model>' to list layer names and shapes")
+    return name

@@ -5,7 +5,13 @@ blocks with widths 16k, 32k, 64k (strides 1, 2, 2), a final BN-ReLU, global aver
 linear classifier. Convolutions have no bias. A block whose input and output widths differ gets a
 1×1 projection shortcut applied to the *pre-activated* input (the official code's ``convdim``);
 otherwise the shortcut is the identity. Dropout (the WRN paper's option) sits between the two
-convolutions of a block. AT transfers the outputs of ``group1``, ``group2`` and ``group3``.
+convolutions of a block. AT transfers the outputs of ``group1``, ``group2`` and ``group3``; the last
+feature map after its BN and before its ReLU — where the official NST code applies its loss — is the
+output of the final ``bn`` (``pre_relu_layer``).
+
+Initialisation: He-normal convolutions and classifier weights, zero biases, and BN weights set by
+``bn_init``: ``"ones"`` (featkd's default, PyTorch's) or ``"uniform"`` — uniform on [0, 1), the official
+AT code's ``torch.rand(n)``.
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ class WideResNet(nn.Module):
     """WRN-``depth``-``width`` for ``in_channels``-channel images of any size ≥ 8 (adaptive pooling)."""
 
     def __init__(self, depth: int = 16, width: int = 1, num_classes: int = 10, in_channels: int = 3,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, bn_init: str = "ones"):
         super().__init__()
+        if bn_init not in BN_INITS:
+            raise ValueError(f"WRN bn_init must be one of {sorted(BN_INITS)}, got {bn_init!r}")
         if depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
         if width < 1:
@@ -67,7 +75,8 @@ class WideResNet(nn.Module):
             FeatureInfo("group3", widths[2], 4),
         ]
         self.default_distill_layers = [f.name for f in self.feature_info]
-        _init_weights(self)
+        self.pre_relu_layer = "bn"  # its output is the BN-normalised last map, before forward's final ReLU
+        _init_weights(self, BN_INITS[bn_init])
 
     @staticmethod
     def _group(in_channels: int, out_channels: int, n: int, stride: int, dropout: float) -> nn.Sequential:
@@ -82,13 +91,16 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def _init_weights(model: nn.Module) -> None:
-    """He-normal convolutions and classifier, unit BN scale, zero biases (the AT code's initialisation)."""
+BN_INITS = {"ones": nn.init.ones_, "uniform": nn.init.uniform_}  # uniform_: U[0, 1), as torch.rand
+
+
+def _init_weights(model: nn.Module, bn_weight_init) -> None:
+    """He-normal convolutions and classifier, zero biases, BN weights by ``bn_weight_init``."""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
+            bn_weight_init(m.weight)
             nn.init.zeros_(m.bias)
