@@ -6,7 +6,11 @@ Everything here protects what a user already has:
   into place with ``os.replace`` (atomic on POSIX), so a run killed mid-write
   leaves the previous ``last.pt`` intact;
 * a run directory that already holds a run is never reused silently: the
-  caller must ask to resume it or pick a new directory;
+  caller must ask to resume it or pick a new directory (one that holds only what a run
+  writes before its first epoch ends is started again, there being nothing in it to keep);
+* a run directory is trained by one process at a time (:func:`featkd.locking.run_lock`);
+* a write that fails (a full disk) raises :class:`WriteFailedError` naming the file, and
+  leaves the file it would have replaced as it was;
 * the metrics files are rewritten from the history stored in the checkpoint,
   so a run resumed after a kill has exactly one row per finished epoch.
 
@@ -17,14 +21,17 @@ rebuilds the model without any other file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import pickle
 import platform
 import random
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,29 +46,48 @@ METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 CONFIG_YAML = "config.yaml"
 ENVIRONMENT_JSON = "environment.json"
+# what a run writes before its first epoch ends: a directory holding only these has no result to keep
+RUN_START_FILES = frozenset({CONFIG_YAML, ENVIRONMENT_JSON})
 
 
 class RunDirectoryExistsError(FileExistsError):
     """The run directory already holds a run and resuming was not asked for."""
 
 
+class WriteFailedError(OSError):
+    """A file could not be written (a full disk, a lost mount); the file it would replace is unchanged."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read: truncated, overwritten, or not a checkpoint at all."""
+
+
 # --------------------------------------------------------------------------- atomic files
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``.
+
+    Raises :class:`WriteFailedError` when the write fails; ``path`` is then as it was before.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise WriteFailedError(f"could not write {path}: {error.strerror or error}") from error
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise WriteFailedError(f"could not write {path}: {error.strerror or error} "
+                                   f"({'left as it was' if path.exists() else 'not created'})") from error
         raise
 
 
@@ -79,7 +105,10 @@ def save_checkpoint(paths: str | os.PathLike | list, state: dict[str, Any]) -> N
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`; a clear error if it is missing or foreign."""
+    """Load a checkpoint written by :func:`save_checkpoint`; a clear error if it is missing, damaged or foreign.
+
+    For a run's ``last.pt`` or ``best.pt`` the error also says whether the other one can be used.
+    """
     path = Path(path)
     if not path.is_file():
         hint = ""
@@ -87,15 +116,45 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             candidates = [p.name for p in (path / BEST, path / LAST) if p.is_file()]
             if candidates:
                 hint = f" It is a run directory; pass {path / candidates[0]} instead."
+        elif path.name in (BEST, LAST):
+            hint = _other_checkpoint_hint(path)
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.{hint}")
-    # weights_only=False: checkpoints hold RNG states (numpy arrays, Python tuples) and configs.
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        state = _read_checkpoint(path, map_location)
+    except CorruptCheckpointError as error:
+        hint = _other_checkpoint_hint(path) if path.name in (BEST, LAST) else ""
+        raise CorruptCheckpointError(f"{error}{hint}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{str(path)!r} is not a featkd checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r}); "
             "teachers must be trained with 'featkd train' first."
         )
     return state
+
+
+def _read_checkpoint(path: Path, map_location) -> Any:
+    try:
+        # weights_only=False: checkpoints hold RNG states (numpy arrays, Python tuples) and configs.
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:  # damaged bytes
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} cannot be read: it is truncated or damaged "
+                                     f"({detail}).") from None
+
+
+def _other_checkpoint_hint(path: Path) -> str:
+    """Whether the other checkpoint of ``path``'s run directory (best.pt for last.pt and back) can be used."""
+    other = path.with_name(BEST if path.name == LAST else LAST)
+    if not other.is_file():
+        return f" {other.name} does not exist either: nothing in {str(path.parent)!r} can be used; start the run again."
+    try:
+        epoch = _read_checkpoint(other, "cpu")["epoch"]
+    except (CorruptCheckpointError, KeyError, TypeError):
+        return f" {other.name} cannot be read either: nothing in {str(path.parent)!r} can be used; start the run again."
+    if other.name == BEST:
+        return (f" {other} is intact (epoch {epoch}): evaluate it with featkd eval --run-dir {path.parent}, or copy "
+                f"it over {path.name} to resume from epoch {epoch}.")
+    return f" {other} is intact (epoch {epoch}): evaluate it with featkd eval --run-dir {path.parent} --which last."
 
 
 # --------------------------------------------------------------------------- models in checkpoints
@@ -121,12 +180,30 @@ def model_from_checkpoint(state: dict, device: torch.device, name: str | None = 
             raise ValueError(f"{source} holds the models {sorted(models)}; say which one to use")
         name = next(iter(models))
     if name not in models:
-        raise KeyError(f"{source} has no model {name!r}; it holds {sorted(models)}")
+        raise ValueError(f"{source} has no model {name!r}; it holds {sorted(models)}")
     record = models[name]
     model = create_model(record["name"], num_classes=record["num_classes"], in_channels=record["in_channels"],
                          **record.get("options", {}))
-    model.load_state_dict(record["state_dict"])
+    load_weights(model, record["state_dict"], f"{source} records a {record['name']} but holds the weights of another "
+                 "architecture", "it was edited, or written by a featkd whose models differ: train it again")
     return model.to(device), record
+
+
+def load_weights(module: nn.Module, state_dict: dict, mismatch: str, fix: str = "") -> None:
+    """``module.load_state_dict(state_dict)``, refusing weights saved from another architecture in one
+    sentence instead of torch's list of every key: ``mismatch``, how many keys are missing, unexpected or
+    of another shape (an example of each), then ``fix``."""
+    own = module.state_dict()
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    resized = [key for key in own if key in state_dict and tuple(own[key].shape) != tuple(state_dict[key].shape)]
+    if missing or unexpected or resized:
+        counts = [f"{len(missing)} weights missing, e.g. {missing[0]!r}" if missing else "",
+                  f"{len(unexpected)} unexpected, e.g. {unexpected[0]!r}" if unexpected else "",
+                  f"{len(resized)} of another shape, e.g. {resized[0]!r}: {tuple(state_dict[resized[0]].shape)} "
+                  f"saved, {tuple(own[resized[0]].shape)} here" if resized else ""]
+        raise ValueError(f"{mismatch} ({'; '.join(c for c in counts if c)}){'; ' + fix if fix else ''}")
+    module.load_state_dict(state_dict)
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -156,11 +233,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- run directories
 
 
+def holds_results(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` exists and holds more than what runs write before their first epoch ends
+    (:data:`RUN_START_FILES`, in it or in its subdirectories)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return run_dir.exists()
+    return any(p.name not in RUN_START_FILES for p in run_dir.rglob("*") if not p.is_dir())
+
+
 def prepare_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path:
     """Create a fresh run directory, or check that one exists with a checkpoint to resume from.
 
-    A directory that already has files in it is never reused without ``resume``:
-    this raises :class:`RunDirectoryExistsError` instead of overwriting a run.
+    A directory that holds results is never reused without ``resume``: this raises
+    :class:`RunDirectoryExistsError` instead of overwriting a run. One that holds only what a run
+    writes before its first epoch ends (a run stopped in its first epoch) is started again.
     """
     run_dir = Path(run_dir)
     if resume:
@@ -170,13 +257,31 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path:
                 "(the run never finished an epoch, or the --run-dir is wrong). Start it again without --resume."
             )
         return run_dir
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if holds_results(run_dir):
         raise RunDirectoryExistsError(
             f"run directory {str(run_dir)!r} already exists and is not empty; "
             "pass --resume to continue that run, or choose a new --run-dir."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def restore_best(run_dir: str | os.PathLike, state: dict[str, Any]) -> str | None:
+    """On resume: put back a missing or unreadable ``best.pt`` when ``last.pt`` (whose loaded ``state`` is
+    given) holds the same epoch, or say exactly what is gone. Returns what to tell the user, or None."""
+    run_dir = Path(run_dir)
+    best, path = state.get("best"), run_dir / BEST
+    if best is None:
+        return None
+    with contextlib.suppress(CorruptCheckpointError):
+        if path.is_file() and _read_checkpoint(path, "cpu").get("epoch") == best["epoch"]:
+            return None
+    if best["epoch"] == state["epoch"]:  # save_checkpoint wrote the same bytes to both
+        atomic_write_bytes(path, (run_dir / LAST).read_bytes())
+        return f"restored {path} from {LAST} (both hold epoch {best['epoch']})"
+    return (f"warning: {path} (epoch {best['epoch']}, {best['metric']} {best['value']:.4g}) is missing or damaged "
+            f"and cannot be rebuilt, {LAST} holding epoch {state['epoch']}: a new {BEST} is written when "
+            f"{best['metric']} improves on {best['value']:.4g}; until then evaluate {LAST} (--which last)")
 
 
 def environment_info() -> dict[str, Any]:

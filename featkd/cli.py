@@ -38,7 +38,8 @@ def _usage() -> str:
     width = max(map(len, names))
     lines = ["usage: featkd <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {description(name)}" for name in names]
-    lines += ["", "Run 'featkd <command> --help' for the options of one command."]
+    lines += ["", "Run 'featkd <command> --help' for the options of one command; set FEATKD_DEBUG=1 to see the",
+              "traceback behind an error message."]
     return "\n".join(lines)
 
 

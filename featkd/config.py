@@ -62,9 +62,9 @@ class DataConfig:
     limit: int | None = None
     test_limit: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 128
+    batch_size: int = field(default=128, metadata={"min": 1})
     drop_last: bool = True
-    eval_batch_size: int = 500
+    eval_batch_size: int = field(default=500, metadata={"min": 1})
     augment: bool = True
     pad: int = 4
     pad_mode: str = "zeros"
@@ -151,7 +151,7 @@ class Config:
     """One run. ``featkd train`` uses ``model``; ``featkd distill`` uses ``teacher``, ``student``, ``terms``, ``kd``."""
 
     seed: int = 0
-    epochs: int = 200
+    epochs: int = field(default=200, metadata={"min": 1})
     device: str = "auto"
     amp: str | None = None
     channels_last: bool = False
@@ -239,17 +239,22 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
+    """``cls`` built from ``data``, every value checked against its field's type and least value
+    (``field(metadata={"min": 1})``)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.5)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
             where = f" in {prefix!r}" if prefix else ""
             hint = f" Did you mean {', '.join(repr(f'{prefix}.{c}' if prefix else c) for c in close)}?" if close else ""
-            raise ConfigError(f"unknown config key {full!r}.{hint} Valid keys{where}: {', '.join(names)}")
+            raise ConfigError(f"unknown config key {full!r}.{hint} Valid keys{where}: {', '.join(fields)}")
         kwargs[key] = _convert(value, hints[key], full)
+        least = fields[key].metadata.get("min")
+        if least is not None and kwargs[key] < least:
+            raise ConfigError(f"config key {full!r} must be at least {least}, got {value!r}")
     return cls(**kwargs)
 
 
@@ -264,6 +269,24 @@ def from_dict(data: dict[str, Any] | None) -> Config:
 def to_dict(config: Any) -> dict[str, Any]:
     """The config as plain data (what ``config.yaml`` holds)."""
     return dataclasses.asdict(config)
+
+
+def changed_keys(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` for every leaf where two configs' plain data differ
+    (list items by index: ``terms.0.weight``; a key on one side only has None on the other)."""
+    flat_old, flat_new = _leaves(old), _leaves(new)
+    return {key: (flat_old.get(key), flat_new.get(key)) for key in dict.fromkeys([*flat_old, *flat_new])
+            if key not in flat_old or key not in flat_new or flat_old[key] != flat_new[key]}
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    items = list(data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else [])
+    if not items:  # a plain value, or an empty mapping or list
+        return {prefix: data}
+    leaves: dict[str, Any] = {}
+    for key, value in items:
+        leaves.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return leaves
 
 
 # --------------------------------------------------------------------------- files and overrides
@@ -290,12 +313,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file (empty file → empty mapping)."""
     path = resolve_config_path(path)
     with open(path) as f:
-        data = yaml.safe_load(f)
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {describe_yaml_error(error)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def describe_yaml_error(error: yaml.YAMLError) -> str:
+    """What the YAML parser objects to and where, in one line."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or error}{where}"
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -307,7 +340,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.05)")
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value {text!r} is not valid YAML ({describe_yaml_error(error)}); "
+                              "close its brackets, or quote it if it is a string") from None
         parts = key.strip().split(".")
         node: Any = data
         for depth, part in enumerate(parts[:-1]):

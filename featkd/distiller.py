@@ -28,6 +28,7 @@ from torch import nn
 
 from featkd.functional import cross_entropy
 from featkd.hooks import FeatureExtractor, feature_shapes
+from featkd.layer_specs import LayerKeyError, unwrap
 from featkd.losses import BatchContext, build_logit_loss
 from featkd.terms import Term, Warmup, build_term_pairs, call_loss, weight_at
 
@@ -67,6 +68,14 @@ def teacher_bn_mode(teacher: nn.Module, mode: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- the distiller
 
 
+def _extractor(role: str, model: nn.Module, layers: list[str], **options) -> FeatureExtractor:
+    """A :class:`FeatureExtractor` whose unknown-layer error says which network lacks the layer."""
+    try:
+        return FeatureExtractor(model, layers, **options)
+    except LayerKeyError as error:
+        raise LayerKeyError(f"{role} {type(unwrap(model)).__name__}: {error}") from None
+
+
 def _build_logit_loss(kd) -> tuple[nn.Module | None, float | Warmup]:
     """``kd`` as None, a name, a dict ``{loss: name, weight: w, **options}`` or a module."""
     if kd is None:
@@ -79,8 +88,12 @@ def _build_logit_loss(kd) -> tuple[nn.Module | None, float | Warmup]:
         options = dict(kd)
         name = options.pop("loss", "kd")
         weight = options.pop("weight", 1.0)
-        loss = name if isinstance(name, nn.Module) else build_logit_loss(name, **options)
-        return loss, weight
+        if isinstance(name, nn.Module):
+            return name, weight
+        try:
+            return build_logit_loss(name, **options), weight
+        except ValueError as error:
+            raise ValueError(f"kd loss {name!r} with options {options}: {error}") from None
     raise TypeError(f"kd must be None, a loss name, a dict {{loss:, weight:, options...}} or an nn.Module; got {kd!r}")
 
 
@@ -120,13 +133,13 @@ class Distiller(nn.Module):
         self.teacher.eval()
         self.teacher_layers = list(dict.fromkeys(name for t in self.terms for name in t.teacher_layers))
         student_layers = list(dict.fromkeys(name for t in self.terms for name in t.student_layers))
-        self._teacher_features = FeatureExtractor(teacher, self.teacher_layers, detach=True, no_grad=True)
+        self._teacher_features = _extractor("teacher", teacher, self.teacher_layers, detach=True, no_grad=True)
         self._teacher_outputs = self._teacher_features  # x -> (teacher logits, teacher features)
         # Hooks are registered on the student before torch.compile first runs it, so they are traced in.
         runner = student
         if compile:
             runner = torch.compile(student, **(compile if isinstance(compile, dict) else {}))
-        self._student_features = FeatureExtractor(runner, student_layers)
+        self._student_features = _extractor("student", runner, student_layers)
         self.adapters = nn.ModuleList()
         self.term_losses = nn.ModuleList()
         self.is_setup = False

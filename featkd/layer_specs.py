@@ -129,7 +129,7 @@ def unknown_layer_error(what: str, name: str, candidates: Iterable[str]) -> KeyE
     candidates = [c for c in candidates if c]
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4)
     hint = f" Closest existing names: {', '.join(close)}." if close else ""
-    return LayerKeyError(f"{what} {name!r}.{hint} featkd.list_layers(model, x) lists them all.")
+    return LayerKeyError(f"{what} {name!r}.{hint} featkd.list_layers(model, x) (featkd layers <model> on the command line) lists them all.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,7 +109,8 @@ def save_figure(fig: Figure, stem: str | Path, *, overwrite: bool = False, dpi: 
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"not overwriting {', '.join(existing)}: choose another name or pass overwrite=True")
+        raise FileExistsError(f"not overwriting {', '.join(existing)}: choose another --out, or replace them with "
+                              "--overwrite (overwrite=True from Python)")
     stem.parent.mkdir(parents=True, exist_ok=True)
     for path in paths:
         fig.savefig(path, dpi=dpi, bbox_inches="tight")

@@ -411,31 +411,16 @@ def _finished(run_dir: Path, epochs: int) -> bool:
     return last.is_file() and ckpt.load_checkpoint(last)["epoch"] >= epochs
 
 
-_UNFINISHED_FIRST_EPOCH = {"config.yaml", "environment.json"}
-
-
 def _fit_or_resume(method, train_loader, test_loader, run_dir: Path, epochs: int, *, log, **options) -> list[dict]:
     """Train into ``run_dir``, resume it if interrupted, or return the stored history if it is finished.
 
     Two commands sharing a ``--run-dir`` (the AT and NST tables share their teachers) must not train
-    the same run at once: a lock file marks a run in progress.
+    the same run at once: the run directory's lock marks a run in progress.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir.parent / f".{run_dir.name}.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        from featkd import checkpoint as ckpt
+    from featkd.locking import run_lock
 
-        raise ckpt.RunDirectoryExistsError(
-            f"{run_dir} is being trained by another process ({lock} exists); wait for it to finish, or delete "
-            "the lock file if that process is gone") from None
-    try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
+    with run_lock(run_dir):
         return _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir, epochs, log=log, **options)
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir: Path, epochs: int, *, log, **options):
@@ -443,11 +428,7 @@ def _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir: Path, ep
     from featkd.engine import fit
 
     last = run_dir / ckpt.LAST
-    if not last.is_file() and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= _UNFINISHED_FIRST_EPOCH:
-        # Interrupted before its first epoch ended: only the files fit writes at the start exist, no
-        # result to keep. Start it again.
-        for name in _UNFINISHED_FIRST_EPOCH:
-            (run_dir / name).unlink(missing_ok=True)
+    # A run stopped before its first epoch ended holds no result: fit starts it again.
     if last.is_file():
         state = ckpt.load_checkpoint(last)
         if state["epoch"] >= epochs:

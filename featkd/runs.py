@@ -1,12 +1,12 @@
 """A run from a config: what every training command builds before and around :func:`featkd.engine.fit`.
 
 >>> cfg = load_run_config("fmnist_distill_kd_at_nst", run_dir=None, resume=False, overrides=["epochs=5"])
->>> run = start_run(cfg, "distill", cfg.student.name)          # device, seed, run directory, loaders
->>> teacher, _ = load_teacher(cfg.teacher.checkpoint, run.device, run.info)
->>> student = build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
->>> distiller = build_distiller(cfg, teacher, student).setup(next(iter(run.train_loader))[0][:2])
->>> optimizer, scheduler = build_optimization(cfg, distiller.trainable_parameters())
->>> history = fit_run(run, DistillMethod(distiller, optimizer, scheduler), {"student": model_record(...)})
+>>> with start_run(cfg, "distill", cfg.student.name) as run:   # device, seed, run directory (locked), loaders
+...     teacher, _ = load_teacher(cfg.teacher.checkpoint, run.device, run.info)
+...     student = build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
+...     distiller = build_distiller(cfg, teacher, student).setup(next(iter(run.train_loader))[0][:2])
+...     optimizer, scheduler = build_optimization(cfg, distiller.trainable_parameters())
+...     history = fit_run(run, DistillMethod(distiller, optimizer, scheduler), {"student": model_record(...)})
 
 The commands in :mod:`featkd.commands` parse their arguments, call these and print; the
 strategies' commands add their own config section with :func:`load_strategy_config`.
@@ -14,6 +14,7 @@ strategies' commands add their own config section with :func:`load_strategy_conf
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -27,15 +28,21 @@ from torch import nn
 from featkd import checkpoint as ckpt
 from featkd import distributed
 from featkd.config import (STRATEGY_CONFIG_DIR, Config, ConfigError, DataConfig, WarmupConfig, apply_overrides,
-                           build_dataclass, from_dict, read_yaml, to_dict)
+                           build_dataclass, changed_keys, from_dict, read_yaml, to_dict)
+from featkd.locking import run_lock
+
+# What a resumed run can take from the command line: anything else (optim.lr, ...) would be overruled by the
+# optimiser and schedule state it restores, or change the run halfway through.
+RESUME_CHANGEABLE = ("epochs", "device")
 
 # --------------------------------------------------------------------------- configs, fresh or resumed
 
 
 def read_run_config(config: str | os.PathLike | None, run_dir: str | os.PathLike | None, resume: bool,
-                    overrides: list[str]) -> dict[str, Any]:
+                    overrides: list[str], changeable: tuple[str, ...] = RESUME_CHANGEABLE) -> dict[str, Any]:
     """The config data of a run: the ``config`` file plus ``overrides``, or with ``resume`` the run's own
-    ``config.yaml`` plus ``overrides`` (no file: the defaults plus ``overrides``)."""
+    ``config.yaml`` plus the overrides :func:`apply_resume_overrides` accepts (no file: the defaults plus
+    ``overrides``)."""
     if resume:
         if not run_dir:
             raise ConfigError("--resume needs --run-dir (the run to continue)")
@@ -46,8 +53,28 @@ def read_run_config(config: str | os.PathLike | None, run_dir: str | os.PathLike
         if not saved.is_file():
             raise FileNotFoundError(f"cannot resume: {saved} does not exist; is {str(run_dir)!r} a featkd run "
                                     "directory?")
-        config = saved
+        return apply_resume_overrides(read_yaml(saved), overrides, run_dir, changeable)
     return apply_overrides(read_yaml(config) if config is not None else {}, overrides)
+
+
+def apply_resume_overrides(saved: dict, overrides: list[str], run_dir,
+                           changeable: tuple[str, ...] = RESUME_CHANGEABLE) -> dict:
+    """A resumed run's saved config data with ``overrides`` applied, refusing those it would not honour:
+    keys other than ``changeable``, and ``epochs`` under a cosine schedule (whose restored state keeps
+    the length it started with)."""
+    data = apply_overrides(saved, overrides)
+    changes = changed_keys(saved, data)
+    refused = [key for key in changes if key not in changeable]
+    if refused:
+        raise ConfigError(f"--resume continues {run_dir} as it started: {', '.join(refused)} cannot change halfway "
+                          f"(only {', '.join(changeable)} can); for other settings start a new run in another "
+                          "--run-dir")
+    if "epochs" in changes and (saved.get("schedule") or {}).get("name") == "cosine":
+        old, new = changes["epochs"]
+        raise ConfigError(f"epochs cannot change from {old} to {new} on --resume under schedule.name=cosine: the "
+                          f"restored schedule decays over the {old} epochs it started with; start a new run with "
+                          f"epochs={new} in another --run-dir")
+    return data
 
 
 def load_run_config(config, run_dir, resume: bool, overrides: list[str]) -> Config:
@@ -55,19 +82,19 @@ def load_run_config(config, run_dir, resume: bool, overrides: list[str]) -> Conf
     return from_dict(read_run_config(config, run_dir, resume, overrides))
 
 
-def load_strategy_config(section: str, schema: type, config, run_dir, resume: bool,
-                         overrides: list[str]) -> tuple[Config, Any, dict]:
+def load_strategy_config(section: str, schema: type, config, run_dir, resume: bool, overrides: list[str],
+                         changeable: tuple[str, ...] = RESUME_CHANGEABLE) -> tuple[Config, Any, dict]:
     """The run config, the strategy's own ``section`` (a ``schema`` instance) and the whole resolved config.
 
     A strategy's config is an ordinary featkd config plus one section of its own (``dml:``, ...), checked
     against its dataclass ``schema`` by the same machinery, so unknown keys get the same suggestions; the
-    saved ``config.yaml`` holds both.
+    saved ``config.yaml`` holds both. ``changeable``: the keys ``--resume`` may change.
     """
     command = section.replace("_", "-")
     if not resume and config is None:
         shipped = ", ".join(sorted(p.stem for p in STRATEGY_CONFIG_DIR.glob("*.yaml")))
         raise ConfigError(f"featkd {command} needs --config (e.g. --config {section}; shipped: {shipped})")
-    data = read_run_config(config, run_dir, resume, overrides)
+    data = read_run_config(config, run_dir, resume, overrides, changeable)
     section_data = data.pop(section, None) or {}
     if not isinstance(section_data, dict):
         raise ConfigError(f"config key {section!r} must be a mapping, got {section_data!r}")
@@ -179,11 +206,17 @@ def build_distiller(cfg: Config, teacher: nn.Module, student: nn.Module):
 # --------------------------------------------------------------------------- the run
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a started run; the message says how to go on."""
+
+
 @dataclass
 class Run:
     """A started run: its config, device, directory and loaders, and the config its ``config.yaml`` holds.
 
-    ``is_main``: whether this process is the one that writes files and prints (rank 0).
+    ``is_main``: whether this process is the one that writes files and prints (rank 0). Used as a context
+    manager (``with start_run(...) as run:``) it holds the run directory's lock until the block ends, and
+    turns Ctrl-C and a failed write into errors that say how to go on (the command that resumes the run).
     """
 
     cfg: Config
@@ -194,11 +227,30 @@ class Run:
     train_loader: Any
     test_loader: Any
     saved_config: dict
+    command: str
+    held: contextlib.ExitStack  # the run directory's lock
 
     @property
     def info(self):
         """The training data's :class:`featkd.data.DatasetInfo`."""
         return self.train_loader.info
+
+    def next_step(self) -> str:
+        """What to do after the run stopped: the command that resumes it, or a fresh start when it holds
+        nothing yet."""
+        if ckpt.holds_results(self.run_dir):
+            return f"resume with: featkd {self.command} --run-dir {self.run_dir} --resume"
+        return "run the same command again"
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.held.close()
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
+            raise RunInterrupted(f"interrupted; {self.next_step()}") from None
+        if isinstance(error, ckpt.WriteFailedError):
+            raise ckpt.WriteFailedError(f"{error}; {self.next_step()}") from error
 
 
 def default_run_dir(command: str, model_name: str) -> Path:
@@ -210,10 +262,12 @@ def default_run_dir(command: str, model_name: str) -> Path:
 
 def start_run(cfg: Config, command: str, model_name: str, run_dir=None, resume: bool = False,
               saved_config: dict | None = None) -> Run:
-    """Join the process group (under torchrun), seed, pick the device, the run directory and the loaders.
+    """Join the process group (under torchrun), seed, pick the device, the run directory (and take its
+    lock: :func:`featkd.locking.run_lock`) and the loaders.
 
     ``saved_config`` is what the run's ``config.yaml`` holds (default: ``cfg``; a strategy passes its
-    whole resolved config, its own section included).
+    whole resolved config, its own section included). ``command`` names the ``featkd`` command that
+    resumes the run. Use the result in a ``with`` block, which releases the lock.
     """
     from featkd.engine import resolve_device, seed_everything
 
@@ -221,9 +275,12 @@ def start_run(cfg: Config, command: str, model_name: str, run_dir=None, resume: 
     is_main = distributed.init(device).is_main
     seed_everything(cfg.seed, cfg.deterministic)
     run_dir = Path(run_dir) if run_dir else default_run_dir(command, model_name)
-    train_loader, test_loader = build_loaders(cfg, device)
-    return Run(cfg, device, is_main, run_dir, resume, train_loader, test_loader,
-               to_dict(cfg) if saved_config is None else saved_config)
+    with contextlib.ExitStack() as held:
+        if is_main:
+            held.enter_context(run_lock(run_dir))
+        train_loader, test_loader = build_loaders(cfg, device)
+        return Run(cfg, device, is_main, run_dir, resume, train_loader, test_loader,
+                   to_dict(cfg) if saved_config is None else saved_config, command, held.pop_all())
 
 
 def fit_run(run: Run, method, model_info: dict[str, dict]) -> list[dict]:

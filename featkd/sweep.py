@@ -57,6 +57,10 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
         values = grid[key]
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
             raise ValueError(f"grid values for {key!r} must be a non-empty list, got {values!r}")
+        repeated = [value for i, value in enumerate(values) if value in values[:i]]
+        if repeated:
+            raise ValueError(f"grid values for {key!r} repeat {repeated[0]!r} ({values!r}): members would be trained "
+                             "twice under one name; list each value once")
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
@@ -252,7 +256,10 @@ def build_sweep(member_cfgs, teacher: nn.Module, teacher_state: dict, run) -> tu
         # (a throwaway CPU copy) so that a member starts exactly where that run starts.
         ckpt.model_from_checkpoint(teacher_state, torch.device("cpu"))
         student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
-        distiller = runs.build_distiller(cfg, teacher, student).setup(example_x[:2])
+        try:
+            distiller = runs.build_distiller(cfg, teacher, student).setup(example_x[:2])
+        except (ValueError, KeyError) as error:  # a term the member's grid point got wrong: say which member
+            raise type(error)(f"sweep member {name}: {error}") from None
         optimizer, scheduler = runs.build_optimization(cfg, distiller.trainable_parameters())
         members.append(make_member(name, distiller, optimizer, scheduler, shared=shared, config=to_dict(cfg),
                                    precision=Precision(cfg.amp, run.device), grad_clip=cfg.grad_clip,

@@ -194,15 +194,20 @@ def _build_pair(term: Term, s_shape: tuple, t_shape: tuple, s_names: list[str], 
         return adapter, _loss(term, s_shape, t_shape)
     except ValueError as error:
         first_error = error
-    if term.adapter == "auto" and not multi and len(s_shape) == 4 and len(t_shape) == 4:
+    if term.adapter in ("auto", None) and not multi and len(s_shape) == 4 and len(t_shape) == 4:
         adapter = FeatureAdapter(s_shape, t_shape).to(device)
         adapted = (s_shape[0], t_shape[1] if adapter.conv is not None else s_shape[1], *t_shape[2:])
         try:
-            return adapter, _loss(term, adapted, t_shape)
+            loss = _loss(term, adapted, t_shape)
         except ValueError as error:
-            if str(error) != str(first_error):
+            if term.adapter == "auto" and str(error) != str(first_error):
                 raise ValueError(f"{described}: {first_error}; with an automatic adapter to {adapted}: "
                                  f"{error}") from None
+        else:
+            if term.adapter == "auto":
+                return adapter, loss
+            raise ValueError(f"{described}: {first_error}; adapter: null asks for none, and adapter: auto (the "
+                             f"default) would fit the student's features to {adapted}") from None
     raise ValueError(f"{described}: {first_error}") from None
 
 

@@ -16,7 +16,8 @@ LAYERS = [
     ["featkd.runs", "featkd.repro", "featkd.limited_data", "featkd.sweep", "featkd.strategies", "featkd.plots"],
     ["featkd.distiller", "featkd.terms", "featkd.engine"],
     ["featkd.hooks", "featkd.layer_specs", "featkd.layer_info", "featkd.losses", "featkd.functional", "featkd.models",
-     "featkd.data", "featkd.checkpoint", "featkd.config", "featkd.distributed", "featkd.stats", "featkd.shipped"],
+     "featkd.data", "featkd.checkpoint", "featkd.locking", "featkd.config", "featkd.distributed", "featkd.stats",
+     "featkd.shipped"],
 ]
 DEPTH = {prefix: depth for depth, prefixes in enumerate(LAYERS) for prefix in prefixes}
 

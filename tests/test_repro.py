@@ -1,6 +1,7 @@
 """featkd.repro: tables, the omitted-class bias correction, budgets, and a tiny end-to-end protocol run."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -206,10 +207,11 @@ def test_a_run_in_progress_is_not_trained_twice(tmp_path):
 
     run_dir = tmp_path / "teachers" / "t"
     (tmp_path / "teachers").mkdir()
-    (tmp_path / "teachers" / ".t.lock").write_text("12345")
-    with pytest.raises(RunDirectoryExistsError, match="being trained by another process"):
+    holder = str(os.getpid())  # a lock of the old form (a bare PID) held by a live process: this one
+    (tmp_path / "teachers" / ".t.lock").write_text(holder)
+    with pytest.raises(RunDirectoryExistsError, match=f"is in use: process {holder} "):
         repro._fit_or_resume(None, None, None, run_dir, 1, log=print)
-    assert (tmp_path / "teachers" / ".t.lock").read_text() == "12345"  # someone else's lock is left alone
+    assert (tmp_path / "teachers" / ".t.lock").read_text() == holder  # someone else's lock is left alone
 
 
 def test_protocol_training_data_is_the_official_augmentation():

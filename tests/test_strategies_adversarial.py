@@ -196,8 +196,9 @@ def test_cli_trains_against_a_teacher_checkpoint(tmp_path, subprocess_env, pytho
     from featkd.engine import SupervisedMethod, fit
     from featkd.models import create_model
 
+    # a constant schedule, so that --resume epochs=2 can extend the run (a cosine one keeps its length)
     data = ["data.name=synthetic", "data.options={size: 64, image_size: 16}", "data.batch_size=32",
-            "data.eval_batch_size=64", "epochs=1"]
+            "data.eval_batch_size=64", "epochs=1", "schedule.name=constant"]
     ds = load_dataset("synthetic", size=64, image_size=16)
     teacher = create_model("resnet8", num_classes=10, in_channels=1)  # a 'featkd train' checkpoint, in-process
     fit(SupervisedMethod(teacher, torch.optim.SGD(teacher.parameters(), lr=0.05)), DeviceLoader(ds, 32),

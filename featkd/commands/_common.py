@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 from featkd import checkpoint as ckpt
-from featkd.config import ConfigError
+from featkd.layer_specs import LayerKeyError
+
+# The user's mistakes: a wrong key, value, name or path, a run directory in the way. featkd raises these
+# with a message that says what was wrong and what would be right.
+USER_ERRORS = (ValueError, LayerKeyError, FileNotFoundError, FileExistsError)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,34 +23,47 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where checkpoints, metrics and config.yaml go (default: runs/<command>-<model>-<time>); "
                              "must be new unless --resume")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --run-dir from its last.pt, with its saved config.yaml")
+                        help="continue the run in --run-dir from its last.pt, with its saved config.yaml "
+                             "(overrides: epochs and device only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides parsed as YAML values, e.g. optim.lr=0.05 "
                              "schedule.milestones=[60,120] terms.0.weight=100 kd=null")
 
 
-def reports_user_errors(run):
-    """Print a mistake in the config, paths or run directory (exit status 2) or a diverged run (exit
-    status 1) as one line, not a traceback."""
+def reports_user_errors(run, also: tuple[type[Exception], ...] = ()):
+    """Print a user's mistake (exit status 2; :data:`USER_ERRORS` and ``also``), a diverged run or a failed
+    write (exit status 1), or Ctrl-C (exit status 130) as one line, not a traceback; ``FEATKD_DEBUG=1``
+    shows the traceback instead."""
     from featkd.engine import DivergenceError
 
     @functools.wraps(run)
     def wrapper(args: argparse.Namespace) -> int:
         command = run.__module__.rsplit(".", 1)[-1].replace("_", "-")
+        if os.environ.get("FEATKD_DEBUG", "0") not in ("", "0"):
+            return run(args)
         try:
             return run(args)
-        except (ConfigError, ckpt.RunDirectoryExistsError, FileNotFoundError) as error:
-            print(f"featkd {command}: error: {error}", file=sys.stderr)
-            return 2
+        except USER_ERRORS + also as error:
+            message = error.args[0] if type(error) is KeyError and error.args else error  # not KeyError's repr
+            return _report(f"featkd {command}: error: {message}", 2)
         except DivergenceError as error:
-            print(f"featkd {command}: training diverged: {error}", file=sys.stderr)
-            return 1
+            return _report(f"featkd {command}: training diverged: {error}", 1)
+        except ckpt.WriteFailedError as error:
+            return _report(f"featkd {command}: error: {error}", 1)
+        except KeyboardInterrupt as error:  # a started run says how to resume it (featkd.runs.Run)
+            return _report(f"featkd {command}: {error or 'interrupted; run the same command again'}", 130)
 
     return wrapper
 
 
-def finished(run, history: list[dict], holds: str = "best.pt, last.pt, metrics.jsonl") -> int:
+def _report(message: str, status: int) -> int:
+    print(" ".join(message.split("\n")), file=sys.stderr)  # one line, whatever the message
+    return status
+
+
+def finished(run, history: list[dict]) -> int:
     """Say where a finished run's results are (on the main process only); the exit status."""
     if history and run.is_main:
-        print(f"finished: {run.run_dir} ({holds})")
+        files = [name for name in (ckpt.BEST, ckpt.LAST, ckpt.METRICS_JSONL) if (run.run_dir / name).is_file()]
+        print(f"finished: {run.run_dir} ({', '.join(files)})")
     return 0

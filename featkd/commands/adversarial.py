@@ -55,16 +55,17 @@ def run(args: argparse.Namespace) -> int:
     if cfg.teacher is None or not cfg.teacher.checkpoint or cfg.student is None:
         raise ConfigError("featkd adversarial needs teacher.checkpoint (the last.pt of a 'featkd train' run) "
                           "and student.name")
-    run = runs.start_run(cfg, "adversarial", cfg.student.name, args.run_dir, args.resume, resolved)
-    teacher, _ = runs.load_teacher(cfg.teacher.checkpoint, run.device, run.info)
-    student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
-    discriminator = LogitDiscriminator(run.info.num_classes, adv.discriminator.width,
-                                       adv.discriminator.blocks).to(run.device)
-    student_opt, student_sched = runs.build_optimization(cfg, student.parameters())
-    disc_cfg = dataclasses.replace(cfg, optim=adv.optim)  # the same schedule, the discriminator's optimiser
-    disc_opt, disc_sched = runs.build_optimization(disc_cfg, discriminator.parameters())
-    method = AdversarialKD(student, teacher, discriminator, student_opt, disc_opt, student_sched, disc_sched,
-                           objective=adv.objective, adv_weight=adv.adv_weight, class_weight=adv.class_weight,
-                           l1_weight=adv.l1_weight, ce_weight=cfg.ce_weight, precision=Precision(cfg.amp, run.device))
-    history = runs.fit_run(run, method, {"student": model_record(cfg.student.name, cfg.student.options, run.info)})
+    with runs.start_run(cfg, "adversarial", cfg.student.name, args.run_dir, args.resume, resolved) as run:
+        teacher, _ = runs.load_teacher(cfg.teacher.checkpoint, run.device, run.info)
+        student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
+        discriminator = LogitDiscriminator(run.info.num_classes, adv.discriminator.width,
+                                           adv.discriminator.blocks).to(run.device)
+        student_opt, student_sched = runs.build_optimization(cfg, student.parameters())
+        disc_cfg = dataclasses.replace(cfg, optim=adv.optim)  # the same schedule, the discriminator's optimiser
+        disc_opt, disc_sched = runs.build_optimization(disc_cfg, discriminator.parameters())
+        method = AdversarialKD(student, teacher, discriminator, student_opt, disc_opt, student_sched, disc_sched,
+                               objective=adv.objective, adv_weight=adv.adv_weight, class_weight=adv.class_weight,
+                               l1_weight=adv.l1_weight, ce_weight=cfg.ce_weight,
+                               precision=Precision(cfg.amp, run.device))
+        history = runs.fit_run(run, method, {"student": model_record(cfg.student.name, cfg.student.options, run.info)})
     return finished(run, history)

@@ -31,22 +31,23 @@ def run(args: argparse.Namespace) -> int:
     runs.check_sections(cfg, "distill", needed=("teacher", "student"), unused=("model",))
     if not cfg.teacher.checkpoint:
         raise ConfigError("teacher.checkpoint is empty: give the last.pt of a 'featkd train' run")
-    run = runs.start_run(cfg, "distill", cfg.student.name, args.run_dir, args.resume)
-    teacher, record = runs.load_teacher(cfg.teacher.checkpoint, run.device, run.info)
-    if cfg.channels_last:
-        teacher = teacher.to(memory_format=torch.channels_last)
-    if not args.resume:
-        scores = evaluate(teacher, run.test_loader, device=run.device, channels_last=cfg.channels_last)
-        if run.is_main:
-            print(f"teacher {record['name']} ({cfg.teacher.checkpoint}): " +
-                  "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-    student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
-    distiller = runs.build_distiller(cfg, teacher, student)
-    example_x, _ = next(iter(run.train_loader))  # the loader's order is a function of (seed, epoch): no state consumed
-    distiller.setup(example_x[:2])
-    optimizer, scheduler = runs.build_optimization(cfg, distiller.trainable_parameters())
-    method = DistillMethod(distiller, optimizer, scheduler, precision=Precision(cfg.amp, run.device),
-                           grad_clip=cfg.grad_clip, steps_per_epoch=len(run.train_loader),
-                           forward=distributed.wrap(distiller, run.device))
-    history = runs.fit_run(run, method, {"student": model_record(cfg.student.name, cfg.student.options, run.info)})
+    with runs.start_run(cfg, "distill", cfg.student.name, args.run_dir, args.resume) as run:
+        teacher, record = runs.load_teacher(cfg.teacher.checkpoint, run.device, run.info)
+        if cfg.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        if not args.resume:
+            scores = evaluate(teacher, run.test_loader, device=run.device, channels_last=cfg.channels_last)
+            if run.is_main:
+                print(f"teacher {record['name']} ({cfg.teacher.checkpoint}): " +
+                      "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
+        distiller = runs.build_distiller(cfg, teacher, student)
+        # the loader's order is a function of (seed, epoch): no state consumed
+        example_x, _ = next(iter(run.train_loader))
+        distiller.setup(example_x[:2])
+        optimizer, scheduler = runs.build_optimization(cfg, distiller.trainable_parameters())
+        method = DistillMethod(distiller, optimizer, scheduler, precision=Precision(cfg.amp, run.device),
+                               grad_clip=cfg.grad_clip, steps_per_epoch=len(run.train_loader),
+                               forward=distributed.wrap(distiller, run.device))
+        history = runs.fit_run(run, method, {"student": model_record(cfg.student.name, cfg.student.options, run.info)})
     return finished(run, history)

@@ -45,13 +45,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"dml.mode must be one of {MODES}, got {dml.mode!r}")
     if len(dml.peers) < 2:
         raise ConfigError(f"dml.peers must list at least 2 models, got {len(dml.peers)}")
-    run = runs.start_run(cfg, "dml", dml.peers[0].name, args.run_dir, args.resume, resolved)
-    peers = [runs.build_model(p.name, p.options, run.info, run.device, cfg.channels_last) for p in dml.peers]
-    optimization = [runs.build_optimization(cfg, peer.parameters()) for peer in peers]
-    example = next(iter(run.train_loader))[0][:2] if dml.terms else None
-    method = DeepMutualLearning(peers, [o for o, _ in optimization], [s for _, s in optimization], mode=dml.mode,
-                                temperature=dml.temperature, ce_weight=dml.ce_weight,
-                                mimicry_weight=dml.mimicry_weight, terms=dml.terms, example_input=example,
-                                precision=Precision(cfg.amp, run.device))
-    records = {f"peer{k}": model_record(p.name, p.options, run.info) for k, p in enumerate(dml.peers)}
-    return finished(run, runs.fit_run(run, method, records))
+    with runs.start_run(cfg, "dml", dml.peers[0].name, args.run_dir, args.resume, resolved) as run:
+        peers = [runs.build_model(p.name, p.options, run.info, run.device, cfg.channels_last) for p in dml.peers]
+        optimization = [runs.build_optimization(cfg, peer.parameters()) for peer in peers]
+        example = next(iter(run.train_loader))[0][:2] if dml.terms else None
+        method = DeepMutualLearning(peers, [o for o, _ in optimization], [s for _, s in optimization], mode=dml.mode,
+                                    temperature=dml.temperature, ce_weight=dml.ce_weight,
+                                    mimicry_weight=dml.mimicry_weight, terms=dml.terms, example_input=example,
+                                    precision=Precision(cfg.amp, run.device))
+        records = {f"peer{k}": model_record(p.name, p.options, run.info) for k, p in enumerate(dml.peers)}
+        history = runs.fit_run(run, method, records)
+    return finished(run, history)

@@ -83,14 +83,9 @@ def _teacher_value(path, metric_hint: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
+    from featkd.commands._common import reports_user_errors
 
-    try:
-        return _run(args)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"featkd plot: error: {message}", file=sys.stderr)
-        return 2
+    return reports_user_errors(_run, also=(KeyError,))(args)  # plots name a missing metric or key with KeyError
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -23,13 +23,18 @@ from pathlib import Path
 import yaml
 
 from featkd.commands._common import reports_user_errors
+from featkd.config import ConfigError, describe_yaml_error, load_config, read_yaml, to_dict
 
 
 def _grid_arg(text: str) -> tuple[str, list]:
     key, sep, values = text.partition("=")
     if not sep or not key or not values:
         raise argparse.ArgumentTypeError(f"--grid {text!r}: expected key=value1,value2,... e.g. kd.options.T=2,4,8")
-    return key.strip(), [yaml.safe_load(v) for v in values.split(",")]
+    try:
+        return key.strip(), [yaml.safe_load(v) for v in values.split(",")]
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f"--grid {text!r}: a value is not valid YAML ({describe_yaml_error(error)}); "
+                                         "values are separated by commas and cannot contain any") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,37 +50,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from featkd import checkpoint as ckpt
     from featkd import runs, sweep
-    from featkd.config import ConfigError, read_yaml
 
     run_dir = Path(args.run_dir)
     if args.resume:
         saved = run_dir / ckpt.CONFIG_YAML
         if not saved.is_file():
             raise FileNotFoundError(f"cannot resume: {saved} does not exist; is {run_dir} a featkd sweep directory?")
+        if args.config or args.grid:
+            raise ConfigError("with --resume the sweep's base config and grid are those in its config.yaml; drop "
+                              "--config and --grid")
         stored = yaml.safe_load(saved.read_text())
-        base, grid = stored["base"], stored["grid"]
+        base, grid, overrides = stored["base"], stored["grid"], stored["overrides"]
+        runs.apply_resume_overrides(to_dict(load_config(None, overrides, base=base)), args.overrides, run_dir)
     else:
         if not args.config:
             raise ConfigError("featkd sweep needs --config (the base distill config) unless --resume")
-        base, grid = read_yaml(args.config), dict(args.grid)
-    overrides = list(args.overrides)
+        base, grid, overrides = read_yaml(args.config), dict(args.grid), []
+    overrides += args.overrides
     base_cfg, member_cfgs = sweep.member_configs(base, overrides, grid)
     if base_cfg.teacher is None or not base_cfg.teacher.checkpoint:
         raise ConfigError("teacher.checkpoint is empty: give the last.pt of a 'featkd train' run")
 
-    run = runs.start_run(base_cfg, "sweep", "", run_dir, args.resume,  # --run-dir is required: no default name
-                         {"base": base, "overrides": overrides, "grid": grid})
-    teacher_state = ckpt.load_checkpoint(base_cfg.teacher.checkpoint)
-    teacher, record = ckpt.model_from_checkpoint(teacher_state, run.device, source=base_cfg.teacher.checkpoint)
-    runs.check_teacher_fits(record, run.info, base_cfg.teacher.checkpoint)
-    method, model_info = sweep.build_sweep(member_cfgs, teacher, teacher_state, run)
-    members = method.members
-    print(f"sweep of {len(members)} members against {base_cfg.teacher.checkpoint}: {', '.join(m.name for m in members)}")
-    try:
-        history = runs.fit_run(run, method, model_info)
-    finally:
-        method.close()
-    sweep.write_member_runs(run_dir, members, history)
+    with runs.start_run(base_cfg, "sweep", "", run_dir, args.resume,  # --run-dir is required: no default name
+                        {"base": base, "overrides": overrides, "grid": grid}) as run:
+        teacher_state = ckpt.load_checkpoint(base_cfg.teacher.checkpoint)
+        teacher, record = ckpt.model_from_checkpoint(teacher_state, run.device, source=base_cfg.teacher.checkpoint)
+        runs.check_teacher_fits(record, run.info, base_cfg.teacher.checkpoint)
+        method, model_info = sweep.build_sweep(member_cfgs, teacher, teacher_state, run)
+        members = method.members
+        print(f"sweep of {len(members)} members against {base_cfg.teacher.checkpoint}: "
+              f"{', '.join(m.name for m in members)}")
+        try:
+            history = runs.fit_run(run, method, model_info)
+        finally:
+            method.close()
+        sweep.write_member_runs(run_dir, members, history)
     print("\n| member | test acc1 % (last epoch) |\n|---|---|")
     for member in members:
         print(f"| {member.name} | {history[-1][f'{member.name}/acc1']:.2f} |")

@@ -25,14 +25,14 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = runs.load_run_config(args.config, args.run_dir, args.resume, args.overrides)
     runs.check_sections(cfg, "train", needed=("model",), unused=("teacher", "student", "terms", "kd"))
-    run = runs.start_run(cfg, "train", cfg.model.name, args.run_dir, args.resume)
-    model = runs.build_model(cfg.model.name, cfg.model.options, run.info, run.device, cfg.channels_last)
-    optimizer, scheduler = runs.build_optimization(cfg, model.parameters())
-    runner = distributed.wrap(model, run.device)
-    if cfg.compile:
-        runner = torch.compile(runner)
-    method = SupervisedMethod(runner, optimizer, scheduler, precision=Precision(cfg.amp, run.device),
-                              grad_clip=cfg.grad_clip)
-    history = runs.fit_run(run, method, {"model": model_record(cfg.model.name, cfg.model.options, run.info)})
+    with runs.start_run(cfg, "train", cfg.model.name, args.run_dir, args.resume) as run:
+        model = runs.build_model(cfg.model.name, cfg.model.options, run.info, run.device, cfg.channels_last)
+        optimizer, scheduler = runs.build_optimization(cfg, model.parameters())
+        runner = distributed.wrap(model, run.device)
+        if cfg.compile:
+            runner = torch.compile(runner)
+        method = SupervisedMethod(runner, optimizer, scheduler, precision=Precision(cfg.amp, run.device),
+                                  grad_clip=cfg.grad_clip)
+        history = runs.fit_run(run, method, {"model": model_record(cfg.model.name, cfg.model.options, run.info)})
     return finished(run, history)
 

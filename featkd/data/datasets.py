@@ -12,6 +12,7 @@ import gzip
 import inspect
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -73,21 +74,28 @@ class ImageDataset:
 
 
 # ---------------------------------------------------------------------------------------------- IDX
+_FETCH_AGAIN = "fetch the dataset's files again (Fashion-MNIST: sudo apt-get install --reinstall dataset-fashion-mnist)"
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (the MNIST format; gzip-compressed if the name ends in .gz) into a numpy array."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise ValueError(f"{path} cannot be read: it is truncated or damaged ({error}); {_FETCH_AGAIN}") from None
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in dtypes:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
+        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()}); {_FETCH_AGAIN}")
     ndim = data[3]
     shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
     dtype = np.dtype(dtypes[data[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
     body = data[4 + 4 * ndim:]
     if len(body) != expected:
-        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but the file holds {len(body)}")
+        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but the file holds {len(body)}: it "
+                         f"is truncated or damaged; {_FETCH_AGAIN}")
     return np.frombuffer(body, dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -111,7 +119,8 @@ def _fashion_mnist(root, split: str) -> ImageDataset:
     images = torch.from_numpy(read_idx(image_file).copy()).unsqueeze(1)
     labels = torch.from_numpy(read_idx(label_file).astype(np.int64))
     if len(images) != len(labels):
-        raise ValueError(f"{image_file} has {len(images)} images but {label_file} has {len(labels)} labels")
+        raise ValueError(f"{image_file} has {len(images)} images but {label_file} has {len(labels)} labels: one of "
+                         f"them is damaged or of another split; {_FETCH_AGAIN}")
     # Published training-set statistics (the usual 0.2860 / 0.3530).
     info = DatasetInfo("fashion_mnist", 10, 1, images.shape[-1], (0.2860,), (0.3530,))
     return ImageDataset(images, labels, info)
@@ -142,10 +151,17 @@ def _cifar(name: str, root, split: str) -> ImageDataset:
             f"root=<that folder or its parent> or set FEATKD_DATA=<its parent>.")
     images, labels = [], []
     for f in files:
-        with open(f, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")  # the official format is a pickle: only load files you trust
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        try:
+            with open(f, "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")  # the official format is a pickle: only load files you trust
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        except Exception as error:  # unpickling damaged bytes can raise almost any error
+            raise ValueError(f"{f} is not a readable {name} batch ({type(error).__name__}): it is truncated or "
+                             f"damaged; extract it again from {_CIFAR_URL[name]}") from None
+        if len(images[-1]) != len(labels[-1]):
+            raise ValueError(f"{f} holds {len(images[-1])} images but {len(labels[-1])} labels; extract it again from "
+                             f"{_CIFAR_URL[name]}")
     info = DatasetInfo(name, num_classes, 3, 32, mean, std)
     return ImageDataset(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), info)
 

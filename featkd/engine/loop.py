@@ -23,6 +23,7 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import distributed
+from featkd.config import changed_keys
 from featkd.engine.method import Method
 from featkd.engine.precision import Precision
 from featkd.engine.sinks import run_sinks
@@ -141,14 +142,18 @@ def fit(
     * ``run_dir`` must be new (or empty) unless ``resume=True``, in which case the
       run continues from ``run_dir/last.pt`` and ends exactly where an
       uninterrupted run would (loader order is a function of (seed, epoch) via
-      ``train_loader.set_epoch``; RNG states are restored per rank).
+      ``train_loader.set_epoch``; RNG states are restored per rank). A missing ``best.pt`` is
+      restored from ``last.pt`` when both hold the same epoch (otherwise the log says it is gone),
+      and the log names the config keys that changed since the run started (``epochs``, ``device``).
     * Each epoch appends a row to the run's log (:func:`featkd.engine.sinks.run_sinks`: ``metrics.jsonl``/
       ``metrics.csv``, TensorBoard when installed, and ``log``): every named
       loss averaged over the epoch (``train/<name>``), ``<model>/acc1``,
       ``<model>/acc5`` and ``<model>/loss`` for each eval model, ``lr``,
       ``epoch_time_s`` (training steps) and ``eval_time_s``. ``last.pt`` is
       rewritten every epoch, ``best.pt`` when ``best_metric`` improves (default:
-      the first eval model's ``acc1``; a metric named ``...loss`` improves downwards).
+      the first eval model's ``acc1``; a metric named ``...loss`` improves downwards), before
+      ``last.pt``: whatever write fails, ``last.pt`` never holds an epoch whose ``best.pt`` is lost.
+      A failed write raises :class:`featkd.checkpoint.WriteFailedError` saying which epoch ``last.pt`` holds.
     * ``config`` (the resolved config) is saved as ``config.yaml``; ``model_info``
       maps an eval model's name to what is needed to rebuild it (model name,
       num_classes, in_channels) and is stored with its weights in each checkpoint.
@@ -163,6 +168,8 @@ def fit(
     """
     if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
         raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     rank = distributed.info()
     run_dir = Path(run_dir)
     precision = precision or getattr(method, "precision", None) or Precision()
@@ -176,15 +183,29 @@ def fit(
     start_epoch, step, best = 0, 0, None
     if resume:
         state = ckpt.load_checkpoint(run_dir / ckpt.LAST)
-        method.load_state_dict(state["method"])
         history, start_epoch, step, best = state["history"], state["epoch"], state["step"], state["best"]
+        if epochs < start_epoch:
+            raise ValueError(f"epochs={epochs} is fewer than the {start_epoch} epochs {run_dir / ckpt.LAST} holds; "
+                             f"resume with epochs={start_epoch} or more")
+        try:
+            method.load_state_dict(state["method"])
+        except ValueError as error:
+            raise ValueError(f"cannot resume {run_dir}: {error}; its teacher checkpoint, or featkd's models, changed "
+                             "since it started: start a new run") from None
         if len(state["rng"]) != rank.world_size:
             raise ValueError(f"{run_dir / ckpt.LAST} was written by {len(state['rng'])} processes; "
                              f"resume it with the same number, not {rank.world_size}.")
         ckpt.set_rng_state(state["rng"][rank.rank])
-        log(f"resuming {run_dir} after epoch {start_epoch} (step {step})")
+        changes = changed_keys(state.get("config") or {}, config or {})
+        log(f"resuming {run_dir} after epoch {start_epoch} (step {step})" +
+            "".join(f"; {key} changed from {old} to {new}" for key, (old, new) in changes.items()))
+        restored = ckpt.restore_best(run_dir, state) if rank.is_main else None
+        if restored:
+            log(restored)
     if rank.is_main:
         ckpt.write_run_info(run_dir, config)
+        if resume:  # a write that failed after last.pt may have left the metrics files behind it
+            ckpt.write_metrics(run_dir, history)
 
     # -- epochs ------------------------------------------------------------------------
     sinks = run_sinks(run_dir, log, logged_epochs=start_epoch) if rank.is_main else []
@@ -204,8 +225,8 @@ def fit(
                     culprit = next((name for name in bad if name != "total"), bad[0])
                     raise DivergenceError(
                         f"loss {culprit!r} became {losses[culprit]} at step {step} (epoch {epoch + 1}); "
-                        f"non-finite terms: {bad}. Training stopped; {run_dir / ckpt.LAST} still holds the last good "
-                        "epoch. Lower the learning rate or that term's weight, then resume or restart."
+                        f"non-finite terms: {bad}. Training stopped; {_what_last_holds(run_dir, epoch)}. Lower "
+                        "the learning rate or that term's weight, then resume or restart."
                     )
                 batch = x.shape[0]
                 for name, value in losses.items():
@@ -256,8 +277,11 @@ def fit(
                     "best": best,
                     "config": config,
                 }
-                paths = [run_dir / ckpt.LAST] + ([run_dir / ckpt.BEST] if improved else [])
-                ckpt.save_checkpoint(paths, state)
+                try:
+                    ckpt.save_checkpoint(([run_dir / ckpt.BEST] if improved else []) + [run_dir / ckpt.LAST], state)
+                except ckpt.WriteFailedError as error:
+                    raise ckpt.WriteFailedError(f"epoch {epoch + 1} was not saved: {error}; "
+                                                f"{_what_last_holds(run_dir, epoch)}") from error
                 for sink in sinks:
                     sink.write(history)
             distributed.barrier()
@@ -265,6 +289,12 @@ def fit(
         for sink in sinks:
             sink.close()
     return history
+
+
+def _what_last_holds(run_dir: Path, epochs_done: int) -> str:
+    if epochs_done:
+        return f"{run_dir / ckpt.LAST} still holds epoch {epochs_done}"
+    return "no epoch had finished, so nothing was saved"
 
 
 def _progress_bar(loader, epoch: int, epochs: int, enabled: bool):

@@ -10,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from featkd.checkpoint import load_weights
 from featkd.engine.precision import Precision
 from featkd.functional import cross_entropy
 from featkd.layer_specs import unwrap
@@ -102,8 +103,10 @@ def _load_state(part: Any, state: Any, key: str) -> None:
             raise KeyError(f"the checkpoint has no state for {key} {missing}; it holds {sorted(state)}")
         for name, p in part.items():
             _load_state(p, state[name], f"{key}.{name}")
+    elif isinstance(part, nn.Module):
+        load_weights(unwrap(part), state, f"the {key} in its checkpoint is of another architecture than this run's")
     else:
-        (unwrap(part) if isinstance(part, nn.Module) else part).load_state_dict(state)
+        part.load_state_dict(state)
 
 
 def losses_to_floats(losses: dict[str, torch.Tensor]) -> dict[str, float]:

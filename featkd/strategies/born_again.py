@@ -104,7 +104,7 @@ def train_generations(
     if resume:
         if not run_dir.is_dir():
             raise FileNotFoundError(f"cannot resume: {str(run_dir)!r} does not exist; start it without --resume.")
-    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    elif ckpt.holds_results(run_dir):
         raise ckpt.RunDirectoryExistsError(
             f"run directory {str(run_dir)!r} already exists and is not empty; pass --resume to continue its "
             "generations, or choose a new --run-dir.")
