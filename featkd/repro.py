@@ -678,19 +678,6 @@ def render_report(protocol: Protocol, budget: Budget, data: DataSpec, cells: Seq
 # ============================================================================= Hinton et al. 2015: the omitted class
 
 
-def mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: Sequence[int] = (800, 800),
-        dropout: float = 0.0) -> nn.Sequential:
-    """A ReLU MLP on flattened images, as in Hinton et al.'s MNIST experiments (``featkd.repro:mlp``)."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = in_channels * image_size * image_size
-    for size in hidden:
-        layers += [nn.Linear(width, size), nn.ReLU(inplace=True)]
-        layers += [nn.Dropout(dropout)] if dropout else []
-        width = size
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
-
-
 @dataclass(frozen=True)
 class OmittedBudget:
     """The omitted-class experiment's sizes (MLPs on flattened images, no augmentation)."""
@@ -788,7 +775,7 @@ def run_omitted_class(budget: OmittedBudget, data: DataSpec, run_root: Path, *, 
                             drop_last=shuffle, device=device, seed=0)
 
     def model(hidden, dropout=0.0):
-        return create_model("featkd.repro:mlp", num_classes=info.num_classes, in_channels=info.in_channels,
+        return create_model("mlp", num_classes=info.num_classes, in_channels=info.in_channels,
                             image_size=info.image_size, hidden=tuple(hidden), dropout=dropout).to(device)
 
     def schedule(params, epochs):

@@ -54,7 +54,9 @@ def test_choose_bias_shift_maximises_heldout_accuracy():
 
 def test_apply_bias_shift_equals_shifted_logits():
     torch.manual_seed(0)
-    model = repro.mlp(num_classes=5, in_channels=1, image_size=4, hidden=(6,))
+    from featkd.models import create_model
+
+    model = create_model("mlp", num_classes=5, in_channels=1, image_size=4, hidden=(6,))
     x = torch.randn(7, 1, 4, 4)
     before = model(x).detach()
     head = repro.apply_bias_shift(model, 3, 2.5)
