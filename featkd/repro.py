@@ -31,28 +31,8 @@ import torch
 from torch import nn
 
 from featkd.checkpoint import model_record
+from featkd.stats import Summary
 from featkd.models import default_distill_layers, pre_relu_layer
-
-# ----------------------------------------------------------------------------- statistics
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Summary of one cell over seeds."""
-
-    mean: float
-    std: float  # sample standard deviation (ddof=1); 0 for a single seed
-    median: float
-    n: int
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> "Stats":
-        values = np.asarray(list(values), dtype=float)
-        if values.size == 0:
-            raise ValueError("Stats.of needs at least one value")
-        std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-        return cls(float(values.mean()), std, float(np.median(values)), int(values.size))
-
 
 # ----------------------------------------------------------------------------- tables
 
@@ -78,14 +58,14 @@ def results_table(cells: Sequence[Cell], *, baseline: str = "student", metric: s
     """A Markdown table: ours (mean ± std, median, n) and Δ vs the baseline row of the same group,
     beside the published value and its Δ. Deltas, not absolute values, are comparable across datasets.
     """
-    baselines = {c.group: Stats.of(c.values).mean for c in cells if c.method == baseline and c.values}
+    baselines = {c.group: Summary.of(c.values).mean for c in cells if c.method == baseline and c.values}
     published_baselines = {c.group: c.published for c in cells if c.method == baseline}
     header = (f"| pair | method | ours: {metric} mean ± std ({ours_dataset}) | ours: median | seeds "
               f"| ours: Δ vs {baseline} | paper: {metric} ({published_dataset}) | paper: Δ vs {baseline} |")
     lines = [header, "|" + "---|" * 8]
     for c in cells:
         if c.values:
-            s = Stats.of(c.values)
+            s = Summary.of(c.values)
             ours = f"{s.mean:.2f} ± {s.std:.2f}"
             median, n = f"{s.median:.2f}", str(s.n)
             delta = s.mean - baselines[c.group] if c.group in baselines and c.method != baseline else None

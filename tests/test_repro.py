@@ -9,16 +9,6 @@ import torch
 from featkd import repro
 
 
-def test_stats_match_numpy():
-    values = [8.1, 7.7, 8.4, 7.9, 8.0]
-    s = repro.Stats.of(values)
-    assert (s.mean, s.median, s.n) == (pytest.approx(np.mean(values)), 8.0, 5)
-    assert s.std == pytest.approx(np.std(values, ddof=1))
-    assert repro.Stats.of([3.0]).std == 0.0
-    with pytest.raises(ValueError, match="at least one value"):
-        repro.Stats.of([])
-
-
 def test_results_table_deltas_against_the_student_of_the_same_pair():
     cells = [
         repro.Cell("A", "student", [10.0, 12.0], 8.77),
