@@ -164,11 +164,11 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
                                     device, base, log, eval_every=setup.eval_every or setup.epochs)
     wall = time.perf_counter() - started
     markdown = render_report(setup, data, len(train), full_size, accuracies, teacher_acc, record["name"], wall, command)
-    report = repro._write_new(run_root / f"limited-data-{setup.fraction:g}-{data.name}.md", markdown)
+    report = repro.write_new(run_root / f"limited-data-{setup.fraction:g}-{data.name}.md", markdown)
     results = {"fraction": setup.fraction, "train_examples": len(train), "seeds": list(setup.seeds),
                "teacher_acc": teacher_acc, "accuracies": accuracies, "setup": dataclasses.asdict(setup),
                "report": str(report)}
-    repro._write_new(report.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    repro.write_new(report.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
     log(f"report written to {report}")
     return LimitedDataResult(markdown, accuracies, teacher_acc, repro.pretty_model(record["name"]), len(train), wall)
 

@@ -88,9 +88,9 @@ def test_budget_milestones_are_the_official_loops_scaled_and_reported():
 
 
 def test_protocol_schedules_restart_momentum_at_each_decay():
-    budget = repro.AT_TABLE1.budgets["full"]
-    optimizer, scheduler = repro._schedule([torch.nn.Parameter(torch.zeros(1))], 200, budget)
+    optimizer, scheduler = repro.paper_schedule([torch.nn.Parameter(torch.zeros(1))], 200)
     assert scheduler.restart_momentum_at_milestones and scheduler.lr_lambdas[0].milestones == [59, 119, 159]
+    assert repro.AT_TABLE1.budgets["full"].milestones(200) == [59, 119, 159]
 
 
 def test_protocol_definitions_hold_the_published_cells():
@@ -200,7 +200,7 @@ def test_a_run_in_progress_is_not_trained_twice(tmp_path):
     (tmp_path / "teachers").mkdir()
     (tmp_path / "teachers" / ".t.lock").write_text("12345")
     with pytest.raises(RunDirectoryExistsError, match="being trained by another process"):
-        repro._fit_or_resume(None, None, None, run_dir, 1, log=print)
+        repro.fit_or_resume(None, None, None, run_dir, 1, log=print)
     assert (tmp_path / "teachers" / ".t.lock").read_text() == "12345"  # someone else's lock is left alone
 
 
@@ -236,6 +236,6 @@ def test_a_cached_run_made_before_a_setting_existed_is_not_reused(tmp_path):
     from featkd.checkpoint import RunDirectoryExistsError
 
     (tmp_path / "config.yaml").write_text("model: wrn16_2\nepochs: 4\n")
-    repro._check_cached_config(tmp_path, {"model": "wrn16_2", "epochs": 4})  # the same settings: reused
+    repro.check_cached_config(tmp_path, {"model": "wrn16_2", "epochs": 4})  # the same settings: reused
     with pytest.raises(RunDirectoryExistsError, match=r"'training': \(None, \{'pad_mode': 'reflect'\}\)"):
-        repro._check_cached_config(tmp_path, {"model": "wrn16_2", "epochs": 4, "training": {"pad_mode": "reflect"}})
+        repro.check_cached_config(tmp_path, {"model": "wrn16_2", "epochs": 4, "training": {"pad_mode": "reflect"}})
