@@ -1,10 +1,11 @@
 """Seed statistics for method comparisons: summaries over seeds, paired differences with t intervals.
 
 A cell of a result table over seeds is summarised by its mean, sample standard deviation (ddof=1)
-and median (:class:`Summary`). Members of a featkd sweep that share a seed share the student's initial weights and the batches,
-so two methods are compared *paired by seed*: the per-seed differences d_k = method_k - baseline_k,
-their mean, and a Student-t confidence interval mean(d) ± t_{n-1, 0.975} · sd(d) / sqrt(n). A
-difference is "beyond noise" when its interval excludes 0. With one seed there is no interval.
+and median (:class:`Summary`). Members of a featkd sweep that share a seed share the student's
+initial weights and the batches, so two methods are compared *paired by seed*: the per-seed
+differences d_k = method_k - baseline_k, their mean, and a Student-t confidence interval
+mean(d) ± t_{n-1, 0.975} · sd(d) / sqrt(n). A difference is "beyond noise" when its interval
+excludes 0. With one seed there is no interval.
 """
 
 from __future__ import annotations

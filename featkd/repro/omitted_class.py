@@ -9,8 +9,6 @@ on held-out training examples, never on the test set.
 
 from __future__ import annotations
 
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ from torch import nn
 
 from featkd.repro.cache import check_cached_config, fit_or_resume, write_new
 from featkd.repro.protocols import paper_schedule
-from featkd.repro.report import DataSpec, hardware
+from featkd.repro.report import DataSpec, command_line, hardware
 from featkd.repro.students import compact_summary
 
 # ----------------------------------------------------------------------------- the bias correction
@@ -254,7 +252,7 @@ def render_omitted(rows, budget: OmittedBudget, data: DataSpec, wall_s: float, c
     lines = [
         f"# Hinton et al. 2015: distillation with class {cls} omitted from the transfer set",
         "",
-        f"- command: `{command or ' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- command: `{command_line(command)}`",
         f"- dataset (ours): {data.label}" + ("" if data.name == "mnist" else " (the paper used MNIST)"),
         f"- {budget.describe()}",
         f"- bias correction: the omitted class's output bias is raised by the shift in 0, 0.25, ..., 10 that "

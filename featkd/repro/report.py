@@ -34,6 +34,11 @@ def hardware() -> str:
     return f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def command_line(command: str | None) -> str:
+    """The command a report names: ``command`` as given, or this process's own argv."""
+    return command or " ".join(shlex.quote(a) for a in sys.argv)
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """Which dataset a protocol runs on: CIFAR-10 when given a path, Fashion-MNIST otherwise."""
@@ -108,7 +113,7 @@ def render_report(protocol: TableProtocol, budget: Budget, data: DataSpec, cells
     lines = [
         f"# {protocol.title}",
         "",
-        f"- command: `{command or ' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- command: `{command_line(command)}`",
         f"- dataset (ours): {ours}",
         f"- {budget.describe()}",
         f"- hardware: {hardware()}",

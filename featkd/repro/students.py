@@ -17,7 +17,7 @@ from featkd.repro.cache import check_cached_config, fit_or_resume
 from featkd.repro.protocols import Budget, Recipe, paper_schedule, protocol_model_options
 
 
-def training_record(train_loader, scheduler) -> dict:
+def _training_record(train_loader, scheduler) -> dict:
     """How a protocol run is trained beyond its sizes, stored with it so that a cached run made another way
     is not reused."""
     return {"pad": train_loader.pad, "pad_mode": train_loader.pad_mode, "drop_last": train_loader.drop_last,
@@ -38,7 +38,7 @@ def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epo
     method = SupervisedMethod(model, optimizer, scheduler, name="teacher")
     config = {"role": "teacher", "model": name, "model_options": options, "dataset": info.name, "epochs": epochs,
               "budget": budget.name, "train_examples": len(train_loader.dataset), "batch_size": train_loader.batch_size,
-              "training": training_record(train_loader, scheduler)}
+              "training": _training_record(train_loader, scheduler)}
     check_cached_config(run_dir, config)
     history = fit_or_resume(method, train_loader, test_loader, run_dir, epochs, log=log, device=device, config=config,
                             model_info={"teacher": model_record(name, options, info)})
@@ -87,7 +87,7 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
     method = sweep.SweepMethod(teacher, members, shared)
     config = {**base_config, "epochs": budget.epochs, "train_examples": len(train_loader.dataset),
               "members": [m.name for m in members],
-              "training": training_record(train_loader, members[0].method.scheduler)}
+              "training": _training_record(train_loader, members[0].method.scheduler)}
     check_cached_config(run_dir, config)
     try:
         history = fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,
