@@ -215,7 +215,7 @@ def paired_deltas(accuracies: Mapping[str, Sequence[float]], *, baseline: str = 
 
 def data_size_curve(results: Sequence[Mapping], *, title: str | None = None) -> Figure:
     """Test accuracy against the students' share of the training data: per method the mean over seeds
-    with its 95% t band (``results``: the ``results.json`` of :mod:`featkd.limited_data` tables)."""
+    with its 95% t band (``results``: the ``results.json`` of :mod:`featkd.repro.limited_data` tables)."""
     if not results:
         raise ValueError("data_size_curve needs at least one limited-data result")
     results = sorted(results, key=lambda r: r["fraction"])

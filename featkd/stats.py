@@ -1,9 +1,11 @@
-"""Seed statistics for method comparisons: paired differences with t intervals.
+"""Seed statistics for method comparisons: summaries over seeds, paired differences with t intervals.
 
-Members of a featkd sweep that share a seed share the student's initial weights and the batches,
-so two methods are compared *paired by seed*: the per-seed differences d_k = method_k - baseline_k,
-their mean, and a Student-t confidence interval mean(d) ± t_{n-1, 0.975} · sd(d) / sqrt(n). A
-difference is "beyond noise" when its interval excludes 0. With one seed there is no interval.
+A cell of a result table over seeds is summarised by its mean, sample standard deviation (ddof=1)
+and median (:class:`Summary`). Members of a featkd sweep that share a seed share the student's
+initial weights and the batches, so two methods are compared *paired by seed*: the per-seed
+differences d_k = method_k - baseline_k, their mean, and a Student-t confidence interval
+mean(d) ± t_{n-1, 0.975} · sd(d) / sqrt(n). A difference is "beyond noise" when its interval
+excludes 0. With one seed there is no interval.
 """
 
 from __future__ import annotations
@@ -16,6 +18,24 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Values over seeds: mean, sample standard deviation (ddof=1; 0 for a single value), median, count."""
+
+    mean: float
+    std: float
+    median: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Summary":
+        values = np.asarray(list(values), dtype=float)
+        if values.size == 0:
+            raise ValueError("a summary over seeds needs at least one value")
+        std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+        return cls(float(values.mean()), std, float(np.median(values)), int(values.size))
 
 
 @dataclass(frozen=True)
@@ -48,14 +68,12 @@ class Interval:
 
 def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
     """Mean of ``values`` with its Student-t interval."""
-    values = np.asarray(list(values), dtype=float)
-    if values.size == 0:
-        raise ValueError("t_interval needs at least one value")
-    if values.size < 2:
-        return Interval(float(values.mean()), math.nan, int(values.size), level)
-    sem = values.std(ddof=1) / math.sqrt(values.size)
-    half = float(scipy_stats.t.ppf(0.5 + level / 2, values.size - 1) * sem)
-    return Interval(float(values.mean()), half, int(values.size), level)
+    summary = Summary.of(values)
+    if summary.n < 2:
+        return Interval(summary.mean, math.nan, summary.n, level)
+    sem = summary.std / math.sqrt(summary.n)
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, summary.n - 1) * sem)
+    return Interval(summary.mean, half, summary.n, level)
 
 
 def paired_delta(values: Sequence[float], baseline: Sequence[float], level: float = LEVEL) -> Interval:

@@ -13,7 +13,7 @@ PACKAGE = Path(featkd.__file__).resolve().parent
 LAYERS = [
     ["featkd.cli"],
     ["featkd.commands"],
-    ["featkd.runs", "featkd.repro", "featkd.limited_data", "featkd.sweep", "featkd.strategies", "featkd.plots"],
+    ["featkd.runs", "featkd.repro", "featkd.sweep", "featkd.strategies", "featkd.plots"],
     ["featkd.distiller", "featkd.terms", "featkd.engine"],
     ["featkd.hooks", "featkd.layer_specs", "featkd.layer_info", "featkd.losses", "featkd.functional", "featkd.models",
      "featkd.data", "featkd.checkpoint", "featkd.locking", "featkd.config", "featkd.distributed", "featkd.stats",

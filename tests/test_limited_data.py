@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from featkd import limited_data, plots, repro
+from featkd import plots, repro
+from featkd.repro import limited_data
 from featkd.cli import main
 
 

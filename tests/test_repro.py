@@ -10,16 +10,6 @@ import torch
 from featkd import repro
 
 
-def test_stats_match_numpy():
-    values = [8.1, 7.7, 8.4, 7.9, 8.0]
-    s = repro.Stats.of(values)
-    assert (s.mean, s.median, s.n) == (pytest.approx(np.mean(values)), 8.0, 5)
-    assert s.std == pytest.approx(np.std(values, ddof=1))
-    assert repro.Stats.of([3.0]).std == 0.0
-    with pytest.raises(ValueError, match="at least one value"):
-        repro.Stats.of([])
-
-
 def test_results_table_deltas_against_the_student_of_the_same_pair():
     cells = [
         repro.Cell("A", "student", [10.0, 12.0], 8.77),
@@ -55,7 +45,9 @@ def test_choose_bias_shift_maximises_heldout_accuracy():
 
 def test_apply_bias_shift_equals_shifted_logits():
     torch.manual_seed(0)
-    model = repro.mlp(num_classes=5, in_channels=1, image_size=4, hidden=(6,))
+    from featkd.models import create_model
+
+    model = create_model("mlp", num_classes=5, in_channels=1, image_size=4, hidden=(6,))
     x = torch.randn(7, 1, 4, 4)
     before = model(x).detach()
     head = repro.apply_bias_shift(model, 3, 2.5)
@@ -97,9 +89,9 @@ def test_budget_milestones_are_the_official_loops_scaled_and_reported():
 
 
 def test_protocol_schedules_restart_momentum_at_each_decay():
-    budget = repro.AT_TABLE1.budgets["full"]
-    optimizer, scheduler = repro._schedule([torch.nn.Parameter(torch.zeros(1))], 200, budget)
+    optimizer, scheduler = repro.paper_schedule([torch.nn.Parameter(torch.zeros(1))], 200)
     assert scheduler.restart_momentum_at_milestones and scheduler.lr_lambdas[0].milestones == [59, 119, 159]
+    assert repro.AT_TABLE1.budgets["full"].milestones(200) == [59, 119, 159]
 
 
 def test_protocol_definitions_hold_the_published_cells():
@@ -210,7 +202,7 @@ def test_a_run_in_progress_is_not_trained_twice(tmp_path):
     holder = str(os.getpid())  # a lock of the old form (a bare PID) held by a live process: this one
     (tmp_path / "teachers" / ".t.lock").write_text(holder)
     with pytest.raises(RunDirectoryExistsError, match=f"is in use: process {holder} "):
-        repro._fit_or_resume(None, None, None, run_dir, 1, log=print)
+        repro.fit_or_resume(None, None, None, run_dir, 1, log=print)
     assert (tmp_path / "teachers" / ".t.lock").read_text() == holder  # someone else's lock is left alone
 
 
@@ -246,6 +238,6 @@ def test_a_cached_run_made_before_a_setting_existed_is_not_reused(tmp_path):
     from featkd.checkpoint import RunDirectoryExistsError
 
     (tmp_path / "config.yaml").write_text("model: wrn16_2\nepochs: 4\n")
-    repro._check_cached_config(tmp_path, {"model": "wrn16_2", "epochs": 4})  # the same settings: reused
+    repro.check_cached_config(tmp_path, {"model": "wrn16_2", "epochs": 4})  # the same settings: reused
     with pytest.raises(RunDirectoryExistsError, match=r"'training': \(None, \{'pad_mode': 'reflect'\}\)"):
-        repro._check_cached_config(tmp_path, {"model": "wrn16_2", "epochs": 4, "training": {"pad_mode": "reflect"}})
+        repro.check_cached_config(tmp_path, {"model": "wrn16_2", "epochs": 4, "training": {"pad_mode": "reflect"}})

@@ -1,4 +1,4 @@
-"""Paired intervals against SciPy's paired t-test and a hand computation."""
+"""Summaries over seeds against NumPy, paired intervals against SciPy's paired t-test and a hand computation."""
 
 import math
 
@@ -7,6 +7,17 @@ import pytest
 from scipy import stats as scipy_stats
 
 from featkd import stats
+
+
+def test_summary_matches_numpy():
+    values = [8.1, 7.7, 8.4, 7.9, 8.0]
+    s = stats.Summary.of(values)
+    assert (s.mean, s.median, s.n) == (pytest.approx(np.mean(values)), 8.0, 5)
+    assert s.std == pytest.approx(np.std(values, ddof=1))
+    assert stats.Summary.of([3.0]).std == 0.0
+    for empty in (stats.Summary.of, stats.t_interval):
+        with pytest.raises(ValueError, match="at least one value"):
+            empty([])
 
 
 def test_paired_delta_matches_scipy_ttest_rel_interval():

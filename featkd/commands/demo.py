@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def demo_setup(args):
-    from featkd.limited_data import LimitedDataSetup
+    from featkd.repro.limited_data import LimitedDataSetup
 
     if args.tiny:
         base = LimitedDataSetup(fraction=0.03, epochs=1, seeds=(0, 1), methods=DEMO_METHODS, batch_size=16,
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from featkd import limited_data, plots, repro, shipped, stats
+    from featkd import plots, repro, shipped, stats
+    from featkd.repro import limited_data
 
     started = time.perf_counter()
     setup = demo_setup(args)

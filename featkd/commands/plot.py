@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.kind == "attention":
         fig = _attention_figure(args)
     elif args.kind == "datasize":
-        from featkd.limited_data import load_results
+        from featkd.repro.limited_data import load_results
 
         fig = plots.data_size_curve(load_results(args.results), title=args.title)
     elif args.kind == "curves":

@@ -98,7 +98,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _limited_data(args, command):
-    from featkd import limited_data, shipped
+    from featkd import shipped
+    from featkd.repro import limited_data
 
     changes = {k: v for k, v in (("epochs", args.epochs), ("test_limit", args.test_limit or None)) if v is not None}
     if args.seeds:

@@ -1,15 +1,16 @@
-"""The papers' teachers and students (WRN, CIFAR ResNets, NIN) and ``create_model`` by name.
+"""The papers' teachers and students (WRN, CIFAR ResNets, NIN, Hinton's MLP) and ``create_model`` by name.
 
-Every featkd model accepts ``in_channels`` and any input size ≥ 28 (adaptive pooling), and carries
-timm-style ``feature_info`` plus the layer names AT/NST transfer (``default_distill_layers``) and the
-last feature map before its ReLU (``pre_relu_layer``, the official NST code's transfer point).
+Every featkd convolutional model accepts ``in_channels`` and any input size ≥ 28 (adaptive pooling), and
+carries timm-style ``feature_info`` plus the layer names AT/NST transfer (``default_distill_layers``) and
+the last feature map before its ReLU (``pre_relu_layer``, the official NST code's transfer point).
 """
 
 from featkd.models.features import FeatureInfo
+from featkd.models.mlp import mlp
 from featkd.models.nin import NIN
 from featkd.models.registry import create_model, default_distill_layers, feature_info, list_models, pre_relu_layer
 from featkd.models.resnet_cifar import CifarResNet
 from featkd.models.wrn import WideResNet
 
 __all__ = ["FeatureInfo", "NIN", "CifarResNet", "WideResNet", "create_model", "default_distill_layers",
-           "feature_info", "list_models", "pre_relu_layer"]
+           "feature_info", "list_models", "mlp", "pre_relu_layer"]

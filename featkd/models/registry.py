@@ -2,7 +2,7 @@
 
 Names:
 * featkd's own: ``wrn{depth}_{width}`` (also ``wrn-16-1``, ``WRN-40-2``), ``resnet{depth}`` (CIFAR, 6n+2),
-  ``nin``, ``nin_thin``;
+  ``nin``, ``nin_thin``, ``mlp`` (on flattened images: ``image_size``, ``hidden``, ``dropout``);
 * ``torchvision:<name>`` — a torchvision classification model with ``weights=None``;
 * ``timm:<name>`` — ``timm.create_model(name, pretrained=False, ...)``;
 * ``package.module:factory`` — any importable callable returning an ``nn.Module``.
@@ -21,6 +21,7 @@ from torch import nn
 
 from featkd.hooks import probe
 from featkd.models.features import FeatureInfo
+from featkd.models.mlp import mlp
 from featkd.models.nin import NIN
 from featkd.models.resnet_cifar import CifarResNet
 from featkd.models.wrn import WideResNet
@@ -35,6 +36,7 @@ _NAMED: dict[str, Callable[..., nn.Module]] = {
     **{f"resnet{d}": (lambda d=d, **kw: CifarResNet(d, **kw)) for d in (20, 32, 44, 56, 110)},
     "nin": lambda **kw: NIN(width=kw.pop("width", 1.0), **kw),
     "nin_thin": lambda **kw: NIN(width=kw.pop("width", 0.45), **kw),
+    "mlp": mlp,
 }
 
 

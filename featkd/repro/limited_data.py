@@ -9,8 +9,8 @@ the students (WRN-16-1) see a class-balanced ``fraction`` of it, every method an
 batches), and each method is compared with the student alone *paired by seed* (:mod:`featkd.stats`).
 
 Settings are fixed before any run and never chosen on the test set: the students are built and
-trained by :func:`featkd.repro.run_students`, so their optimiser, schedule and initialisation are the
-official AT code's (SGD 0.1, momentum 0.9 restarted at each decay, wd 5e-4, ×0.2 at the start of the
+trained by :func:`featkd.repro.students.run_students`, so their optimiser, schedule and initialisation are
+the official AT code's (SGD 0.1, momentum 0.9 restarted at each decay, wd 5e-4, ×0.2 at the start of the
 epochs 30/60/80% of the way through; WRN BN weights uniform on [0, 1)), the loss weights
 the reference code's where one exists (AT β = 1e3 per group; NST 50 on the last feature after its
 BN; KD 0.9 with CE 0.1 at T = 4). Gram and FitNets have no weight for this pair in any paper: their
@@ -29,8 +29,12 @@ from typing import Sequence
 
 import torch
 
-from featkd import repro, stats
+from featkd import stats
 from featkd.distiller import Term
+from featkd.repro.cache import write_new
+from featkd.repro.protocols import Budget, pretty_model, recipe
+from featkd.repro.report import DataSpec, hardware
+from featkd.repro.students import run_students
 
 STUDENT, TEACHER = "wrn16_1", "wrn16_2"
 GROUPS = ["group1", "group2", "group3"]
@@ -53,21 +57,22 @@ def _nst(kernel):
 GRAM_WEIGHT, HINT_WEIGHT = 5e-3, 0.75
 
 
-def _recipe(name, terms=None, kd=None, ce_weight=1.0):
-    if terms is None and kd is None:
-        return repro.Recipe(name, None)
-    return repro.Recipe(name, lambda s, t: dict(terms=terms() if terms else [], kd=kd, ce_weight=ce_weight))
+def _fixed(terms):
+    """A term builder for :func:`~featkd.repro.protocols.recipe` whose terms name their own (WRN) layers."""
+    return lambda s_layers, t_layers: terms()
 
 
 RECIPES = {
-    "student": _recipe("student"),
-    "KD": _recipe("KD", kd=KD, ce_weight=0.1),
-    "AT": _recipe("AT", _at),
-    "NST-linear": _recipe("NST-linear", lambda: _nst("linear")),
-    "NST-poly": _recipe("NST-poly", lambda: _nst("poly")),
-    "NST-gaussian": _recipe("NST-gaussian", lambda: _nst("gaussian")),
-    "Gram": _recipe("Gram", lambda: [Term(LAST_PRE_RELU, LAST_PRE_RELU, loss="gram", weight=GRAM_WEIGHT, name="gram")]),
-    "FitNet": _recipe("FitNet", lambda: [Term("group2", "group2", loss="hint", weight=HINT_WEIGHT, name="hint:group2")]),
+    "student": recipe("student"),
+    "KD": recipe("KD", kd=KD, ce_weight=0.1),
+    "AT": recipe("AT", _fixed(_at)),
+    "NST-linear": recipe("NST-linear", _fixed(lambda: _nst("linear"))),
+    "NST-poly": recipe("NST-poly", _fixed(lambda: _nst("poly"))),
+    "NST-gaussian": recipe("NST-gaussian", _fixed(lambda: _nst("gaussian"))),
+    "Gram": recipe("Gram", _fixed(lambda: [Term(LAST_PRE_RELU, LAST_PRE_RELU, loss="gram", weight=GRAM_WEIGHT,
+                                                 name="gram")])),
+    "FitNet": recipe("FitNet", _fixed(lambda: [Term("group2", "group2", loss="hint", weight=HINT_WEIGHT,
+                                                    name="hint:group2")])),
 }
 
 
@@ -98,8 +103,8 @@ class LimitedDataSetup:
     def train_limit(self, split_size: int) -> int:
         return max(round(self.fraction * split_size), 1)
 
-    def budget(self) -> repro.Budget:
-        return repro.Budget(f"limited-{self.fraction:g}", self.epochs, 0, self.seeds, batch_size=self.batch_size,
+    def budget(self) -> Budget:
+        return Budget(f"limited-{self.fraction:g}", self.epochs, 0, self.seeds, batch_size=self.batch_size,
                             test_limit=self.test_limit)
 
 
@@ -144,7 +149,7 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
     from featkd.engine import evaluate, resolve_device
 
     started = time.perf_counter()
-    data = data or repro.DataSpec("fashion_mnist")
+    data = data or DataSpec("fashion_mnist")
     device = resolve_device(device)
     teacher, record = load_teacher(teacher_path, device, teacher_sha256)
     full_size = len(data.load("train", None))
@@ -160,25 +165,25 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
     run_dir = run_root / f"limited-data-{setup.fraction:g}-{data.name}"
     base = {"experiment": "limited-data", "fraction": setup.fraction, "train_examples": len(train),
             "teacher": str(teacher_path), "dataset": data.name}
-    accuracies = repro.run_students(teacher, setup.student, recipes, budget, info, train_loader, test_loader, run_dir,
-                                    device, base, log, eval_every=setup.eval_every or setup.epochs)
+    accuracies = run_students(teacher, setup.student, recipes, budget, info, train_loader, test_loader, run_dir, device,
+                              base, log, eval_every=setup.eval_every or setup.epochs)
     wall = time.perf_counter() - started
     markdown = render_report(setup, data, len(train), full_size, accuracies, teacher_acc, record["name"], wall, command)
-    report = repro._write_new(run_root / f"limited-data-{setup.fraction:g}-{data.name}.md", markdown)
+    report = write_new(run_root / f"limited-data-{setup.fraction:g}-{data.name}.md", markdown)
     results = {"fraction": setup.fraction, "train_examples": len(train), "seeds": list(setup.seeds),
                "teacher_acc": teacher_acc, "accuracies": accuracies, "setup": dataclasses.asdict(setup),
                "report": str(report)}
-    repro._write_new(report.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    write_new(report.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
     log(f"report written to {report}")
-    return LimitedDataResult(markdown, accuracies, teacher_acc, repro.pretty_model(record["name"]), len(train), wall)
+    return LimitedDataResult(markdown, accuracies, teacher_acc, pretty_model(record["name"]), len(train), wall)
 
 
 def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size: int,
                   accuracies: dict[str, list[float]], teacher_acc: float, teacher: str, wall_s: float,
                   command: str | None) -> str:
     return "\n".join([
-        f"# Limited data: {repro.pretty_model(setup.student)} students on {setup.fraction:.0%} of {data.label} "
-        f"({train_examples} of {full_size} training images), {repro.pretty_model(teacher)} teacher trained on all "
+        f"# Limited data: {pretty_model(setup.student)} students on {setup.fraction:.0%} of {data.label} "
+        f"({train_examples} of {full_size} training images), {pretty_model(teacher)} teacher trained on all "
         "of them",
         "",
         f"- command: `{command or 'featkd repro limited-data'}`",
@@ -190,7 +195,7 @@ def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size:
         "- losses: KD 0.9·T²·KL + 0.1·CE at T = 4; AT β = 1e3 on each group output, + CE; NST weight 50 on the "
         f"last feature after its BN (before the ReLU), + CE; Gram (spatial, unnormalised) {GRAM_WEIGHT:g} on that "
         f"feature, + CE; FitNet hint {HINT_WEIGHT:g} on group2 through a 1×1 regressor, + CE",
-        f"- hardware: {repro.hardware()}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
+        f"- hardware: {hardware()}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
         "",
         stats.comparison_table(accuracies, setup.seeds, teacher=teacher_acc),
         "",

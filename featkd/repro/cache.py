@@ -1,0 +1,67 @@
+"""The protocols' run cache: runs trained once into their directories, resumed, reused, never overwritten.
+
+A run directory is reused only if its ``config.yaml`` records the same settings
+(:func:`check_cached_config`); :func:`fit_or_resume` trains it, resumes it or returns its finished
+history, under a lock so that two commands sharing a ``--run-dir`` do not train one run twice;
+:func:`write_new` writes a report beside earlier ones rather than over them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+def fit_or_resume(method, train_loader, test_loader, run_dir: Path, epochs: int, *, log, **options) -> list[dict]:
+    """Train into ``run_dir``, resume it if interrupted, or return the stored history if it is finished.
+
+    Two commands sharing a ``--run-dir`` (the AT and NST tables share their teachers) must not train
+    the same run at once: the run directory's lock marks a run in progress.
+    """
+    from featkd.locking import run_lock
+
+    with run_lock(run_dir):
+        return _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir, epochs, log=log, **options)
+
+
+def _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir: Path, epochs: int, *, log, **options):
+    from featkd import checkpoint as ckpt
+    from featkd.engine import fit
+
+    last = run_dir / ckpt.LAST
+    # A run stopped before its first epoch ended holds no result: fit starts it again.
+    if last.is_file():
+        state = ckpt.load_checkpoint(last)
+        if state["epoch"] >= epochs:
+            method.load_state_dict(state["method"])
+            log(f"reusing finished run {run_dir}")
+            return state["history"]
+        return fit(method, train_loader, test_loader, run_dir, epochs, resume=True, log=log, **options)
+    return fit(method, train_loader, test_loader, run_dir, epochs, log=log, **options)
+
+
+def check_cached_config(run_dir: Path, config: Mapping) -> None:
+    """A cached run is reused only if it was made with the same settings; otherwise say so (never overwrite)."""
+    import yaml
+
+    from featkd import checkpoint as ckpt
+
+    stored = run_dir / "config.yaml"
+    if stored.is_file():
+        old = yaml.safe_load(stored.read_text()) or {}
+        # A setting the stored run does not record was not how it was made (it predates the setting).
+        changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        if changed:
+            raise ckpt.RunDirectoryExistsError(
+                f"{run_dir} holds a run made with other settings ({changed}: stored vs asked); "
+                "it is kept as it is: choose another --run-dir")
+
+
+def write_new(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path``, or to ``path`` with -2, -3 ... appended if that file exists (never overwrite)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate, k = path, 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        k += 1
+    candidate.write_text(text)
+    return candidate
