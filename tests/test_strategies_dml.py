@@ -5,7 +5,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.special import log_softmax, rel_entr, softmax
 from torch import nn
 
