@@ -54,9 +54,10 @@ class Kernel:
 
     * ``fn(dot=... | sq_dist=..., **params)``: the kernel elementwise on Gram entries or squared
       distances (``structure`` says which).
-    * ``second_difference(base, du, dv, dw, **params)``: ``f(base+du+dv+dw) - f(base+du) -
-      f(base+dv) + f(base)`` for the kernel's elementwise ``f``, without cancellation; None if
-      the kernel has none (then the three-mean form is used).
+    * ``second_difference(base, du, dw, **params)``: ``f(base+du+duᵀ+dw) - f(base+du) -
+      f(base+duᵀ) + f(base)`` for the kernel's elementwise ``f`` on (B, C, C) blocks (duᵀ: du with
+      its last two dimensions swapped), without cancellation; None if the kernel has none (then the
+      three-mean form is used).
     * ``feature_map(params)``: "mean" or "outer" when the kernel with these parameters has that
       explicit feature map (see the module docstring), else None.
     * ``check(params)``: raises ValueError for parameters that do not give a positive definite
@@ -105,7 +106,7 @@ def register_kernel(name: str, *, second_difference=None, feature_map=None, chec
 # ----------------------------------------------------------------------------- the built-in kernels
 
 
-def _linear_difference(base, du, dv, dw):
+def _linear_difference(base, du, dw):
     return dw
 
 
@@ -115,11 +116,12 @@ def linear_kernel(dot: Tensor) -> Tensor:
     return dot
 
 
-def _poly_difference(base, du, dv, dw, *, degree, c):
+def _poly_difference(base, du, dw, *, degree, c):
     # h(z) = (b + z)^p with b = base + c:
     #   h(u+v+w) - h(u+v)              = w · Σ_k (b+u+v+w)^k (b+u+v)^(p-1-k)
     #   h(u+v) - h(u) - h(v) + h(0)    = Σ_{k≥2} C(p,k) b^(p-k) Σ_{0<m<k} C(k,m) u^m v^(k-m)
     # Every term is a product with a small quantity (w, or u and v together): no cancellation.
+    dv = du.transpose(1, 2)
     b = base + c if c else base
     uv, full = b + du + dv, b + du + dv + dw
     first = sum(full.pow(k) * uv.pow(degree - 1 - k) for k in range(degree))
@@ -149,14 +151,17 @@ def _bandwidths(sigma2):
     return sigma2 if isinstance(sigma2, (list, tuple)) else (sigma2,)
 
 
-def _gaussian_difference(base, du, dv, dw, *, sigma2):
-    # exp(a·(Q+α+β+γ)) - exp(a·(Q+α)) - exp(a·(Q+β)) + exp(a·Q)
-    #   = exp(aQ) [expm1(aα) expm1(aβ) + exp(aα) exp(aβ) expm1(aγ)],   a = -1 / (2σ²)
+def _gaussian_difference(base, du, dw, *, sigma2):
+    # exp(a·(Q+α+αᵀ+γ)) - exp(a·(Q+α)) - exp(a·(Q+αᵀ)) + exp(a·Q)
+    #   = exp(aQ) [E Eᵀ + (1 + E)(1 + Eᵀ) expm1(aγ)],   E = expm1(aα),  a = -1 / (2σ²)
     out = 0
     for s2 in _bandwidths(sigma2):
         scale = -0.5 / s2
-        e_u, e_v = torch.expm1(du * scale), torch.expm1(dv * scale)
-        out = out + torch.exp(base * scale) * (e_u * e_v + (1 + e_u) * (1 + e_v) * torch.expm1(dw * scale))
+        e_u = torch.expm1(du * scale)
+        e_v = e_u.transpose(1, 2)
+        with torch.no_grad():
+            k_base = torch.exp(base * scale)
+        out = out + k_base * torch.addcmul(e_u * e_v, (1 + e_u) * (1 + e_v), torch.expm1(dw * scale))
     return out
 
 
@@ -285,7 +290,7 @@ def _paired_mmd(spec: Kernel, params: dict, feature_map: str | None, route: str,
         a = torch.bmm(unit_y, unit_y.transpose(1, 2))
     u, w = torch.bmm(d, torch.cat([unit_y, d], 1).transpose(1, 2)).split(c, dim=2)  # one product for both
     if spec.structure == "dot":
-        base, du, dv, dw = a, u, u.transpose(1, 2), w
+        base, du, dw = a, u, w
     else:
         # |p|² + |q|² - 2 p·q with |.|² ∈ {0, 1} (dead or live); the student's norms change by e.
         n_y = live_y.to(a.dtype)
@@ -293,10 +298,10 @@ def _paired_mmd(spec: Kernel, params: dict, feature_map: str | None, route: str,
         with torch.no_grad():
             base = (n_y.unsqueeze(2) + n_y.unsqueeze(1) - 2 * a).clamp_min(0.0)
         du = e.unsqueeze(2) - 2 * u
-        dv, dw = du.transpose(1, 2), -2 * w
+        dw = -2 * w
         if "sigma2" in params and params["sigma2"] is None:
             params = {**params, "sigma2": median_bandwidth((base + du).clamp_min(0.0))}
-    return spec.second_difference(base, du, dv, dw, **params).mean((1, 2))
+    return spec.second_difference(base, du, dw, **params).mean((1, 2))
 
 
 def spatial_gram_distance(x: Tensor, y: Tensor, route: str = "auto", *, normalize: bool = True) -> Tensor:
