@@ -22,10 +22,6 @@ class ShippedTeacher:
     config: str  # the shipped config it was trained with
     overrides: tuple[str, ...]
 
-    @property
-    def command(self) -> str:
-        return f"featkd train --config {self.config} --run-dir RUN_DIR {' '.join(self.overrides)}"
-
 
 TEACHER = ShippedTeacher(
     path=REPO_ROOT / "paper_repro" / "teachers" / "fmnist_wrn16_2.pt",

@@ -52,3 +52,28 @@ def test_tiny_table_end_to_end_and_datasize_plot(tmp_path):
     assert {line.get_gid() for line in fig.axes[0].lines} >= {f"curve:{m}" for m in limited_data.RECIPES}
     assert main(["plot", "datasize", *map(str, results), "--out", str(tmp_path / "fig")]) == 0
     assert (tmp_path / "fig.png").stat().st_size > 1000
+
+
+def test_exported_teacher_keeps_the_model_and_drops_the_training_state(tmp_path):
+    from featkd import checkpoint as ckpt
+    from featkd import shipped
+
+    assert main(["train", "--config", "fmnist_teacher_wrn16_2", "--run-dir", str(tmp_path / "t"),
+                 "model.name=wrn10_1", "epochs=1", "data.name=synthetic", "data.limit=32", "data.test_limit=16",
+                 "data.batch_size=16"]) == 0
+    last = ckpt.load_checkpoint(tmp_path / "t" / "last.pt")
+    out = shipped.export_teacher(tmp_path / "t" / "last.pt", tmp_path / "teacher.pt")
+    exported = ckpt.load_checkpoint(out)
+    assert "method" not in exported and "rng" not in exported and exported["epoch"] == last["epoch"] == 1
+    weights, kept = last["models"]["model"]["state_dict"], exported["models"]["model"]["state_dict"]
+    assert weights.keys() == kept.keys() and all(torch.equal(weights[k], kept[k]) for k in weights)
+    model, record = limited_data.load_teacher(out, "cpu", sha256=limited_data.file_sha256(out))
+    assert record["name"] == "wrn10_1" and not model.training
+    with pytest.raises(FileExistsError, match="not overwriting"):
+        shipped.export_teacher(tmp_path / "t" / "last.pt", out)
+
+
+def test_the_shipped_teacher_file_has_the_recorded_hash():
+    from featkd import shipped
+
+    assert limited_data.file_sha256(shipped.TEACHER.path) == shipped.TEACHER.sha256

@@ -70,24 +70,27 @@ def _read_stamp(stamp: Path):
         return None  # unreadable: treated as another demo's directory, left alone
 
 
-def _teacher(args, run_dir: Path, data):
+def _teacher(args, run_dir: Path):
     """(checkpoint path, expected sha256 or None) of the teacher to use."""
     from featkd import shipped
     from featkd.commands import train
 
     if args.tiny or args.retrain_teacher:
-        teacher_dir = run_dir / "teacher"
-        last = teacher_dir / "last.pt"
-        if not last.is_file():
-            overrides = (["model.name=wrn10_2", "epochs=1", "data.name=synthetic", "data.limit=64",
-                          "data.test_limit=32", "data.batch_size=16"] if args.tiny else list(shipped.TEACHER.overrides))
-            resume = teacher_dir.exists()
-            code = train.run(argparse.Namespace(config=None if resume else shipped.TEACHER.config,
-                                                run_dir=str(teacher_dir), resume=resume,
-                                                overrides=[] if resume else overrides))
-            if code != 0:
-                raise RuntimeError(f"training the teacher failed (exit {code})")
-        return last, None
+        # The shipped file was made the same way: the train command's last.pt, exported without the
+        # optimiser and RNG states (shipped.export_teacher).
+        teacher_dir, exported = run_dir / "teacher", run_dir / "teacher.pt"
+        if not exported.is_file():
+            if not (teacher_dir / "last.pt").is_file():
+                overrides = (["model.name=wrn10_2", "epochs=1", "data.name=synthetic", "data.limit=64",
+                              "data.test_limit=32", "data.batch_size=16"] if args.tiny else list(shipped.TEACHER.overrides))
+                resume = teacher_dir.exists()
+                code = train.run(argparse.Namespace(config=None if resume else shipped.TEACHER.config,
+                                                    run_dir=str(teacher_dir), resume=resume,
+                                                    overrides=[] if resume else overrides))
+                if code != 0:
+                    raise RuntimeError(f"training the teacher failed (exit {code})")
+            shipped.export_teacher(teacher_dir / "last.pt", exported)
+        return exported, None
     return shipped.TEACHER.path, shipped.TEACHER.sha256
 
 
@@ -112,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
     student = repro.pretty_model(setup.student)
     print(f"featkd demo: {student} students on {setup.fraction:.0%} of {data.label}, {len(setup.seeds)} seeds, "
           f"{setup.epochs} epochs; run directory {run_dir}" + (" (reusing finished parts)" if reused else ""))
-    teacher_path, sha256 = _teacher(args, run_dir, data)
+    teacher_path, sha256 = _teacher(args, run_dir)
     result = limited_data.run_limited_data(teacher_path, setup, run_dir, data=data, device=args.device,
                                            command="featkd demo" + (" --tiny" if args.tiny else ""),
                                            teacher_sha256=sha256)
