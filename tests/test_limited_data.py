@@ -77,3 +77,19 @@ def test_the_shipped_teacher_file_has_the_recorded_hash():
     from featkd import shipped
 
     assert limited_data.file_sha256(shipped.TEACHER.path) == shipped.TEACHER.sha256
+
+
+def test_a_shipped_teacher_with_another_accuracy_is_refused_before_any_student_trains(tmp_path):
+    from featkd.shipped import ShippedTeacher
+
+    assert main(["train", "--config", "fmnist_teacher_wrn16_2", "--run-dir", str(tmp_path / "t"),
+                 "model.name=wrn10_1", "epochs=1", "data.name=synthetic", "data.limit=32", "data.test_limit=16",
+                 "data.batch_size=16"]) == 0
+    path = tmp_path / "t" / "last.pt"
+    recorded = ShippedTeacher(path, limited_data.file_sha256(path), test_acc=101.0, config="x", overrides=())
+    setup = limited_data.LimitedDataSetup(fraction=0.01, epochs=1, seeds=(0, 1), batch_size=8, test_limit=40,
+                                          student="wrn10_1")
+    with pytest.raises(ValueError, match="recorded 101.00%"):
+        limited_data.run_limited_data(path, setup, tmp_path / "runs", data=repro.DataSpec("synthetic"),
+                                      device="cpu", shipped=recorded)
+    assert not (tmp_path / "runs").exists()

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limited.add_argument("--fraction", type=float, default=0.03,
                          help="students' class-balanced share of the training split (default 0.03)")
     limited.add_argument("--teacher", type=Path, default=None,
-                         help="teacher checkpoint (default: the shipped Fashion-MNIST WRN-16-2, hash-checked)")
+                         help="teacher checkpoint (default: the shipped Fashion-MNIST WRN-16-2, its hash and accuracy checked)")
 
 
 def _budget(base, args):
@@ -107,6 +107,6 @@ def _limited_data(args, command):
     if args.methods:
         changes["methods"] = tuple(dict.fromkeys(["student", *args.methods]))
     setup = limited_data.LimitedDataSetup(fraction=args.fraction, epochs=changes.pop("epochs", 20), **changes)
-    teacher, sha256 = (args.teacher, None) if args.teacher else (shipped.TEACHER.path, shipped.TEACHER.sha256)
+    teacher, shipped_teacher = (args.teacher, None) if args.teacher else (shipped.TEACHER.path, shipped.TEACHER)
     return limited_data.run_limited_data(teacher, setup, args.run_dir, device=args.device, command=command,
-                                         teacher_sha256=sha256)
+                                         shipped=shipped_teacher)

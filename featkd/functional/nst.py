@@ -106,11 +106,7 @@ def register_kernel(name: str, *, second_difference=None, feature_map=None, chec
 # ----------------------------------------------------------------------------- the built-in kernels
 
 
-def _linear_difference(base, du, dw):
-    return dw
-
-
-@register_kernel("linear", second_difference=_linear_difference, feature_map=lambda params: "mean")
+@register_kernel("linear", feature_map=lambda params: "mean")
 def linear_kernel(dot: Tensor) -> Tensor:
     """k(x, y) = x^T y."""
     return dot

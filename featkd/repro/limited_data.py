@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from featkd import stats
+from featkd.shipped import ShippedTeacher
 from featkd.distiller import Term
 from featkd.repro.cache import write_new
 from featkd.repro.protocols import Budget, pretty_model, recipe
@@ -105,7 +106,7 @@ class LimitedDataSetup:
 
     def budget(self) -> Budget:
         return Budget(f"limited-{self.fraction:g}", self.epochs, 0, self.seeds, batch_size=self.batch_size,
-                            test_limit=self.test_limit)
+                      test_limit=self.test_limit)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -121,7 +122,7 @@ def load_teacher(path: str | Path, device, sha256: str | None = None):
     from featkd import checkpoint as ckpt
     from featkd.checkpoint import model_from_checkpoint
 
-    if sha256 is not None:
+    if sha256:
         got = file_sha256(path)
         if got != sha256:
             raise ValueError(f"teacher checkpoint {path} has sha256 {got}, expected {sha256}: the file is not the "
@@ -141,17 +142,20 @@ class LimitedDataResult:
 
 
 def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root: Path, *, data=None,
-                     device="auto", command: str | None = None, teacher_sha256: str | None = None,
+                     device="auto", command: str | None = None, shipped: ShippedTeacher | None = None,
                      log=print) -> LimitedDataResult:
     """Train every (method, seed) student on the class-balanced ``setup.fraction`` of the training split
-    against the teacher in ``teacher_path``; write the report and ``results.json``; return the table."""
+    against the teacher in ``teacher_path``; write the report and ``results.json``; return the table.
+
+    With ``shipped`` (the teacher that ships with featkd), its file must have the recorded sha256 and
+    its test accuracy the recorded value (within 0.1 point), checked before any student trains."""
     from featkd.data import DeviceLoader
     from featkd.engine import evaluate, resolve_device
 
     started = time.perf_counter()
     data = data or DataSpec("fashion_mnist")
     device = resolve_device(device)
-    teacher, record = load_teacher(teacher_path, device, teacher_sha256)
+    teacher, record = load_teacher(teacher_path, device, shipped.sha256 if shipped else None)
     full_size = len(data.load("train", None))
     train = data.load("train", setup.train_limit(full_size))
     test = data.load("test", setup.test_limit)
@@ -160,6 +164,9 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
     test_loader = DeviceLoader(test, 500, shuffle=False, augment=False, drop_last=False, device=device)
     teacher_acc = evaluate(teacher, test_loader, device=device)["acc1"]
     log(f"teacher {record['name']} ({teacher_path}): test accuracy {teacher_acc:.2f}%")
+    if shipped and abs(teacher_acc - shipped.test_acc) > 0.1:
+        raise ValueError(f"the shipped teacher scored {teacher_acc:.2f}% on the test set, recorded {shipped.test_acc:.2f}%: "
+                         "check the dataset files, or train the teacher again (featkd demo --retrain-teacher)")
     recipes = [RECIPES[m] for m in setup.methods]
     budget = setup.budget()
     run_dir = run_root / f"limited-data-{setup.fraction:g}-{data.name}"
