@@ -117,17 +117,11 @@ def save_figure(fig: Figure, stem: str | Path, *, overwrite: bool = False, dpi: 
     return paths
 
 
-def _summary(values: Sequence[float]) -> tuple[float, float]:
-    values = np.asarray(values, dtype=float)
-    std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-    return float(values.mean()), std
-
-
 def _reference_lines(ax, references: Mapping[str, float | Sequence[float] | None], horizontal: bool = True) -> None:
     for label, value in references.items():
         if value is None:
             continue
-        mean = _summary([value] if np.isscalar(value) else value)[0]
+        mean = seed_stats.Summary.of([value] if np.isscalar(value) else value).mean
         style = REFERENCE_STYLE.get(label, {"color": "#777777", "linestyle": "-."})
         ax.axhline(mean, linewidth=1.2, label=f"{label} ({mean:.2f})", **style)
 
@@ -148,7 +142,7 @@ def kernel_ablation(
     if not results:
         raise ValueError("kernel_ablation needs at least one method with values")
     labels = list(results)
-    stats = [_summary(results[label]) for label in labels]
+    stats = [seed_stats.Summary.of(results[label]) for label in labels]
     fig = Figure(figsize=(max(4.5, 0.9 * len(labels) + 2), 3.6), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(len(labels))
@@ -159,9 +153,9 @@ def kernel_ablation(
         values = np.asarray(results[label], dtype=float)
         offsets = np.linspace(-0.12, 0.12, values.size) if values.size > 1 else np.zeros(1)
         ax.plot(x[i] + offsets, values, "o", color=colors[i], alpha=0.45, markersize=4, gid=f"seeds:{label}")
-    ax.errorbar(x, [m for m, _ in stats], yerr=[s for _, s in stats], fmt="none", ecolor="black",
+    ax.errorbar(x, [s.mean for s in stats], yerr=[s.std for s in stats], fmt="none", ecolor="black",
                         capsize=6, elinewidth=1.2)
-    ax.scatter(x, [m for m, _ in stats], s=60, c=colors, edgecolors="black", zorder=3, gid="means")
+    ax.scatter(x, [s.mean for s in stats], s=60, c=colors, edgecolors="black", zorder=3, gid="means")
     _reference_lines(ax, {"student": student, "teacher": teacher})
     all_values = np.concatenate([np.asarray(v, dtype=float) for v in results.values()]
                                 + [np.atleast_1d(np.asarray(r, dtype=float)) for r in (student, teacher) if r is not None])
@@ -265,8 +259,8 @@ def sweep_plot(
     ax = fig.add_subplot()
     for i, (label, points) in enumerate(series.items()):
         xs = sorted(points)
-        stats = [_summary(points[x]) for x in xs]
-        bars = ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+        stats = [seed_stats.Summary.of(points[x]) for x in xs]
+        bars = ax.errorbar(xs, [s.mean for s in stats], yerr=[s.std for s in stats], marker="o", capsize=3,
                            color=PALETTE[i % len(PALETTE)], label=label)
         bars.lines[0].set_gid(f"series:{label}")
     _reference_lines(ax, {"student": student, "teacher": teacher})
