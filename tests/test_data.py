@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from featkd.data import (DatasetInfo, ImageDataset, add_unlabeled, load_dataset, mark_unlabeled, omit_classes,
-                         read_idx, stratified_subset)
+                         read_idx, stratified_split, stratified_subset)
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -202,6 +202,21 @@ def test_stratified_subset_when_a_class_runs_out():
     ds = ImageDataset(torch.zeros(42, 1, 2, 2, dtype=torch.uint8), labels, DatasetInfo("t", 3, 1, 2, (0.,), (1.,)))
     counts = torch.bincount(stratified_subset(ds, 12).labels, minlength=3).tolist()
     assert counts == [5, 2, 5]
+
+
+def test_stratified_split_holds_out_a_disjoint_balanced_part_and_keeps_the_subset():
+    # each image carries its own index in its pixels, so the parts can be compared with the source
+    labels = torch.arange(300) % 3
+    images = torch.stack([torch.tensor([i // 256, i % 256], dtype=torch.uint8).view(1, 1, 2) for i in range(300)])
+    ds = ImageDataset(images, labels, DatasetInfo("t", 3, 1, 2, (0.,), (1.,)))
+    index = lambda part: [int(img[0, 0, 0]) * 256 + int(img[0, 0, 1]) for img in part.images]  # noqa: E731
+    sub, held = stratified_split(ds, 30, 60, seed=4)
+    assert index(sub) == index(stratified_subset(ds, 30, seed=4))
+    assert not set(index(sub)) & set(index(held))
+    assert torch.bincount(held.labels, minlength=3).tolist() == [20, 20, 20]
+    assert all(int(ds.labels[i]) == int(y) for i, y in zip(index(held), held.labels))
+    with pytest.raises(ValueError, match="need 301 examples; the split has 300"):
+        stratified_split(ds, 1, 300)
 
 
 def test_dataset_validates_its_tensors():

@@ -54,6 +54,30 @@ def test_tiny_table_end_to_end_and_datasize_plot(tmp_path):
     assert (tmp_path / "fig.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_a_held_out_run_never_reads_the_test_split(tmp_path, monkeypatch):
+    assert main(["train", "--config", "fmnist_teacher_wrn16_2", "--run-dir", str(tmp_path / "teacher"),
+                 "model.name=wrn10_2", "epochs=1", "data.name=synthetic", "data.limit=64", "data.test_limit=32",
+                 "data.batch_size=16"]) == 0
+    splits = []
+    load = repro.DataSpec.load
+    monkeypatch.setattr(repro.DataSpec, "load", lambda self, split, limit, **kw: splits.append(split) or
+                        load(self, split, limit, **kw))
+    with pytest.raises(ValueError, match="not both"):
+        limited_data.LimitedDataSetup(fraction=0.1, epochs=1, holdout=10, test_limit=10)
+    setup = limited_data.LimitedDataSetup(fraction=0.01, epochs=1, seeds=(0, 1), methods=("student", "KD"),
+                                          batch_size=8, student="wrn10_1", holdout=60)
+    lines = []
+    result = limited_data.run_limited_data(tmp_path / "teacher" / "last.pt", setup, tmp_path / "runs",
+                                           data=repro.DataSpec("synthetic"), device="cpu", log=lines.append)
+    assert splits == ["train"]
+    assert any("on 60 held-out training images" in line for line in lines)
+    text = (tmp_path / "runs" / "limited-data-0.01-synthetic-holdout60.md").read_text()
+    assert "held-out accuracy %" in text and "test split" not in text
+    # a held-out accuracy of 60 images is a multiple of 100/60
+    assert all(abs(a * 0.6 - round(a * 0.6)) < 1e-6 for v in result.accuracies.values() for a in v)
+
+
 def test_exported_teacher_keeps_the_model_and_drops_the_training_state(tmp_path):
     from featkd import checkpoint as ckpt
     from featkd import shipped

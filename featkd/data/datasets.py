@@ -288,6 +288,25 @@ def stratified_subset(ds: ImageDataset, k: int, seed: int = 0) -> ImageDataset:
         raise ValueError(f"limit must be >= 0, got {k}")
     if k >= len(ds):
         return ds
+    return ds.subset(torch.sort(_balanced_order(ds, seed)[:k]).values)
+
+
+def stratified_split(ds: ImageDataset, k: int, holdout: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """``stratified_subset(ds, k, seed)`` and, disjoint from it, the next ``holdout`` examples of the same
+    class-balanced ranking: a validation part of the training split for choosing settings without the
+    test set. The first part is the same subset whatever ``holdout`` is."""
+    if k < 0 or holdout < 0:
+        raise ValueError(f"subset sizes must be >= 0, got {k} and {holdout}")
+    if k + holdout > len(ds):
+        raise ValueError(f"a subset of {k} and a held-out part of {holdout} need {k + holdout} examples; "
+                         f"the split has {len(ds)}")
+    order = _balanced_order(ds, seed)
+    return (ds.subset(torch.sort(order[:k]).values), ds.subset(torch.sort(order[k:k + holdout]).values))
+
+
+def _balanced_order(ds: ImageDataset, seed: int) -> torch.Tensor:
+    """Every index of ``ds``, ordered by rank within its class after a ``seed`` shuffle: any prefix is as
+    class-balanced as the data allows."""
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
     labels = ds.labels[perm]
     # rank of each shuffled example within its class: position in a stable sort by label minus the class start
@@ -296,5 +315,4 @@ def stratified_subset(ds: ImageDataset, k: int, seed: int = 0) -> ImageDataset:
     start = torch.searchsorted(sorted_labels, sorted_labels, side="left")
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order)) - start
-    chosen = perm[torch.sort(rank, stable=True).indices[:k]]
-    return ds.subset(torch.sort(chosen).values)
+    return perm[torch.sort(rank, stable=True).indices]

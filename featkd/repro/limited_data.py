@@ -89,6 +89,9 @@ class LimitedDataSetup:
     test_limit: int | None = None  # None: the whole test split
     student: str = STUDENT
     eval_every: int = 0  # 0: evaluate after the last epoch only
+    # > 0: evaluate on this many class-balanced training images outside the students' subset instead of the
+    # test split: settings (epochs, share, methods) are chosen there, never on the test set
+    holdout: int = 0
 
     def __post_init__(self):
         if not 0 < self.fraction <= 1:
@@ -100,9 +103,21 @@ class LimitedDataSetup:
             raise ValueError("the methods must include 'student', the baseline of every comparison")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {self.holdout}")
+        if self.holdout and self.test_limit is not None:
+            raise ValueError("a held-out evaluation does not use the test split: give holdout or test_limit, not both")
 
     def train_limit(self, split_size: int) -> int:
         return max(round(self.fraction * split_size), 1)
+
+    def name(self, data) -> str:
+        """The run directory's and the report's name: validation runs never share a cache with test runs."""
+        return f"limited-data-{self.fraction:g}-{data.name}" + (f"-holdout{self.holdout}" if self.holdout else "")
+
+    @property
+    def evaluation(self) -> str:
+        return f"{self.holdout} held-out training images" if self.holdout else "the test split"
 
     def budget(self) -> Budget:
         return Budget(f"limited-{self.fraction:g}", self.epochs, 0, self.seeds, batch_size=self.batch_size,
@@ -148,35 +163,38 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
     against the teacher in ``teacher_path``; write the report and ``results.json``; return the table.
 
     With ``shipped`` (the teacher that ships with featkd), its file must have the recorded sha256 and
-    its test accuracy the recorded value (within 0.1 point), checked before any student trains."""
-    from featkd.data import DeviceLoader
+    its test accuracy the recorded value (within 0.1 point), checked before any student trains. With
+    ``setup.holdout`` every model is evaluated on held-out training images and the test split is not read
+    (the shipped teacher is then checked by its hash alone)."""
+    from featkd.data import DeviceLoader, stratified_split
     from featkd.engine import evaluate, resolve_device
 
     started = time.perf_counter()
     data = data or DataSpec("fashion_mnist")
     device = resolve_device(device)
     teacher, record = load_teacher(teacher_path, device, shipped.sha256 if shipped else None)
-    full_size = len(data.load("train", None))
-    train = data.load("train", setup.train_limit(full_size))
-    test = data.load("test", setup.test_limit)
+    full = data.load("train", None)
+    full_size = len(full)
+    train, held_out = stratified_split(full, setup.train_limit(full_size), setup.holdout, seed=0)
+    test = held_out if setup.holdout else data.load("test", setup.test_limit)
     info = train.info
     train_loader = DeviceLoader(train, setup.batch_size, shuffle=True, augment=True, device=device, seed=0)
     test_loader = DeviceLoader(test, 500, shuffle=False, augment=False, drop_last=False, device=device)
     teacher_acc = evaluate(teacher, test_loader, device=device)["acc1"]
-    log(f"teacher {record['name']} ({teacher_path}): test accuracy {teacher_acc:.2f}%")
-    if shipped and abs(teacher_acc - shipped.test_acc) > 0.1:
+    log(f"teacher {record['name']} ({teacher_path}): accuracy {teacher_acc:.2f}% on {setup.evaluation}")
+    if shipped and not setup.holdout and abs(teacher_acc - shipped.test_acc) > 0.1:
         raise ValueError(f"the shipped teacher scored {teacher_acc:.2f}% on the test set, recorded {shipped.test_acc:.2f}%: "
                          "check the dataset files, or train the teacher again (featkd demo --retrain-teacher)")
     recipes = [RECIPES[m] for m in setup.methods]
     budget = setup.budget()
-    run_dir = run_root / f"limited-data-{setup.fraction:g}-{data.name}"
+    run_dir = run_root / setup.name(data)
     base = {"experiment": "limited-data", "fraction": setup.fraction, "train_examples": len(train),
-            "teacher": str(teacher_path), "dataset": data.name}
+            "teacher": str(teacher_path), "dataset": data.name, "evaluation": setup.evaluation}
     accuracies = run_students(teacher, setup.student, recipes, budget, info, train_loader, test_loader, run_dir, device,
                               base, log, eval_every=setup.eval_every or setup.epochs)
     wall = time.perf_counter() - started
     markdown = render_report(setup, data, len(train), full_size, accuracies, teacher_acc, record["name"], wall, command)
-    report = write_new(run_root / f"limited-data-{setup.fraction:g}-{data.name}.md", markdown)
+    report = write_new(run_root / f"{setup.name(data)}.md", markdown)
     results = {"fraction": setup.fraction, "train_examples": len(train), "seeds": list(setup.seeds),
                "teacher_acc": teacher_acc, "accuracies": accuracies, "setup": dataclasses.asdict(setup),
                "report": str(report)}
@@ -197,18 +215,26 @@ def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size:
         f"- students: {setup.epochs} epochs ({setup.budget().stages(setup.epochs)}), batch {setup.batch_size}, "
         "SGD lr 0.1 momentum 0.9 (restarted at each decay) wd 5e-4, WRN BN weights ~ U[0, 1), pad-4 zero-padded crop + flip, "
         "class-balanced subset (seed 0), "
-        f"seeds {list(setup.seeds)}; test set: {'all' if setup.test_limit is None else setup.test_limit} images, "
-        "evaluated once, after the last epoch (no model selection)",
+        f"seeds {list(setup.seeds)}; evaluated on {_evaluation_set(setup)}, once, after the last epoch "
+        "(no model selection)",
         "- losses: KD 0.9·T²·KL + 0.1·CE at T = 4; AT β = 1e3 on each group output, + CE; NST weight 50 on the "
         f"last feature after its BN (before the ReLU), + CE; Gram (spatial, unnormalised) {GRAM_WEIGHT:g} on that "
         f"feature, + CE; FitNet hint {HINT_WEIGHT:g} on group2 through a 1×1 regressor, + CE",
         f"- hardware: {hardware()}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
         "",
-        stats.comparison_table(accuracies, setup.seeds, teacher=teacher_acc),
+        stats.comparison_table(accuracies, setup.seeds, teacher=teacher_acc,
+                               metric="held-out accuracy %" if setup.holdout else "test accuracy %"),
         "",
         stats.INTERVAL_NOTE,
         "",
     ])
+
+
+def _evaluation_set(setup: LimitedDataSetup) -> str:
+    if setup.holdout:
+        return (f"{setup.holdout} class-balanced training images outside the students' subset (a validation set "
+                "for choosing settings; the teacher was trained on them, the students were not)")
+    return f"the test split ({'all' if setup.test_limit is None else setup.test_limit} images)"
 
 
 def load_results(paths: Sequence[str | Path]) -> list[dict]:
