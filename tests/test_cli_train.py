@@ -70,6 +70,12 @@ schedule: {{name: constant}}
     # resuming a finished run with more epochs continues it
     assert main(["distill", "--run-dir", str(run_dir), "--resume", "epochs=2"]) == 0
     assert [r["epoch"] for r in ckpt.read_metrics(run_dir)] == [1, 2]
+    # eval reads the last epoch unless told otherwise: best.pt is selected on the test split
+    (run_dir / "best.pt").write_bytes(b"not a checkpoint")
+    assert main(["eval", "--run-dir", str(run_dir), "--output", str(tmp_path / "last.json")]) == 0
+    last_acc = ckpt.read_metrics(run_dir)[-1]["student/acc1"]
+    assert json.loads((tmp_path / "last.json").read_text())["student"]["acc1"] == pytest.approx(last_acc)
+    assert main(["eval", "--run-dir", str(run_dir), "--which", "best"]) == 2
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,8 +1,12 @@
 """``featkd eval``: evaluate a checkpoint on a dataset split.
 
-    featkd eval --checkpoint runs/kd_at_nst/best.pt
-    featkd eval --run-dir runs/kd_at_nst --which last --split train data.limit=5000
-    featkd eval --checkpoint runs/teacher/best.pt --config other_data.yaml --output scores.json
+    featkd eval --run-dir runs/kd_at_nst
+    featkd eval --run-dir runs/kd_at_nst --split train data.limit=5000
+    featkd eval --checkpoint runs/teacher/last.pt --config other_data.yaml --output scores.json
+
+``--run-dir`` evaluates the last epoch's ``last.pt``: ``best.pt`` is the epoch that scored best on
+the split the run evaluated on — the test split unless its config says otherwise — so its test
+score is selected on the test set and is not a result to report (``--which best`` still reads it).
 
 The data settings default to those the run was trained with (its saved
 config); ``--config`` and ``key=value`` overrides change them.
@@ -22,8 +26,9 @@ from featkd.config import ConfigError, load_config
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="FILE", help="a checkpoint written by featkd train/distill")
-    source.add_argument("--run-dir", metavar="DIR", help="a run directory: evaluates its best.pt (see --which)")
-    parser.add_argument("--which", choices=("best", "last"), default="best", help="with --run-dir: which checkpoint")
+    source.add_argument("--run-dir", metavar="DIR", help="a run directory: evaluates its last.pt (see --which)")
+    parser.add_argument("--which", choices=("last", "best"), default="last",
+                        help="with --run-dir: which checkpoint (best.pt was selected on the run's evaluation split)")
     parser.add_argument("--model", metavar="NAME", help="evaluate only this model of the checkpoint (default: all)")
     parser.add_argument("--split", choices=("test", "train"), default="test")
     parser.add_argument("--config", metavar="FILE", help="YAML whose data section replaces the run's")
