@@ -14,6 +14,8 @@ _PUBLIC = {
     "Features": "featkd.hooks",
     "LayerInfo": "featkd.layer_info",
     "list_layers": "featkd.layer_info",
+    "Layout": "featkd.layouts",
+    "to_channels_first": "featkd.layouts",
     "resolve_layers": "featkd.layer_specs",
     "Distiller": "featkd.distiller",
     "Term": "featkd.terms",
