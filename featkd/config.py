@@ -99,9 +99,20 @@ class WarmupConfig:
 
 
 @dataclass
+class LayoutConfig:
+    """A feature layout in full (:class:`featkd.layouts.Layout`); null leaves a field to the model or the shape."""
+
+    kind: str = "NLC"
+    prefix_tokens: int | None = None
+    grid: list[int] | None = None
+    tokens: str = "patch"
+
+
+@dataclass
 class TermConfig:
     """The config form (``terms:``) of one :class:`featkd.Term`, which :func:`featkd.runs.build_distiller`
-    builds from it. DML's terms between peers have their own form, ``strategies.dml.PeerTermConfig``."""
+    builds from it. DML's terms between peers have their own form, ``strategies.dml.PeerTermConfig``.
+    ``student_layout`` / ``teacher_layout`` (``layout``: both): ``NHWC``, ``tokens``... or a :class:`LayoutConfig`."""
 
     teacher: str | list[str] = ""
     student: str | list[str] | None = None
@@ -110,6 +121,9 @@ class TermConfig:
     name: str | None = None
     adapter: str | None = "auto"
     options: dict[str, Any] = field(default_factory=dict)
+    layout: str | LayoutConfig | None = None
+    student_layout: str | LayoutConfig | None = None
+    teacher_layout: str | LayoutConfig | None = None
 
 
 @dataclass

@@ -4,7 +4,7 @@
 ...     featkd.Term("group2", loss="at", weight=1e3),
 ...     featkd.Term("group3", loss="nst", weight=50, options={"kernel": "poly"}),
 ... ], kd={"loss": "kd", "weight": 16, "T": 4})
->>> distiller.setup(x[:2])                       # dry run: shapes, adapters, loss parameters
+>>> distiller.setup(x[:2])                       # dry run: shapes, layouts, adapters, loss parameters
 >>> optimizer = build_optimizer(distiller.trainable_parameters())
 >>> logits, losses = distiller(x, y)             # losses: ce, kd, at:group2, nst:group3, total
 >>> losses["total"].backward()
@@ -16,6 +16,10 @@ frozen: its parameters do not require grad, it stays in eval mode even when
 ``distiller.train()`` is called, it runs under ``no_grad`` and its features are
 detached. Every value of the returned loss dict is already weighted, so the
 terms add up to ``total``.
+
+Teacher and student may be any backbones: each captured feature's layout (channels-first or -last
+maps, tokens) is resolved at the dry run (:mod:`featkd.layouts`) and the losses see channels-first
+views, with an adapter between tokens and maps where the shapes need one.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import torch
 from torch import nn
 
 from featkd.functional import cross_entropy
-from featkd.hooks import FeatureExtractor, feature_shapes
+from featkd.hooks import FeatureExtractor
+from featkd.layer_info import describe_features
 from featkd.layer_specs import LayerKeyError, unwrap
 from featkd.losses import BatchContext, build_logit_loss
-from featkd.terms import Term, Warmup, build_term_pairs, call_loss, weight_at
+from featkd.terms import Term, Warmup, build_term_pairs, call_loss, view, weight_at
 
 __all__ = ["Distiller", "TEACHER_BN_MODES", "teacher_bn_mode"]
 
@@ -148,22 +153,24 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def setup(self, example_x: torch.Tensor) -> Distiller:
-        """Dry-run both networks on ``example_x`` (two samples suffice) and build adapters and losses.
+        """Dry-run both networks on ``example_x`` (two samples suffice) and build layouts, adapters and losses.
 
         Call it before building the optimizer so that adapter and loss parameters
         are part of :meth:`trainable_parameters`. Running twice is a no-op.
         """
         if self.is_setup:
             return self
-        t_shapes = feature_shapes(self.teacher, self.teacher_layers, example_x)
-        s_shapes = feature_shapes(self.student, self._student_features.layers, example_x)
+        t_features = describe_features(self.teacher, self.teacher_layers, example_x)
+        s_features = describe_features(self.student, self._student_features.layers, example_x)
         for extractor in (self._student_features, self._teacher_features):
             extractor.clear()  # their hooks stored the dry run's features too
         device = next(self.student.parameters()).device
+        self._layouts = []
         for term in self.terms:
-            adapters, losses = build_term_pairs(term, s_shapes, t_shapes, device)
-            self.adapters.append(adapters)
-            self.term_losses.append(losses)
+            built = build_term_pairs(term, s_features, t_features, device)
+            self.adapters.append(built.adapters)
+            self.term_losses.append(built.losses)
+            self._layouts.append((built.student_layouts, built.teacher_layouts))
         self._multi_layer = [term.multi_layer for term in self.terms]
         if self.kd_loss is not None:
             self.kd_loss.to(device)
@@ -222,10 +229,10 @@ class Distiller(nn.Module):
         if self.kd_loss is not None:
             losses["kd"] = weight_at(self.kd_weight, step, epoch) * self.kd_loss(student_logits, teacher_logits, y)
         context = BatchContext(y, step, epoch, indices)
-        for term, multi_layer, adapters, pair_losses in zip(self.terms, self._multi_layer, self.adapters,
-                                                             self.term_losses):
-            s = [f_s[name] for name in term.student_layers]
-            t = [f_t[name] for name in term.teacher_layers]
+        for term, multi_layer, adapters, pair_losses, (s_layouts, t_layouts) in zip(
+                self.terms, self._multi_layer, self.adapters, self.term_losses, self._layouts):
+            s = [view(f_s[name], layout) for name, layout in zip(term.student_layers, s_layouts)]
+            t = [view(f_t[name], layout) for name, layout in zip(term.teacher_layers, t_layouts)]
             if multi_layer:
                 value = call_loss(pair_losses[0], s, t, context)
             else:

@@ -27,8 +27,8 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import distributed
-from featkd.config import (STRATEGY_CONFIG_DIR, Config, ConfigError, DataConfig, WarmupConfig, apply_overrides,
-                           build_dataclass, changed_keys, from_dict, read_yaml, to_dict)
+from featkd.config import (STRATEGY_CONFIG_DIR, Config, ConfigError, DataConfig, LayoutConfig, WarmupConfig,
+                           apply_overrides, build_dataclass, changed_keys, from_dict, read_yaml, to_dict)
 from featkd.locking import run_lock
 
 # What a resumed run can take from the command line: anything else (optim.lr, ...) would be overruled by the
@@ -192,13 +192,19 @@ def _weight(weight):
     return weight
 
 
+def _layout(layout):
+    return dataclasses.asdict(layout) if isinstance(layout, LayoutConfig) else layout
+
+
 def build_distiller(cfg: Config, teacher: nn.Module, student: nn.Module):
     """A :class:`featkd.Distiller` from the config's ``terms``, ``kd`` and ``ce_weight``."""
     from featkd.distiller import Distiller
     from featkd.terms import Term
 
     terms = [Term(teacher=t.teacher, student=t.student, loss=t.loss, weight=_weight(t.weight), name=t.name,
-                  adapter=t.adapter, options=t.options) for t in cfg.terms]
+                  adapter=t.adapter, options=t.options, layout=_layout(t.layout),
+                  student_layout=_layout(t.student_layout), teacher_layout=_layout(t.teacher_layout))
+             for t in cfg.terms]
     kd = None if cfg.kd is None else {"loss": cfg.kd.loss, "weight": _weight(cfg.kd.weight), **cfg.kd.options}
     return Distiller(teacher, student, terms=terms, kd=kd, ce_weight=cfg.ce_weight, compile=cfg.compile)
 
