@@ -83,10 +83,20 @@ class ModelConfig:
 
 
 @dataclass
+class NormalizationConfig:
+    """A per-channel input normalisation, on the images' 0..1 scale."""
+
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
 class TeacherConfig:
-    """The teacher of ``featkd distill``: a checkpoint written by ``featkd train``."""
+    """The teacher of ``featkd distill``: a checkpoint written by ``featkd train``. ``normalization``: the one it
+    expects (default: its training data's, which the checkpoint records); the batch is converted to it."""
 
     checkpoint: str = ""
+    normalization: NormalizationConfig | None = None
 
 
 @dataclass

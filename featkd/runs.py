@@ -196,8 +196,24 @@ def _layout(layout):
     return dataclasses.asdict(layout) if isinstance(layout, LayoutConfig) else layout
 
 
-def build_distiller(cfg: Config, teacher: nn.Module, student: nn.Module):
-    """A :class:`featkd.Distiller` from the config's ``terms``, ``kd`` and ``ce_weight``."""
+def input_normalizations(cfg: Config, teacher_record: dict | None, info) -> dict[str, Any]:
+    """The Distiller's ``student_normalization`` / ``teacher_normalization`` for a teacher checkpoint's
+    ``teacher_record``: the run's data normalisation and the teacher's (``teacher.normalization``, else that of
+    the data it was trained on) when they differ; nothing to convert otherwise."""
+    student = (tuple(info.mean), tuple(info.std))
+    given = cfg.teacher.normalization if cfg.teacher is not None else None
+    if given is not None:
+        teacher = (tuple(given.mean), tuple(given.std))
+    elif teacher_record is not None and "dataset" in teacher_record:
+        teacher = (tuple(teacher_record["dataset"]["mean"]), tuple(teacher_record["dataset"]["std"]))
+    else:
+        return {}
+    return {} if teacher == student else {"student_normalization": student, "teacher_normalization": teacher}
+
+
+def build_distiller(cfg: Config, teacher: nn.Module, student: nn.Module, **options):
+    """A :class:`featkd.Distiller` from the config's ``terms``, ``kd`` and ``ce_weight``; ``options`` go to it
+    (e.g. :func:`input_normalizations`)."""
     from featkd.distiller import Distiller
     from featkd.terms import Term
 
@@ -206,7 +222,7 @@ def build_distiller(cfg: Config, teacher: nn.Module, student: nn.Module):
                   student_layout=_layout(t.student_layout), teacher_layout=_layout(t.teacher_layout))
              for t in cfg.terms]
     kd = None if cfg.kd is None else {"loss": cfg.kd.loss, "weight": _weight(cfg.kd.weight), **cfg.kd.options}
-    return Distiller(teacher, student, terms=terms, kd=kd, ce_weight=cfg.ce_weight, compile=cfg.compile)
+    return Distiller(teacher, student, terms=terms, kd=kd, ce_weight=cfg.ce_weight, compile=cfg.compile, **options)
 
 
 # --------------------------------------------------------------------------- the run
