@@ -16,6 +16,7 @@ _PUBLIC = {
     "list_layers": "featkd.layer_info",
     "Layout": "featkd.layouts",
     "to_channels_first": "featkd.layouts",
+    "propose_pairs": "featkd.layer_pairs",
     "resolve_layers": "featkd.layer_specs",
     "Distiller": "featkd.distiller",
     "Term": "featkd.terms",
