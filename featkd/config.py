@@ -83,10 +83,20 @@ class ModelConfig:
 
 
 @dataclass
+class NormalizationConfig:
+    """A per-channel input normalisation, on the images' 0..1 scale."""
+
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
 class TeacherConfig:
-    """The teacher of ``featkd distill``: a checkpoint written by ``featkd train``."""
+    """The teacher of ``featkd distill``: a checkpoint written by ``featkd train``. ``normalization``: the one it
+    expects (default: its training data's, which the checkpoint records); the batch is converted to it."""
 
     checkpoint: str = ""
+    normalization: NormalizationConfig | None = None
 
 
 @dataclass
@@ -99,9 +109,20 @@ class WarmupConfig:
 
 
 @dataclass
+class LayoutConfig:
+    """A feature layout in full (:class:`featkd.layouts.Layout`); null leaves a field to the model or the shape."""
+
+    kind: str = "NLC"
+    prefix_tokens: int | None = None
+    grid: list[int] | None = None
+    tokens: str = "patch"
+
+
+@dataclass
 class TermConfig:
     """The config form (``terms:``) of one :class:`featkd.Term`, which :func:`featkd.runs.build_distiller`
-    builds from it. DML's terms between peers have their own form, ``strategies.dml.PeerTermConfig``."""
+    builds from it. DML's terms between peers have their own form, ``strategies.dml.PeerTermConfig``.
+    ``student_layout`` / ``teacher_layout`` (``layout``: both): ``NHWC``, ``tokens``... or a :class:`LayoutConfig`."""
 
     teacher: str | list[str] = ""
     student: str | list[str] | None = None
@@ -110,6 +131,9 @@ class TermConfig:
     name: str | None = None
     adapter: str | None = "auto"
     options: dict[str, Any] = field(default_factory=dict)
+    layout: str | LayoutConfig | None = None
+    student_layout: str | LayoutConfig | None = None
+    teacher_layout: str | LayoutConfig | None = None
 
 
 @dataclass

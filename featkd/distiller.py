@@ -4,7 +4,7 @@
 ...     featkd.Term("group2", loss="at", weight=1e3),
 ...     featkd.Term("group3", loss="nst", weight=50, options={"kernel": "poly"}),
 ... ], kd={"loss": "kd", "weight": 16, "T": 4})
->>> distiller.setup(x[:2])                       # dry run: shapes, adapters, loss parameters
+>>> distiller.setup(x[:2])                       # dry run: shapes, layouts, adapters, loss parameters
 >>> optimizer = build_optimizer(distiller.trainable_parameters())
 >>> logits, losses = distiller(x, y)             # losses: ce, kd, at:group2, nst:group3, total
 >>> losses["total"].backward()
@@ -16,6 +16,11 @@ frozen: its parameters do not require grad, it stays in eval mode even when
 ``distiller.train()`` is called, it runs under ``no_grad`` and its features are
 detached. Every value of the returned loss dict is already weighted, so the
 terms add up to ``total``.
+
+Teacher and student may be any backbones: each captured feature's layout (channels-first or -last
+maps, tokens) is resolved at the dry run (:mod:`featkd.layouts`) and the losses see channels-first
+views, with an adapter between tokens and maps where the shapes need one. A teacher that expects
+another input normalisation than the student gets the batch converted (``teacher_normalization``).
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ import torch
 from torch import nn
 
 from featkd.functional import cross_entropy
-from featkd.hooks import FeatureExtractor, feature_shapes
+from featkd.hooks import FeatureExtractor
+from featkd.layer_info import describe_features
 from featkd.layer_specs import LayerKeyError, unwrap
 from featkd.losses import BatchContext, build_logit_loss
-from featkd.terms import Term, Warmup, build_term_pairs, call_loss, weight_at
+from featkd.models import input_normalization
+from featkd.terms import Term, Warmup, build_term_pairs, call_loss, view, weight_at
 
-__all__ = ["Distiller", "TEACHER_BN_MODES", "teacher_bn_mode"]
+__all__ = ["Distiller", "InputConversion", "TEACHER_BN_MODES", "teacher_bn_mode"]
 
 
 # --------------------------------------------------------------------------- the teacher's batch norm
@@ -63,6 +70,58 @@ def teacher_bn_mode(teacher: nn.Module, mode: str) -> Iterator[None]:
         for m, (training, tracking) in zip(norms, saved):
             m.train(training)
             m.track_running_stats = tracking
+
+
+# --------------------------------------------------------------------------- the teacher's input normalisation
+
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def _normalization(value, model: nn.Module, role: str) -> Normalization | None:
+    """``(mean, std)`` per channel from ``value``: None, ``(mean, std)``, or ``"pretrained_cfg"`` (the model's)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value != "pretrained_cfg":
+            raise ValueError(f"{role}_normalization must be (mean, std) or 'pretrained_cfg', got {value!r}")
+        found = input_normalization(model)
+        if found is None:
+            raise ValueError(f"{role}_normalization='pretrained_cfg': the {role} ({type(unwrap(model)).__name__}) "
+                             f"records no mean/std; give {role}_normalization=(mean, std)")
+        return found
+    try:
+        mean, std = (tuple(float(v) for v in (part if isinstance(part, (list, tuple)) else [part])) for part in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{role}_normalization must be (mean, std), one value per channel, got {value!r}") from None
+    if len(mean) != len(std) or not mean or min(std) <= 0:
+        raise ValueError(f"{role}_normalization: mean {mean} and std {std} need one value per channel and std > 0")
+    return mean, std
+
+
+def _per_channel(values: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, device=x.device, dtype=x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class InputConversion(nn.Module):
+    """A batch normalised with ``student`` ``(mean, std)`` as the ``teacher`` normalisation would give it:
+    ``(x * std_s + mean_s - mean_t) / std_t`` per channel; the batch as it is when either is None or they agree.
+    ``normalizations`` is ``(student, teacher)`` when there is something to convert, else None."""
+
+    def __init__(self, student: Normalization | None = None, teacher: Normalization | None = None):
+        super().__init__()
+        self.normalizations = (student, teacher) if None not in (student, teacher) and student != teacher else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalizations is None:
+            return x
+        (mean_s, std_s), (mean_t, std_t) = self.normalizations
+        if x.dim() < 2 or {len(mean_s), len(mean_t)} - {1, x.shape[1]}:
+            raise ValueError(f"the normalisations (student mean {mean_s}, teacher mean {mean_t}) do not fit a batch "
+                             f"of shape {tuple(x.shape)}: give one value per input channel")
+        return (x * _per_channel(std_s, x) + _per_channel(mean_s, x) - _per_channel(mean_t, x)) / _per_channel(std_t, x)
+
+    def extra_repr(self) -> str:
+        return f"normalizations={self.normalizations}"
 
 
 # --------------------------------------------------------------------------- the distiller
@@ -111,14 +170,26 @@ class Distiller(nn.Module):
         teacher_bn: ``"eval"`` (default): the teacher's BN layers use their running statistics;
             ``"batch_stats"``: they normalise each batch with its own statistics, as the official NST
             code ran its teacher, leaving the running statistics as they are (:func:`teacher_bn_mode`).
+        student_normalization, teacher_normalization: the per-channel ``(mean, std)`` (on the images'
+            0..1 scale) the batch is normalised with, and the one the teacher expects, or
+            ``"pretrained_cfg"`` for what a timm model records. When both are given and differ, the
+            teacher gets ``(x * std_s + mean_s - mean_t) / std_t``; neither: the batch as it is.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, terms: Sequence[Term] = (), kd=None,
-                 ce_weight: float | Warmup = 1.0, compile: bool | dict = False, teacher_bn: str = "eval"):
+                 ce_weight: float | Warmup = 1.0, compile: bool | dict = False, teacher_bn: str = "eval",
+                 student_normalization=None, teacher_normalization=None):
         super().__init__()
         if teacher_bn not in TEACHER_BN_MODES:
             raise ValueError(f"teacher_bn must be one of {list(TEACHER_BN_MODES)}, got {teacher_bn!r}")
         self.teacher_bn = teacher_bn
+        normalizations = (_normalization(student_normalization, student, "student"),
+                          _normalization(teacher_normalization, teacher, "teacher"))
+        if (normalizations[0] is None) != (normalizations[1] is None):
+            given, missing = ("student", "teacher") if normalizations[1] is None else ("teacher", "student")
+            raise ValueError(f"{given}_normalization is given but {missing}_normalization is not: converting the "
+                             f"batch for the teacher needs both (the batch's and the teacher's mean/std)")
+        self.teacher_input = InputConversion(*normalizations)  # the batch as the teacher expects it
         self.teacher, self.student = teacher, student
         self.terms = list(terms)
         keys = [t.key for t in self.terms]
@@ -134,7 +205,7 @@ class Distiller(nn.Module):
         self.teacher_layers = list(dict.fromkeys(name for t in self.terms for name in t.teacher_layers))
         student_layers = list(dict.fromkeys(name for t in self.terms for name in t.student_layers))
         self._teacher_features = _extractor("teacher", teacher, self.teacher_layers, detach=True, no_grad=True)
-        self._teacher_outputs = self._teacher_features  # x -> (teacher logits, teacher features)
+        self._teacher_outputs = self._own_teacher  # x -> (teacher logits, teacher features)
         # Hooks are registered on the student before torch.compile first runs it, so they are traced in.
         runner = student
         if compile:
@@ -144,26 +215,38 @@ class Distiller(nn.Module):
         self.term_losses = nn.ModuleList()
         self.is_setup = False
 
+    # -- the teacher's input -----------------------------------------------------------
+
+    @property
+    def input_normalizations(self) -> tuple[Normalization, Normalization] | None:
+        """(the batch's, the teacher's) normalisation when the batch is converted for the teacher, else None."""
+        return self.teacher_input.normalizations
+
+    def _own_teacher(self, x: torch.Tensor):
+        return self._teacher_features(self.teacher_input(x))
+
     # -- setup ------------------------------------------------------------------------
 
     @torch.no_grad()
     def setup(self, example_x: torch.Tensor) -> Distiller:
-        """Dry-run both networks on ``example_x`` (two samples suffice) and build adapters and losses.
+        """Dry-run both networks on ``example_x`` (two samples suffice) and build layouts, adapters and losses.
 
         Call it before building the optimizer so that adapter and loss parameters
         are part of :meth:`trainable_parameters`. Running twice is a no-op.
         """
         if self.is_setup:
             return self
-        t_shapes = feature_shapes(self.teacher, self.teacher_layers, example_x)
-        s_shapes = feature_shapes(self.student, self._student_features.layers, example_x)
+        t_features = describe_features(self.teacher, self.teacher_layers, self.teacher_input(example_x))
+        s_features = describe_features(self.student, self._student_features.layers, example_x)
         for extractor in (self._student_features, self._teacher_features):
             extractor.clear()  # their hooks stored the dry run's features too
         device = next(self.student.parameters()).device
+        self._layouts = []
         for term in self.terms:
-            adapters, losses = build_term_pairs(term, s_shapes, t_shapes, device)
-            self.adapters.append(adapters)
-            self.term_losses.append(losses)
+            built = build_term_pairs(term, s_features, t_features, device)
+            self.adapters.append(built.adapters)
+            self.term_losses.append(built.losses)
+            self._layouts.append((built.student_layouts, built.teacher_layouts))
         self._multi_layer = [term.multi_layer for term in self.terms]
         if self.kd_loss is not None:
             self.kd_loss.to(device)
@@ -190,9 +273,9 @@ class Distiller(nn.Module):
         """Take the teacher's ``(logits, features)`` from ``teacher_outputs(x)`` instead of running it.
 
         For several students trained against one teacher forward per batch (:mod:`featkd.sweep`):
-        the features must hold :attr:`teacher_layers`. This distiller's own teacher hooks are
-        removed, so the teacher's forward stores each layer once, for whoever ran it. Call it after
-        :meth:`setup` (the dry run needs the real teacher).
+        the features must hold :attr:`teacher_layers`, from the teacher run on :meth:`teacher_input`. This
+        distiller's own teacher hooks are removed, so the teacher's forward stores each layer once, for
+        whoever ran it. Call it after :meth:`setup` (the dry run needs the real teacher).
         """
         if not self.is_setup:
             raise RuntimeError("call distiller.setup(example_x) before share_teacher: the dry run needs the teacher")
@@ -222,10 +305,10 @@ class Distiller(nn.Module):
         if self.kd_loss is not None:
             losses["kd"] = weight_at(self.kd_weight, step, epoch) * self.kd_loss(student_logits, teacher_logits, y)
         context = BatchContext(y, step, epoch, indices)
-        for term, multi_layer, adapters, pair_losses in zip(self.terms, self._multi_layer, self.adapters,
-                                                             self.term_losses):
-            s = [f_s[name] for name in term.student_layers]
-            t = [f_t[name] for name in term.teacher_layers]
+        for term, multi_layer, adapters, pair_losses, (s_layouts, t_layouts) in zip(
+                self.terms, self._multi_layer, self.adapters, self.term_losses, self._layouts):
+            s = [view(f_s[name], layout) for name, layout in zip(term.student_layers, s_layouts)]
+            t = [view(f_t[name], layout) for name, layout in zip(term.teacher_layers, t_layouts)]
             if multi_layer:
                 value = call_loss(pair_losses[0], s, t, context)
             else:

@@ -41,13 +41,15 @@ class Features(Mapping):
 
     A module that ran several times in the forward stores every call:
     ``feats["blk"]`` then raises, ``feats["blk#1"]`` is the second call and
-    ``feats.calls("blk")`` the list of all of them.
+    ``feats.calls("blk")`` the list of all of them. After a :func:`probe`, ``order`` lists the keys in the
+    order their calls finished (one entry per call): the forward's execution order.
     """
 
     def __init__(self, calls: dict[str, list], selected_call: dict[str, int | None], compiled: bool = False):
         self._calls = calls
         self._selected = selected_call
         self._compiled = compiled
+        self.order: list[str] = []
         # "module.layer1" and "layer1" name the same feature, whichever the user wrote
         self._aliases = {strip_wrappers(k): k for k in calls}
 
@@ -355,12 +357,22 @@ def probe(model: nn.Module, example_input: Any, layers: str | Sequence[str]) -> 
     """
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     recorder = _Recorder(model, layers, detach=True, clone=False)
+    order: list[str] = []
+    modules = named_modules(model)
+    for spec in recorder.specs:  # registered after the recorder's hooks, so they run right after them
+        def finished(*_, key=spec.key):
+            order.append(key)
+        module = modules[spec.path]
+        register = module.register_forward_pre_hook if spec.port == "input" else module.register_forward_hook
+        recorder.handles.append(register(finished))
     training = {module: module.training for module in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
             model(*args)
-        return recorder.take()
+        features = recorder.take()
+        features.order = order
+        return features
     finally:
         recorder.remove()
         for module, flag in training.items():

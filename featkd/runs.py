@@ -27,8 +27,8 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import distributed
-from featkd.config import (STRATEGY_CONFIG_DIR, Config, ConfigError, DataConfig, WarmupConfig, apply_overrides,
-                           build_dataclass, changed_keys, from_dict, read_yaml, to_dict)
+from featkd.config import (STRATEGY_CONFIG_DIR, Config, ConfigError, DataConfig, LayoutConfig, WarmupConfig,
+                           apply_overrides, build_dataclass, changed_keys, from_dict, read_yaml, to_dict)
 from featkd.locking import run_lock
 
 # What a resumed run can take from the command line: anything else (optim.lr, ...) would be overruled by the
@@ -192,15 +192,37 @@ def _weight(weight):
     return weight
 
 
-def build_distiller(cfg: Config, teacher: nn.Module, student: nn.Module):
-    """A :class:`featkd.Distiller` from the config's ``terms``, ``kd`` and ``ce_weight``."""
+def _layout(layout):
+    return dataclasses.asdict(layout) if isinstance(layout, LayoutConfig) else layout
+
+
+def input_normalizations(cfg: Config, teacher_record: dict | None, info) -> dict[str, Any]:
+    """The Distiller's ``student_normalization`` / ``teacher_normalization`` for a teacher checkpoint's
+    ``teacher_record``: the run's data normalisation and the teacher's (``teacher.normalization``, else that of
+    the data it was trained on) when they differ; nothing to convert otherwise."""
+    student = (tuple(info.mean), tuple(info.std))
+    given = cfg.teacher.normalization if cfg.teacher is not None else None
+    if given is not None:
+        teacher = (tuple(given.mean), tuple(given.std))
+    elif teacher_record is not None and "dataset" in teacher_record:
+        teacher = (tuple(teacher_record["dataset"]["mean"]), tuple(teacher_record["dataset"]["std"]))
+    else:
+        return {}
+    return {} if teacher == student else {"student_normalization": student, "teacher_normalization": teacher}
+
+
+def build_distiller(cfg: Config, teacher: nn.Module, student: nn.Module, **options):
+    """A :class:`featkd.Distiller` from the config's ``terms``, ``kd`` and ``ce_weight``; ``options`` go to it
+    (e.g. :func:`input_normalizations`)."""
     from featkd.distiller import Distiller
     from featkd.terms import Term
 
     terms = [Term(teacher=t.teacher, student=t.student, loss=t.loss, weight=_weight(t.weight), name=t.name,
-                  adapter=t.adapter, options=t.options) for t in cfg.terms]
+                  adapter=t.adapter, options=t.options, layout=_layout(t.layout),
+                  student_layout=_layout(t.student_layout), teacher_layout=_layout(t.teacher_layout))
+             for t in cfg.terms]
     kd = None if cfg.kd is None else {"loss": cfg.kd.loss, "weight": _weight(cfg.kd.weight), **cfg.kd.options}
-    return Distiller(teacher, student, terms=terms, kd=kd, ce_weight=cfg.ce_weight, compile=cfg.compile)
+    return Distiller(teacher, student, terms=terms, kd=kd, ce_weight=cfg.ce_weight, compile=cfg.compile, **options)
 
 
 # --------------------------------------------------------------------------- the run

@@ -191,6 +191,11 @@ class SweepMethod(MethodBase):
             raise ValueError(f"members ask for teacher_bn {sorted(teacher_bn)}; one teacher forward serves them all: "
                              "give every member the same teacher_bn")
         self.teacher_bn = teacher_bn.pop() if teacher_bn else "eval"
+        distillers = [m.distiller for m in members if m.distiller is not None]
+        if len({d.input_normalizations for d in distillers}) > 1:
+            raise ValueError("members convert the batch for the teacher differently (student/teacher normalisation); "
+                             "one teacher forward serves them all: give every member the same normalisations")
+        self._teacher_input = distillers[0].teacher_input if distillers else (lambda x: x)
         # fit logs the learning rate of the first member's optimiser (members usually share a schedule)
         super().__init__(members[0].method.optimizer, (), precision or members[0].method.precision)
         self.teacher, self.members, self.shared = teacher, list(members), shared
@@ -203,11 +208,12 @@ class SweepMethod(MethodBase):
         """Run the teacher once on ``x`` and store its logits and features for the members."""
         self.teacher.eval()
         with self.precision.autocast(), teacher_bn_mode(self.teacher, self.teacher_bn):
+            x_teacher = self._teacher_input(x)
             if self._extractor is None:
                 with torch.no_grad():
-                    logits, features = self.teacher(x), {}
+                    logits, features = self.teacher(x_teacher), {}
             else:
-                logits, features = self._extractor(x)
+                logits, features = self._extractor(x_teacher)
         self.shared.batch, self.shared.logits, self.shared.features = x, logits.detach(), dict(features)
 
     def train_step(self, x, y, step, **extra):  # extra: indices=, when the loader yields them
@@ -254,10 +260,11 @@ def build_sweep(member_cfgs, teacher: nn.Module, teacher_state: dict, run) -> tu
         # featkd distill builds the teacher between seeding and building the student, so the student's
         # initial weights depend on the random numbers the teacher's construction drew; draw them too
         # (a throwaway CPU copy) so that a member starts exactly where that run starts.
-        ckpt.model_from_checkpoint(teacher_state, torch.device("cpu"))
+        _, record = ckpt.model_from_checkpoint(teacher_state, torch.device("cpu"))
         student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
         try:
-            distiller = runs.build_distiller(cfg, teacher, student).setup(example_x[:2])
+            distiller = runs.build_distiller(cfg, teacher, student, **runs.input_normalizations(cfg, record, run.info))
+            distiller.setup(example_x[:2])
         except (ValueError, KeyError) as error:  # a term the member's grid point got wrong: say which member
             raise type(error)(f"sweep member {name}: {error}") from None
         optimizer, scheduler = runs.build_optimization(cfg, distiller.trainable_parameters())

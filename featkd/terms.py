@@ -1,24 +1,30 @@
 """Terms: what a :class:`featkd.Distiller` transfers between which layers, and how a term's losses are built.
 
-* :class:`Term`: a loss between student and teacher layers, its weight (a float or a :class:`Warmup`)
-  and its adapter; the config form of a Term is :class:`featkd.config.TermConfig`.
-* :func:`build_term_pairs`: a term's adapter and loss modules for the feature shapes of a dry run.
+* :class:`Term`: a loss between student and teacher layers, its weight (a float or a :class:`Warmup`),
+  its adapter and each side's layout; the config form of a Term is :class:`featkd.config.TermConfig`.
+* :func:`build_term_pairs`: a term's layouts, adapters and loss modules for the features of a dry run.
   The Distiller builds its terms with it, and Deep Mutual Learning its terms between peers.
+
+Every feature reaches its adapter and loss channels-first (:func:`featkd.layouts.to_channels_first`):
+channels-last maps permuted, tokens on their grid without their prefix tokens. So the losses keep their
+math whatever the backbones, and a token/map pair is one more case of the channel and size adapters.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featkd.layouts import CapturedFeature, Layout, canonical_shape, parse_layout, resolve_layout, to_channels_first
 from featkd.losses import build_feature_loss, feature_loss_class
 
-__all__ = ["Term", "Warmup", "FeatureAdapter", "build_term_pairs", "call_loss", "weight_at"]
+__all__ = ["Term", "TermModules", "Warmup", "FeatureAdapter", "build_term_pairs", "call_loss", "view", "weight_at"]
 
 
 # --------------------------------------------------------------------------- weights
@@ -79,6 +85,11 @@ class Term:
       adds the 1×1 conv; ``None`` never adds one; or an ``nn.Module`` of your own.
       Adapters are trained with the student.
     * ``name``: the key of this term in the loss dict (default ``"<loss>:<student layer>"``).
+    * ``student_layout`` / ``teacher_layout``: each side's layout (:func:`featkd.layouts.parse_layout`:
+      ``"NCHW"``, ``"NHWC"``, ``"NLC"``/``"tokens"``, ``"NCL"``, or ``{"kind": "NLC", "prefix_tokens": 1,
+      "tokens": "prefix"}``); ``layout`` sets both. Left out, the layout is the one the model states
+      (:mod:`featkd.models.layouts`), else the only reading of the shape; a shape that reads several ways
+      raises with the choices. ``options={"layout": ...}`` is the older spelling of ``layout``.
     """
 
     teacher: str | Sequence[str]
@@ -88,6 +99,9 @@ class Term:
     name: str | None = None
     adapter: str | nn.Module | None = "auto"
     options: dict[str, Any] = field(default_factory=dict)
+    layout: str | Mapping | Layout | None = None
+    student_layout: str | Mapping | Layout | None = None
+    teacher_layout: str | Mapping | Layout | None = None
 
     def __post_init__(self):
         self.teacher_layers = [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
@@ -104,6 +118,24 @@ class Term:
         if not (self.adapter in (None, "auto", "conv") or isinstance(self.adapter, nn.Module)):
             raise ValueError(f"term {self.key!r}: adapter must be 'auto', 'conv', None or an nn.Module, "
                              f"got {self.adapter!r}")
+        both = self.layout
+        if "layout" in self.options:  # the older spelling: the losses see channels-first features now
+            if both is not None and both != self.options["layout"]:
+                raise ValueError(f"term {self.key!r}: layout={both!r} and options.layout={self.options['layout']!r} "
+                                 "disagree; give layout= (or student_layout= / teacher_layout=) only")
+            both = self.options["layout"]
+        try:
+            for value in (both, self.student_layout, self.teacher_layout):
+                parse_layout(value)
+        except ValueError as error:
+            raise ValueError(f"term {self.key!r}: {error}") from None
+        self.layouts = {"student": self.student_layout if self.student_layout is not None else both,
+                        "teacher": self.teacher_layout if self.teacher_layout is not None else both}
+
+    @property
+    def loss_options(self) -> dict[str, Any]:
+        """The options the loss is built with (a layout is the term's business, not the loss's)."""
+        return {k: v for k, v in self.options.items() if k != "layout"}
 
     @property
     def multi_layer(self) -> bool:
@@ -122,68 +154,122 @@ class Term:
 
 
 class FeatureAdapter(nn.Module):
-    """Map a student feature map ``(B, Cs, Hs, Ws)`` to the teacher's ``(B, Ct, Ht, Wt)``.
+    """Map a student feature to the teacher's shape; both are channels-first views (:mod:`featkd.layouts`).
 
-    Channels: a 1×1 convolution followed by batch norm (FitNets/ RepDistiller's
-    connector), present when ``channels=True`` or the counts differ. Spatial size:
-    adaptive average pooling when the student map is larger, bilinear
-    interpolation when it is smaller.
+    Channels: a 1×1 convolution followed by batch norm (FitNets'/RepDistiller's connector), present when
+    ``channels=True`` or the counts differ. Size, for maps ``(B, C, H, W)`` on both sides: adaptive
+    average pooling when the student map is larger, bilinear interpolation when it is smaller (tokens on
+    their grid are maps here, so a ViT's 14×14 tokens meet a ResNet's 56×56 map this way, in either
+    direction). A ``(B, Ct, N)`` teacher (tokens kept with their prefix, a class token) takes the student
+    flattened when it has N positions, or averaged to one position when N is 1.
     """
 
     def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], channels: bool | None = None):
         super().__init__()
-        if len(student_shape) != 4 or len(teacher_shape) != 4:
-            raise ValueError(f"an automatic adapter needs (B, C, H, W) feature maps, got student "
-                             f"{tuple(student_shape)} and teacher {tuple(teacher_shape)}")
+        student_shape, teacher_shape = tuple(student_shape), tuple(teacher_shape)
+        self.size = teacher_shape[2:]
+        positions = (math.prod(student_shape[2:]), math.prod(self.size))
+        if len(teacher_shape) == 4 and len(student_shape) == 4:
+            self.resize = None
+            if student_shape[2:] != self.size:
+                larger = student_shape[2] >= self.size[0] and student_shape[3] >= self.size[1]
+                self.resize = "pool" if larger else "interpolate"
+        elif len(teacher_shape) == 3 and len(student_shape) in (3, 4) and positions[1] in (1, positions[0]):
+            self.resize = "flatten" if positions[0] == positions[1] else "mean"
+        else:
+            raise ValueError(f"an automatic adapter maps a student (B, C, H, W) map to a teacher map, or to a "
+                             f"teacher (B, C, N) sequence of as many positions or of one; got student "
+                             f"{student_shape} and teacher {teacher_shape}")
         c_s, c_t = student_shape[1], teacher_shape[1]
-        self.size = tuple(teacher_shape[2:])
-        self.resize = None
-        if tuple(student_shape[2:]) != self.size:
-            larger = student_shape[2] >= self.size[0] and student_shape[3] >= self.size[1]
-            self.resize = "pool" if larger else "interpolate"
         use_conv = c_s != c_t if channels is None else channels
-        self.conv = nn.Sequential(nn.Conv2d(c_s, c_t, 1, bias=False), nn.BatchNorm2d(c_t)) if use_conv else None
+        self.conv = None
+        if use_conv:
+            conv, norm = (nn.Conv2d, nn.BatchNorm2d) if len(teacher_shape) == 4 else (nn.Conv1d, nn.BatchNorm1d)
+            self.conv = nn.Sequential(conv(c_s, c_t, 1, bias=False), norm(c_t))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         if self.resize == "pool":
             f = F.adaptive_avg_pool2d(f, self.size)
         elif self.resize == "interpolate":
             f = F.interpolate(f, size=self.size, mode="bilinear", align_corners=False)
+        elif self.resize == "flatten":
+            f = f.flatten(2)
+        elif self.resize == "mean":
+            f = f.flatten(2).mean(2, keepdim=True)
         return self.conv(f) if self.conv is not None else f
 
     def extra_repr(self) -> str:
         return f"resize={self.resize}, size={self.size}"
 
 
+def view(f: torch.Tensor, layout: Layout | None) -> torch.Tensor:
+    """A captured feature as its term's adapter and loss see it: channels first (``layout`` None: as it is)."""
+    return f if layout is None else to_channels_first(f, layout)
+
+
 # --------------------------------------------------------------------------- building a term's modules
 
 
-def build_term_pairs(term: Term, student_shapes: Mapping[str, Sequence[int]],
-                     teacher_shapes: Mapping[str, Sequence[int]], device: torch.device) -> tuple[nn.ModuleList, nn.ModuleList]:
-    """The adapters and loss modules of ``term``, one per (student, teacher) layer pair, or one for all
-    its layers when its loss is ``multi_layer``; ``*_shapes`` are the dry run's feature shapes by layer."""
-    s_shapes = [tuple(student_shapes[name]) for name in term.student_layers]
-    t_shapes = [tuple(teacher_shapes[name]) for name in term.teacher_layers]
+class TermModules(NamedTuple):
+    """What :func:`build_term_pairs` builds for a term: per (student, teacher) layer pair (one entry for a
+    ``multi_layer`` loss) its ``adapters`` and ``losses``, and per layer of each side the resolved layout
+    that :func:`view` applies before them."""
+
+    adapters: nn.ModuleList
+    losses: nn.ModuleList
+    student_layouts: list[Layout | None]
+    teacher_layouts: list[Layout | None]
+
+
+def _captured(value) -> CapturedFeature:
+    """A dry run's :class:`~featkd.layouts.CapturedFeature`; a bare shape keeps the older contract of
+    channels-first features ((B, C, H, W) or (B, C, N))."""
+    if isinstance(value, CapturedFeature):
+        return value
+    shape = tuple(value)
+    return CapturedFeature(shape, Layout("NCHW" if len(shape) == 4 else "NCL") if len(shape) in (3, 4) else None)
+
+
+def build_term_pairs(term: Term, student_features: Mapping[str, Any], teacher_features: Mapping[str, Any],
+                     device: torch.device) -> TermModules:
+    """The layouts, adapters and loss modules of ``term``, one per (student, teacher) layer pair, or one for
+    all its layers when its loss is ``multi_layer``. ``*_features`` are the dry run's
+    :class:`~featkd.layouts.CapturedFeature` by layer (:func:`featkd.layer_info.describe_features`); bare
+    shapes are read as channels-first."""
+    layouts, shapes = {}, {}
+    for side, names, features in (("student", term.student_layers, student_features),
+                                  ("teacher", term.teacher_layers, teacher_features)):
+        captured = [_captured(features[name]) for name in names]
+        layouts[side] = [resolve_layout(term.layouts[side], feature, f"term {term.key!r}: {side} layer {name!r}",
+                                        f"{side}_layout") for feature, name in zip(captured, names)]
+        shapes[side] = [feature.shape if layout is None else canonical_shape(feature.shape, layout)
+                        for feature, layout in zip(captured, layouts[side])]
+    s_shapes, t_shapes = shapes["student"], shapes["teacher"]
     if term.multi_layer:
         pairs = [_build_pair(term, tuple(s_shapes), tuple(t_shapes), term.student_layers, term.teacher_layers,
                              device, multi=True)]
     else:
         pairs = [_build_pair(term, s, t, [s_name], [t_name], device)
                  for s, t, s_name, t_name in zip(s_shapes, t_shapes, term.student_layers, term.teacher_layers)]
-    return nn.ModuleList(adapter for adapter, _ in pairs), nn.ModuleList(loss.to(device) for _, loss in pairs)
+    return TermModules(nn.ModuleList(adapter for adapter, _ in pairs),
+                       nn.ModuleList(loss.to(device) for _, loss in pairs), layouts["student"], layouts["teacher"])
 
 
 def _build_pair(term: Term, s_shape: tuple, t_shape: tuple, s_names: list[str], t_names: list[str],
                 device: torch.device, multi: bool = False) -> tuple[nn.Module, nn.Module]:
-    """The adapter and loss module for one (student, teacher) layer pair (or the lists, for a multi_layer loss)."""
+    """The adapter and loss module for one (student, teacher) layer pair (or the lists, for a multi_layer loss);
+    the shapes are those of the channels-first views."""
     described = (f"term {term.key!r} ({term.loss_name}): student layer(s) {s_names} give {s_shape}, "
-                 f"teacher layer(s) {t_names} give {t_shape}")
+                 f"teacher layer(s) {t_names} give {t_shape} (channels first)")
     if term.adapter is None or term.adapter == "auto":
         adapter = nn.Identity()
     elif multi:
         raise ValueError(f"{described}: adapter={term.adapter!r} does not apply to a loss over several layers")
     elif term.adapter == "conv":
-        adapter = FeatureAdapter(s_shape, t_shape, channels=True)
+        try:
+            adapter = FeatureAdapter(s_shape, t_shape, channels=True)
+        except ValueError as error:
+            raise ValueError(f"{described}: {error}") from None
     else:
         adapter = term.adapter
     adapter.to(device)
@@ -194,8 +280,11 @@ def _build_pair(term: Term, s_shape: tuple, t_shape: tuple, s_names: list[str], 
         return adapter, _loss(term, s_shape, t_shape)
     except ValueError as error:
         first_error = error
-    if term.adapter in ("auto", None) and not multi and len(s_shape) == 4 and len(t_shape) == 4:
-        adapter = FeatureAdapter(s_shape, t_shape).to(device)
+    if term.adapter in ("auto", None) and not multi:
+        try:
+            adapter = FeatureAdapter(s_shape, t_shape).to(device)
+        except ValueError:  # no automatic adapter fits these shapes
+            raise ValueError(f"{described}: {first_error}") from None
         adapted = (s_shape[0], t_shape[1] if adapter.conv is not None else s_shape[1], *t_shape[2:])
         try:
             loss = _loss(term, adapted, t_shape)
@@ -222,4 +311,4 @@ def _loss(term: Term, s_shape, t_shape) -> nn.Module:
         if check is not None:
             check(s_shape, t_shape)
         return term.loss
-    return build_feature_loss(term.loss, s_shape, t_shape, **term.options)
+    return build_feature_loss(term.loss, s_shape, t_shape, **term.loss_options)

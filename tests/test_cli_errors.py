@@ -50,6 +50,10 @@ def teacher(tmp_path_factory):
     (["terms=[{teacher: group3, student: group1, loss: at, adapter: null}]"],
      ["spatial sizes differ", "resize='pool'", "adapter: auto (the default) would fit"]),
     (["terms.3.options.kernel=gausian"], ["unknown NST kernel 'gausian'. Did you mean 'gaussian'?"]),
+    (["terms.0.student_layout=NWHC"], ["term 'at:group1'", "unknown layout 'NWHC'; choose one of 'NCHW'", "'NHWC'"]),
+    (["terms.0.teacher_layout=tokens"], ["term 'at:group1': teacher layer 'group1': layout 'NLC' expects (B, N, C)",
+                                         "a 4-d feature is one of NCHW, NHWC; set teacher_layout"]),
+    (["terms.0.layout={kind: NLC, tokens: cls}"], ["unknown token selection 'cls'; choose one of patch, prefix, all"]),
     (["optim.lr=[0.1"], ["override 'optim.lr=[0.1'", "not valid YAML", "close its brackets"]),
 ])
 def test_invalid_settings_are_one_line_before_any_run_directory(teacher, tmp_path, capsys, overrides, fragments):

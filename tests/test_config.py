@@ -127,3 +127,31 @@ def test_no_shipped_config_or_documented_command_loads_a_teachers_best_pt():
     assert teacher_best.search("x teacher.checkpoint=runs/t/best.pt") and teacher_best.search("--teacher a/best.pt")
     for path in documented:
         assert not teacher_best.search(path.read_text()), path
+
+
+def test_term_layouts_by_name_or_in_full_reach_the_terms():
+    from torch import nn
+
+    from featkd import runs
+
+    cfg = from_dict({"terms": [
+        {"teacher": "features.5", "student": "layer3", "teacher_layout": "NHWC"},
+        {"teacher": "blocks.11", "student": "layer4", "loss": "hint",
+         "teacher_layout": {"kind": "tokens", "prefix_tokens": 2, "tokens": "prefix"}},
+        {"teacher": "layer1", "layout": "channels_first"}]})
+    assert cfg.terms[1].teacher_layout.prefix_tokens == 2 and cfg.terms[2].layout == "channels_first"
+    def named_layers():  # modules under the names the terms use; no forward is run
+        model = nn.Module()
+        model.features = nn.Sequential(*(nn.Identity() for _ in range(6)))
+        model.blocks = nn.Sequential(*(nn.Identity() for _ in range(12)))
+        model.layer1, model.layer3, model.layer4 = nn.Identity(), nn.Identity(), nn.Identity()
+        return model
+
+    distiller = runs.build_distiller(cfg, named_layers(), named_layers())
+    layouts = [term.layouts for term in distiller.terms]
+    assert layouts[0] == {"student": None, "teacher": "NHWC"}
+    assert layouts[1]["teacher"] == {"kind": "tokens", "prefix_tokens": 2, "grid": None, "tokens": "prefix"}
+    assert layouts[2] == {"student": "channels_first", "teacher": "channels_first"}
+    with pytest.raises(ConfigError, match=r"unknown config key 'terms.0.teacher_layout.prefix'. Did you mean "
+                                          r"'terms.0.teacher_layout.prefix_tokens'"):
+        from_dict({"terms": [{"teacher": "x", "teacher_layout": {"kind": "NLC", "prefix": 1}}]})

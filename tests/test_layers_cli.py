@@ -77,3 +77,36 @@ def test_timm_model(capsys):
     table = rows(capsys.readouterr().out)
     assert table["layer4"][2:6] == ["1x512x1x1", "NCHW", "512", "32"]
     assert table["global_pool"][2:4] == ["1x512", "NC"]
+
+
+def test_channels_last_maps_are_shown_as_such(capsys):
+    assert main(["layers", "torchvision:swin_t", "--input-size", "3x64x64", "--filter", "features.*"]) == 0
+    table = rows(capsys.readouterr().out)
+    # (B, H, W, C): 384 channels on a 4x4 grid, stride 16
+    assert table["features.5"] == ["features.5", "Sequential", "1x4x4x384", "NHWC", "384", "16", "1"]
+    assert table["features.0"][3] == "NHWC"
+
+
+AMBIGUOUS = """
+from torch import nn
+
+
+class Doubler(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def ambiguous(num_classes=10):
+    return nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), Doubler(), nn.Flatten(), nn.Linear(512, num_classes))
+"""
+
+
+def test_a_layout_neither_stated_nor_readable_is_marked(capsys, tmp_path, monkeypatch):
+    (tmp_path / "my_ambiguous.py").write_text(AMBIGUOUS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["layers", "my_ambiguous:ambiguous", "--input-size", "3x64x64"]) == 0
+    out = capsys.readouterr().out
+    table = rows(out.split("\n\n")[0])
+    assert table["0"][3] == "NCHW"  # a Conv2d says so
+    assert table["1"][2:6] == ["1x8x8x8", "?", "-", "-"]  # (1, 8, 8, 8) reads either way
+    assert "?: neither the model nor the shape says which dimension holds the channels" in out

@@ -1,10 +1,12 @@
-"""What the training commands share: their arguments and how a user's mistake is reported."""
+"""What the commands share: the training commands' arguments, how a user's mistake is reported, and the
+model-inspecting commands' ``--input-size`` and tables."""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import os
+import re
 import sys
 
 from featkd import checkpoint as ckpt
@@ -67,3 +69,32 @@ def finished(run, history: list[dict]) -> int:
         files = [name for name in (ckpt.BEST, ckpt.LAST, ckpt.METRICS_JSONL) if (run.run_dir / name).is_file()]
         print(f"finished: {run.run_dir} ({', '.join(files)})")
     return 0
+
+
+def input_size(text: str) -> tuple[int, ...]:
+    """``--input-size 3x224x224`` (argparse type): one example input's size, without the batch dimension."""
+    parts = re.split(r"[x,]", text.strip().lower())
+    if not 2 <= len(parts) <= 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"--input-size {text!r}: expected channels x height x width such as 3x224x224 (or CxL for 1-d models)"
+        )
+    return tuple(int(p) for p in parts)
+
+
+def format_shape(shape) -> str:
+    """``1x64x56x56`` for a shape; nested tuples and dicts of shapes for structured outputs; ``-`` for none."""
+    if shape is None:
+        return "-"
+    if isinstance(shape, dict):
+        return "{" + ", ".join(f"{k}: {format_shape(v)}" for k, v in shape.items()) + "}"
+    if shape and all(isinstance(s, int) for s in shape):
+        return "x".join(map(str, shape))
+    return "(" + ", ".join(format_shape(s) for s in shape) + ")"
+
+
+def text_table(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns, the first row a header with a rule under it."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

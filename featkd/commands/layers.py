@@ -1,28 +1,22 @@
-"""``featkd layers <model> --input-size 3x224x224``: list every hookable layer of a model with its output shape.
+"""``featkd layers <model>``: list every hookable layer of a model with its output shape and layout.
 
-The names printed are what ``featkd.capture`` / ``FeatureExtractor`` / config files accept.
+The names printed are what ``featkd.capture`` / ``FeatureExtractor`` / config files accept. The layout
+(NCHW, NHWC channels-last, NLC tokens with their prefix tokens, NCL) is the one the model states, else
+the only reading of the shape (``?`` when the shape reads several ways; featkd.layouts).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
-
-def _input_size(text: str) -> tuple[int, ...]:
-    parts = re.split(r"[x,]", text.strip().lower())
-    if not 2 <= len(parts) <= 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(
-            f"--input-size {text!r}: expected channels x height x width such as 3x224x224 (or CxL for 1-d models)"
-        )
-    return tuple(int(p) for p in parts)
+from featkd.commands._common import format_shape, input_size, text_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a featkd model (wrn16_1, resnet20, ...), torchvision:<name>, timm:<name>, "
                                       "or package.module:factory")
-    parser.add_argument("--input-size", type=_input_size, default=(3, 224, 224), metavar="CxHxW",
+    parser.add_argument("--input-size", type=input_size, default=(3, 224, 224), metavar="CxHxW",
                         help="size of one example input, without the batch dimension (default: 3x224x224)")
     parser.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default: 10)")
     parser.add_argument("--filter", metavar="GLOB", default=None,
@@ -32,33 +26,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only names with at most this many dotted segments (1: top-level children)")
 
 
-def _format_shape(shape) -> str:
-    if shape is None:
-        return "-"
-    if isinstance(shape, dict):
-        return "{" + ", ".join(f"{k}: {_format_shape(v)}" for k, v in shape.items()) + "}"
-    if shape and all(isinstance(s, int) for s in shape):
-        return "x".join(map(str, shape))
-    return "(" + ", ".join(_format_shape(s) for s in shape) + ")"
-
-
 def format_table(infos) -> str:
     """The table ``featkd layers`` prints, one row per :class:`featkd.LayerInfo`."""
-    header = ("name", "type", "output shape", "layout", "channels", "stride", "calls")
-    rows = [header]
+    rows = [("name", "type", "output shape", "layout", "channels", "stride", "calls")]
     for info in infos:
         stride = info.stride
         if isinstance(stride, tuple):
             stride = "x".join(map(str, stride))
         if info.prefix_tokens:
             stride = f"{stride} (+{info.prefix_tokens} prefix token{'s' if info.prefix_tokens > 1 else ''})"
-        rows.append((info.name, info.type, _format_shape(info.shape), info.layout or "-",
+        rows.append((info.name, info.type, format_shape(info.shape), info.layout or "-",
                      "-" if info.channels is None else str(info.channels),
                      "-" if stride is None else str(stride), str(info.calls)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    table = text_table(rows)
+    if any(info.layout == "?" for info in infos):
+        table += ("\n\n?: neither the model nor the shape says which dimension holds the channels; a term that "
+                  "uses the layer names it (student_layout / teacher_layout)")
+    return table
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ class NIN(nn.Module):
                                     nn.AvgPool2d(3, stride=2, padding=1), nn.Dropout(dropout))
         self.block3 = nn.Sequential(*_conv_bn_relu(c(192), c(192), 3), *_conv_bn_relu(c(192), c(192), 1))
         self.classifier = nn.Sequential(nn.Conv2d(c(192), num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.output_fmt = "NCHW"  # every feature map is channels-first (timm's name for it)
         self.feature_info = [FeatureInfo("block1", c(96), 2), FeatureInfo("block2", c(192), 4),
                              FeatureInfo("block3", c(192), 4)]
         self.default_distill_layers = [f.name for f in self.feature_info]

@@ -14,12 +14,14 @@ import difflib
 import importlib
 import inspect
 import re
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from torch import nn
 
 from featkd.hooks import probe
+from featkd.layer_specs import unwrap
 from featkd.models.features import FeatureInfo
 from featkd.models.mlp import mlp
 from featkd.models.nin import NIN
@@ -182,6 +184,17 @@ def feature_info(model: nn.Module, layers: list[str] | None = None,
     height = input_size[-1]
     shapes = {name: features.calls(name)[0].shape for name in features}  # a module run twice: its first call
     return [FeatureInfo(name, shape[1], max(1, round(height / shape[-1]))) for name, shape in shapes.items()]
+
+
+def input_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The per-channel ``(mean, std)`` (0..1 scale) a model records for its input: timm's ``pretrained_cfg``
+    (the normalisation of its pretrained weights), or ``None``."""
+    model = unwrap(model)
+    for attribute in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attribute, None)
+        if isinstance(cfg, Mapping) and cfg.get("mean") is not None and cfg.get("std") is not None:
+            return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+    return None
 
 
 def default_distill_layers(model: nn.Module) -> list[str]:

@@ -69,6 +69,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._stage(32, 64, n, 2, shortcut)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
+        self.output_fmt = "NCHW"  # every feature map is channels-first (timm's name for it)
         self.feature_info = [FeatureInfo("layer1", 16, 1), FeatureInfo("layer2", 32, 2), FeatureInfo("layer3", 64, 4)]
         self.default_distill_layers = [f.name for f in self.feature_info]
         for m in self.modules():

@@ -69,6 +69,7 @@ class WideResNet(nn.Module):
         self.bn = nn.BatchNorm2d(widths[2])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes)
+        self.output_fmt = "NCHW"  # every feature map is channels-first (timm's name for it)
         self.feature_info = [
             FeatureInfo("group1", widths[0], 1),
             FeatureInfo("group2", widths[1], 2),

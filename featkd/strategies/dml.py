@@ -26,11 +26,12 @@ from torch import nn
 
 from featkd.engine import MethodBase, Precision
 from featkd.functional import cross_entropy, dml_kl_loss, kd_loss
-from featkd.hooks import FeatureExtractor, feature_shapes
+from featkd.hooks import FeatureExtractor
+from featkd.layer_info import describe_features
 from featkd.layer_specs import resolve_layers
 from featkd.losses import BatchContext
 from featkd.strategies.ensemble import ProbabilityAverage
-from featkd.terms import Term, build_term_pairs, call_loss
+from featkd.terms import Term, build_term_pairs, call_loss, view
 
 MODES = ("pairwise", "ensemble")
 
@@ -133,6 +134,7 @@ class DeepMutualLearning(MethodBase):
         # built as the Distiller builds a Term's pairs; term_modules holds them in a fixed order for checkpoints
         self.pairs: dict[tuple[int, int, int, str], nn.ModuleList] = {}
         self.term_modules = nn.ModuleList()
+        self.pair_layouts: dict[tuple[int, int, int, str], tuple] = {}  # each side's layout, resolved at the dry run
         if self.terms:
             if example_input is None:
                 raise ValueError("DML feature terms need example_input (one batch) to learn the feature shapes.")
@@ -141,7 +143,7 @@ class DeepMutualLearning(MethodBase):
         self.ensemble = ProbabilityAverage(self.peers)
 
     def _build_term_pairs(self, example_input: torch.Tensor) -> None:
-        shapes = [feature_shapes(peer, self.layers, example_input) for peer in self.peers]
+        features = [describe_features(peer, self.layers, example_input) for peer in self.peers]
         for k in range(len(self.peers)):
             learned = []  # adapters and loss parameters (e.g. a FitNets regressor) learn with peer k
             for l in range(len(self.peers)):
@@ -151,8 +153,9 @@ class DeepMutualLearning(MethodBase):
                     for layer in term.layers:
                         between = Term(layer, loss=term.loss, options=term.options,
                                        name=f"{self.term_keys[i]}:{layer} from peer{k} to peer{l}")
-                        adapters, losses = build_term_pairs(between, shapes[k], shapes[l], example_input.device)
-                        pair = self.pairs[(k, l, i, layer)] = nn.ModuleList([adapters[0], losses[0]])
+                        built = build_term_pairs(between, features[k], features[l], example_input.device)
+                        pair = self.pairs[(k, l, i, layer)] = nn.ModuleList([built.adapters[0], built.losses[0]])
+                        self.pair_layouts[(k, l, i, layer)] = (built.student_layouts[0], built.teacher_layouts[0])
                         self.term_modules.append(pair)
                         learned += list(pair.parameters())
             if learned:
@@ -167,7 +170,8 @@ class DeepMutualLearning(MethodBase):
     def _pair_loss(self, k: int, l: int, i: int, layer: str, feats, target_feats, context) -> torch.Tensor:
         """Term ``i``'s loss at ``layer`` from peer k's feature (adapted) to peer l's."""
         adapter, loss = self.pairs[(k, l, i, layer)]
-        return call_loss(loss, adapter(feats[layer]), target_feats[layer], context)
+        own, target = self.pair_layouts[(k, l, i, layer)]
+        return call_loss(loss, adapter(view(feats[layer], own)), view(target_feats[layer], target), context)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
         """One DML step (Algorithm 1): update peers 0..K-1 in order, each against the current others."""

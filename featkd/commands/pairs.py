@@ -1,0 +1,90 @@
+"""``featkd pairs TEACHER STUDENT``: propose (teacher layer, student layer) pairs and write them as config terms.
+
+    featkd pairs torchvision:vit_b_16 torchvision:resnet18 --out vit_resnet.yaml
+    featkd distill --config vit_resnet.yaml teacher.checkpoint=runs/vit/last.pt ...
+
+Layers are paired by resolution stage, and the last features before pooling with each other; a model
+with one resolution (a ViT) spreads its blocks over the other's stages (featkd.layer_pairs). The table
+shows each layer's shape and layout; the terms go to stdout, or to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from featkd.commands._common import format_shape, input_size, reports_user_errors, text_table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for role in ("teacher", "student"):
+        parser.add_argument(role, help=f"the {role}: a featkd model, torchvision:<name>, timm:<name>, or "
+                                       "package.module:factory")
+    parser.add_argument("--input-size", type=input_size, default=(3, 224, 224), metavar="CxHxW",
+                        help="size of one example input, without the batch dimension (default: 3x224x224)")
+    parser.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default: 10)")
+    parser.add_argument("--loss", default="at", help="the feature loss of the proposed term (default: at)")
+    parser.add_argument("--weight", type=float, default=1000.0, help="its weight (default: 1000, AT's beta)")
+    parser.add_argument("--out", metavar="FILE", help="write the terms (and the student's name) to this YAML file")
+    for role in ("teacher", "student"):
+        parser.add_argument(f"--{role}-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                            help=f"a constructor option of the {role} (repeatable), e.g. image_size=64 for a "
+                                 "torchvision ViT at another input size")
+
+
+def _option(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. image_size=64")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from None
+
+
+def _layout(info) -> str:
+    text = info.layout or "-"
+    if info.prefix_tokens:
+        text += f"+{info.prefix_tokens}"
+    if info.layout in ("NLC", "NCL") and info.grid is not None:
+        text += " " + "x".join(map(str, info.grid))
+    return text
+
+
+@reports_user_errors
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
+    from featkd.layer_pairs import pair_terms, propose_pairs
+    from featkd.losses import feature_loss_class
+    from featkd.models import create_model
+
+    feature_loss_class(args.loss)  # an unknown loss name, with the close ones, before any model is built
+    options = {"teacher": dict(args.teacher_option), "student": dict(args.student_option)}
+    models = [create_model(getattr(args, role), num_classes=args.num_classes, in_channels=args.input_size[0],
+                           **options[role]) for role in ("teacher", "student")]
+    example = torch.zeros(1, *args.input_size)
+    try:
+        pairs = propose_pairs(*models, example)
+    except (RuntimeError, AssertionError) as error:  # typically a size a model cannot take
+        raise ValueError(f"a forward failed on an input of size {tuple(example.shape)} ({str(error).splitlines()[0]}); "
+                         "try another --input-size, or the model's own size option (--teacher-option "
+                         "image_size=64)") from None
+    rows = [("teacher layer", "shape", "layout", "student layer", "shape", "layout", "match")]
+    rows += [(p.teacher.name, format_shape(p.teacher.shape), _layout(p.teacher), p.student.name,
+              format_shape(p.student.shape), _layout(p.student), p.match) for p in pairs]
+    print(f"{args.teacher} -> {args.student}, input {format_shape(tuple(example.shape))}")
+    print(text_table(rows))
+    student = {"name": args.student, **({"options": options["student"]} if options["student"] else {})}
+    config = {"student": student, "terms": pair_terms(pairs, args.loss, args.weight)}
+    text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+    if args.out:
+        Path(args.out).write_text(f"# featkd pairs {args.teacher} {args.student} --input-size "
+                                  f"{'x'.join(map(str, args.input_size))}\n{text}")
+        print(f"\nwrote {args.out}: featkd distill --config {args.out} teacher.checkpoint=TEACHER_LAST_PT")
+    else:
+        print("\n" + text.rstrip())
+    return 0
