@@ -297,10 +297,11 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def changed_keys(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (old value, new value)}`` for every leaf where two configs' plain data differ
-    (list items by index: ``terms.0.weight``; a key on one side only has None on the other)."""
+    (list items by index: ``terms.0.weight``). A key on one side only has None on the other, so a key a
+    newer featkd added with the value None is no change."""
     flat_old, flat_new = _leaves(old), _leaves(new)
     return {key: (flat_old.get(key), flat_new.get(key)) for key in dict.fromkeys([*flat_old, *flat_new])
-            if key not in flat_old or key not in flat_new or flat_old[key] != flat_new[key]}
+            if flat_old.get(key) != flat_new.get(key)}
 
 
 def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -155,3 +155,11 @@ def test_term_layouts_by_name_or_in_full_reach_the_terms():
     with pytest.raises(ConfigError, match=r"unknown config key 'terms.0.teacher_layout.prefix'. Did you mean "
                                           r"'terms.0.teacher_layout.prefix_tokens'"):
         from_dict({"terms": [{"teacher": "x", "teacher_layout": {"kind": "NLC", "prefix": 1}}]})
+
+
+def test_changed_keys_reports_differing_leaves_and_treats_a_missing_key_as_none():
+    from featkd.config import changed_keys
+
+    old = {"epochs": 3, "terms": [{"weight": 1.0}], "teacher": {"checkpoint": "a.pt"}}
+    new = {"epochs": 5, "terms": [{"weight": 1.0, "layout": None}], "teacher": {"checkpoint": "a.pt", "extra": 2}}
+    assert changed_keys(old, new) == {"epochs": (3, 5), "teacher.extra": (None, 2)}
