@@ -15,9 +15,9 @@ LAYERS = [
     ["featkd.commands"],
     ["featkd.runs", "featkd.repro", "featkd.sweep", "featkd.strategies", "featkd.plots"],
     ["featkd.distiller", "featkd.terms", "featkd.engine"],
-    ["featkd.hooks", "featkd.layer_specs", "featkd.layer_info", "featkd.losses", "featkd.functional", "featkd.models",
-     "featkd.data", "featkd.checkpoint", "featkd.locking", "featkd.config", "featkd.distributed", "featkd.stats",
-     "featkd.shipped"],
+    ["featkd.hooks", "featkd.layer_specs", "featkd.layer_info", "featkd.losses", "featkd.functional",
+     "featkd.functional._nst_paired", "featkd.models", "featkd.data", "featkd.checkpoint", "featkd.locking",
+     "featkd.config", "featkd.distributed", "featkd.stats", "featkd.shipped"],
 ]
 DEPTH = {prefix: depth for depth, prefixes in enumerate(LAYERS) for prefix in prefixes}
 
