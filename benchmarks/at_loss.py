@@ -5,7 +5,9 @@ The official AT code computes
 featkd's ``at_loss`` adds input checks, layouts, resizing and float32 compute under autocast; this
 measures what those cost. Both forms run side by side in one process, round-robin over repeats
 (the machine may be shared), and the table gives the median time of each and their ratio
-(> 1: featkd is faster). The values are checked equal each run.
+(> 1: featkd is faster), with the spread of that ratio: a 95% bootstrap interval over the rounds,
+and in how many rounds featkd was the faster of the two (each round times both back to back).
+The values are checked equal each run.
 
     python benchmarks/at_loss.py --threads 1
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import statistics
 import sys
 import time
@@ -57,7 +60,18 @@ def measure(shape, repeats):
             started = time.perf_counter()
             step(fn, s, t)
             times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return times
+
+
+def ratio_interval(official, featkd, resamples=2000, seed=0):
+    """95% bootstrap interval of median(official) / median(featkd), resampling whole rounds."""
+    rng, n = random.Random(seed), len(official)
+    ratios = []
+    for _ in range(resamples):
+        rounds = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(official[i] for i in rounds) / statistics.median(featkd[i] for i in rounds))
+    ratios.sort()
+    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
 
 
 def main(argv=None) -> int:
@@ -68,11 +82,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"# at_loss vs the official one-liner (forward+backward), torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, {args.threads} thread(s), median of {args.repeats}\n")
-    print("| shape (B, C, H, W) | official ms | featkd ms | speed ratio (official / featkd) |")
-    print("|---|---|---|---|")
+    print("| shape (B, C, H, W) | official ms | featkd ms | speed ratio (official / featkd) | 95% interval of the ratio "
+          "| rounds featkd faster |")
+    print("|---|---|---|---|---|---|")
     for shape in SHAPES:
-        t = measure(shape, args.repeats)
-        print(f"| {shape} | {1e3 * t['official']:.3f} | {1e3 * t['featkd']:.3f} | {t['official'] / t['featkd']:.2f}× |")
+        times = measure(shape, args.repeats)
+        official, featkd = statistics.median(times["official"]), statistics.median(times["featkd"])
+        low, high = ratio_interval(times["official"], times["featkd"])
+        faster = sum(o > f for o, f in zip(times["official"], times["featkd"]))
+        print(f"| {shape} | {1e3 * official:.3f} | {1e3 * featkd:.3f} | {official / featkd:.2f}× | "
+              f"{low:.2f}–{high:.2f}× | {faster}/{args.repeats} |")
     return 0
 
 

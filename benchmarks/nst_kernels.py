@@ -5,7 +5,8 @@ bandwidth so that every form does the same arithmetic):
 
 * featkd     -- ``featkd.functional.nst_loss``: with equal channel counts (as here) the paired,
                 cancellation-free route from D = X - Y (mean of D for linear; cheaper of the N×N /
-                C×C products for poly; the kernel's second difference on three Gram blocks otherwise)
+                C×C products for poly; the kernel's second difference on three Gram blocks otherwise),
+                with a hand-written backward
 * three-mean -- featkd's previous computation, kept as the route for unequal channel counts:
                 mean k(X,X) + mean k(Y,Y) - 2 mean k(X,Y) (channel means for linear, the N×N
                 route for poly when cheaper) — the time the paired route must stay within 1.3× of

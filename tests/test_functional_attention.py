@@ -71,10 +71,38 @@ def test_tokens_layout_and_resize():
 
 
 @pytest.mark.parametrize("mode", ["official", "paper"])
-def test_gradcheck(mode):
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 1.5])
+def test_gradcheck(mode, p):
     f_s = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     f_t = torch.randn(2, 4, 3, 3, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda s: KF.at_loss(s, f_t, 2, mode=mode), (f_s,))
+    assert torch.autograd.gradcheck(lambda s: KF.at_loss(s, f_t, p, mode=mode), (f_s,))
+    assert torch.autograd.gradcheck(lambda s: KF.attention_map(s, p).sin().sum(), (f_s,))
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_value_and_gradient_match_the_official_expression_below_the_normalise_floor(p):
+    # The value and the hand-written backward follow F.normalize of the channel mean also where a
+    # sample's map has norm below its eps (1e-12), there a plain division by eps (not scale-invariant,
+    # so the channel sum needs the floor times C): sample 0 is scaled down into that range.
+    f_s = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    f_s[0] *= 1e-8 if p == 2 else 1e-14
+    f_t = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    at = lambda x: torch.nn.functional.normalize(x.abs().pow(p).mean(1).flatten(1))  # noqa: E731
+    s = f_s.clone().requires_grad_()
+    want = (at(s) - at(f_t)).pow(2).mean()
+    want.backward()
+    mine = f_s.clone().requires_grad_()
+    got = KF.at_loss(mine, f_t, p)
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    assert torch.allclose(mine.grad, s.grad, rtol=1e-10, atol=0)
+    assert mine.grad[0].abs().max() > 0
+
+
+def test_backward_is_not_twice_differentiable():
+    f_s = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        torch.autograd.grad(KF.at_loss(f_s, torch.randn(2, 3, 4, 4)), f_s, create_graph=True)
 
 
 def test_bf16_autocast_computes_in_float32():

@@ -19,6 +19,7 @@ KERNEL_CASES = [
     ("linear", {}, lambda: k_linear),
     ("poly", {}, lambda: make_poly(2, 0.0)),
     ("poly", {"degree": 3, "c": 0.5}, lambda: make_poly(3, 0.5)),
+    ("poly", {"degree": 1, "c": 0.5}, lambda: make_poly(1, 0.5)),
     ("gaussian", {"sigma2": 0.7}, lambda: make_gaussian(0.7)),
     ("gaussian", {"sigma2": [0.25, 1.0, 4.0]}, lambda: make_gaussian([0.25, 1.0, 4.0])),
 ]
@@ -35,10 +36,13 @@ def test_nst_matches_loop_reference(kernel, options, ref_kernel, cs, ct):
     got = KF.nst_loss(f_s, f_t, kernel, **options)
     want = nst_reference(f_s.flatten(2).numpy(), f_t.flatten(2).numpy(), ref_kernel())
     assert got.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+    # The same value when the forward also prepares the backward (the paired route then works in place).
+    with_grad = KF.nst_loss(f_s.clone().requires_grad_(), f_t, kernel, **options)
+    assert with_grad.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
 @pytest.mark.parametrize("route", ["spatial", "channels", "auto"])
-@pytest.mark.parametrize("cs,ct,n", [(2, 3, 16), (12, 9, 4)])
+@pytest.mark.parametrize("cs,ct,n", [(2, 3, 16), (12, 9, 4), (3, 3, 16), (12, 12, 4)])
 def test_poly2_routes_match_reference(route, cs, ct, n):
     f_s, f_t = feats(2, cs, n), feats(2, ct, n)
     want = nst_reference(f_s.numpy(), f_t.numpy(), make_poly(2, 0.0))
@@ -106,15 +110,49 @@ def test_a_new_kernel_is_one_registered_function():
         del nst_module.KERNELS["imq_test"]
 
 
-@pytest.mark.parametrize(
-    "kernel,options",
-    [("linear", {}), ("poly", {"route": "spatial"}), ("poly", {"route": "channels"}),
-     ("poly", {"degree": 3, "c": 1.0}), ("gaussian", {"sigma2": [0.5, 2.0]})],
-)
-def test_gradcheck(kernel, options):
+GRADCHECK_CASES = [("linear", {}), ("poly", {"route": "spatial"}), ("poly", {"route": "channels"}),
+                   ("poly", {"degree": 3, "c": 1.0}), ("poly", {"degree": 2, "c": 0.5}), ("gaussian", {"sigma2": 0.7}),
+                   ("gaussian", {"sigma2": [0.5, 2.0]})]
+
+
+@pytest.mark.parametrize("kernel,options", GRADCHECK_CASES)
+@pytest.mark.parametrize("ct", [4, 3])  # unequal channel counts: three-mean form; equal: the paired route
+def test_gradcheck(kernel, options, ct):
     f_s = feats(2, 3, 3, 2).requires_grad_()
-    f_t = feats(2, 4, 3, 2)
+    f_t = feats(2, ct, 3, 2)
     assert torch.autograd.gradcheck(lambda s: KF.nst_loss(s, f_t, kernel, **options), (f_s,))
+    close = (f_t[:, :3] + 1e-3 * feats(2, 3, 3, 2)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: KF.nst_loss(s, f_t, kernel, **options), (close,))
+
+
+@pytest.mark.parametrize("kernel,options", GRADCHECK_CASES)
+def test_paired_gradient_with_dead_channels(kernel, options):
+    # A dead (all-zero) channel is a zero vector and gets no gradient (the loss is not differentiable
+    # there); the live entries are checked by finite differences with the dead channel held at zero.
+    # Student dead where the teacher is live, and the other way round.
+    f_s, f_t = feats(2, 4, 3, 2), feats(2, 4, 3, 2)
+    f_t[1, 2] = 0
+    live = torch.ones_like(f_s, dtype=torch.bool)
+    live[0, 1] = False
+
+    def loss(values):
+        return KF.nst_loss(torch.zeros_like(f_s).masked_scatter(live, values), f_t, kernel, **options)
+
+    assert torch.autograd.gradcheck(loss, (f_s[live].requires_grad_(),))
+    s = f_s.masked_fill(~live, 0.0).requires_grad_()
+    KF.nst_loss(s, f_t, kernel, **options).backward()
+    assert torch.equal(s.grad[0, 1], torch.zeros_like(s.grad[0, 1]))
+
+
+def test_paired_backward_runs_twice_but_not_twice_differentiable():
+    f_s, f_t = feats(2, 5, 8).requires_grad_(), feats(2, 5, 8)
+    for kernel, options in GRADCHECK_CASES[1:]:
+        loss = KF.nst_loss(f_s, f_t, kernel, **options)
+        first, = torch.autograd.grad(loss, f_s, retain_graph=True)
+        again, = torch.autograd.grad(loss, f_s)
+        assert torch.equal(first, again)
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        torch.autograd.grad(KF.nst_loss(f_s, f_t), f_s, create_graph=True)
 
 
 def test_teacher_gets_no_gradient():
@@ -169,6 +207,23 @@ def test_student_close_to_teacher_is_accurate_in_float32_and_bf16_autocast(kerne
         for got in (got32, got_bf16):
             assert got >= 0.0
             assert got == pytest.approx(exact, rel=1e-3, abs=1e-9), (eps, got, exact)
+
+
+@pytest.mark.parametrize("kernel,options", [case for case in ACCURACY_CASES if case[0] != "linear"])
+def test_student_close_to_teacher_gradient_is_accurate_in_float32(kernel, options):
+    # The hand-written backward of the paired route keeps the gradient's digits too: against float64
+    # (itself checked by gradcheck), 1e-3 relative in norm down to eps = 1e-4 (7e-4 seen, from D's rounding).
+    # Linear NST (autograd through the channel means) is not held to this.
+    g = torch.Generator().manual_seed(0)
+    f_t = torch.randn(3, 40, 4, 4, generator=g)
+    for eps in (1e-1, 1e-4):
+        f_s = f_t + eps * torch.randn(f_t.shape, generator=g)
+        grads = []
+        for dtype in (torch.float64, torch.float32):
+            s = f_s.to(dtype).requires_grad_()
+            KF.nst_loss(s, f_t.to(dtype), kernel, **options).backward()
+            grads.append(s.grad.double())
+        assert (grads[1] - grads[0]).norm() <= 1e-3 * grads[0].norm(), eps
 
 
 def _reference_kernel(kernel, options, f_s, f_t):

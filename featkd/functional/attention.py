@@ -36,20 +36,57 @@ AT_MODES = ("official", "paper")
 def attention_map(f: Tensor, p: float = 2, layout: str = "channels_first") -> Tensor:
     """(B, N) l2-normalised channel mean of |f|^p; f as accepted by the feature losses."""
     _check_exponent("p", p)
-    return _attention(to_bcn(f, layout), p)
+    return _AttentionMap.apply(to_bcn(f, layout), p)
 
 
-def _attention(x: Tensor, p: float) -> Tensor:
+_EPS = 1e-12  # F.normalize's floor on the norm
+
+
+def _normalised_map(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(map, the divisor that normalised it: its norm, floored) for x (B, C, N)."""
     # square() for the usual p = 2, an integer power for even p: both skip abs() and the slow
     # float-exponent pow, which cost more than the rest of the loss together. The channel sum
-    # replaces the mean: the normalisation cancels the 1/C and one pass over the map is saved.
+    # replaces the mean: the normalisation cancels the 1/C (also below F.normalize's floor on the
+    # norm, which is raised by the same factor C), and one pass over the map is saved.
     if p == 2:
-        powered = x.square()
+        a = x.square().sum(1)
     elif float(p).is_integer() and int(p) % 2 == 0:
-        powered = x.pow(int(p))
+        a = x.pow(int(p)).sum(1)
     else:
-        powered = x.abs().pow(p)
-    return F.normalize(powered.sum(1), dim=1)
+        a = x.abs().pow(p).sum(1)
+    norm = torch.linalg.vector_norm(a, dim=1, keepdim=True).clamp_min(_EPS * x.shape[1])
+    return a.div_(norm), norm
+
+
+class _AttentionMap(torch.autograd.Function):
+    """The attention map of x (B, C, N) with a hand-written backward.
+
+    Why by hand: autograd's backward of ``x.square().sum(1)`` makes two (B, C, N) tensors ((2·grad)
+    expanded to (B, C, N), then times x), each costing more than the arithmetic on a CPU; here the
+    backward is one (B, C, N) product. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        q, norm = _normalised_map(x, p)
+        ctx.save_for_backward(x, q, norm)
+        ctx.p = p
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative would silently miss this term
+            raise RuntimeError("at_loss / attention_map is not twice differentiable (its backward is written by "
+                               "hand); use create_graph=False")
+        x, q, norm = ctx.saved_tensors
+        p = ctx.p
+        # q = a / max(|a|, floor): da = (g - q (q·g)) / |a| above the floor, g / floor below it.
+        radial = (q * grad).sum(1, keepdim=True) * (norm > _EPS * x.shape[1])
+        grad_a = (grad - q * radial).div_(norm).unsqueeze(1)
+        # a = Σ_c |x_c|^p: dx = p |x|^(p-1) sign(x) da
+        if p == 2:
+            return x * grad_a.mul_(2.0), None
+        return x.abs().pow_(p - 1).mul_(x.sign()).mul_(grad_a.mul_(p)), None
 
 
 def _check_exponent(name: str, value: float, norm: bool = False) -> None:
@@ -82,9 +119,9 @@ def at_loss(
     if mode == "paper":
         _check_exponent("q", q, norm=True)
     x, y = resize_pair(f_s, f_t.detach(), resize, layout)
-    q_s = _attention(x, p)
+    q_s = _AttentionMap.apply(x, p)
     with torch.no_grad():
-        q_t = _attention(y, p)
+        q_t, _ = _normalised_map(y, p)
     if mode == "official":
-        return (q_s - q_t).square().mean()
+        return F.mse_loss(q_s, q_t)  # the mean over batch and positions of the squared difference, one op
     return torch.linalg.vector_norm(q_s - q_t, ord=q, dim=1).mean()

@@ -11,15 +11,16 @@ averaged over the batch. Every kernel is an elementwise function of batched Gram
 Accuracy. Written as above, the three means are O(1) and their difference is O(ε²) when the
 student is within ε of the teacher: float32 keeps none of its digits at ε = 1e-4. When student and
 teacher have the same channel count, the MMD is computed instead from the *difference* of the unit
-channels, D = X - Y (:func:`unit_difference`), as the mean over channel pairs of the kernel's
-second difference
+channels, D = X - Y, as the mean over channel pairs of the kernel's second difference
 
     k(x_i, x_j) - k(x_i, y_j) - k(y_i, x_j) + k(y_i, y_j),
 
-which each kernel states in a cancellation-free form (``second_difference``). Kernels with a small
-explicit feature map take a cheaper route (``feature_map``): "mean" (linear: the squared distance
-of the channel means, whose rounding is first order only) or "outer" (poly degree 2, c = 0: ``||(XᵀX - YᵀY) / C||²_F`` through the N×N or the
-C×C products, whichever is cheaper). With unequal channel counts no channel pairing exists and the
+which each kernel states in a cancellation-free form (``second_difference``), with a hand-written
+backward (:mod:`featkd.functional._nst_paired`: it is also faster than the three means).
+Kernels with a small explicit feature map take a cheaper route (``feature_map``): "mean" (linear,
+and poly of degree 1: the squared distance of the channel means, whose rounding is first order
+only) or "outer" (poly degree 2, c = 0: ``||(XᵀX - YᵀY) / C||²_F`` through the N×N or the C×C
+products, whichever is cheaper). With unequal channel counts no channel pairing exists and the
 three-mean form is used (the N×N route for poly 2/0, non-negative by construction).
 
 The teacher is a fixed target: its features are detached and teacher-only products run under
@@ -29,7 +30,7 @@ Adding a kernel takes one function registered with :func:`register_kernel`: it r
 entries as ``dot`` or the squared distances as ``sq_dist`` (declare the one you need) plus its own
 keyword parameters, whose defaults are its own. A kernel with a ``sigma2`` parameter gets the
 median heuristic when ``sigma2=None``. Without a ``second_difference`` it is computed by the
-three-mean form.
+three-mean form, under autograd.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from ._nst_paired import (
+    batched_dot,
+    block_mmd,
+    inverse_norms,
+    median_bandwidth,
+    outer_channel_mmd,
+    outer_spatial_mmd,
+    paired_mmd,
+)
 from ._shapes import check_choice, full_precision, resize_pair, unknown_name_error
 
 ROUTES = ("auto", "spatial", "channels")
@@ -54,10 +64,12 @@ class Kernel:
 
     * ``fn(dot=... | sq_dist=..., **params)``: the kernel elementwise on Gram entries or squared
       distances (``structure`` says which).
-    * ``second_difference(base, du, dw, **params)``: ``f(base+du+duᵀ+dw) - f(base+du) -
-      f(base+duᵀ) + f(base)`` for the kernel's elementwise ``f`` on (B, C, C) blocks (duᵀ: du with
-      its last two dimensions swapped), without cancellation; None if the kernel has none (then the
-      three-mean form is used).
+    * ``second_difference(base, du, dw, with_grad, **params)`` -> ``(total, slope, gap)``, on (B, C, C)
+      blocks with f the kernel elementwise and duᵀ du with its last two dimensions swapped:
+      ``total`` (B,) sums ``f(base+du+duᵀ+dw) - f(base+du) - f(base+duᵀ) + f(base)`` over the
+      block; with ``with_grad``, ``slope = f'(base+du+duᵀ+dw)`` and ``gap = slope - f'(base+du)``
+      (else None). All without cancellation; the blocks are the function's to overwrite. None if
+      the kernel has none (then the three-mean form is used).
     * ``feature_map(params)``: "mean" or "outer" when the kernel with these parameters has that
       explicit feature map (see the module docstring), else None.
     * ``check(params)``: raises ValueError for parameters that do not give a positive definite
@@ -68,7 +80,7 @@ class Kernel:
     fn: Callable[..., Tensor]
     structure: str
     defaults: Mapping[str, Any]
-    second_difference: Callable[..., Tensor] | None = None
+    second_difference: Callable[..., tuple[Tensor, Tensor | None, Tensor | None]] | None = None
     feature_map: Callable[[Mapping[str, Any]], str | None] | None = None
     check: Callable[[Mapping[str, Any]], None] | None = None
 
@@ -112,20 +124,47 @@ def linear_kernel(dot: Tensor) -> Tensor:
     return dot
 
 
-def _poly_difference(base, du, dw, *, degree, c):
-    # h(z) = (b + z)^p with b = base + c:
+def _power_sum(a, b, m):
+    """Σ_{k=0}^{m} a^k b^(m-k) for m ≥ 1, by Horner's rule in a."""
+    h, b_pow = a + b, b
+    for _ in range(m - 1):
+        b_pow = b_pow * b
+        h = torch.addcmul(b_pow, a, h)
+    return h
+
+
+def _poly_difference(base, du, dw, with_grad, *, degree, c):
+    # h(z) = (b + z)^p with b = base + c, p = degree ≥ 2 (degree 1 has the "mean" feature map):
     #   h(u+v+w) - h(u+v)              = w · Σ_k (b+u+v+w)^k (b+u+v)^(p-1-k)
     #   h(u+v) - h(u) - h(v) + h(0)    = Σ_{k≥2} C(p,k) b^(p-k) Σ_{0<m<k} C(k,m) u^m v^(k-m)
-    # Every term is a product with a small quantity (w, or u and v together): no cancellation.
-    dv = du.transpose(1, 2)
-    b = base + c if c else base
-    uv, full = b + du + dv, b + du + dv + dw
-    first = sum(full.pow(k) * uv.pow(degree - 1 - k) for k in range(degree))
-    out = dw * first
-    for k in range(2, degree + 1):
+    #   h'(u+v+w) - h'(u)              = p (v+w) Σ_k (b+u+v+w)^k (b+u)^(p-2-k)
+    # Every term is a product with a small quantity (w, v, or u and v together): no cancellation.
+    p = degree
+    dv = du.mT
+    b = base.add_(c) if c else base
+    xy = b + du
+    uv = xy + dv
+    xx = uv + dw
+    total = batched_dot(dw, _power_sum(xx, uv, p - 1))
+    for k in range(2, p + 1):
         cross = sum(math.comb(k, m) * du.pow(m) * dv.pow(k - m) for m in range(1, k))
-        out = out + math.comb(degree, k) * b.pow(degree - k) * cross
-    return out
+        if k < p:
+            cross = cross * b.pow(p - k)
+        total = total + math.comb(p, k) * cross.sum((1, 2))
+    if not with_grad:
+        return total, None, None
+    gap = dw.add_(dv).mul_(p)
+    if p > 2:
+        gap.mul_(_power_sum(xx, xy, p - 2))
+    return total, xx.pow_(p - 1).mul_(p), gap
+
+
+def _poly_feature_map(params):
+    # Degree 1 is the linear kernel plus a constant, which cancels in the MMD; degree 2 with c = 0 is
+    # the outer product x xᵀ (the NST paper's kernel).
+    if params["degree"] == 1:
+        return "mean"
+    return "outer" if params["degree"] == 2 and params["c"] == 0 else None
 
 
 def _check_poly(params):
@@ -136,8 +175,7 @@ def _check_poly(params):
         raise ValueError(f"NST poly kernel: c must be >= 0 (the kernel is not positive definite otherwise), got {c!r}")
 
 
-@register_kernel("poly", second_difference=_poly_difference, check=_check_poly,
-                 feature_map=lambda params: "outer" if params["degree"] == 2 and params["c"] == 0 else None)
+@register_kernel("poly", second_difference=_poly_difference, feature_map=_poly_feature_map, check=_check_poly)
 def poly_kernel(dot: Tensor, *, degree: int = 2, c: float = 0.0) -> Tensor:
     """k(x, y) = (x^T y + c)^degree (the NST paper uses degree=2, c=0)."""
     return (dot + c).pow(degree) if c else dot.pow(degree)
@@ -147,18 +185,32 @@ def _bandwidths(sigma2):
     return sigma2 if isinstance(sigma2, (list, tuple)) else (sigma2,)
 
 
-def _gaussian_difference(base, du, dw, *, sigma2):
-    # exp(a·(Q+α+αᵀ+γ)) - exp(a·(Q+α)) - exp(a·(Q+αᵀ)) + exp(a·Q)
-    #   = exp(aQ) [E Eᵀ + (1 + E)(1 + Eᵀ) expm1(aγ)],   E = expm1(aα),  a = -1 / (2σ²)
-    out = 0
-    for s2 in _bandwidths(sigma2):
-        scale = -0.5 / s2
-        e_u = torch.expm1(du * scale)
-        e_v = e_u.transpose(1, 2)
-        with torch.no_grad():
-            k_base = torch.exp(base * scale)
-        out = out + k_base * torch.addcmul(e_u * e_v, (1 + e_u) * (1 + e_v), torch.expm1(dw * scale))
-    return out
+def _gaussian_difference(base, du, dw, with_grad, *, sigma2):
+    # With a = -1/(2σ²), k_yy = exp(a·base), E = expm1(a·du), F = expm1(a·dw):
+    #   k_xy = k_yy (1 + E),  k_yx = k_yy (1 + Eᵀ),  k_xx = k_yy (1 + E)(1 + Eᵀ)(1 + F)
+    #   k_xx - k_xy - k_yx + k_yy = k_yy E Eᵀ + k_xy (1 + Eᵀ) F
+    #   f'(xx) - f'(xy) = a (k_xx - k_xy) = a k_xy (Eᵀ + (1 + Eᵀ) F),   f'(xx) = that + a k_xy
+    # Everything happens in place, in the blocks themselves for the last bandwidth: at C ≥ 256 every
+    # fresh (B, C, C) tensor costs page faults worth more than its arithmetic.
+    total, slope, gap = 0, None, None
+    bandwidths = _bandwidths(sigma2)
+    for i, s2 in enumerate(bandwidths):
+        a = -0.5 / s2
+        if i == len(bandwidths) - 1:
+            k, e, f = base.mul_(a).exp_(), du.mul_(a).expm1_(), dw.mul_(a).expm1_()
+        else:
+            k, e, f = (base * a).exp_(), (du * a).expm1_(), (dw * a).expm1_()
+        e_t = e.mT.contiguous()
+        f.addcmul_(e_t, f)  # (1 + Eᵀ) F
+        e.mul_(k)  # k_yy E
+        total = total + batched_dot(e, e_t)
+        k.add_(e)  # k_xy
+        total = total + batched_dot(k, f)
+        if with_grad:
+            g = f.add_(e_t).mul_(k).mul_(a)
+            s = k.mul_(a).add_(g)
+            slope, gap = (s, g) if slope is None else (slope.add_(s), gap.add_(g))
+    return total, slope, gap
 
 
 def _check_gaussian(params):
@@ -178,19 +230,6 @@ def gaussian_kernel(sq_dist: Tensor, *, sigma2=None) -> Tensor:
     for s2 in _bandwidths(sigma2):
         out = out + torch.exp(sq_dist * (-0.5 / s2))
     return out
-
-
-def median_bandwidth(sq_dist: Tensor) -> Tensor:
-    """Median heuristic: sigma2 = median of the student–teacher squared distances over the batch.
-
-    One bandwidth per call, computed without grad from the cross block (the scale at which the two
-    samples are compared; unlike the self blocks it has no zero diagonal). ``torch.median`` takes
-    the lower of the two middle values for an even count. Falls back to 1 when the median is 0
-    (student equal to teacher), where any bandwidth gives MMD 0.
-    """
-    with torch.no_grad():
-        med = sq_dist.detach().flatten().median()
-        return torch.where(med > 0, med, torch.ones_like(med))
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -236,18 +275,19 @@ def nst_loss(
     return _three_mean_mmd(spec, params, x, y).mean()
 
 
+def _paired_mmd(spec: Kernel, params: dict, feature_map: str | None, route: str, x: Tensor, y: Tensor) -> Tensor:
+    """Per-sample MMD from D = X - Y (equal channel counts): see the module docstring."""
+    c, n = x.shape[1], x.shape[2]
+    # The N×N products cost 2·N²·C multiply-adds (forward and backward), the C×C blocks 5·C²·N.
+    if feature_map == "outer":
+        spatial = route == "spatial" or (route == "auto" and 2 * n < 5 * c)
+        return paired_mmd(x, y, outer_spatial_mmd if spatial else outer_channel_mmd)
+    return paired_mmd(x, y, block_mmd(spec, params))
+
+
 # The channels are never normalised as (B, C, N) tensors where a Gram matrix is formed anyway on the
 # unpaired route: the Gram of the unit rows is the raw Gram scaled by 1/|f_i| 1/|f_j|, with the
 # squared norms read off its diagonal.
-
-_DEAD = 1e-24  # squared norm under which a channel is all-zero (F.normalize's eps, squared)
-
-
-def inverse_norms(sq_norms: Tensor) -> Tensor:
-    """1/|f_c| from squared norms; 0 for dead channels, so they act as zero vectors (no 0·inf in grads)."""
-    live = sq_norms > _DEAD
-    return torch.where(live, torch.where(live, sq_norms, 1.0).rsqrt(), 0.0)
-
 
 def _unit_rows(f: Tensor) -> Tensor:
     return f * inverse_norms(f.square().sum(-1)).unsqueeze(-1)
@@ -255,49 +295,6 @@ def _unit_rows(f: Tensor) -> Tensor:
 
 def _unit_gram(gram: Tensor, inv_a: Tensor, inv_b: Tensor) -> Tensor:
     return gram * (inv_a.unsqueeze(2) * inv_b.unsqueeze(1))
-
-
-def unit_difference(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(D, Y, live_x, live_y): D = x/|x| - y/|y| per row, Y = y/|y| (no grad); dead rows are zero vectors.
-
-    D's own rounding is first order: about 1e-7/eps relative when x is within eps of y (3.5e-4 measured
-    at eps = 1e-4), against the 1e-7/eps² of the three-mean form. Forming it without any cancellation
-    ((x - y)/|x| + y (1/|x| - 1/|y|)) took 1.3–2.6× the time of the whole loss at C = 16, N = 1024.
-    """
-    inv_x = inverse_norms(x.square().sum(-1))
-    with torch.no_grad():
-        inv_y = inverse_norms(y.square().sum(-1))
-        unit_y = y * inv_y.unsqueeze(-1)
-    # One fused pass: x · (1/|x|) - Y.
-    return torch.addcmul(-unit_y, x, inv_x.unsqueeze(-1)), unit_y, inv_x > 0, inv_y > 0
-
-
-def _paired_mmd(spec: Kernel, params: dict, feature_map: str | None, route: str, x: Tensor, y: Tensor) -> Tensor:
-    """Per-sample MMD from D = X - Y (equal channel counts): see the module docstring."""
-    c, n = x.shape[1], x.shape[2]
-    d, unit_y, live_x, live_y = unit_difference(x, y)
-    if feature_map == "outer" and (route == "spatial" or (route == "auto" and n < c)):
-        # XᵀX - YᵀY = DᵀY + YᵀD + DᵀD  (N×N)
-        p = torch.bmm(d.transpose(1, 2), unit_y)
-        diff = torch.baddbmm(p + p.transpose(1, 2), d.transpose(1, 2), d)
-        return _sq_frobenius(diff) / (c * c)
-    # Gram blocks in increments: x_i·y_j = a + u_ij, y_i·x_j = a + u_ji, x_i·x_j = a + u_ij + u_ji + w_ij.
-    with torch.no_grad():
-        a = torch.bmm(unit_y, unit_y.transpose(1, 2))
-    u, w = torch.bmm(d, torch.cat([unit_y, d], 1).transpose(1, 2)).split(c, dim=2)  # one product for both
-    if spec.structure == "dot":
-        base, du, dw = a, u, w
-    else:
-        # |p|² + |q|² - 2 p·q with |.|² ∈ {0, 1} (dead or live); the student's norms change by e.
-        n_y = live_y.to(a.dtype)
-        e = live_x.to(a.dtype) - n_y
-        with torch.no_grad():
-            base = (n_y.unsqueeze(2) + n_y.unsqueeze(1) - 2 * a).clamp_min(0.0)
-        du = e.unsqueeze(2) - 2 * u
-        dw = -2 * w
-        if "sigma2" in params and params["sigma2"] is None:
-            params = {**params, "sigma2": median_bandwidth((base + du).clamp_min(0.0))}
-    return spec.second_difference(base, du, dw, **params).mean((1, 2))
 
 
 def spatial_gram_distance(x: Tensor, y: Tensor, route: str = "auto", *, normalize: bool = True) -> Tensor:
@@ -319,7 +316,7 @@ def spatial_gram_distance(x: Tensor, y: Tensor, route: str = "auto", *, normaliz
             y = _unit_rows(y) if normalize else y
             target = torch.bmm(y.transpose(1, 2), y).div_(ct)
         diff = torch.baddbmm(target, x.transpose(1, 2), x, beta=-1.0, alpha=1.0 / cs)
-        return _sq_frobenius(diff)
+        return batched_dot(diff, diff)
     g_ss = torch.bmm(x, x.transpose(1, 2))
     g_st = torch.bmm(x, y.transpose(1, 2))
     with torch.no_grad():
@@ -327,17 +324,11 @@ def spatial_gram_distance(x: Tensor, y: Tensor, route: str = "auto", *, normaliz
         if normalize:
             inv_t = inverse_norms(g_tt.diagonal(dim1=1, dim2=2))
             g_tt = _unit_gram(g_tt, inv_t, inv_t)
-        tt = _sq_frobenius(g_tt) / (ct * ct)
+        tt = batched_dot(g_tt, g_tt) / (ct * ct)
     if normalize:
         inv_s = inverse_norms(g_ss.diagonal(dim1=1, dim2=2))
         g_ss, g_st = _unit_gram(g_ss, inv_s, inv_s), _unit_gram(g_st, inv_s, inv_t)
-    return _sq_frobenius(g_ss) / (cs * cs) + tt - 2.0 * _sq_frobenius(g_st) / (cs * ct)
-
-
-def _sq_frobenius(m: Tensor) -> Tensor:
-    """Per-sample sum of squares of a (B, P, Q) batch as a batched dot product (no squared temporary)."""
-    flat = m.reshape(m.shape[0], 1, -1)
-    return torch.bmm(flat, flat.transpose(1, 2)).view(-1)
+    return batched_dot(g_ss, g_ss) / (cs * cs) + tt - 2.0 * batched_dot(g_st, g_st) / (cs * ct)
 
 
 def _three_mean_mmd(spec: Kernel, params: dict, x: Tensor, y: Tensor) -> Tensor:
