@@ -102,23 +102,27 @@ class _PairedMMD(torch.autograd.Function):
     """Per-sample MMD of the unit rows of x (B, C, N) against those of the fixed y, by ``form``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, form: PairedForm) -> Tensor:
+    def forward(ctx, x: Tensor, y: Tensor, form: PairedForm, differentiable: Callable[[Tensor], Tensor]) -> Tensor:
         value, ctx.input_grad = form(UnitPair.of(x, y), ctx.needs_input_grad[0])
+        ctx.differentiable = differentiable
         ctx.save_for_backward(x)
         return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: a second derivative would silently miss this term
-            raise RuntimeError("nst_loss with equal channel counts is not twice differentiable (its backward "
-                               "is written by hand); use create_graph=False")
         (x,) = ctx.saved_tensors
-        return ctx.input_grad(x, grad), None, None
+        if torch.is_grad_enabled():
+            # create_graph=True (second derivatives: gradient penalties, meta-learning): the hand-written
+            # backward has no graph of its own, so the gradient comes from autograd's own form, whose
+            # derivatives exist to every order; the same value, at its cost and fp32 rounding.
+            return torch.autograd.grad(ctx.differentiable(x), x, grad, create_graph=True)[0], None, None, None
+        return ctx.input_grad(x, grad), None, None, None
 
 
-def paired_mmd(x: Tensor, y: Tensor, form: PairedForm) -> Tensor:
-    """Per-sample MMD of the unit rows of x (B, C, N) and y (B, C, N); y is a fixed target (no gradient)."""
-    return _PairedMMD.apply(x, y.detach(), form)
+def paired_mmd(x: Tensor, y: Tensor, form: PairedForm, differentiable: Callable[[Tensor], Tensor]) -> Tensor:
+    """Per-sample MMD of the unit rows of x (B, C, N) and y (B, C, N); y is a fixed target (no gradient).
+    ``differentiable(x)`` is the same per-sample MMD through autograd's ops, used for second derivatives."""
+    return _PairedMMD.apply(x, y.detach(), form, differentiable)
 
 
 def block_mmd(spec: Any, params: Mapping[str, Any]) -> PairedForm:

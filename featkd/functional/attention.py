@@ -42,8 +42,9 @@ def attention_map(f: Tensor, p: float = 2, layout: str = "channels_first") -> Te
 _EPS = 1e-12  # F.normalize's floor on the norm
 
 
-def _normalised_map(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """(map, the divisor that normalised it: its norm, floored) for x (B, C, N)."""
+def _normalised_map(x: Tensor, p: float, *, inplace: bool = True) -> tuple[Tensor, Tensor]:
+    """(map, the divisor that normalised it: its norm, floored) for x (B, C, N); ``inplace=False`` keeps
+    it differentiable by autograd."""
     # square() for the usual p = 2, an integer power for even p: both skip abs() and the slow
     # float-exponent pow, which cost more than the rest of the loss together. The channel sum
     # replaces the mean: the normalisation cancels the 1/C (also below F.normalize's floor on the
@@ -55,7 +56,7 @@ def _normalised_map(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
     else:
         a = x.abs().pow(p).sum(1)
     norm = torch.linalg.vector_norm(a, dim=1, keepdim=True).clamp_min(_EPS * x.shape[1])
-    return a.div_(norm), norm
+    return (a.div_(norm) if inplace else a / norm), norm
 
 
 class _AttentionMap(torch.autograd.Function):
@@ -63,7 +64,7 @@ class _AttentionMap(torch.autograd.Function):
 
     Why by hand: autograd's backward of ``x.square().sum(1)`` makes two (B, C, N) tensors ((2·grad)
     expanded to (B, C, N), then times x), each costing more than the arithmetic on a CPU; here the
-    backward is one (B, C, N) product. Not twice differentiable.
+    backward is one (B, C, N) product. Under create_graph=True autograd differentiates the map itself.
     """
 
     @staticmethod
@@ -75,10 +76,11 @@ class _AttentionMap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: a second derivative would silently miss this term
-            raise RuntimeError("at_loss / attention_map is not twice differentiable (its backward is written by "
-                               "hand); use create_graph=False")
         x, q, norm = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (second derivatives): the hand-written backward has no graph of its own
+            q_graph, _ = _normalised_map(x, ctx.p, inplace=False)
+            return torch.autograd.grad(q_graph, x, grad, create_graph=True)[0], None
         p = ctx.p
         # q = a / max(|a|, floor): da = (g - q (q·g)) / |a| above the floor, g / floor below it.
         radial = (q * grad).sum(1, keepdim=True) * (norm > _EPS * x.shape[1])

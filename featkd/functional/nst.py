@@ -35,6 +35,8 @@ three-mean form, under autograd.
 
 from __future__ import annotations
 
+import functools
+
 import inspect
 import math
 from dataclasses import dataclass
@@ -278,11 +280,12 @@ def nst_loss(
 def _paired_mmd(spec: Kernel, params: dict, feature_map: str | None, route: str, x: Tensor, y: Tensor) -> Tensor:
     """Per-sample MMD from D = X - Y (equal channel counts): see the module docstring."""
     c, n = x.shape[1], x.shape[2]
+    differentiable = functools.partial(_three_mean_mmd, spec, params, y=y)
     # The N×N products cost 2·N²·C multiply-adds (forward and backward), the C×C blocks 5·C²·N.
     if feature_map == "outer":
         spatial = route == "spatial" or (route == "auto" and 2 * n < 5 * c)
-        return paired_mmd(x, y, outer_spatial_mmd if spatial else outer_channel_mmd)
-    return paired_mmd(x, y, block_mmd(spec, params))
+        return paired_mmd(x, y, outer_spatial_mmd if spatial else outer_channel_mmd, differentiable)
+    return paired_mmd(x, y, block_mmd(spec, params), differentiable)
 
 
 # The channels are never normalised as (B, C, N) tensors where a Gram matrix is formed anyway on the
