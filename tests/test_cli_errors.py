@@ -177,7 +177,7 @@ def test_damaged_checkpoints_say_whether_the_other_one_can_be_used(tmp_path, cap
     one_line_error(capsys, status, f"checkpoint '{last}' cannot be read",
                    "best.pt cannot be read either: nothing in", "start the run again")
     (run_dir / ckpt.BEST).unlink()
-    status = main(["eval", "--run-dir", str(run_dir)])
+    status = main(["eval", "--run-dir", str(run_dir), "--which", "best"])
     one_line_error(capsys, status, f"checkpoint '{run_dir / ckpt.BEST}' does not exist.",
                    "last.pt cannot be read either")
 
