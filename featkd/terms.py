@@ -282,22 +282,34 @@ def _build_pair(term: Term, s_shape: tuple, t_shape: tuple, s_names: list[str], 
         first_error = error
     if term.adapter in ("auto", None) and not multi:
         try:
-            adapter = FeatureAdapter(s_shape, t_shape).to(device)
+            candidates = _automatic_adapters(s_shape, t_shape)
         except ValueError:  # no automatic adapter fits these shapes
             raise ValueError(f"{described}: {first_error}") from None
-        adapted = (s_shape[0], t_shape[1] if adapter.conv is not None else s_shape[1], *t_shape[2:])
-        try:
-            loss = _loss(term, adapted, t_shape)
-        except ValueError as error:
-            if term.adapter == "auto" and str(error) != str(first_error):
-                raise ValueError(f"{described}: {first_error}; with an automatic adapter to {adapted}: "
-                                 f"{error}") from None
-        else:
+        for adapter in candidates:
+            adapted = (s_shape[0], t_shape[1] if adapter.conv is not None else s_shape[1], *t_shape[2:])
+            try:
+                loss = _loss(term, adapted, t_shape)
+            except ValueError as error:
+                last_error = error
+                continue
             if term.adapter == "auto":
-                return adapter, loss
+                return adapter.to(device), loss
             raise ValueError(f"{described}: {first_error}; adapter: null asks for none, and adapter: auto (the "
                              f"default) would fit the student's features to {adapted}") from None
+        if term.adapter == "auto" and str(last_error) != str(first_error):
+            raise ValueError(f"{described}: {first_error}; with an automatic adapter to {adapted}: "
+                             f"{last_error}") from None
     raise ValueError(f"{described}: {first_error}") from None
+
+
+def _automatic_adapters(s_shape, t_shape) -> list[FeatureAdapter]:
+    """The automatic adapters for these shapes, the one with the least in it first."""
+    full = FeatureAdapter(s_shape, t_shape)
+    if full.conv is not None and full.resize is not None:
+        # A loss that compares unequal channel counts (AT, NST, Gram) needs only the size matched, and
+        # then no learned projection stands between the student's features and the loss.
+        return [FeatureAdapter(s_shape, t_shape, channels=False), full]
+    return [full]
 
 
 def call_loss(loss: nn.Module, f_s, f_t, context) -> torch.Tensor:

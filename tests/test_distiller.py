@@ -143,9 +143,14 @@ def test_automatic_adapters_only_where_needed_and_trained():
         featkd.Term("group3", "group3", loss="at"),                 # channels differ: AT does not care
         featkd.Term("group3", "group3", loss=MSE(), name="mse3"),    # channels differ: 1x1 conv
         featkd.Term("group2", "group3", loss="at", name="at32"),    # 14x14 teacher vs 7x7 student
+        # 7x7x128 teacher vs 14x14x32 student: AT needs the size matched, not the channels; MSE both
+        featkd.Term("group3", "group2", loss="at", name="at23"),
+        featkd.Term("group3", "group2", loss=MSE(), name="mse23"),
     ])
     d.setup(torch.randn(2, 1, 28, 28))
-    plain, conv, resize = (pair[0] for pair in d.adapters)
+    plain, conv, resize, pooled, both = (pair[0] for pair in d.adapters)
+    assert pooled.resize == "pool" and pooled.conv is None and not list(pooled.parameters())
+    assert both.resize == "pool" and both.conv[0].weight.shape == (128, 32, 1, 1)
     assert isinstance(plain, nn.Identity)
     assert isinstance(conv, FeatureAdapter) and conv.conv[0].weight.shape == (128, 64, 1, 1) and conv.resize is None
     assert isinstance(resize, FeatureAdapter) and resize.conv is None and resize.resize == "interpolate"
