@@ -15,7 +15,6 @@ The values are checked equal each run.
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
 import sys
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from featkd.repro.report import hardware  # noqa: E402
 from featkd.functional import at_loss  # noqa: E402
 
 SHAPES = [(128, 16, 32, 32), (128, 64, 16, 16), (32, 256, 8, 8), (32, 512, 7, 7), (64, 32, 16, 16)]
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# at_loss vs the official one-liner (forward+backward), torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, {args.threads} thread(s), median of {args.repeats}\n")
+          f"{hardware()}, {args.threads} thread(s), median of {args.repeats}\n")
     print("| shape (B, C, H, W) | official ms | featkd ms | speed ratio (official / featkd) | 95% interval of the ratio "
           "| rounds featkd faster |")
     print("|---|---|---|---|---|---|")

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from featkd.repro.report import hardware  # noqa: E402
 from featkd.functional import nst as nst_module, nst_loss  # noqa: E402
 
 SHAPES = [(16, 32, 32), (64, 16, 16), (256, 8, 8), (512, 7, 7)]
@@ -280,7 +281,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     batches, shapes, repeats = ([32], SHAPES[:3:2], 2) if args.quick else ([32, 128], SHAPES, args.repeats)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, gaussian sigma2={SIGMA2}")
+    print(f"torch {torch.__version__}, {hardware()}, gaussian sigma2={SIGMA2}")
     run(torch.device("cpu"), batches, shapes, repeats, args.max_broadcast_gib, args.max_loop_pairs)
     if torch.cuda.is_available() and not args.cpu_only:
         run(torch.device("cuda"), batches, shapes, repeats, max(args.max_broadcast_gib, 8.0), args.max_loop_pairs)

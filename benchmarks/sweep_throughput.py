@@ -18,7 +18,6 @@ Data loading and evaluation are the same for both and are left out.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from featkd.repro.report import hardware  # noqa: E402
 from featkd import sweep  # noqa: E402
 from featkd.distiller import Distiller, Term  # noqa: E402
 from featkd.engine import DistillMethod, build_optimizer, seed_everything  # noqa: E402
@@ -90,7 +90,7 @@ def main(argv=None):
         "",
         f"teacher {args.teacher}, students {args.student} (recipes cycled: {', '.join(r for r, _ in RECIPES)}), "
         f"batch {args.batch_size} of 1×{args.image_size}×{args.image_size}, {args.steps} steps × {args.repeats} "
-        f"interleaved repeats, median. Device: CPU ({platform.processor() or platform.machine()}, "
+        f"interleaved repeats, median. Device: {hardware()} ("
         f"{torch.get_num_threads()} torch threads), torch {torch.__version__}.",
         "",
         "| N students | separate: student-img/s | sweep: student-img/s | sweep / separate |",
