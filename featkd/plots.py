@@ -229,7 +229,10 @@ def data_size_curve(results: Sequence[Mapping], *, title: str | None = None) -> 
     if teachers:
         ax.axhline(teachers[0], color="gray", linestyle="--", linewidth=1, label="teacher")
     ax.set_xscale("log")
-    ax.set_xticks([r["fraction"] * 100 for r in results], [f"{r['fraction'] * 100:g}%" for r in results])
+    # the cells may differ in length: each tick says how many epochs its students trained
+    ax.set_xticks([r["fraction"] * 100 for r in results],
+                  [f"{r['fraction'] * 100:g}%" + (f"\n{r['setup']['epochs']} ep" if "setup" in r else "")
+                   for r in results])
     ax.set_xticks([], minor=True)  # the log axis's own minor labels ("2×10⁰") would sit between the shares
     ax.set_xlabel("students' share of the training split")
     ax.set_ylabel("test accuracy (%)")

@@ -50,6 +50,7 @@ def test_tiny_table_end_to_end_and_datasize_plot(tmp_path):
         results.append(report.with_suffix(".json"))
     fig = plots.data_size_curve(limited_data.load_results(results))
     assert {line.get_gid() for line in fig.axes[0].lines} >= {f"curve:{m}" for m in limited_data.RECIPES}
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1%\n1 ep", "2%\n1 ep"]
     assert main(["plot", "datasize", *map(str, results), "--out", str(tmp_path / "fig")]) == 0
     assert (tmp_path / "fig.png").stat().st_size > 1000
 
