@@ -46,7 +46,10 @@ METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 CONFIG_YAML = "config.yaml"
 ENVIRONMENT_JSON = "environment.json"
+TENSORBOARD_DIR = "tensorboard"
 # what a run writes before its first epoch ends: a directory holding only these has no result to keep
+# (the TensorBoard writer opens its event file when the run starts; it holds curves only after an epoch,
+# and then last.pt exists too)
 RUN_START_FILES = frozenset({CONFIG_YAML, ENVIRONMENT_JSON})
 
 
@@ -235,11 +238,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def holds_results(run_dir: str | os.PathLike) -> bool:
     """Whether ``run_dir`` exists and holds more than what runs write before their first epoch ends
-    (:data:`RUN_START_FILES`, in it or in its subdirectories)."""
+    (:data:`RUN_START_FILES`, in it or in its subdirectories, and TensorBoard event files)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return run_dir.exists()
-    return any(p.name not in RUN_START_FILES for p in run_dir.rglob("*") if not p.is_dir())
+    return any(p.name not in RUN_START_FILES and p.relative_to(run_dir).parts[0] != TENSORBOARD_DIR
+               for p in run_dir.rglob("*") if not p.is_dir())
 
 
 def prepare_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path:

@@ -95,6 +95,20 @@ def test_a_full_disk_in_the_first_epoch_leaves_a_directory_that_starts_again(tmp
     assert without_times(ckpt.read_metrics(run_dir)) == without_times(uninterrupted)
 
 
+def test_a_run_stopped_in_its_first_epoch_with_tensorboard_starts_again(tmp_path):
+    # the TensorBoard writer opens its event file when the run starts: no result to keep before last.pt
+    run_dir = tmp_path / "run"
+    for name in ckpt.RUN_START_FILES:
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("x")
+    (run_dir / ckpt.TENSORBOARD_DIR).mkdir()
+    (run_dir / ckpt.TENSORBOARD_DIR / "events.out.tfevents.1.host.1.0").write_bytes(b"header")
+    assert ckpt.prepare_run_dir(run_dir, resume=False) == run_dir
+    (run_dir / ckpt.METRICS_JSONL).write_text("{}\n")
+    with pytest.raises(ckpt.RunDirectoryExistsError):
+        ckpt.prepare_run_dir(run_dir, resume=False)
+
+
 def test_resume_restores_a_missing_best_pt_or_says_what_is_gone(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert train(run_dir, "epochs=1") == 0

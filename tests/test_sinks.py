@@ -9,7 +9,8 @@ from torch import nn
 from featkd import checkpoint as ckpt
 from featkd.data import DeviceLoader, load_dataset
 from featkd.engine import SupervisedMethod, fit
-from featkd.engine.sinks import TENSORBOARD_DIR, Console, MetricsFiles, TensorBoard, run_sinks
+from featkd.checkpoint import TENSORBOARD_DIR
+from featkd.engine.sinks import Console, MetricsFiles, TensorBoard, run_sinks
 
 HISTORY = [
     {"epoch": 1, "step": 4, "train/ce": 2.0, "student/acc1": 10.0, "lr": 0.1, "epoch_time_s": 0.5},

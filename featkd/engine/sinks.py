@@ -18,7 +18,6 @@ from typing import Any, Protocol
 
 from featkd import checkpoint as ckpt
 
-TENSORBOARD_DIR = "tensorboard"
 
 
 class Sink(Protocol):
@@ -50,7 +49,7 @@ class TensorBoard:
     """
 
     def __init__(self, run_dir: str | os.PathLike, writer_class: Callable, logged_epochs: int = 0):
-        self.writer = writer_class(str(Path(run_dir) / TENSORBOARD_DIR),
+        self.writer = writer_class(str(Path(run_dir) / ckpt.TENSORBOARD_DIR),
                                    purge_step=logged_epochs + 1 if logged_epochs else None)
         self.logged = logged_epochs
 
