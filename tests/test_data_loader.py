@@ -153,3 +153,10 @@ def test_cuda_batches_equal_cpu_batches(pad_mode):
     for (xc, yc), (xg, yg) in zip(cpu, gpu):
         assert torch.equal(yc, yg.cpu())
         torch.testing.assert_close(xc, xg.cpu())
+
+
+def test_evaluation_batch_size_is_small_on_the_cpu_only():
+    from featkd.data import evaluation_batch_size
+
+    assert evaluation_batch_size("cpu") == evaluation_batch_size(torch.device("cpu")) == 128
+    assert evaluation_batch_size("cuda:0") == 500

@@ -2,9 +2,9 @@
 
 from featkd.data.datasets import (DatasetInfo, ImageDataset, list_datasets, load_dataset, read_idx,
                                   stratified_split, stratified_subset)
-from featkd.data.loader import DeviceLoader, EpochPlan, crop_flip
+from featkd.data.loader import DeviceLoader, EpochPlan, crop_flip, evaluation_batch_size
 from featkd.data.transfer import UNLABELED, add_unlabeled, mark_unlabeled, omit_classes
 
 __all__ = ["DatasetInfo", "DeviceLoader", "EpochPlan", "ImageDataset", "UNLABELED", "add_unlabeled", "crop_flip",
-           "list_datasets", "load_dataset", "mark_unlabeled", "omit_classes", "read_idx", "stratified_split",
+           "evaluation_batch_size", "list_datasets", "load_dataset", "mark_unlabeled", "omit_classes", "read_idx", "stratified_split",
            "stratified_subset"]

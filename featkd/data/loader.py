@@ -19,6 +19,13 @@ import torch.nn.functional as F
 from featkd.data.datasets import ImageDataset
 
 
+def evaluation_batch_size(device) -> int:
+    """The batch size for evaluating a small model: 128 on the CPU, where larger batches of activations
+    leave the cache (WRN-16-1 on 28×28 evaluated 1.8× faster at 64-128 than at 500, 2 threads, AMD
+    EPYC), 500 on an accelerator."""
+    return 128 if torch.device(device).type == "cpu" else 500
+
+
 # DeviceLoader's pad_mode -> torch.nn.functional.pad's mode.
 PAD_MODES = {"zeros": "constant", "reflect": "reflect"}
 

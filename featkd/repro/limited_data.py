@@ -166,7 +166,7 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
     its test accuracy the recorded value (within 0.1 point), checked before any student trains. With
     ``setup.holdout`` every model is evaluated on held-out training images and the test split is not read
     (the shipped teacher is then checked by its hash alone)."""
-    from featkd.data import DeviceLoader, stratified_split
+    from featkd.data import DeviceLoader, evaluation_batch_size, stratified_split
     from featkd.engine import evaluate, resolve_device
 
     started = time.perf_counter()
@@ -179,7 +179,8 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
     test = held_out if setup.holdout else data.load("test", setup.test_limit)
     info = train.info
     train_loader = DeviceLoader(train, setup.batch_size, shuffle=True, augment=True, device=device, seed=0)
-    test_loader = DeviceLoader(test, 500, shuffle=False, augment=False, drop_last=False, device=device)
+    test_loader = DeviceLoader(test, evaluation_batch_size(device), shuffle=False, augment=False, drop_last=False,
+                               device=device)
     teacher_acc = evaluate(teacher, test_loader, device=device)["acc1"]
     log(f"teacher {record['name']} ({teacher_path}): accuracy {teacher_acc:.2f}% on {setup.evaluation}")
     if shipped and not setup.holdout and abs(teacher_acc - shipped.test_acc) > 0.1:

@@ -68,7 +68,7 @@ class TableResult:
 def run_protocol(protocol: TableProtocol, budget: Budget, data: DataSpec, run_root: Path, *, device="auto",
                  command: str | None = None, log=print) -> TableResult:
     """Run a table protocol: per pair, a cached teacher and one student sweep; return (and write) the table."""
-    from featkd.data import DeviceLoader
+    from featkd.data import DeviceLoader, evaluation_batch_size
     from featkd.engine import resolve_device
 
     started = time.perf_counter()
@@ -77,7 +77,7 @@ def run_protocol(protocol: TableProtocol, budget: Budget, data: DataSpec, run_ro
     test = data.load("test", budget.test_limit)
     info = train.info
     train_loader = protocol_train_loader(train, budget, device)
-    test_loader = DeviceLoader(test, 256, shuffle=False, drop_last=False, device=device)
+    test_loader = DeviceLoader(test, evaluation_batch_size(device), shuffle=False, drop_last=False, device=device)
     pairs = protocol.pairs[: budget.pairs] if budget.pairs else protocol.pairs
     recipes = [r for r in protocol.recipes if budget.methods is None or r.name in budget.methods]
     accuracies, teachers, cells = {}, {}, []
