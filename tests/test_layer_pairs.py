@@ -90,3 +90,12 @@ def test_mistakes_are_one_line(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Wrong image height! Expected 224 but got 64" in err and "image_size=64" in err
 
+
+
+def test_an_existing_out_file_is_left_alone(capsys, tmp_path):
+    out = tmp_path / "mine.yaml"
+    out.write_text("my own config\n")
+    assert main(["pairs", "torchvision:resnet18", "torchvision:resnet18", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out} already exists" in err
+    assert out.read_text() == "my own config\n"

@@ -19,7 +19,6 @@ from featkd import distributed, runs
 from featkd.checkpoint import model_record
 from featkd.commands._common import add_run_arguments, finished, reports_user_errors
 from featkd.config import ConfigError
-from featkd.distiller import InputConversion
 
 
 add_arguments = add_run_arguments  # --config, --run-dir, --resume, key=value overrides
@@ -37,17 +36,14 @@ def run(args: argparse.Namespace) -> int:
         teacher, record = runs.load_teacher(cfg.teacher.checkpoint, run.device, run.info)
         if cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
-        normalizations = runs.input_normalizations(cfg, record, run.info)
-        if not args.resume:  # the teacher on the test split, given its inputs as it expects them
-            conversion = InputConversion(normalizations.get("student_normalization"),
-                                         normalizations.get("teacher_normalization"))
-            checked = nn.Sequential(conversion, teacher)
+        student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
+        distiller = runs.build_distiller(cfg, teacher, student, **runs.input_normalizations(cfg, record, run.info))
+        if not args.resume:  # the teacher on the test split, its inputs converted as the distiller converts them
+            checked = nn.Sequential(distiller.teacher_input, teacher)
             scores = evaluate(checked, run.test_loader, device=run.device, channels_last=cfg.channels_last)
             if run.is_main:
                 print(f"teacher {record['name']} ({cfg.teacher.checkpoint}): " +
                       "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
-        distiller = runs.build_distiller(cfg, teacher, student, **normalizations)
         # the loader's order is a function of (seed, epoch): no state consumed
         example_x, _ = next(iter(run.train_loader))
         distiller.setup(example_x[:2])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from featkd import checkpoint as ckpt
 from featkd.commands._common import format_shape, input_size, reports_user_errors, text_table
 
 
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default: 10)")
     parser.add_argument("--loss", default="at", help="the feature loss of the proposed term (default: at)")
     parser.add_argument("--weight", type=float, default=1000.0, help="its weight (default: 1000, AT's beta)")
-    parser.add_argument("--out", metavar="FILE", help="write the terms (and the student's name) to this YAML file")
+    parser.add_argument("--out", metavar="FILE", help="write the terms (and the student's name) to this new YAML file")
     for role in ("teacher", "student"):
         parser.add_argument(f"--{role}-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                             help=f"a constructor option of the {role} (repeatable), e.g. image_size=64 for a "
@@ -63,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from featkd.models import create_model
 
     feature_loss_class(args.loss)  # an unknown loss name, with the close ones, before any model is built
+    if args.out and Path(args.out).exists():
+        raise ValueError(f"--out {args.out} already exists; choose another file (featkd never overwrites one)")
     options = {"teacher": dict(args.teacher_option), "student": dict(args.student_option)}
     models = [create_model(getattr(args, role), num_classes=args.num_classes, in_channels=args.input_size[0],
                            **options[role]) for role in ("teacher", "student")]
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     config = {"student": student, "terms": pair_terms(pairs, args.loss, args.weight)}
     text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
     if args.out:
-        Path(args.out).write_text(f"# featkd pairs {args.teacher} {args.student} --input-size "
+        ckpt.atomic_write_text(args.out, f"# featkd pairs {args.teacher} {args.student} --input-size "
                                   f"{'x'.join(map(str, args.input_size))}\n{text}")
         print(f"\nwrote {args.out}: featkd distill --config {args.out} teacher.checkpoint=TEACHER_LAST_PT")
     else:

@@ -19,7 +19,6 @@ from typing import Any, Protocol
 from featkd import checkpoint as ckpt
 
 
-
 class Sink(Protocol):
     def write(self, history: Sequence[Mapping[str, Any]]) -> None:
         """Called after every epoch with every row so far (the newest last)."""

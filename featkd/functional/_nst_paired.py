@@ -23,7 +23,7 @@ removes it anyway. ``gap`` is a difference of nearby values, so each kernel stat
 cancellation, like its second difference. The backward is then two (B, C, N) products, and the
 forward makes no (B, C, C) temporaries beyond the three blocks and what the kernel makes of them in
 place: on a CPU, a fresh tensor of a few MiB costs page faults worth more than its arithmetic.
-Not twice differentiable.
+Second derivatives (``create_graph=True``) go through the three-mean form under autograd instead.
 """
 
 from __future__ import annotations

@@ -36,7 +36,6 @@ three-mean form, under autograd.
 from __future__ import annotations
 
 import functools
-
 import inspect
 import math
 from dataclasses import dataclass
