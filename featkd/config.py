@@ -109,6 +109,16 @@ class WarmupConfig:
 
 
 @dataclass
+class RelativeWeightConfig:
+    """A weight relative to the cross-entropy (:class:`featkd.calibration.RelativeToCE`): the term's gradient on the
+    student is ``relative_to_ce`` times the cross-entropy's on the first training batch. The run fills in
+    ``resolved``, the absolute weight it came to, and a resumed run uses that."""
+
+    relative_to_ce: float = 1.0
+    resolved: float | None = None
+
+
+@dataclass
 class LayoutConfig:
     """A feature layout in full (:class:`featkd.layouts.Layout`); null leaves a field to the model or the shape."""
 
@@ -127,7 +137,7 @@ class TermConfig:
     teacher: str | list[str] = ""
     student: str | list[str] | None = None
     loss: str = "at"
-    weight: float | WarmupConfig = 1.0
+    weight: float | WarmupConfig | RelativeWeightConfig = 1.0
     name: str | None = None
     adapter: str | None = "auto"
     options: dict[str, Any] = field(default_factory=dict)
@@ -141,7 +151,7 @@ class KDConfig:
     """The logit term: a :func:`featkd.losses.build_logit_loss` name, its weight and options (e.g. ``{T: 4}``)."""
 
     loss: str = "kd"
-    weight: float | WarmupConfig = 1.0
+    weight: float | WarmupConfig | RelativeWeightConfig = 1.0
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -213,6 +223,12 @@ def _wrong_type(key: str, tp: Any, value: Any) -> ConfigError:
     return ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
+def _holds_keys(tp: Any, value: Any) -> bool:
+    """Whether dataclass ``tp`` has a field for every key of the mapping ``value``."""
+    return (dataclasses.is_dataclass(tp) and isinstance(value, dict)
+            and set(value) <= {f.name for f in dataclasses.fields(tp)})
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """``value`` checked against (and, for dataclasses, built as) type ``tp``."""
     if tp is Any:
@@ -224,8 +240,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise _wrong_type(key, tp, value)
-        # A mapping is meant for the dataclass member; anything else for the plain types first.
-        ordered = sorted((a for a in args if a is not type(None)), key=lambda a: dataclasses.is_dataclass(a) != isinstance(value, dict))
+        # A mapping is meant for a dataclass member (the one whose fields hold its keys); anything else for the
+        # plain types first.
+        ordered = sorted((a for a in args if a is not type(None)),
+                         key=lambda a: (dataclasses.is_dataclass(a) != isinstance(value, dict), not _holds_keys(a, value)))
         for arg in ordered:
             try:
                 return _convert(value, arg, key)

@@ -31,6 +31,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from featkd.calibration import RelativeToCE
 from featkd.functional import cross_entropy
 from featkd.hooks import FeatureExtractor
 from featkd.layer_info import describe_features
@@ -282,6 +283,46 @@ class Distiller(nn.Module):
         self._teacher_features.remove()
         self._teacher_outputs = teacher_outputs
 
+    def loss_weights(self) -> dict[str, object]:
+        """``{"kd": weight, <term key>: weight, ...}``: each loss's weight as given (a float, a schedule such as
+        :class:`featkd.Warmup`, or a :class:`featkd.calibration.RelativeToCE` not yet resolved)."""
+        weights = {"kd": self.kd_weight} if self.kd_loss is not None else {}
+        weights.update((term.key, term.weight) for term in self.terms)
+        return weights
+
+    def set_loss_weights(self, weights: Mapping[str, object]) -> None:
+        """Replace the weights of the named losses (``"kd"`` or term keys), e.g. by calibrated absolute ones."""
+        unknown = sorted(set(weights) - set(self.loss_weights()))
+        if unknown:
+            raise KeyError(f"no loss named {unknown}; the distiller's losses: {list(self.loss_weights())}")
+        for term in self.terms:
+            term.weight = weights.get(term.key, term.weight)
+        self.kd_weight = weights.get("kd", self.kd_weight)
+
+    def unweighted_losses(self, x: torch.Tensor, y: torch.Tensor | None = None, *, step: int | None = None,
+                          epoch: float | None = None, indices: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Student logits and each transfer loss before its weight: ``{"kd", <term names>...}`` (no CE)."""
+        if not self.is_setup:
+            self.setup(x[:2])
+        with teacher_bn_mode(self.teacher, self.teacher_bn):
+            teacher_logits, f_t = self._teacher_outputs(x)
+        student_logits, f_s = self._student_features(x)
+        values: dict[str, torch.Tensor] = {}
+        if self.kd_loss is not None:
+            values["kd"] = self.kd_loss(student_logits, teacher_logits, y)
+        context = BatchContext(y, step, epoch, indices)
+        for term, multi_layer, adapters, pair_losses, (s_layouts, t_layouts) in zip(
+                self.terms, self._multi_layer, self.adapters, self.term_losses, self._layouts):
+            s = [view(f_s[name], layout) for name, layout in zip(term.student_layers, s_layouts)]
+            t = [view(f_t[name], layout) for name, layout in zip(term.teacher_layers, t_layouts)]
+            if multi_layer:
+                values[term.key] = call_loss(pair_losses[0], s, t, context)
+            else:
+                values[term.key] = sum(call_loss(loss, adapter(f), g, context)
+                                       for adapter, loss, f, g in zip(adapters, pair_losses, s, t))
+        return student_logits, values
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, step: int | None = None,
                 epoch: float | None = None, indices: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -293,28 +334,18 @@ class Distiller(nn.Module):
         per-batch context (``uses_context``) receive ``y``, ``step``, ``epoch`` and the samples'
         dataset ``indices`` as a :class:`featkd.losses.BatchContext`.
         """
-        if not self.is_setup:
-            self.setup(x[:2])
-        with teacher_bn_mode(self.teacher, self.teacher_bn):
-            teacher_logits, f_t = self._teacher_outputs(x)
-        student_logits, f_s = self._student_features(x)
+        weights = self.loss_weights()
+        unresolved = [key for key, weight in weights.items() if isinstance(weight, RelativeToCE)]
+        if unresolved:
+            raise RuntimeError(f"the weights of {unresolved} are relative to the cross-entropy: resolve them with "
+                               "featkd.calibration.calibrate_weights(distiller, x, y) on a training batch first")
+        student_logits, values = self.unweighted_losses(x, y, step=step, epoch=epoch, indices=indices)
         losses: dict[str, torch.Tensor] = {}
         ce_weight = weight_at(self.ce_weight, step, epoch)
         if y is not None and ce_weight:
             losses["ce"] = ce_weight * cross_entropy(student_logits, y)
-        if self.kd_loss is not None:
-            losses["kd"] = weight_at(self.kd_weight, step, epoch) * self.kd_loss(student_logits, teacher_logits, y)
-        context = BatchContext(y, step, epoch, indices)
-        for term, multi_layer, adapters, pair_losses, (s_layouts, t_layouts) in zip(
-                self.terms, self._multi_layer, self.adapters, self.term_losses, self._layouts):
-            s = [view(f_s[name], layout) for name, layout in zip(term.student_layers, s_layouts)]
-            t = [view(f_t[name], layout) for name, layout in zip(term.teacher_layers, t_layouts)]
-            if multi_layer:
-                value = call_loss(pair_losses[0], s, t, context)
-            else:
-                value = sum(call_loss(loss, adapter(f), g, context)
-                            for adapter, loss, f, g in zip(adapters, pair_losses, s, t))
-            losses[term.key] = weight_at(term.weight, step, epoch) * value
+        for key, value in values.items():
+            losses[key] = weight_at(weights[key], step, epoch) * value
         losses["total"] = sum(losses.values()) if losses else student_logits.new_zeros(())
         return student_logits, losses
 

@@ -27,8 +27,9 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import distributed
-from featkd.config import (STRATEGY_CONFIG_DIR, Config, ConfigError, DataConfig, LayoutConfig, WarmupConfig,
-                           apply_overrides, build_dataclass, changed_keys, from_dict, read_yaml, to_dict)
+from featkd.config import (STRATEGY_CONFIG_DIR, Config, ConfigError, DataConfig, KDConfig, LayoutConfig,
+                           RelativeWeightConfig, TermConfig, WarmupConfig, apply_overrides, build_dataclass,
+                           changed_keys, from_dict, read_yaml, to_dict)
 from featkd.locking import run_lock
 
 # What a resumed run can take from the command line: anything else (optim.lr, ...) would be overruled by the
@@ -185,11 +186,28 @@ def load_teacher(path, device: torch.device, info) -> tuple[nn.Module, dict]:
 
 
 def _weight(weight):
+    from featkd.calibration import RelativeToCE
     from featkd.terms import Warmup
 
     if isinstance(weight, WarmupConfig):
         return Warmup(weight.value, epochs=weight.epochs, steps=weight.steps)
+    if isinstance(weight, RelativeWeightConfig):
+        return RelativeToCE(weight.relative_to_ce) if weight.resolved is None else weight.resolved
     return weight
+
+
+def calibrate_run_weights(run: Run, distiller, batch) -> dict[str, float]:
+    """Resolve the distiller's weights given relative to the cross-entropy on ``batch`` (the first training
+    batch) and record each absolute weight in the run's saved config (``weight.resolved``), which ``config.yaml``
+    holds and a resumed run reads back; ``{loss: weight}`` of those resolved now."""
+    from featkd.calibration import calibrate_weights
+
+    resolved = calibrate_weights(distiller, batch[0], batch[1])
+    keys = [term.key for term in distiller.terms]
+    for key, weight in resolved.items():
+        entry = run.saved_config["kd"] if key == "kd" else run.saved_config["terms"][keys.index(key)]
+        entry["weight"]["resolved"] = weight
+    return resolved
 
 
 def _layout(layout):
@@ -215,14 +233,21 @@ def build_distiller(cfg: Config, teacher: nn.Module, student: nn.Module, **optio
     """A :class:`featkd.Distiller` from the config's ``terms``, ``kd`` and ``ce_weight``; ``options`` go to it
     (e.g. :func:`input_normalizations`)."""
     from featkd.distiller import Distiller
+
+    return Distiller(teacher, student, **distiller_losses(cfg.terms, cfg.kd, cfg.ce_weight), compile=cfg.compile,
+                     **options)
+
+
+def distiller_losses(terms: list[TermConfig], kd: KDConfig | None, ce_weight: float) -> dict[str, Any]:
+    """The :class:`featkd.Distiller` keyword arguments ``terms``, ``kd`` and ``ce_weight`` from their config form."""
     from featkd.terms import Term
 
-    terms = [Term(teacher=t.teacher, student=t.student, loss=t.loss, weight=_weight(t.weight), name=t.name,
+    built = [Term(teacher=t.teacher, student=t.student, loss=t.loss, weight=_weight(t.weight), name=t.name,
                   adapter=t.adapter, options=t.options, layout=_layout(t.layout),
                   student_layout=_layout(t.student_layout), teacher_layout=_layout(t.teacher_layout))
-             for t in cfg.terms]
-    kd = None if cfg.kd is None else {"loss": cfg.kd.loss, "weight": _weight(cfg.kd.weight), **cfg.kd.options}
-    return Distiller(teacher, student, terms=terms, kd=kd, ce_weight=cfg.ce_weight, compile=cfg.compile, **options)
+             for t in terms]
+    kd_options = None if kd is None else {"loss": kd.loss, "weight": _weight(kd.weight), **kd.options}
+    return {"terms": built, "kd": kd_options, "ce_weight": ce_weight}
 
 
 # --------------------------------------------------------------------------- the run

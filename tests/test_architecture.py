@@ -14,7 +14,7 @@ LAYERS = [
     ["featkd.cli"],
     ["featkd.commands"],
     ["featkd.runs", "featkd.repro", "featkd.sweep", "featkd.strategies", "featkd.plots"],
-    ["featkd.distiller", "featkd.terms", "featkd.engine"],
+    ["featkd.distiller", "featkd.terms", "featkd.engine", "featkd.calibration"],
     ["featkd.hooks", "featkd.layer_specs", "featkd.layer_info", "featkd.layouts", "featkd.layer_pairs", "featkd.losses",
      "featkd.functional", "featkd.models", "featkd.data", "featkd.checkpoint", "featkd.locking", "featkd.config",
      "featkd.distributed", "featkd.stats",

@@ -20,7 +20,11 @@ def test_demo_tiny_end_to_end_and_reuse(tmp_path, subprocess_env):
     for suffix in (".png", ".pdf"):
         assert (tmp_path / "demo" / f"paired_deltas{suffix}").stat().st_size > 1000
     # the per-seed accuracies printed are those in the sweep's metrics, and Δ is their paired mean
-    last = json.loads((tmp_path / "demo" / "limited-data-0.03-synthetic" / "metrics.jsonl").read_text().splitlines()[-1])
+    # (one sweep per seed: the seed draws the subset and the batches)
+    last = {}
+    for seed in (0, 1):
+        metrics = tmp_path / "demo" / "limited-data-0.03-synthetic" / f"seed{seed}-1ep" / "metrics.jsonl"
+        last.update(json.loads(metrics.read_text().splitlines()[-1]))
     kd_row = next(r for r in rows if r.startswith("| KD |")).split("|")
     assert kd_row[5].strip() == f"{last['KD-s0/acc1']:.2f}, {last['KD-s1/acc1']:.2f}"
     delta = (last["KD-s0/acc1"] - last["student-s0/acc1"] + last["KD-s1/acc1"] - last["student-s1/acc1"]) / 2

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from featkd import plots, repro
 from featkd.repro import limited_data
@@ -13,12 +14,60 @@ from featkd.cli import main
 def test_setup_refuses_bad_settings():
     with pytest.raises(ValueError, match="fraction"):
         limited_data.LimitedDataSetup(fraction=0.0, epochs=1)
-    with pytest.raises(ValueError, match="unknown method"):
-        limited_data.LimitedDataSetup(fraction=0.1, epochs=1, methods=("student", "KDD"))
     with pytest.raises(ValueError, match="'student'"):
         limited_data.LimitedDataSetup(fraction=0.1, epochs=1, methods=("KD",))
     with pytest.raises(ValueError, match="distinct"):
         limited_data.LimitedDataSetup(fraction=0.1, epochs=1, seeds=(0, 0))
+    with pytest.raises(ValueError, match="evaluate_on"):
+        limited_data.LimitedDataSetup(fraction=0.1, epochs=1, evaluate_on="train")
+    with pytest.raises(ValueError, match="validation_size > 0"):
+        limited_data.LimitedDataSetup(fraction=0.1, epochs=1, evaluate_on="validation", validation_size=0)
+
+
+def test_an_unknown_method_is_refused_before_anything_is_read(tmp_path):
+    setup = limited_data.LimitedDataSetup(fraction=0.1, epochs=1, methods=("student", "KDD"))
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['KDD'\]"):
+        limited_data.run_limited_data(tmp_path / "no-teacher.pt", setup, tmp_path / "runs")
+
+
+def test_the_published_recipes_are_the_reference_codes_numbers():
+    # FIELD-NOTES, "The reference protocols in detail": AT beta = 1e3 on each WRN group output; NST weight 50 on
+    # the last map after its BN (WRN: `bn`); KD alpha = 0.9 with CE 0.1 at T = 4.
+    recipes = limited_data.RECIPES
+    assert [(t["teacher"], t["loss"], t["weight"]) for t in recipes["AT"].terms] == [
+        ("group1", "at", 1000.0), ("group2", "at", 1000.0), ("group3", "at", 1000.0)]
+    for kernel in ("linear", "poly", "gaussian"):
+        (term,) = recipes[f"NST-{kernel}"].terms
+        assert (term["teacher"], term["loss"], term["weight"], term["options"]) == ("bn", "nst", 50.0, {"kernel": kernel})
+    kd = recipes["KD"].kd_config()
+    assert (kd.loss, kd.weight, kd.options, recipes["KD"].ce_weight) == ("kd", 0.9, {"T": 4}, 0.1)
+    assert recipes["student"].is_student_alone and all(spec.source for spec in recipes.values())
+
+
+def test_recipe_changes_and_their_record():
+    tuned = limited_data.RECIPES["NST-poly"].with_changes({"weight.relative_to_ce": 0.3, "options.c": 1.0,
+                                                             "epochs": 60})
+    record = tuned.record()
+    (term,) = record["terms"]
+    assert term["weight"] == {"relative_to_ce": 0.3, "resolved": None}
+    assert term["options"] == {"kernel": "poly", "c": 1.0}
+    assert record["changes"] == {"weight.relative_to_ce": 0.3, "options.c": 1.0, "epochs": 60}
+    assert limited_data.RECIPES["NST-poly"].terms[0]["weight"] == 50.0  # the published recipe is unchanged
+    kd = limited_data.RECIPES["KD"].with_changes({"kd.T": 2, "kd.weight": 0.5}).kd_config()
+    assert (kd.weight, kd.options["T"]) == (0.5, 2)
+    with pytest.raises(ValueError, match="cannot apply 'optim.lr'"):
+        limited_data.RECIPES["AT"].with_changes({"optim.lr": 0.05})
+
+
+def test_seeds_draw_different_subsets_outside_the_validation_set():
+    data = repro.DataSpec("synthetic").load("train", None)
+    validation, pool = limited_data.validation_split(data, 200)
+    assert len(validation) == 200 and len(pool) == len(data) - 200
+    subsets = [limited_data.seed_subset(pool, 60, seed) for seed in (0, 1)]
+    images = [{bytes(img.numpy()) for img in s.images} for s in (validation, *subsets)]
+    assert not images[0] & images[1] and not images[0] & images[2]  # no student sees a validation image
+    assert images[1] != images[2]  # the seed varies the subset
+    assert [int(c) for c in torch.bincount(subsets[0].labels)] == [6] * 10  # class-balanced
 
 
 def test_teacher_with_another_hash_is_refused(tmp_path):
@@ -28,26 +77,39 @@ def test_teacher_with_another_hash_is_refused(tmp_path):
         limited_data.load_teacher(path, "cpu", sha256="0" * 64)
 
 
-@pytest.mark.slow
-def test_tiny_table_end_to_end_and_datasize_plot(tmp_path):
+def _tiny_teacher(tmp_path):
     assert main(["train", "--config", "fmnist_teacher_wrn16_2", "--run-dir", str(tmp_path / "teacher"),
                  "model.name=wrn10_2", "epochs=1", "data.name=synthetic", "data.limit=64", "data.test_limit=32",
                  "data.batch_size=16"]) == 0
+    return tmp_path / "teacher" / "last.pt"
+
+
+@pytest.mark.slow
+def test_tiny_table_end_to_end_and_datasize_plot(tmp_path):
+    teacher = _tiny_teacher(tmp_path)
     results = []
     for fraction in (0.01, 0.02):
         setup = limited_data.LimitedDataSetup(fraction=fraction, epochs=1, seeds=(0, 1), batch_size=8, test_limit=40,
-                                              student="wrn10_1")
-        result = limited_data.run_limited_data(tmp_path / "teacher" / "last.pt", setup, tmp_path / "runs",
-                                               data=repro.DataSpec("synthetic"), device="cpu")
+                                              student="wrn10_1", validation_size=200)
+        result = limited_data.run_limited_data(teacher, setup, tmp_path / "runs", data=repro.DataSpec("synthetic"),
+                                               device="cpu")
         assert list(result.accuracies) == list(limited_data.RECIPES)
         assert all(len(v) == 2 for v in result.accuracies.values())
         assert result.train_examples == round(fraction * 2000)
         report = tmp_path / "runs" / f"limited-data-{fraction:g}-synthetic.md"
         text = report.read_text()
         assert text.count("\n| ") == 2 + len(limited_data.RECIPES) and "paired" in text and "torch" in text
+        assert "1000·at(group1)" in text and "the batch order, the augmentation" in text
         stored = json.loads(report.with_suffix(".json").read_text())
         assert stored["accuracies"] == result.accuracies
         results.append(report.with_suffix(".json"))
+    # one sweep per seed; each member's config holds its recipe in full and the data seed
+    sweep_dirs = sorted(p.name for p in (tmp_path / "runs" / "limited-data-0.02-synthetic").iterdir())
+    assert sweep_dirs == ["seed0-1ep", "seed1-1ep"]
+    member = yaml.safe_load((tmp_path / "runs" / "limited-data-0.02-synthetic" / "seed1-1ep" / "members" /
+                             "AT-s1" / "config.yaml").read_text())
+    assert member["data_seed"] == member["seed"] == 1 and member["recipe"] == "AT"
+    assert [t["weight"] for t in member["terms"]] == [1000.0] * 3
     fig = plots.data_size_curve(limited_data.load_results(results))
     assert {line.get_gid() for line in fig.axes[0].lines} >= {f"curve:{m}" for m in limited_data.RECIPES}
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1%\n1 ep", "2%\n1 ep"]
@@ -56,26 +118,24 @@ def test_tiny_table_end_to_end_and_datasize_plot(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_held_out_run_never_reads_the_test_split(tmp_path, monkeypatch):
-    assert main(["train", "--config", "fmnist_teacher_wrn16_2", "--run-dir", str(tmp_path / "teacher"),
-                 "model.name=wrn10_2", "epochs=1", "data.name=synthetic", "data.limit=64", "data.test_limit=32",
-                 "data.batch_size=16"]) == 0
+def test_a_validation_run_never_reads_the_test_split(tmp_path, monkeypatch):
+    teacher = _tiny_teacher(tmp_path)
     splits = []
     load = repro.DataSpec.load
     monkeypatch.setattr(repro.DataSpec, "load", lambda self, split, limit, **kw: splits.append(split) or
                         load(self, split, limit, **kw))
     with pytest.raises(ValueError, match="not both"):
-        limited_data.LimitedDataSetup(fraction=0.1, epochs=1, holdout=10, test_limit=10)
+        limited_data.LimitedDataSetup(fraction=0.1, epochs=1, evaluate_on="validation", test_limit=10)
     setup = limited_data.LimitedDataSetup(fraction=0.01, epochs=1, seeds=(0, 1), methods=("student", "KD"),
-                                          batch_size=8, student="wrn10_1", holdout=60)
+                                          batch_size=8, student="wrn10_1", validation_size=60, evaluate_on="validation")
     lines = []
-    result = limited_data.run_limited_data(tmp_path / "teacher" / "last.pt", setup, tmp_path / "runs",
-                                           data=repro.DataSpec("synthetic"), device="cpu", log=lines.append)
+    result = limited_data.run_limited_data(teacher, setup, tmp_path / "runs", data=repro.DataSpec("synthetic"),
+                                           device="cpu", log=lines.append)
     assert splits == ["train"]
-    assert any("on 60 held-out training images" in line for line in lines)
-    text = (tmp_path / "runs" / "limited-data-0.01-synthetic-holdout60.md").read_text()
-    assert "held-out accuracy %" in text and "test split" not in text
-    # a held-out accuracy of 60 images is a multiple of 100/60
+    assert any("on 60 validation images" in line for line in lines)
+    text = (tmp_path / "runs" / "limited-data-0.01-synthetic-validation.md").read_text()
+    assert "validation accuracy %" in text and "test split" not in text
+    # an accuracy on 60 images is a multiple of 100/60
     assert all(abs(a * 0.6 - round(a * 0.6)) < 1e-6 for v in result.accuracies.values() for a in v)
 
 
@@ -113,7 +173,7 @@ def test_a_shipped_teacher_with_another_accuracy_is_refused_before_any_student_t
     path = tmp_path / "t" / "last.pt"
     recorded = ShippedTeacher(path, limited_data.file_sha256(path), test_acc=101.0, config="x", overrides=())
     setup = limited_data.LimitedDataSetup(fraction=0.01, epochs=1, seeds=(0, 1), batch_size=8, test_limit=40,
-                                          student="wrn10_1")
+                                          student="wrn10_1", validation_size=200)
     with pytest.raises(ValueError, match="recorded 101.00%"):
         limited_data.run_limited_data(path, setup, tmp_path / "runs", data=repro.DataSpec("synthetic"),
                                       device="cpu", shipped=recorded)

@@ -50,7 +50,7 @@ def demo_setup(args):
 
     if args.tiny:
         base = LimitedDataSetup(fraction=0.03, epochs=1, seeds=(0, 1), methods=DEMO_METHODS, batch_size=16,
-                                test_limit=100, student="wrn10_1")
+                                test_limit=100, student="wrn10_1", validation_size=200)
     else:
         # About 11 minutes on an idle 2-core CPU: 25 students, 270 steps each, one evaluation.
         base = LimitedDataSetup(**SELECTION, seeds=(0, 1, 2, 3, 4), methods=DEMO_METHODS)

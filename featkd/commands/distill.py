@@ -45,8 +45,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"teacher {record['name']} ({cfg.teacher.checkpoint}): " +
                       "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         # the loader's order is a function of (seed, epoch): no state consumed
-        example_x, _ = next(iter(run.train_loader))
-        distiller.setup(example_x[:2])
+        first_batch = next(iter(run.train_loader))
+        distiller.setup(first_batch[0][:2])
+        for key, weight in runs.calibrate_run_weights(run, distiller, first_batch).items():
+            if run.is_main:
+                print(f"weight of {key} relative to the cross-entropy resolved to {weight:.6g}")
         optimizer, scheduler = runs.build_optimization(cfg, distiller.trainable_parameters())
         method = DistillMethod(distiller, optimizer, scheduler, precision=Precision(cfg.amp, run.device),
                                grad_clip=cfg.grad_clip, steps_per_epoch=len(run.train_loader),

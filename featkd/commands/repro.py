@@ -42,9 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="students' class-balanced share of the training split (default 0.03)")
     limited.add_argument("--teacher", type=Path, default=None,
                          help="teacher checkpoint (default: the shipped Fashion-MNIST WRN-16-2, its hash and accuracy checked)")
-    limited.add_argument("--holdout", type=int, default=0, metavar="N",
-                         help="evaluate on N class-balanced training images outside the students' subset instead of "
-                              "the test split (to choose settings without the test set)")
+    limited.add_argument("--validation", action="store_true",
+                         help="evaluate on the validation images (class-balanced training images no student trains "
+                              "on) instead of the test split, which is then not read: for choosing settings")
+    limited.add_argument("--validation-size", type=int, default=5000, metavar="N",
+                         help="training images set aside as the validation set (default 5000)")
 
 
 def _budget(base, args):
@@ -104,8 +106,8 @@ def _limited_data(args, command):
     from featkd import shipped
     from featkd.repro import limited_data
 
-    changes = {k: v for k, v in (("epochs", args.epochs), ("test_limit", args.test_limit or None),
-                                 ("holdout", args.holdout or None)) if v is not None}
+    changes = {k: v for k, v in (("epochs", args.epochs), ("test_limit", args.test_limit or None)) if v is not None}
+    changes.update(validation_size=args.validation_size, evaluate_on="validation" if args.validation else "test")
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
     if args.methods:

@@ -8,13 +8,19 @@ the students (WRN-16-1) see a class-balanced ``fraction`` of it, every method an
 (one teacher forward per batch, members of one seed share the student's initial weights and
 batches), and each method is compared with the student alone *paired by seed* (:mod:`featkd.stats`).
 
-Settings are fixed before any run and never chosen on the test set: the students are built and
-trained by :func:`featkd.repro.students.run_students`, so their optimiser, schedule and initialisation are
-the official AT code's (SGD 0.1, momentum 0.9 restarted at each decay, wd 5e-4, ×0.2 at the start of the
-epochs 30/60/80% of the way through; WRN BN weights uniform on [0, 1)), the loss weights
-the reference code's where one exists (AT β = 1e3 per group; NST 50 on the last feature after its
-BN; KD 0.9 with CE 0.1 at T = 4). Gram and FitNets have no weight for this pair in any paper: their
-weight makes the term start at about the size of the cross-entropy (measured on training batches).
+Seed s draws everything random about a student: its class-balanced subset of the training split,
+the batch order, the augmentation and its initial weights. Every method of seed s shares them (one
+sweep per seed, one teacher forward per batch), so the comparison stays paired and its interval is about
+the method, not about one draw of the data.
+
+A fixed class-balanced validation set (``validation_size`` training images, seed 0) is never in any
+student's subset: settings are chosen on it (``evaluate_on="validation"``, what ``featkd tune`` does),
+never on the test set. The students are built and trained by :func:`featkd.repro.students.run_students`
+with the official AT code's optimiser, schedule, initialisation and data pipeline (SGD 0.1, momentum 0.9
+restarted at each decay, wd 5e-4, ×0.2 at the start of the epochs 30/60/80% of the way through; WRN BN
+weights uniform on [0, 1); pad 4 by reflection, random crop, flip; the last, smaller batch kept). The
+recipes and their published weights are in ``featkd/configs/recipes/limited_data.yaml``
+(:mod:`featkd.repro.recipes`).
 """
 
 from __future__ import annotations
@@ -25,56 +31,21 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from featkd import stats
 from featkd.shipped import ShippedTeacher
-from featkd.distiller import Term
 from featkd.repro.cache import write_new
-from featkd.repro.protocols import Budget, pretty_model, recipe
+from featkd.repro.protocols import Budget, pretty_model
+from featkd.repro.recipes import RecipeSpec, load_recipes
 from featkd.repro.report import DataSpec, hardware
 from featkd.repro.students import run_students
 
 STUDENT, TEACHER = "wrn16_1", "wrn16_2"
-GROUPS = ["group1", "group2", "group3"]
-LAST_PRE_RELU = "bn"  # the WRN's last feature after its BN, before the ReLU (where the NST code applies its MMD)
-KD = {"loss": "kd", "weight": 0.9, "T": 4}
-
-
-def _at(weight=1e3):
-    return [Term(g, g, loss="at", weight=weight, name=f"at:{g}") for g in GROUPS]
-
-
-def _nst(kernel):
-    return [Term(LAST_PRE_RELU, LAST_PRE_RELU, loss="nst", weight=50.0, name=f"nst-{kernel}",
-                 options={"kernel": kernel})]
-
-
-# Set before any student was trained, from one training batch of three untrained students against
-# the shipped teacher: the unnormalised spatial Gram distance starts at 466-485 and the group-2 hint
-# at 3.1-3.4; these weights start each term at about the cross-entropy's 2.4.
-GRAM_WEIGHT, HINT_WEIGHT = 5e-3, 0.75
-
-
-def _fixed(terms):
-    """A term builder for :func:`~featkd.repro.protocols.recipe` whose terms name their own (WRN) layers."""
-    return lambda s_layers, t_layers: terms()
-
-
-RECIPES = {
-    "student": recipe("student"),
-    "KD": recipe("KD", kd=KD, ce_weight=0.1),
-    "AT": recipe("AT", _fixed(_at)),
-    "NST-linear": recipe("NST-linear", _fixed(lambda: _nst("linear"))),
-    "NST-poly": recipe("NST-poly", _fixed(lambda: _nst("poly"))),
-    "NST-gaussian": recipe("NST-gaussian", _fixed(lambda: _nst("gaussian"))),
-    "Gram": recipe("Gram", _fixed(lambda: [Term(LAST_PRE_RELU, LAST_PRE_RELU, loss="gram", weight=GRAM_WEIGHT,
-                                                 name="gram")])),
-    "FitNet": recipe("FitNet", _fixed(lambda: [Term("group2", "group2", loss="hint", weight=HINT_WEIGHT,
-                                                    name="hint:group2")])),
-}
+RECIPES: dict[str, RecipeSpec] = load_recipes("limited_data")
+EVALUATION_SETS = ("test", "validation")
 
 
 @dataclass(frozen=True)
@@ -89,35 +60,41 @@ class LimitedDataSetup:
     test_limit: int | None = None  # None: the whole test split
     student: str = STUDENT
     eval_every: int = 0  # 0: evaluate after the last epoch only
-    # > 0: evaluate on this many class-balanced training images outside the students' subset instead of the
-    # test split: settings (epochs, share, methods) are chosen there, never on the test set
-    holdout: int = 0
+    # class-balanced training images (seed 0) kept out of every student's subset, for choosing settings
+    validation_size: int = 5000
+    evaluate_on: str = "test"  # or "validation": the test split is then not read at all
 
     def __post_init__(self):
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        unknown = [m for m in self.methods if m not in RECIPES]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known: {list(RECIPES)}")
         if "student" not in self.methods:
             raise ValueError("the methods must include 'student', the baseline of every comparison")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
-        if self.holdout < 0:
-            raise ValueError(f"holdout must be >= 0, got {self.holdout}")
-        if self.holdout and self.test_limit is not None:
-            raise ValueError("a held-out evaluation does not use the test split: give holdout or test_limit, not both")
+        if self.validation_size < 0:
+            raise ValueError(f"validation_size must be >= 0, got {self.validation_size}")
+        if self.evaluate_on not in EVALUATION_SETS:
+            raise ValueError(f"evaluate_on must be one of {list(EVALUATION_SETS)}, got {self.evaluate_on!r}")
+        if self.evaluate_on == "validation" and not self.validation_size:
+            raise ValueError("evaluate_on='validation' needs validation_size > 0")
+        if self.evaluate_on == "validation" and self.test_limit is not None:
+            raise ValueError("an evaluation on the validation set does not use the test split: give "
+                             "evaluate_on='validation' or test_limit, not both")
 
     def train_limit(self, split_size: int) -> int:
         return max(round(self.fraction * split_size), 1)
 
     def name(self, data) -> str:
         """The run directory's and the report's name: validation runs never share a cache with test runs."""
-        return f"limited-data-{self.fraction:g}-{data.name}" + (f"-holdout{self.holdout}" if self.holdout else "")
+        return f"limited-data-{self.fraction:g}-{data.name}" + ("-validation" if self.on_validation else "")
+
+    @property
+    def on_validation(self) -> bool:
+        return self.evaluate_on == "validation"
 
     @property
     def evaluation(self) -> str:
-        return f"{self.holdout} held-out training images" if self.holdout else "the test split"
+        return f"{self.validation_size} validation images" if self.on_validation else "the test split"
 
     def budget(self) -> Budget:
         return Budget(f"limited-{self.fraction:g}", self.epochs, 0, self.seeds, batch_size=self.batch_size,
@@ -156,75 +133,138 @@ class LimitedDataResult:
     wall_s: float
 
 
+def validation_split(full, validation_size: int):
+    """(validation, pool): ``validation_size`` class-balanced training images (seed 0) set aside for choosing
+    settings, and the rest, from which every seed draws its students' subset."""
+    from featkd.data import stratified_split
+
+    return stratified_split(full, validation_size, len(full) - validation_size, seed=0)
+
+
+def seed_subset(pool, size: int, seed: int):
+    """Seed ``seed``'s class-balanced subset of ``size`` images of the pool (every method of the seed trains on it)."""
+    from featkd.data import stratified_subset
+
+    return stratified_subset(pool, size, seed=seed)
+
+
 def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root: Path, *, data=None,
                      device="auto", command: str | None = None, shipped: ShippedTeacher | None = None,
-                     log=print) -> LimitedDataResult:
-    """Train every (method, seed) student on the class-balanced ``setup.fraction`` of the training split
+                     recipes: Mapping[str, RecipeSpec] | None = None, log=print) -> LimitedDataResult:
+    """Train every (method, seed) student on seed's class-balanced ``setup.fraction`` of the training split
     against the teacher in ``teacher_path``; write the report and ``results.json``; return the table.
 
-    With ``shipped`` (the teacher that ships with featkd), its file must have the recorded sha256 and
-    its test accuracy the recorded value (within 0.1 point), checked before any student trains. With
-    ``setup.holdout`` every model is evaluated on held-out training images and the test split is not read
-    (the shipped teacher is then checked by its hash alone)."""
-    from featkd.data import DeviceLoader, evaluation_batch_size, stratified_split
+    ``recipes`` maps each of ``setup.methods`` to its recipe (default: the published ones, :data:`RECIPES`);
+    a recipe whose ``changes`` hold ``epochs`` trains that long instead of ``setup.epochs``. With ``shipped``
+    (the teacher that ships with featkd), its file must have the recorded sha256 and its test accuracy the
+    recorded value (within 0.1 point), checked before any student trains. With
+    ``setup.evaluate_on="validation"`` every model is evaluated on the validation images and the test split
+    is not read (the shipped teacher is then checked by its hash alone)."""
+    from featkd.data import DeviceLoader, evaluation_batch_size
     from featkd.engine import evaluate, resolve_device
 
     started = time.perf_counter()
+    recipes = dict(recipes) if recipes is not None else dict(RECIPES)
+    unknown = [m for m in setup.methods if m not in recipes]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {list(recipes)}")
     data = data or DataSpec("fashion_mnist")
     device = resolve_device(device)
     teacher, record = load_teacher(teacher_path, device, shipped.sha256 if shipped else None)
     full = data.load("train", None)
-    full_size = len(full)
-    train, held_out = stratified_split(full, setup.train_limit(full_size), setup.holdout, seed=0)
-    test = held_out if setup.holdout else data.load("test", setup.test_limit)
-    info = train.info
-    train_loader = DeviceLoader(train, setup.batch_size, shuffle=True, augment=True, device=device, seed=0)
-    test_loader = DeviceLoader(test, evaluation_batch_size(device), shuffle=False, augment=False, drop_last=False,
-                               device=device)
-    teacher_acc = evaluate(teacher, test_loader, device=device)["acc1"]
+    validation, pool = validation_split(full, setup.validation_size)
+    evaluation = validation if setup.on_validation else data.load("test", setup.test_limit)
+    eval_loader = DeviceLoader(evaluation, evaluation_batch_size(device), shuffle=False, augment=False,
+                               drop_last=False, device=device)
+    teacher_acc = evaluate(teacher, eval_loader, device=device)["acc1"]
     log(f"teacher {record['name']} ({teacher_path}): accuracy {teacher_acc:.2f}% on {setup.evaluation}")
-    if shipped and not setup.holdout and abs(teacher_acc - shipped.test_acc) > 0.1:
+    if shipped and not setup.on_validation and abs(teacher_acc - shipped.test_acc) > 0.1:
         raise ValueError(f"the shipped teacher scored {teacher_acc:.2f}% on the test set, recorded {shipped.test_acc:.2f}%: "
                          "check the dataset files, or train the teacher again (featkd demo --retrain-teacher)")
-    recipes = [RECIPES[m] for m in setup.methods]
-    budget = setup.budget()
+    size = setup.train_limit(len(full))
+    base = {"experiment": "limited-data", "fraction": setup.fraction, "train_examples": size,
+            "teacher": str(teacher_path), "dataset": data.name, "evaluation": setup.evaluation,
+            "validation_size": setup.validation_size}
+    by_length: dict[int, list[str]] = {}
+    for name in setup.methods:
+        by_length.setdefault(int(recipes[name].changes.get("epochs", setup.epochs)), []).append(name)
+    accuracies: dict[str, list[float]] = {name: [] for name in setup.methods}
     run_dir = run_root / setup.name(data)
-    base = {"experiment": "limited-data", "fraction": setup.fraction, "train_examples": len(train),
-            "teacher": str(teacher_path), "dataset": data.name, "evaluation": setup.evaluation}
-    accuracies = run_students(teacher, setup.student, recipes, budget, info, train_loader, test_loader, run_dir, device,
-                              base, log, eval_every=setup.eval_every or setup.epochs)
+    for seed in setup.seeds:
+        train = seed_subset(pool, size, seed)
+        # the official AT code's data: pad 4 by reflection, crop, flip; every image once an epoch
+        train_loader = DeviceLoader(train, setup.batch_size, shuffle=True, augment=True, device=device, seed=seed,
+                                    pad=4, pad_mode="reflect", drop_last=False)
+        for epochs, names in sorted(by_length.items()):
+            budget = dataclasses.replace(setup.budget(), epochs=epochs, seeds=(seed,))
+            specs = {name: recipes[name] for name in names}
+            accs = run_students(teacher, setup.student, [spec.to_recipe(name) for name, spec in specs.items()],
+                                budget, train.info, train_loader, eval_loader,
+                                run_dir / f"seed{seed}-{epochs}ep", device, {**base, "data_seed": seed}, log,
+                                eval_every=setup.eval_every or epochs,
+                                records={name: spec.record() for name, spec in specs.items()})
+            for name in names:
+                accuracies[name] += accs[name]
     wall = time.perf_counter() - started
-    markdown = render_report(setup, data, len(train), full_size, accuracies, teacher_acc, record["name"], wall, command)
+    markdown = render_report(setup, data, size, len(full), accuracies, teacher_acc, record["name"], wall, command,
+                             {name: recipes[name] for name in setup.methods})
     report = write_new(run_root / f"{setup.name(data)}.md", markdown)
-    results = {"fraction": setup.fraction, "train_examples": len(train), "seeds": list(setup.seeds),
+    results = {"fraction": setup.fraction, "train_examples": size, "seeds": list(setup.seeds),
                "teacher_acc": teacher_acc, "accuracies": accuracies, "setup": dataclasses.asdict(setup),
-               "report": str(report)}
+               "recipes": {name: recipes[name].record() for name in setup.methods}, "report": str(report),
+               "run_dir": str(run_dir)}
     write_new(report.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
     log(f"report written to {report}")
-    return LimitedDataResult(markdown, accuracies, teacher_acc, pretty_model(record["name"]), len(train), wall)
+    return LimitedDataResult(markdown, accuracies, teacher_acc, pretty_model(record["name"]), size, wall)
+
+
+def describe_recipe(spec: RecipeSpec) -> str:
+    """A recipe's losses in one line, from its recorded settings."""
+    if spec.is_student_alone:
+        return "cross-entropy"
+    parts = [f"{'CE' if spec.ce_weight == 1 else f'{spec.ce_weight:g}·CE'}"]
+    if spec.kd is not None:
+        kd = spec.kd_config()
+        parts.append(f"{_weight_text(kd.weight)}·{kd.loss}" + "".join(f" {k}={v}" for k, v in kd.options.items()))
+    for term in spec.term_configs():
+        options = "".join(f" {k}={v}" for k, v in term.options.items())
+        parts.append(f"{_weight_text(term.weight)}·{term.loss}({term.teacher}{options})")
+    return " + ".join(parts)
+
+
+def _weight_text(weight) -> str:
+    if isinstance(weight, (int, float)):
+        return f"{weight:g}"
+    if hasattr(weight, "relative_to_ce"):
+        return f"[{weight.relative_to_ce:g}× CE's gradient]"
+    return str(weight)
 
 
 def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size: int,
                   accuracies: dict[str, list[float]], teacher_acc: float, teacher: str, wall_s: float,
-                  command: str | None) -> str:
+                  command: str | None, recipes: Mapping[str, RecipeSpec]) -> str:
+    lengths = {name: int(spec.changes.get("epochs", setup.epochs)) for name, spec in recipes.items()}
+    recipe_lines = [f"  - {name} ({lengths[name]} epochs): {describe_recipe(spec)}"
+                    + (f" — tuned: {dict(spec.changes)}" if spec.changes else f" — {spec.source}" if spec.source else "")
+                    for name, spec in recipes.items()]
     return "\n".join([
         f"# Limited data: {pretty_model(setup.student)} students on {setup.fraction:.0%} of {data.label} "
         f"({train_examples} of {full_size} training images), {pretty_model(teacher)} teacher trained on all "
         "of them",
         "",
         f"- command: `{command or 'featkd repro limited-data'}`",
-        f"- students: {setup.epochs} epochs ({setup.budget().stages(setup.epochs)}), batch {setup.batch_size}, "
-        "SGD lr 0.1 momentum 0.9 (restarted at each decay) wd 5e-4, WRN BN weights ~ U[0, 1), pad-4 zero-padded crop + flip, "
-        "class-balanced subset (seed 0), "
-        f"seeds {list(setup.seeds)}; evaluated on {_evaluation_set(setup)}, once, after the last epoch "
-        "(no model selection)",
-        "- losses: KD 0.9·T²·KL + 0.1·CE at T = 4; AT β = 1e3 on each group output, + CE; NST weight 50 on the "
-        f"last feature after its BN (before the ReLU), + CE; Gram (spatial, unnormalised) {GRAM_WEIGHT:g} on that "
-        f"feature, + CE; FitNet hint {HINT_WEIGHT:g} on group2 through a 1×1 regressor, + CE",
+        f"- students: batch {setup.batch_size}, SGD lr 0.1 momentum 0.9 (restarted at each decay) wd 5e-4, lr ×0.2 "
+        "at 30/60/80% of the epochs, WRN BN weights ~ U[0, 1), pad-4 reflection crop + flip, the last batch kept; "
+        f"evaluated on {_evaluation_set(setup)}, once, after the last epoch (no model selection)",
+        f"- a seed varies the student's class-balanced subset (drawn from the {full_size - setup.validation_size} "
+        "training images outside the validation set), the batch order, the augmentation and the initial weights; "
+        f"all methods of a seed share them (paired); seeds {list(setup.seeds)}",
+        "- recipes (from the recorded settings; every member's config.yaml holds its recipe in full):",
+        *recipe_lines,
         f"- hardware: {hardware()}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
         "",
         stats.comparison_table(accuracies, setup.seeds, teacher=teacher_acc,
-                               metric="held-out accuracy %" if setup.holdout else "test accuracy %"),
+                               metric="validation accuracy %" if setup.on_validation else "test accuracy %"),
         "",
         stats.INTERVAL_NOTE,
         "",
@@ -232,9 +272,9 @@ def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size:
 
 
 def _evaluation_set(setup: LimitedDataSetup) -> str:
-    if setup.holdout:
-        return (f"{setup.holdout} class-balanced training images outside the students' subset (a validation set "
-                "for choosing settings; the teacher was trained on them, the students were not)")
+    if setup.on_validation:
+        return (f"the {setup.validation_size} class-balanced validation images of the training split (for choosing "
+                "settings; the teacher was trained on them, no student was)")
     return f"the test split ({'all' if setup.test_limit is None else setup.test_limit} images)"
 
 

@@ -47,10 +47,16 @@ def train_teacher(name: str, info, train_loader, test_loader, run_dir: Path, epo
 
 
 def build_members(teacher: nn.Module, student_name: str, recipes: Sequence[Recipe], seeds: Sequence[int], info,
-                  example_x: torch.Tensor, shared, budget: Budget, device, base_config: Mapping) -> list:
-    """One sweep member per (recipe, seed): the student seeded by ``seed``, the paper's optimiser and schedule."""
+                  first_batch, shared, budget: Budget, device, base_config: Mapping,
+                  records: Mapping[str, dict] | None = None) -> list:
+    """One sweep member per (recipe, seed): the student seeded by ``seed``, the paper's optimiser and schedule.
+
+    ``first_batch`` is the first training batch: the dry run uses two of its images, and loss weights given
+    relative to the cross-entropy are resolved on all of it (:func:`featkd.calibration.calibrate_weights`)
+    before the member's first step; the member's config records its recipe (``records``) and those weights."""
     from featkd import checkpoint as ckpt
     from featkd import sweep
+    from featkd.calibration import calibrate_weights
     from featkd.distiller import Distiller
     from featkd.engine import SupervisedMethod, seed_everything
     from featkd.models import create_model
@@ -63,27 +69,35 @@ def build_members(teacher: nn.Module, student_name: str, recipes: Sequence[Recip
                                    **protocol_model_options(student_name)).to(device)
             s_layers, t_layers = recipe.layers(student), recipe.layers(teacher)
             name = f"{recipe.name}-s{seed}"
-            config = {**base_config, "method": recipe.name, "seed": seed, "student": student_name}
+            config = {**base_config, "method": recipe.name, "seed": seed, "student": student_name,
+                      "epochs": budget.epochs, **(records or {}).get(recipe.name, {})}
             if recipe.distill is None:
                 optimizer, scheduler = paper_schedule(student.parameters(), budget.epochs)
                 members.append(sweep.Member(name, SupervisedMethod(student, optimizer, scheduler), config, ckpt.rng_state()))
                 continue
-            distiller = Distiller(teacher, student, **recipe.distill(s_layers, t_layers)).setup(example_x[:2])
+            distiller = Distiller(teacher, student, **recipe.distill(s_layers, t_layers)).setup(first_batch[0][:2])
+            resolved = calibrate_weights(distiller, first_batch[0], first_batch[1])
+            if resolved:
+                config["resolved_weights"] = resolved
             optimizer, scheduler = paper_schedule(distiller.trainable_parameters(), budget.epochs)
             members.append(sweep.make_member(name, distiller, optimizer, scheduler, shared=shared, config=config))
     return members
 
 
 def run_students(teacher, student_name, recipes, budget, info, train_loader, test_loader, run_dir: Path, device,
-                 base_config, log=print, eval_every: int = 1) -> dict[str, list[float]]:
-    """Train every (recipe, seed) student against one shared teacher; return ``{recipe: [acc % per seed]}``."""
+                 base_config, log=print, eval_every: int = 1,
+                 records: Mapping[str, dict] | None = None) -> dict[str, list[float]]:
+    """Train every (recipe, seed) student against one shared teacher; return ``{recipe: [acc % per seed]}``.
+    ``records``: each recipe's settings in full, stored in its members' configs."""
     from featkd import sweep
 
     shared = sweep.SharedTeacherOutputs()
     student_options = protocol_model_options(student_name)
-    example_x = next(iter(test_loader))[0].to(device)
-    members = build_members(teacher, student_name, recipes, budget.seeds, info, example_x, shared, budget, device,
-                            base_config)
+    # the loader's batches are a function of (seed, epoch): reading the first one consumes no state
+    train_loader.set_epoch(0)
+    first_batch = [t.to(device) for t in next(iter(train_loader))[:2]]
+    members = build_members(teacher, student_name, recipes, budget.seeds, info, first_batch, shared, budget, device,
+                            base_config, records)
     method = sweep.SweepMethod(teacher, members, shared)
     config = {**base_config, "epochs": budget.epochs, "train_examples": len(train_loader.dataset),
               "members": [m.name for m in members],
