@@ -1,12 +1,13 @@
 """Every featkd loss as a pure function: ``loss(student, teacher, ...) -> scalar`` (batch mean).
 
 Feature losses take (B, C, H, W) maps, (B, C, N) flattened maps or (B, N, C) tokens
-(``layout="tokens"``); logit losses take (B, num_classes) logits. Loss weights are the caller's.
+(``layout="tokens"``), and the token losses an optional (B, N) ``mask`` of valid positions
+(:mod:`featkd.functional._masks`); logit losses take (B, num_classes) logits. Loss weights are the caller's.
 """
 
 from .attention import AT_MODES, at_loss, attention_map
 from .gram import GRAM_MODES, fsp_loss, fsp_matrix, gram_loss
-from .hint import hint_loss
+from .hint import cosine_loss, hint_loss
 from .logits import (
     UNLABELED,
     cross_entropy,
@@ -26,6 +27,7 @@ __all__ = [
     "UNLABELED",
     "at_loss",
     "attention_map",
+    "cosine_loss",
     "cross_entropy",
     "dml_kl_loss",
     "fsp_loss",
