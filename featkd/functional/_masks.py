@@ -33,7 +33,8 @@ def check_mask(mask, shape: Sequence[int], what: str) -> Tensor:
     if tuple(mask.shape) != (batch, positions):
         raise ValueError(f"{what}: token mask of shape {tuple(mask.shape)} for features of shape {tuple(shape)} "
                          f"(channels first): expected (B, N) = ({batch}, {positions}), True or 1 at each valid "
-                         "token position")
+                         "position (featkd.layouts.mask_to_channels_first maps a mask over a model's tokens onto "
+                         "this view)")
     if mask.dtype != torch.bool:
         if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError(f"{what}: a token mask is bool or holds only 0 and 1, got dtype {mask.dtype} with "

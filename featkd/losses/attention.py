@@ -7,12 +7,13 @@ from torch import Tensor, nn
 
 from featkd import functional as KF
 from featkd.functional._shapes import check_choice, check_spatial
-from featkd.losses.registry import Shape, register_feature_loss
+from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
 
 
-@register_feature_loss("at")
+@register_feature_loss("at", uses_context=True)
 class ATLoss(nn.Module):
-    """Attention Transfer (see :func:`featkd.functional.at_loss`)."""
+    """Attention Transfer (see :func:`featkd.functional.at_loss`); leaves padded tokens out when the batch's
+    context has a token mask (``BatchContext.attention_mask``)."""
 
     def __init__(self, p=2, *, mode="official", q=2, resize=None, layout="channels_first"):
         super().__init__()
@@ -23,5 +24,7 @@ class ATLoss(nn.Module):
     def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
         check_spatial(student_shape, teacher_shape, self.resize, self.layout)
 
-    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
-        return KF.at_loss(f_s, f_t, self.p, mode=self.mode, q=self.q, resize=self.resize, layout=self.layout)
+    def forward(self, f_s: Tensor, f_t: Tensor, context: BatchContext | None = None) -> Tensor:
+        return KF.at_loss(f_s, f_t, self.p, mode=self.mode, q=self.q, resize=self.resize, layout=self.layout,
+                          mask=context_mask(context))
+
