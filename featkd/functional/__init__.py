@@ -2,10 +2,12 @@
 
 Feature losses take (B, C, H, W) maps, (B, C, N) flattened maps or (B, N, C) tokens
 (``layout="tokens"``), and the token losses an optional (B, N) ``mask`` of valid positions
-(:mod:`featkd.functional._masks`); logit losses take (B, num_classes) logits. Loss weights are the caller's.
+(:mod:`featkd.functional._masks`); ``attention_kl_loss`` takes (B, heads, L, L) attention
+probabilities; logit losses take (B, num_classes) logits. Loss weights are the caller's.
 """
 
 from .attention import AT_MODES, at_loss, attention_map
+from .attention_kl import HEAD_MODES, attention_kl_loss
 from .gram import GRAM_MODES, fsp_loss, fsp_matrix, gram_loss
 from .hint import cosine_loss, hint_loss
 from .logits import (
@@ -23,9 +25,11 @@ from .nst import KERNELS, median_bandwidth, nst_loss, register_kernel, spatial_g
 __all__ = [
     "AT_MODES",
     "GRAM_MODES",
+    "HEAD_MODES",
     "KERNELS",
     "UNLABELED",
     "at_loss",
+    "attention_kl_loss",
     "attention_map",
     "cosine_loss",
     "cross_entropy",

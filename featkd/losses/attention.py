@@ -1,4 +1,5 @@
-"""Attention Transfer's module (see :func:`featkd.functional.at_loss`)."""
+"""Attention modules: Attention Transfer (:func:`featkd.functional.at_loss`) and MiniLM's attention-distribution
+transfer (:func:`featkd.functional.attention_kl_loss`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch import Tensor, nn
 
 from featkd import functional as KF
 from featkd.functional._shapes import check_choice, check_spatial
+from featkd.functional.attention_kl import check_attention_shapes
 from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
 
 
@@ -28,3 +30,24 @@ class ATLoss(nn.Module):
         return KF.at_loss(f_s, f_t, self.p, mode=self.mode, q=self.q, resize=self.resize, layout=self.layout,
                           mask=context_mask(context))
 
+
+@register_feature_loss("attention_kl", uses_context=True)
+class AttentionKLLoss(nn.Module):
+    """MiniLM's KL(teacher ‖ student) between (B, heads, L, L) self-attention probabilities (see
+    :func:`featkd.functional.attention_kl_loss`), padded queries and keys left out with a token mask in the
+    batch's context (``BatchContext.attention_mask``, (B, L)).
+
+    The features are the probabilities themselves, e.g. a Hugging Face model's ``attentions``; an adapter
+    would turn them into something that is not a distribution, so give the term ``adapter=None``.
+    """
+
+    def __init__(self, *, heads="match"):
+        super().__init__()
+        check_choice("attention heads mode", heads, KF.HEAD_MODES)
+        self.heads = heads
+
+    def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
+        check_attention_shapes(student_shape, teacher_shape, self.heads)
+
+    def forward(self, p_s: Tensor, p_t: Tensor, context: BatchContext | None = None) -> Tensor:
+        return KF.attention_kl_loss(p_s, p_t, heads=self.heads, mask=context_mask(context))

@@ -14,7 +14,7 @@ of your own given to :class:`featkd.Term` may set them itself):
 * ``uses_context``: ``forward(f_s, f_t, context)`` also receives the batch's :class:`BatchContext`
   (targets, step, epoch, the samples' dataset indices when the loader yields them, the token mask
   when the batch has one), e.g. for a loss that keeps a memory bank indexed by sample (CRD) or a token
-  loss that leaves padding out (NST, AT, Gram, hint, cosine).
+  loss that leaves padding out (NST, AT, Gram, hint, cosine, attention_kl).
 
 Shapes are full tensor shapes from a dry-run forward, batch dimension included.
 """
