@@ -175,3 +175,12 @@ def test_a_bad_mask_is_refused_in_one_line(name):
 def test_a_mask_with_resized_maps_is_refused(name):
     with pytest.raises(ValueError, match="a token mask needs student and teacher at the same positions"):
         LOSSES[name](torch.randn(2, 4, 4, 4), torch.randn(2, 4, 2, 2), mask=torch.ones(2, 4), resize="pool")
+
+
+def test_the_masked_attention_map_is_each_unpadded_sample_s_map_at_its_valid_positions():
+    ss = samples(4, 1)
+    mask = random_mask(LENGTHS, 8, 2)
+    maps = KF.attention_map(pad(ss, mask, 3), 3, mask=mask)
+    assert (maps[~mask] == 0).all()
+    for b, s in enumerate(ss):
+        np.testing.assert_allclose(maps[b][mask[b]].numpy(), R.at_map(s.numpy(), 3), rtol=1e-12)

@@ -63,14 +63,16 @@ class HintLoss(nn.Module):
     def forward(self, f_s: Tensor, f_t: Tensor, context: BatchContext | None = None) -> Tensor:
         mask = context_mask(context)
         if mask is not None and self.mixes_positions:
-            raise ValueError(f"hint with a token mask needs a regressor that acts on each position alone (kernel_size=1, "
-                             f"batch_norm=False), this one has {self.mixes_positions}: padding would reach valid tokens")
+            raise ValueError(f"hint with a token mask needs a regressor that acts on each position alone "
+                             f"(kernel_size=1, batch_norm=False), this one has {self.mixes_positions}: padding "
+                             "would reach valid tokens")
         if self.regressor is not None:
             f_s = self.regressor(f_s)
         if f_s.dim() == 4 and f_s.shape[2:] != f_t.shape[2:]:
             if mask is not None:
                 raise ValueError(f"hint with a token mask needs the student at the teacher's positions, got maps "
-                                 f"{tuple(f_s.shape)} and {tuple(f_t.shape)}: resizing would mix padding into valid tokens")
+                                 f"{tuple(f_s.shape)} and {tuple(f_t.shape)}: resizing would mix padding into "
+                                 "valid tokens")
             if self.resize == "pool":
                 f_s = nn.functional.adaptive_avg_pool2d(f_s, f_t.shape[2:])
             else:
