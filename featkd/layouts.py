@@ -28,7 +28,7 @@ from typing import Any
 from torch import Tensor
 
 __all__ = ["LAYOUT_KINDS", "TOKEN_SELECTIONS", "CapturedFeature", "Layout", "canonical_shape", "parse_layout",
-           "plausible_grid", "readings", "resolve_layout", "to_channels_first"]
+           "mask_to_channels_first", "plausible_grid", "readings", "resolve_layout", "to_channels_first"]
 
 LAYOUT_KINDS = ("NCHW", "NHWC", "NLC", "NCL")
 _ALIASES = {"channels_first": None, "channels_last": "NHWC", "tokens": "NLC"}  # channels_first: NCHW or NCL by rank
@@ -184,6 +184,27 @@ def to_channels_first(f: Tensor, layout: Layout | str) -> Tensor:
     elif layout.tokens == "patch":
         f = f[:, prefix:]
     return f.transpose(1, 2).reshape(shape)
+
+
+def mask_to_channels_first(mask: Tensor, layout: Layout | str) -> Tensor:
+    """A token mask over a feature's own positions as the (B, N) mask of its :func:`to_channels_first` view,
+    the positions a masked loss (:mod:`featkd.functional._masks`) sees.
+
+    ``"NLC"``: ``mask`` is (B, L) over the whole token sequence, prefix tokens included (a language
+    model's attention mask, CLS counted as a token); the layout's token selection applies as to the
+    feature: ``"patch"`` drops the prefix tokens (a grid's h·w patches remain, row by row),
+    ``"prefix"`` keeps only them, ``"all"`` keeps every token, so a plain sequence without prefix tokens
+    or grid keeps its mask as it is. ``"NCL"``: (B, L) as it is; ``"NCHW"``/``"NHWC"``: (B, H, W) or
+    (B, H·W), flattened row by row.
+    """
+    layout = parse_layout(layout, mask.dim() + 1)
+    if layout.kind == "NLC":
+        prefix = layout.prefix_tokens or 0
+        if layout.tokens == "prefix":
+            mask = mask[:, :prefix]
+        elif layout.tokens == "patch":
+            mask = mask[:, prefix:]
+    return mask.flatten(1)
 
 
 # --------------------------------------------------------------------------- readings of a shape

@@ -80,12 +80,15 @@ def test_unknown_names_and_options_suggest_close_matches():
 
 
 def test_registries_hold_the_documented_names_with_their_capabilities():
-    assert {"at", "fsp", "gram", "hint", "nst"} <= set(feature_loss_names())  # the README's losses, at least
+    names = ("at", "attention_kl", "cosine", "fsp", "gram", "hint", "nst")
+    assert set(names) <= set(feature_loss_names())  # the README's losses, at least
     assert logit_loss_names() == ["kd", "kd_ce", "logit_mse", "soft_ce_mse", "sym_kl"]
     capabilities = {name: (cls.multi_layer, cls.needs_shapes, cls.uses_context)
-                    for name in ("at", "fsp", "gram", "hint", "nst") for cls in [feature_loss_class(name)]}
-    assert capabilities == {"at": (False, False, False), "fsp": (True, False, False), "gram": (False, False, False),
-                            "hint": (False, True, False), "nst": (False, False, False)}
+                    for name in names for cls in [feature_loss_class(name)]}
+    # the token losses take the batch's context for its token mask
+    assert capabilities == {"at": (False, False, True), "attention_kl": (False, False, True),
+                            "cosine": (False, False, True), "fsp": (True, False, False),
+                            "gram": (False, False, True), "hint": (False, True, True), "nst": (False, False, True)}
 
 
 @pytest.fixture

@@ -28,15 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._shapes import check_choice, full_precision, resize_pair, to_bcn
+from ._masks import check_mask, masked_mean, masked_pair, zero_padding
+from ._shapes import check_choice, full_precision, to_bcn
 
 AT_MODES = ("official", "paper")
 
 
-def attention_map(f: Tensor, p: float = 2, layout: str = "channels_first") -> Tensor:
-    """(B, N) l2-normalised channel mean of |f|^p; f as accepted by the feature losses."""
+def attention_map(f: Tensor, p: float = 2, layout: str = "channels_first", mask: Tensor | None = None) -> Tensor:
+    """(B, N) l2-normalised channel mean of |f|^p; f as accepted by the feature losses. With a (B, N) token
+    ``mask`` the map is zero at padded positions and normalised over the valid ones."""
     _check_exponent("p", p)
-    return _AttentionMap.apply(to_bcn(f, layout), p)
+    x = to_bcn(f, layout)
+    if mask is not None:
+        x = zero_padding(x, check_mask(mask, x.shape, "attention_map").to(x.device))
+    return _AttentionMap.apply(x, p)
 
 
 _EPS = 1e-12  # F.normalize's floor on the norm
@@ -108,6 +113,7 @@ def at_loss(
     q: float = 2,
     resize: str | None = None,
     layout: str = "channels_first",
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Attention-transfer loss between student and teacher features (teacher detached).
 
@@ -115,15 +121,23 @@ def at_loss(
     (``mode="paper"`` only). Channel counts may differ; spatial sizes must match unless ``resize``
     is "pool" or "interpolate" (applied to the features before the maps are formed). See the module
     docstring for the two modes and the beta convention.
+
+    ``mask``: optional (B, N) token mask, True (or 1) for a valid position (:mod:`featkd.functional._masks`).
+    The maps are then zero at padded positions and normalised over the valid ones; "official" takes
+    the mean of the squared difference per sample over its valid positions, then over the batch;
+    "paper" (a norm, no mean over positions) is unchanged by the zeros. Either way each sample counts
+    as if it came without its padding.
     """
     _check_exponent("p", p)
     check_choice("AT mode", mode, AT_MODES)
     if mode == "paper":
         _check_exponent("q", q, norm=True)
-    x, y = resize_pair(f_s, f_t.detach(), resize, layout)
+    x, y, mask = masked_pair(f_s, f_t.detach(), mask, resize, layout, "at_loss")
     q_s = _AttentionMap.apply(x, p)
     with torch.no_grad():
         q_t, _ = _normalised_map(y, p)
     if mode == "official":
+        if mask is not None:
+            return masked_mean((q_s - q_t).square(), mask).mean()
         return F.mse_loss(q_s, q_t)  # the mean over batch and positions of the squared difference, one op
     return torch.linalg.vector_norm(q_s - q_t, ord=q, dim=1).mean()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._masks import masked_pair
 from ._shapes import check_choice, full_precision, resize_pair, to_bcn
 from .nst import ROUTES, spatial_gram_distance
 
@@ -28,6 +29,7 @@ def gram_loss(
     resize: str | None = None,
     layout: str = "channels_first",
     route: str = "auto",
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Squared Frobenius distance between student and teacher Gram matrices, batch mean.
 
@@ -36,6 +38,13 @@ def gram_loss(
       this is exactly NST with the poly kernel, degree 2, c=0. ``route`` as in NST.
     * ``mode="channel"``: Gram = F F^T / N (C×C, the style-transfer Gram), so spatial sizes may
       differ but channel counts must be equal (put a hint regressor in front otherwise).
+
+    ``mask``: optional (B, N) token mask, True (or 1) for a valid position (:mod:`featkd.functional._masks`),
+    for student and teacher at the same N positions. Padded positions are zeroed first (and
+    ``normalize`` then runs over the valid ones). Spatial: the N×N Gram has zero rows and columns at
+    padded tokens, so the distance sums over the n_b × n_b valid pairs of sample b (no division by
+    n_b², as without a mask there is none by N²). Channel: Gram = F F^T / n_b, divided by the sample's
+    count of valid tokens instead of N. Either way each sample counts as if it came without its padding.
     """
     check_choice("Gram mode", mode, GRAM_MODES)
     check_choice("Gram route", route, ROUTES)
@@ -46,13 +55,21 @@ def gram_loss(
                 f"channel Gram needs equal channel counts: student {tuple(f_s.shape)} has {x.shape[1]}, "
                 f"teacher {tuple(f_t.shape)} has {y.shape[1]}; use mode='spatial' or a hint regressor"
             )
+        if mask is not None:
+            x, y, mask = masked_pair(x, y, mask, None, "channels_first", "gram_loss")
         if normalize:
             x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-        with torch.no_grad():
-            target = torch.bmm(y, y.transpose(1, 2)).div_(y.shape[2])
-        diff = torch.baddbmm(target, x, x.transpose(1, 2), beta=-1.0, alpha=1.0 / x.shape[2])
+        if mask is None:
+            with torch.no_grad():
+                target = torch.bmm(y, y.transpose(1, 2)).div_(y.shape[2])
+            diff = torch.baddbmm(target, x, x.transpose(1, 2), beta=-1.0, alpha=1.0 / x.shape[2])
+        else:
+            tokens = mask.sum(1).to(x.dtype).view(-1, 1, 1)
+            with torch.no_grad():
+                target = torch.bmm(y, y.transpose(1, 2)).div_(tokens)
+            diff = torch.bmm(x, x.transpose(1, 2)).div_(tokens).sub_(target)
         return diff.square().sum((1, 2)).mean()
-    x, y = resize_pair(f_s, f_t.detach(), resize, layout)
+    x, y, _ = masked_pair(f_s, f_t.detach(), mask, resize, layout, "gram_loss")
     return spatial_gram_distance(x, y, route, normalize=normalize).mean()
 
 

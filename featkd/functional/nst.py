@@ -53,7 +53,8 @@ from ._nst_paired import (
     outer_spatial_mmd,
     paired_mmd,
 )
-from ._shapes import check_choice, full_precision, resize_pair, unknown_name_error
+from ._masks import masked_pair
+from ._shapes import check_choice, full_precision, unknown_name_error
 
 ROUTES = ("auto", "spatial", "channels")
 STRUCTURES = ("dot", "sq_dist")
@@ -245,6 +246,7 @@ def nst_loss(
     resize: str | None = None,
     layout: str = "channels_first",
     route: str = "auto",
+    mask: Tensor | None = None,
     **kernel_options,
 ) -> Tensor:
     """NST loss: biased squared kernel MMD between student and teacher channels, batch mean.
@@ -258,13 +260,18 @@ def nst_loss(
             "channels" (C×C), or "auto" (the cheaper).
         kernel_options: the kernel's parameters — ``degree``, ``c`` (poly, default 2 and 0),
             ``sigma2`` (gaussian: a value > 0, a list of them, or None for the median heuristic).
+        mask: optional (B, N) token mask, True (or 1) for a valid position (:mod:`featkd.functional._masks`).
+            Padded positions are zeroed in both features, so each channel is l2-normalised over the valid
+            positions only and every route (the paired one with its hand-written backward included)
+            gives each sample's MMD as if it came without its padding; the MMD has no mean over
+            positions. The median heuristic remains one bandwidth per batch.
     """
     if kernel not in KERNELS:
         raise unknown_name_error("NST kernel", kernel, sorted(KERNELS))
     check_choice("NST route", route, ROUTES)
     spec = KERNELS[kernel]
     params = spec.resolve(kernel_options)
-    x, y = resize_pair(f_s, f_t.detach(), resize, layout)
+    x, y, _ = masked_pair(f_s, f_t.detach(), mask, resize, layout, "nst_loss")
     feature_map = spec.feature_map(params) if spec.feature_map else None
     if feature_map == "mean":
         # The squared distance of the channel means: first-order rounding only, never negative.

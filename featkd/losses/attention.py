@@ -1,4 +1,5 @@
-"""Attention Transfer's module (see :func:`featkd.functional.at_loss`)."""
+"""Attention modules: Attention Transfer (:func:`featkd.functional.at_loss`) and MiniLM's attention-distribution
+transfer (:func:`featkd.functional.attention_kl_loss`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from torch import Tensor, nn
 
 from featkd import functional as KF
 from featkd.functional._shapes import check_choice, check_spatial
-from featkd.losses.registry import Shape, register_feature_loss
+from featkd.functional.attention_kl import check_attention_shapes
+from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
 
 
-@register_feature_loss("at")
+@register_feature_loss("at", uses_context=True)
 class ATLoss(nn.Module):
-    """Attention Transfer (see :func:`featkd.functional.at_loss`)."""
+    """Attention Transfer (see :func:`featkd.functional.at_loss`); leaves padded tokens out when the batch's
+    context has a token mask (``BatchContext.attention_mask``)."""
 
     def __init__(self, p=2, *, mode="official", q=2, resize=None, layout="channels_first"):
         super().__init__()
@@ -23,5 +26,28 @@ class ATLoss(nn.Module):
     def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
         check_spatial(student_shape, teacher_shape, self.resize, self.layout)
 
-    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
-        return KF.at_loss(f_s, f_t, self.p, mode=self.mode, q=self.q, resize=self.resize, layout=self.layout)
+    def forward(self, f_s: Tensor, f_t: Tensor, context: BatchContext | None = None) -> Tensor:
+        return KF.at_loss(f_s, f_t, self.p, mode=self.mode, q=self.q, resize=self.resize, layout=self.layout,
+                          mask=context_mask(context))
+
+
+@register_feature_loss("attention_kl", uses_context=True)
+class AttentionKLLoss(nn.Module):
+    """MiniLM's KL(teacher ‖ student) between (B, heads, L, L) self-attention probabilities (see
+    :func:`featkd.functional.attention_kl_loss`), padded queries and keys left out with a token mask in the
+    batch's context (``BatchContext.attention_mask``, (B, L)).
+
+    The features are the probabilities themselves, e.g. a Hugging Face model's ``attentions``; an adapter
+    would turn them into something that is not a distribution, so give the term ``adapter=None``.
+    """
+
+    def __init__(self, *, heads="match"):
+        super().__init__()
+        check_choice("attention heads mode", heads, KF.HEAD_MODES)
+        self.heads = heads
+
+    def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
+        check_attention_shapes(student_shape, teacher_shape, self.heads)
+
+    def forward(self, p_s: Tensor, p_t: Tensor, context: BatchContext | None = None) -> Tensor:
+        return KF.attention_kl_loss(p_s, p_t, heads=self.heads, mask=context_mask(context))

@@ -9,12 +9,13 @@ from torch import Tensor, nn
 
 from featkd import functional as KF
 from featkd.functional._shapes import channels, check_choice, check_spatial
-from featkd.losses.registry import Shape, register_feature_loss
+from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
 
 
-@register_feature_loss("gram")
+@register_feature_loss("gram", uses_context=True)
 class GramLoss(nn.Module):
-    """Spatial or channel Gram matching (see :func:`featkd.functional.gram_loss`)."""
+    """Spatial or channel Gram matching (see :func:`featkd.functional.gram_loss`); leaves padded tokens out
+    when the batch's context has a token mask (``BatchContext.attention_mask``)."""
 
     def __init__(self, *, mode="spatial", normalize=False, resize=None, layout="channels_first", route="auto"):
         super().__init__()
@@ -31,8 +32,8 @@ class GramLoss(nn.Module):
                 f"{tuple(teacher_shape)}; use mode='spatial' or a hint regressor"
             )
 
-    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
-        return KF.gram_loss(f_s, f_t, **self.options)
+    def forward(self, f_s: Tensor, f_t: Tensor, context: BatchContext | None = None) -> Tensor:
+        return KF.gram_loss(f_s, f_t, mask=context_mask(context), **self.options)
 
 
 @register_feature_loss("fsp", multi_layer=True)

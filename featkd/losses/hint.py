@@ -1,4 +1,5 @@
-"""FitNets hints: a learnable regressor, then MSE (see :func:`featkd.functional.hint_loss`)."""
+"""Hidden-state regression: FitNets hints, a learnable regressor then MSE (:func:`featkd.functional.hint_loss`),
+and DistilBERT's cosine loss (:func:`featkd.functional.cosine_loss`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from torch import Tensor, nn
 
 from featkd import functional as KF
 from featkd.functional._shapes import channels, check_spatial
-from featkd.losses.registry import Shape, register_feature_loss
+from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
 
 
-@register_feature_loss("hint", needs_shapes=True)
+@register_feature_loss("hint", needs_shapes=True, uses_context=True)
 class HintLoss(nn.Module):
     """FitNets hint: a learnable regressor maps the student feature to the teacher's shape, then MSE.
 
@@ -17,6 +18,11 @@ class HintLoss(nn.Module):
     BatchNorm when ``batch_norm``) is built when the channel counts differ, or always with
     ``regressor=True``. Different spatial sizes need ``resize`` ("pool" or "interpolate"),
     applied to the regressed student.
+
+    With a token mask in the batch's context (``BatchContext.attention_mask``) the squared error is
+    averaged per sample over its valid tokens; the regressor must then act on each position alone
+    (no BatchNorm, whose statistics would include the padding, and ``kernel_size=1``), and the sizes
+    must match without ``resize``.
     """
 
     def __init__(self, student_shape: Shape, teacher_shape: Shape, kernel_size: int = 1, *,
@@ -27,6 +33,7 @@ class HintLoss(nn.Module):
         c_s, c_t = channels(student_shape, layout, "student"), channels(teacher_shape, layout, "teacher")
         self.teacher_shape, self.resize, self.layout = tuple(teacher_shape), resize, layout
         self.regressor = None
+        self.mixes_positions = None  # why the regressor mixes positions, which a token mask cannot allow
         if regressor or (regressor is None and c_s != c_t):
             if len(student_shape) == 4 and layout == "channels_first":
                 if kernel_size % 2 != 1:
@@ -39,6 +46,8 @@ class HintLoss(nn.Module):
                 layers = [_ChannelLinear(c_s, c_t, layout, bias=not batch_norm)]
                 layers += [_ChannelBatchNorm(c_t, layout)] if batch_norm else []
             self.regressor = nn.Sequential(*layers)
+            if batch_norm or kernel_size != 1:
+                self.mixes_positions = f"batch_norm={batch_norm}, kernel_size={kernel_size}"
 
     @staticmethod
     def check_shapes(student_shape: Shape, teacher_shape: Shape, resize=None, layout="channels_first") -> None:
@@ -51,15 +60,46 @@ class HintLoss(nn.Module):
                 f"smaller than teacher {tuple(teacher_shape)}; use resize='interpolate'"
             )
 
-    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+    def forward(self, f_s: Tensor, f_t: Tensor, context: BatchContext | None = None) -> Tensor:
+        mask = context_mask(context)
+        if mask is not None and self.mixes_positions:
+            raise ValueError(f"hint with a token mask needs a regressor that acts on each position alone "
+                             f"(kernel_size=1, batch_norm=False), this one has {self.mixes_positions}: padding "
+                             "would reach valid tokens")
         if self.regressor is not None:
             f_s = self.regressor(f_s)
         if f_s.dim() == 4 and f_s.shape[2:] != f_t.shape[2:]:
+            if mask is not None:
+                raise ValueError(f"hint with a token mask needs the student at the teacher's positions, got maps "
+                                 f"{tuple(f_s.shape)} and {tuple(f_t.shape)}: resizing would mix padding into "
+                                 "valid tokens")
             if self.resize == "pool":
                 f_s = nn.functional.adaptive_avg_pool2d(f_s, f_t.shape[2:])
             else:
                 f_s = nn.functional.interpolate(f_s, size=f_t.shape[2:], mode="bilinear", align_corners=False)
-        return KF.hint_loss(f_s, f_t)
+        return KF.hint_loss(f_s, f_t, mask=mask, layout=self.layout)
+
+
+@register_feature_loss("cosine", uses_context=True)
+class CosineLoss(nn.Module):
+    """DistilBERT's hidden-state loss, 1 - cos per position (see :func:`featkd.functional.cosine_loss`); leaves
+    padded tokens out when the batch's context has a token mask (``BatchContext.attention_mask``).
+
+    Student and teacher need equal shapes (the Distiller's automatic adapter projects the student's
+    channels to the teacher's otherwise)."""
+
+    def __init__(self, *, layout="channels_first", eps=1e-8):
+        super().__init__()
+        self.layout, self.eps = layout, eps
+
+    def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
+        if tuple(student_shape) != tuple(teacher_shape):
+            raise ValueError(f"cosine compares the vectors at each position, so the shapes must be equal: student "
+                             f"{tuple(student_shape)}, teacher {tuple(teacher_shape)}")
+        channels(student_shape, self.layout, "student")  # a shape the layout can read
+
+    def forward(self, f_s: Tensor, f_t: Tensor, context: BatchContext | None = None) -> Tensor:
+        return KF.cosine_loss(f_s, f_t, mask=context_mask(context), layout=self.layout, eps=self.eps)
 
 
 class _ChannelLinear(nn.Linear):

@@ -7,12 +7,15 @@ from torch import Tensor, nn
 from featkd import functional as KF
 from featkd.functional._shapes import check_choice, check_spatial, unknown_name_error
 from featkd.functional.nst import ROUTES
-from featkd.losses.registry import Shape, register_feature_loss
+from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
 
 
-@register_feature_loss("nst")
+@register_feature_loss("nst", uses_context=True)
 class NSTLoss(nn.Module):
-    """Neuron Selectivity Transfer: kernel MMD between channels (see :func:`featkd.functional.nst_loss`)."""
+    """Neuron Selectivity Transfer: kernel MMD between channels (see :func:`featkd.functional.nst_loss`).
+
+    Leaves padded tokens out when the batch's context has a token mask (``BatchContext.attention_mask``).
+    """
 
     def __init__(self, kernel="poly", *, resize=None, layout="channels_first", route="auto", **kernel_options):
         super().__init__()
@@ -31,8 +34,8 @@ class NSTLoss(nn.Module):
     def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
         check_spatial(student_shape, teacher_shape, self.options["resize"], self.options["layout"])
 
-    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
-        return KF.nst_loss(f_s, f_t, self.kernel, **self.options)
+    def forward(self, f_s: Tensor, f_t: Tensor, context: BatchContext | None = None) -> Tensor:
+        return KF.nst_loss(f_s, f_t, self.kernel, mask=context_mask(context), **self.options)
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -12,8 +12,9 @@ of your own given to :class:`featkd.Term` may set them itself):
   parameters for them (FitNets' regressor). Otherwise the module is built from its options and, when it
   has ``check_shapes(student_shape, teacher_shape)``, checked against the shapes.
 * ``uses_context``: ``forward(f_s, f_t, context)`` also receives the batch's :class:`BatchContext`
-  (targets, step, epoch, and the samples' dataset indices when the loader yields them), e.g. for a
-  loss that keeps a memory bank indexed by sample (CRD).
+  (targets, step, epoch, the samples' dataset indices when the loader yields them, the token mask
+  when the batch has one), e.g. for a loss that keeps a memory bank indexed by sample (CRD) or a token
+  loss that leaves padding out (NST, AT, Gram, hint, cosine, attention_kl).
 
 Shapes are full tensor shapes from a dry-run forward, batch dimension included.
 """
@@ -42,6 +43,16 @@ class BatchContext:
     step: int | None = None
     epoch: float | None = None
     indices: Tensor | None = None  # the batch's dataset indices, when the training loader yields them
+    # (B, N) token mask, True or 1 at valid positions (a Hugging Face attention_mask), over the positions
+    # of the channels-first view the loss receives: the whole sequence, prefix tokens included, for a
+    # plain (B, C, N) sequence; featkd.layouts.mask_to_channels_first maps a mask over a model's tokens
+    # onto the view of a layout that drops or selects tokens.
+    attention_mask: Tensor | None = None
+
+
+def context_mask(context: BatchContext | None) -> Tensor | None:
+    """The token mask a token loss module uses: the context's ``attention_mask``, None without a context."""
+    return None if context is None else context.attention_mask
 
 
 def _register(registry: dict, kind: str, name: str, cls: type) -> None:
