@@ -27,9 +27,7 @@ import io
 import json
 import os
 import pickle
-import platform
 import random
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -38,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from featkd.provenance import environment_info
 
 CHECKPOINT_FORMAT = "featkd-checkpoint/1"
 LAST = "last.pt"
@@ -288,25 +288,9 @@ def restore_best(run_dir: str | os.PathLike, state: dict[str, Any]) -> str | Non
             f"{best['metric']} improves on {best['value']:.4g}; until then evaluate {LAST} (--which last)")
 
 
-def environment_info() -> dict[str, Any]:
-    """Versions and devices, written next to every run so its numbers can be traced."""
-    info: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "torch_threads": torch.get_num_threads(),
-        "argv": sys.argv,
-    }
-    if torch.cuda.is_available():
-        info["cuda"] = torch.version.cuda
-        info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
-
-
 def write_run_info(run_dir: str | os.PathLike, config: dict[str, Any] | None) -> None:
-    """Write ``config.yaml`` (the full resolved config, seed included) and ``environment.json``."""
+    """Write ``config.yaml`` (the full resolved config, seed included) and ``environment.json``
+    (:func:`featkd.provenance.environment_info`: featkd's version and commit, libraries, hardware)."""
     import yaml
 
     run_dir = Path(run_dir)

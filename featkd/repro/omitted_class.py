@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from featkd.provenance import hardware
 from featkd.repro.cache import check_cached_config, fit_or_resume, write_new
 from featkd.repro.protocols import paper_schedule
-from featkd.repro.report import DataSpec, command_line, hardware
+from featkd.repro.report import DataSpec, command_line
 from featkd.repro.students import compact_summary
 
 # ----------------------------------------------------------------------------- the bias correction
