@@ -172,11 +172,30 @@ def model_record(name: str, options: dict[str, Any], info) -> dict[str, Any]:
             "in_channels": info.in_channels, "dataset": info._asdict()}
 
 
+def ensemble_record(member_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a checkpoint stores next to the weights of a :class:`featkd.models.ProbabilityAverage` (DML's
+    peers, BAN's generations): its members' records in order, so that :func:`model_from_checkpoint`
+    rebuilds it like any model. The members' weights are the ensemble's own, so a given record's are dropped."""
+    return {"ensemble": "probability_average",
+            "members": [{key: value for key, value in record.items() if key != "state_dict"}
+                        for record in member_records]}
+
+
+def _rebuild(record: dict) -> nn.Module:
+    from featkd.models import ProbabilityAverage, create_model
+
+    if "ensemble" in record:
+        return ProbabilityAverage([_rebuild(member) for member in record["members"]])
+    return create_model(record["name"], num_classes=record["num_classes"], in_channels=record["in_channels"],
+                        **record.get("options", {}))
+
+
 def model_from_checkpoint(state: dict, device: torch.device, name: str | None = None,
                           source: str = "the checkpoint") -> tuple[nn.Module, dict]:
-    """Rebuild a model from a loaded featkd checkpoint: the one it holds, or ``name`` when it holds several."""
-    from featkd.models import create_model
+    """Rebuild a model from a loaded featkd checkpoint: the one it holds, or ``name`` when it holds several.
 
+    An ensemble saved without its members' records (by a featkd before :func:`ensemble_record`) cannot be
+    rebuilt: a ValueError says so and names the members to evaluate instead."""
     models = state.get("models", {})
     if name is None:
         if len(models) != 1:
@@ -185,9 +204,13 @@ def model_from_checkpoint(state: dict, device: torch.device, name: str | None = 
     if name not in models:
         raise ValueError(f"{source} has no model {name!r}; it holds {sorted(models)}")
     record = models[name]
-    model = create_model(record["name"], num_classes=record["num_classes"], in_channels=record["in_channels"],
-                         **record.get("options", {}))
-    load_weights(model, record["state_dict"], f"{source} records a {record['name']} but holds the weights of another "
+    if "name" not in record and "ensemble" not in record:
+        others = sorted(key for key, other in models.items() if "name" in other)
+        raise ValueError(f"{source} holds the weights of {name!r} but not what it is made of (an ensemble saved by "
+                         f"an older featkd): evaluate its members {others} instead")
+    model = _rebuild(record)
+    what = "an ensemble" if "ensemble" in record else f"a {record['name']}"
+    load_weights(model, record["state_dict"], f"{source} records {what} but holds the weights of another "
                  "architecture", "it was edited, or written by a featkd whose models differ: train it again")
     return model.to(device), record
 

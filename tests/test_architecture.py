@@ -13,7 +13,7 @@ PACKAGE = Path(featkd.__file__).resolve().parent
 LAYERS = [
     ["featkd.cli"],
     ["featkd.commands"],
-    ["featkd.runs", "featkd.repro", "featkd.sweep", "featkd.strategies", "featkd.plots"],
+    ["featkd.runs", "featkd.repro", "featkd.sweep", "featkd.strategies", "featkd.plots", "featkd.saved_runs"],
     ["featkd.distiller", "featkd.terms", "featkd.engine"],
     ["featkd.hooks", "featkd.layer_specs", "featkd.layer_info", "featkd.layouts", "featkd.layer_pairs", "featkd.losses",
      "featkd.functional", "featkd.models", "featkd.data", "featkd.checkpoint", "featkd.locking", "featkd.config",
