@@ -14,8 +14,12 @@ The kinds differ in where things are:
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from featkd import checkpoint as ckpt
 from featkd.config import apply_overrides
@@ -64,10 +68,15 @@ def run_checkpoints(run_dir: str | Path, which: str = "last") -> list[tuple[str,
     return generations or [("", own)]  # no checkpoint at all: loading it says what is wrong
 
 
+def is_sweep_config(saved: dict[str, Any]) -> bool:
+    """Whether a saved config is a sweep's: its base config, overrides and grid."""
+    return isinstance(saved.get("base"), dict) and "grid" in saved
+
+
 def run_sections(saved: dict[str, Any]) -> dict[str, Any]:
     """The run config of a saved ``config.yaml``: a sweep's base config with its overrides applied (what
     every member shares), any other run's as saved."""
-    if isinstance(saved.get("base"), dict) and "grid" in saved:
+    if is_sweep_config(saved):
         return apply_overrides(dict(saved["base"]), saved.get("overrides") or [])
     return saved
 
@@ -88,3 +97,47 @@ def evaluation_base(saved: dict[str, Any] | None, models: dict[str, dict]) -> di
 def stored_without_members(record: dict) -> bool:
     """An ensemble whose checkpoint, written by an older featkd, does not record what it is made of."""
     return "name" not in record and "ensemble" not in record
+@dataclass
+class RunRecord:
+    """What a run directory records of how it was made: its config, its environment and its last metrics row."""
+
+    path: Path
+    config: dict[str, Any]
+    environment: dict[str, Any] | None
+    final_metrics: dict[str, Any] | None
+    sweep: Path | None  # the sweep whose checkpoint holds this member's model
+    generations: list[Path]
+
+
+def read_run(run_dir: str | Path) -> RunRecord:
+    """The :class:`RunRecord` of ``run_dir``; FileNotFoundError when it holds no ``config.yaml``."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / ckpt.CONFIG_YAML
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a featkd run directory: it has no {ckpt.CONFIG_YAML} "
+                                "(run directories are written by featkd train, distill, sweep, dml, born-again, "
+                                "adversarial, repro and demo)")
+    config = yaml.safe_load(config_file.read_text()) or {}
+    environment_file = run_dir / ckpt.ENVIRONMENT_JSON
+    environment = json.loads(environment_file.read_text()) if environment_file.is_file() else None
+    metrics = ckpt.read_metrics(run_dir) if (run_dir / ckpt.METRICS_JSONL).is_file() else []
+    return RunRecord(run_dir, config, environment, metrics[-1] if metrics else None, sweep_holding(run_dir),
+                     generation_dirs(run_dir))
+
+
+def run_kind(run: RunRecord) -> str:
+    """What made the run, in words: ``featkd distill``, ``a member of the sweep runs/x``, ``a repro run``, ..."""
+    config = run.config
+    if run.sweep is not None:
+        return f"a member of the sweep {run.sweep}"
+    if run.generations:
+        return f"featkd born-again ({len(run.generations)} generations: {', '.join(g.name for g in run.generations)})"
+    if is_sweep_config(config):
+        return "featkd sweep"
+    for section, command in (("dml", "featkd dml"), ("born_again", "a generation of featkd born-again"),
+                             ("adversarial", "featkd adversarial")):
+        if section in config:
+            return command
+    if "data" not in config:
+        return "a repro run"
+    return "featkd distill" if config.get("teacher") else "featkd train"

@@ -1,4 +1,5 @@
-"""`featkd eval --run-dir` reads a tiny run of every kind and reproduces the accuracies the run logged."""
+"""Reading a tiny run of every kind: `featkd eval --run-dir` reproduces the accuracies it logged, `featkd show`
+prints its recipe, provenance and final metrics."""
 
 import json
 
@@ -107,6 +108,9 @@ def test_eval_reads_a_repro_table_run_and_names_its_members_checkpoint(limited, 
     assert_logged(scores, limited, {"student-s0": "student-s0", "KD-s0": "KD-s0"})
     assert main(["eval", "--run-dir", str(limited / "members" / "KD-s0")]) == 2
     assert capsys.readouterr().err.strip().endswith(f"featkd eval --run-dir {limited} --model KD-s0")
+    shown = show(limited / "members" / "KD-s0", capsys)
+    assert shown[0] == f"run {limited / 'members' / 'KD-s0'}: a member of the sweep {limited}"
+    assert {"method KD", "experiment limited-data", "seed 0"} <= set(section(shown, "recipe (config.yaml)"))
 
 
 def test_an_ensemble_saved_without_its_members_record_is_skipped_with_a_note(runs, tmp_path, capsys):
@@ -122,3 +126,71 @@ def test_an_ensemble_saved_without_its_members_record_is_skipped_with_a_note(run
     assert main(["eval", "--run-dir", str(old), "--model", "ensemble"]) == 2
     assert "evaluate its members ['peer0', 'peer1']" in capsys.readouterr().err
 
+
+
+def show(run_dir, capsys) -> list[str]:
+    """``featkd show``'s lines, each with its runs of spaces squeezed to one (the column widths vary)."""
+    capsys.readouterr()
+    assert main(["show", str(run_dir)]) == 0
+    return [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+
+
+def section(lines, title) -> list[str]:
+    start = lines.index(title) + 1
+    return lines[start:lines.index("", start) if "" in lines[start:] else len(lines)]
+
+
+def test_show_prints_a_distill_runs_recipe_provenance_and_final_metrics(runs, capsys):
+    lines = show(runs / "distill", capsys)
+    environment = json.loads((runs / "distill" / "environment.json").read_text())
+    assert lines[0] == f"run {runs / 'distill'}: featkd distill"
+    recipe = section(lines, "recipe (config.yaml)")
+    assert recipe[:4] == [f"teacher {{checkpoint: {runs / 'teacher' / 'last.pt'}}}",
+                          "student {name: resnet8, options: {}}",
+                          "terms",
+                          "- {teacher: layer3, loss: at, weight: 1000.0, adapter: auto, options: {}}"]
+    assert "kd {loss: kd, weight: 0.9, options: {T: 4}}" in recipe and "ce_weight 0.1" in recipe
+    assert any(line.startswith("optim {name: sgd, lr: 0.1,") for line in recipe)
+    assert any(line.startswith("data {name: synthetic,") for line in recipe)
+    provenance = section(lines, "provenance (environment.json)")
+    assert f"featkd_commit {environment['featkd_commit']}" in provenance
+    assert f"featkd {environment['featkd']}" in provenance and f"cpu {environment['cpu']}" in provenance
+    final = ckpt.read_metrics(runs / "distill")[-1]
+    assert section(lines, "final metrics (metrics.jsonl, last line)") == [
+        f"{key} {value:.6g}" if isinstance(value, float) else f"{key} {value}" for key, value in final.items()]
+
+
+def test_show_prints_a_dml_runs_peers_and_ensemble(runs, capsys):
+    lines = show(runs / "dml", capsys)
+    assert lines[0] == f"run {runs / 'dml'}: featkd dml"
+    recipe = section(lines, "recipe (config.yaml)")
+    dml = recipe[recipe.index("dml") + 1:]
+    assert dml[:4] == ["peers", "- {name: resnet8, options: {}}", "- {name: resnet8, options: {}}", "mode pairwise"]
+    ensemble = ckpt.read_metrics(runs / "dml")[-1]["ensemble/acc1"]
+    assert f"ensemble/acc1 {ensemble:.6g}" in section(lines, "final metrics (metrics.jsonl, last line)")
+
+
+def test_show_prints_a_sweep_its_members_and_born_again_generations(runs, capsys):
+    lines = show(runs / "sweep", capsys)
+    assert section(lines, "sweep grid (one member per combination)") == ["seed [0, 1]"]
+    base = section(lines, "recipe (the base config, every member's but for the grid)")
+    assert base[2:4] == ["terms", "- {teacher: layer3, loss: at, weight: 1000}"]  # as given, not yet resolved
+    member = show(runs / "sweep" / "members" / "seed=1", capsys)
+    assert member[:2] == [f"run {runs / 'sweep' / 'members' / 'seed=1'}: a member of the sweep {runs / 'sweep'}",
+                          f"its model is in {runs / 'sweep'}'s checkpoint: featkd eval --run-dir {runs / 'sweep'} "
+                          "--model seed=1"]
+    assert "seed 1" in section(member, "recipe (config.yaml)")
+    ban = show(runs / "ban", capsys)
+    assert ban[0] == f"run {runs / 'ban'}: featkd born-again (3 generations: gen0, gen1, gen2)"
+    for g in range(3):
+        final = ckpt.read_metrics(runs / "ban" / f"gen{g}")[-1]
+        shown = section(ban, f"final metrics of gen{g} ({runs / 'ban' / f'gen{g}' / 'metrics.jsonl'}, last line)")
+        assert f"student/acc1 {final['student/acc1']:.6g}" in shown
+    assert any(line.startswith("bane/acc1 ") for line in section(ban, f"final metrics of gen2 "
+                                                                 f"({runs / 'ban' / 'gen2' / 'metrics.jsonl'}, last line)"))
+
+
+def test_show_of_a_directory_that_is_no_run_says_so_in_one_line(tmp_path, capsys):
+    assert main(["show", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "has no config.yaml" in error
