@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ._shapes import full_precision
 
+# The label of an unlabelled example: written by featkd.data's transfer-set edits, skipped by the cross-entropy.
 UNLABELED = -1
 
 
