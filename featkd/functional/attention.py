@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._shapes import check_choice, full_precision, resize_pair, to_bcn
+from .shapes import check_choice, full_precision, resize_pair, to_bcn
 
 AT_MODES = ("official", "paper")
 

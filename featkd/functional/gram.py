@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._shapes import check_choice, full_precision, resize_pair, to_bcn
+from .shapes import check_choice, full_precision, resize_pair, to_bcn
 from .nst import ROUTES, spatial_gram_distance
 
 GRAM_MODES = ("spatial", "channel")

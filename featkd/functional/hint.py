@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._shapes import full_precision
+from .shapes import full_precision
 
 
 @full_precision

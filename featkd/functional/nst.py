@@ -53,7 +53,7 @@ from ._nst_paired import (
     outer_spatial_mmd,
     paired_mmd,
 )
-from ._shapes import check_choice, full_precision, resize_pair, unknown_name_error
+from .shapes import check_choice, full_precision, resize_pair, unknown_name_error
 
 ROUTES = ("auto", "spatial", "channels")
 STRUCTURES = ("dot", "sq_dist")

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from featkd import functional as KF
-from featkd.functional._shapes import check_choice, check_spatial
+from featkd.functional.shapes import check_choice, check_spatial
 from featkd.losses.registry import Shape, register_feature_loss
 
 
