@@ -194,8 +194,8 @@ def model_from_checkpoint(state: dict, device: torch.device, name: str | None = 
                           source: str = "the checkpoint") -> tuple[nn.Module, dict]:
     """Rebuild a model from a loaded featkd checkpoint: the one it holds, or ``name`` when it holds several.
 
-    An ensemble saved without its members' records (by a featkd before :func:`ensemble_record`) cannot be
-    rebuilt: a ValueError says so and names the members to evaluate instead."""
+    A model saved without its record (an ensemble or a repro run's model, by an older featkd) cannot be
+    rebuilt: a ValueError says so and names the models of the checkpoint that can be."""
     models = state.get("models", {})
     if name is None:
         if len(models) != 1:
@@ -205,9 +205,9 @@ def model_from_checkpoint(state: dict, device: torch.device, name: str | None = 
         raise ValueError(f"{source} has no model {name!r}; it holds {sorted(models)}")
     record = models[name]
     if "name" not in record and "ensemble" not in record:
-        others = sorted(key for key, other in models.items() if "name" in other)
-        raise ValueError(f"{source} holds the weights of {name!r} but not what it is made of (an ensemble saved by "
-                         f"an older featkd): evaluate its members {others} instead")
+        others = sorted(key for key, other in models.items() if "name" in other or "ensemble" in other)
+        raise ValueError(f"{source} holds the weights of {name!r} without the record that rebuilds it (saved by an "
+                         "older featkd)" + (f"; the models it can rebuild: {others}" if others else ""))
     model = _rebuild(record)
     what = "an ensemble" if "ensemble" in record else f"a {record['name']}"
     load_weights(model, record["state_dict"], f"{source} records {what} but holds the weights of another "

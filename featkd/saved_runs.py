@@ -94,8 +94,9 @@ def evaluation_base(saved: dict[str, Any] | None, models: dict[str, dict]) -> di
     return base
 
 
-def stored_without_members(record: dict) -> bool:
-    """An ensemble whose checkpoint, written by an older featkd, does not record what it is made of."""
+def saved_without_record(record: dict) -> bool:
+    """A model saved without the record that rebuilds it: an ensemble, or a repro run's model, saved by an
+    older featkd (:func:`featkd.checkpoint.model_record`, :func:`featkd.checkpoint.ensemble_record`)."""
     return "name" not in record and "ensemble" not in record
 @dataclass
 class RunRecord:

@@ -113,7 +113,17 @@ def test_eval_reads_a_repro_table_run_and_names_its_members_checkpoint(limited, 
     assert {"method KD", "experiment limited-data", "seed 0"} <= set(section(shown, "recipe (config.yaml)"))
 
 
-def test_an_ensemble_saved_without_its_members_record_is_skipped_with_a_note(runs, tmp_path, capsys):
+def test_eval_reads_the_omitted_class_runs(tmp_path):
+    budget = repro.OmittedBudget("tiny", 1, 1, (0,), teacher_hidden=(16,), student_hidden=(8,), batch_size=32,
+                                 train_limit=300, test_limit=100, heldout=100)
+    repro.run_omitted_class(budget, repro.DataSpec("synthetic"), tmp_path / "runs", log=lambda line: None)
+    teacher = tmp_path / "runs" / "teachers" / "mlp16-synthetic-omitted-tiny"
+    assert_logged(evaluate(teacher, tmp_path, "data.test_limit=100"), teacher, {"teacher": "teacher"})
+    students = tmp_path / "runs" / "omitted-class" / "synthetic-tiny-omitted"
+    assert_logged(evaluate(students, tmp_path, "data.test_limit=100"), students, {"s0": "s0"})
+
+
+def test_an_ensemble_saved_without_its_record_is_skipped_with_a_note(runs, tmp_path, capsys):
     state = ckpt.load_checkpoint(runs / "dml" / "last.pt")
     state["models"]["ensemble"] = {"state_dict": state["models"]["ensemble"]["state_dict"]}  # an older featkd's
     old = tmp_path / "old"
@@ -124,7 +134,7 @@ def test_an_ensemble_saved_without_its_members_record_is_skipped_with_a_note(run
     assert "peer0:" in captured.out and "ensemble" not in captured.out
     assert "ensemble: not evaluated" in captured.err and "older featkd" in captured.err
     assert main(["eval", "--run-dir", str(old), "--model", "ensemble"]) == 2
-    assert "evaluate its members ['peer0', 'peer1']" in capsys.readouterr().err
+    assert "the models it can rebuild: ['peer0', 'peer1']" in capsys.readouterr().err
 
 
 

@@ -9,7 +9,7 @@ the split the run evaluated on — the test split unless its config says otherwi
 score is selected on the test set and is not a result to report (``--which best`` still reads it).
 
 Every kind of run: every model of the checkpoint is evaluated (DML's peers and their ensemble, a sweep's
-members, a born-again run's generations and their ensembles, the students of a repro table). A sweep
+members, a born-again run's generations and their ensembles, the teachers and students of the repro runs). A sweep
 member's directory names the sweep checkpoint that holds its model.
 
 The data settings default to those the run was trained with (its saved config's ``data``, ``device``
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from featkd.data import DeviceLoader, load_dataset
     from featkd.engine import Precision, evaluate, resolve_device
-    from featkd.saved_runs import evaluation_base, run_checkpoints, stored_without_members
+    from featkd.saved_runs import evaluation_base, run_checkpoints, saved_without_record
 
     if args.resume:
         raise ConfigError("featkd eval has nothing to resume; drop --resume")
@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
                    {"checkpoints": {str(path): state["epoch"] for _, path, state in states}})
     for prefix, path, state in states:
         for name in [args.model] if args.model else sorted(state["models"]):
-            if not args.model and stored_without_members(state["models"][name]):
-                print(f"{prefix}{name}: not evaluated: {path} does not record what this ensemble is made of "
-                      "(saved by an older featkd); its members are evaluated", file=sys.stderr)
+            if not args.model and saved_without_record(state["models"][name]):
+                print(f"{prefix}{name}: not evaluated: {path} holds its weights without the record that rebuilds "
+                      "it (saved by an older featkd)", file=sys.stderr)
                 continue
             model, _ = ckpt.model_from_checkpoint(state, device, name, source=str(path))
             with torch.no_grad():
