@@ -9,8 +9,8 @@ the split the run evaluated on — the test split unless its config says otherwi
 score is selected on the test set and is not a result to report (``--which best`` still reads it).
 
 Every kind of run: every model of the checkpoint is evaluated (DML's peers and their ensemble, a sweep's
-members, a born-again run's generations and their ensembles, the teachers and students of the repro runs). A sweep
-member's directory names the sweep checkpoint that holds its model.
+members, a born-again run's generations and their ensembles, the teachers and students of the repro
+runs). A sweep member's directory names the sweep checkpoint that holds its model.
 
 The data settings default to those the run was trained with (its saved config's ``data``, ``device``
 and ``amp``; a repro run's dataset); ``--config`` and ``key=value`` overrides change them.
