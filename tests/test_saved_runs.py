@@ -31,6 +31,9 @@ def runs(tmp_path_factory):
                  "dml.peers=[{name: resnet8}, {name: resnet8}]"]) == 0
     assert main(["born-again", "--config", "born_again", "--run-dir", str(root / "ban"), *DATA,
                  "model.name=resnet8", "born_again.generations=2"]) == 0
+    assert main(["born-again", "--config", "born_again", "--run-dir", str(root / "ban_given"), *DATA,
+                 "model.name=resnet8", "born_again.generations=1",
+                 f"born_again.teacher_checkpoint={root / 'teacher' / 'last.pt'}"]) == 0
     assert main(["adversarial", "--config", "adversarial", "--run-dir", str(root / "adv"), *DATA,
                  "student.name=resnet8", teacher]) == 0
     return root
@@ -88,6 +91,13 @@ def test_eval_reads_every_born_again_generation_and_its_ensembles(runs, tmp_path
                                                   "gen2/bane": "bane"})
     one = evaluate(runs / "ban" / "gen2", tmp_path)  # 'unknown config key born_again' before
     assert one["bane"] == scores["gen2/bane"]
+
+
+def test_eval_rebuilds_an_ensemble_with_a_given_generation_zero(runs, tmp_path):
+    # generation 0 is the teacher checkpoint, not a generation directory: its record comes from that checkpoint
+    scores = evaluate(runs / "ban_given", tmp_path)
+    assert scores["checkpoint"] == str(runs / "ban_given" / "gen1" / "last.pt")
+    assert_logged(scores, runs / "ban_given" / "gen1", {"gen1/student": "student", "gen1/ensemble_all": "ensemble_all"})
 
 
 def test_a_sweep_member_names_the_checkpoint_that_holds_it(runs, tmp_path, capsys):
