@@ -27,9 +27,7 @@ import io
 import json
 import os
 import pickle
-import platform
 import random
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -38,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from featkd.provenance import environment_info
 
 CHECKPOINT_FORMAT = "featkd-checkpoint/1"
 LAST = "last.pt"
@@ -172,11 +172,30 @@ def model_record(name: str, options: dict[str, Any], info) -> dict[str, Any]:
             "in_channels": info.in_channels, "dataset": info._asdict()}
 
 
+def ensemble_record(member_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a checkpoint stores next to the weights of a :class:`featkd.models.ProbabilityAverage` (DML's
+    peers, BAN's generations): its members' records in order, so that :func:`model_from_checkpoint`
+    rebuilds it like any model. The members' weights are the ensemble's own, so a given record's are dropped."""
+    return {"ensemble": "probability_average",
+            "members": [{key: value for key, value in record.items() if key != "state_dict"}
+                        for record in member_records]}
+
+
+def _rebuild(record: dict) -> nn.Module:
+    from featkd.models import ProbabilityAverage, create_model
+
+    if "ensemble" in record:
+        return ProbabilityAverage([_rebuild(member) for member in record["members"]])
+    return create_model(record["name"], num_classes=record["num_classes"], in_channels=record["in_channels"],
+                        **record.get("options", {}))
+
+
 def model_from_checkpoint(state: dict, device: torch.device, name: str | None = None,
                           source: str = "the checkpoint") -> tuple[nn.Module, dict]:
-    """Rebuild a model from a loaded featkd checkpoint: the one it holds, or ``name`` when it holds several."""
-    from featkd.models import create_model
+    """Rebuild a model from a loaded featkd checkpoint: the one it holds, or ``name`` when it holds several.
 
+    A model saved without its record (an ensemble or a repro run's model, by an older featkd) cannot be
+    rebuilt: a ValueError says so and names the models of the checkpoint that can be."""
     models = state.get("models", {})
     if name is None:
         if len(models) != 1:
@@ -185,9 +204,13 @@ def model_from_checkpoint(state: dict, device: torch.device, name: str | None = 
     if name not in models:
         raise ValueError(f"{source} has no model {name!r}; it holds {sorted(models)}")
     record = models[name]
-    model = create_model(record["name"], num_classes=record["num_classes"], in_channels=record["in_channels"],
-                         **record.get("options", {}))
-    load_weights(model, record["state_dict"], f"{source} records a {record['name']} but holds the weights of another "
+    if "name" not in record and "ensemble" not in record:
+        others = sorted(key for key, other in models.items() if "name" in other or "ensemble" in other)
+        raise ValueError(f"{source} holds the weights of {name!r} without the record that rebuilds it (saved by an "
+                         "older featkd)" + (f"; the models it can rebuild: {others}" if others else ""))
+    model = _rebuild(record)
+    what = "an ensemble" if "ensemble" in record else f"a {record['name']}"
+    load_weights(model, record["state_dict"], f"{source} records {what} but holds the weights of another "
                  "architecture", "it was edited, or written by a featkd whose models differ: train it again")
     return model.to(device), record
 
@@ -288,25 +311,9 @@ def restore_best(run_dir: str | os.PathLike, state: dict[str, Any]) -> str | Non
             f"{best['metric']} improves on {best['value']:.4g}; until then evaluate {LAST} (--which last)")
 
 
-def environment_info() -> dict[str, Any]:
-    """Versions and devices, written next to every run so its numbers can be traced."""
-    info: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "torch_threads": torch.get_num_threads(),
-        "argv": sys.argv,
-    }
-    if torch.cuda.is_available():
-        info["cuda"] = torch.version.cuda
-        info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
-
-
 def write_run_info(run_dir: str | os.PathLike, config: dict[str, Any] | None) -> None:
-    """Write ``config.yaml`` (the full resolved config, seed included) and ``environment.json``."""
+    """Write ``config.yaml`` (the full resolved config, seed included) and ``environment.json``
+    (:func:`featkd.provenance.environment_info`: featkd's version and commit, libraries, hardware)."""
     import yaml
 
     run_dir = Path(run_dir)

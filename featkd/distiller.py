@@ -40,7 +40,13 @@ from featkd.losses import BatchContext, build_logit_loss
 from featkd.models import input_normalization
 from featkd.terms import Term, Warmup, build_term_pairs, call_loss, view, weight_at
 
-__all__ = ["Distiller", "InputConversion", "TEACHER_BN_MODES", "teacher_bn_mode"]
+__all__ = ["Distiller", "InputConversion", "NOT_SET_UP", "TEACHER_BN_MODES", "teacher_bn_mode"]
+
+# Why a Distiller refuses to run or hand out its parameters before setup (setting itself up on the first
+# batch would leave the adapters and loss parameters out of an optimiser built on the student's parameters).
+NOT_SET_UP = ("the Distiller is not set up: its adapters and loss parameters are built in setup and must be in the "
+              "optimiser; call distiller.setup(example_x), then build the optimiser on "
+              "distiller.trainable_parameters()")
 
 
 # --------------------------------------------------------------------------- the teacher's batch norm
@@ -263,7 +269,7 @@ class Distiller(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Student, adapter and loss parameters (the teacher's are frozen), each once."""
         if not self.is_setup:
-            raise RuntimeError("call distiller.setup(example_x) first: adapters and loss parameters are built there")
+            raise RuntimeError(NOT_SET_UP)
         params: dict[int, nn.Parameter] = {}
         for module in (self.student, self.adapters, self.term_losses, self.kd_loss):
             if module is not None:
@@ -304,7 +310,7 @@ class Distiller(nn.Module):
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student logits and each transfer loss before its weight: ``{"kd", <term names>...}`` (no CE)."""
         if not self.is_setup:
-            self.setup(x[:2])
+            raise RuntimeError(NOT_SET_UP)
         with teacher_bn_mode(self.teacher, self.teacher_bn):
             teacher_logits, f_t = self._teacher_outputs(x)
         student_logits, f_s = self._student_features(x)
@@ -334,6 +340,8 @@ class Distiller(nn.Module):
         per-batch context (``uses_context``) receive ``y``, ``step``, ``epoch`` and the samples'
         dataset ``indices`` as a :class:`featkd.losses.BatchContext`.
         """
+        if not self.is_setup:  # set up here, its adapters and loss parameters would miss the optimiser
+            raise RuntimeError(NOT_SET_UP)
         weights = self.loss_weights()
         unresolved = [key for key, weight in weights.items() if isinstance(weight, RelativeToCE)]
         if unresolved:

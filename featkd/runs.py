@@ -2,7 +2,7 @@
 
 >>> cfg = load_run_config("fmnist_distill_kd_at_nst", run_dir=None, resume=False, overrides=["epochs=5"])
 >>> with start_run(cfg, "distill", cfg.student.name) as run:   # device, seed, run directory (locked), loaders
-...     teacher, _ = load_teacher(cfg.teacher.checkpoint, run.device, run.info)
+...     teacher, _ = featkd.teachers.load_teacher(cfg.teacher.checkpoint, run.device, run.info)
 ...     student = build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
 ...     distiller = build_distiller(cfg, teacher, student).setup(next(iter(run.train_loader))[0][:2])
 ...     optimizer, scheduler = build_optimization(cfg, distiller.trainable_parameters())
@@ -168,21 +168,6 @@ def build_optimization(cfg: Config, params):
 
     optimizer = build_optimizer(params, **dataclasses.asdict(cfg.optim))
     return optimizer, build_scheduler(optimizer, epochs=cfg.epochs, **dataclasses.asdict(cfg.schedule))
-
-
-def check_teacher_fits(record: dict, info, source) -> None:
-    """Refuse a teacher trained for other classes or other input channels than the run's data (``info``)."""
-    if (record["num_classes"], record["in_channels"]) != (info.num_classes, info.in_channels):
-        raise ValueError(f"teacher {source} was trained for {record['num_classes']} classes of "
-                         f"{record['in_channels']}-channel images, but {info.name} has {info.num_classes} classes of "
-                         f"{info.in_channels}-channel images")
-
-
-def load_teacher(path, device: torch.device, info) -> tuple[nn.Module, dict]:
-    """The model of a ``featkd train`` checkpoint and its record, checked against the run's data."""
-    teacher, record = ckpt.model_from_checkpoint(ckpt.load_checkpoint(path), device, source=path)
-    check_teacher_fits(record, info, path)
-    return teacher, record
 
 
 def _weight(weight):

@@ -13,11 +13,11 @@ PACKAGE = Path(featkd.__file__).resolve().parent
 LAYERS = [
     ["featkd.cli"],
     ["featkd.commands"],
-    ["featkd.runs", "featkd.repro", "featkd.sweep", "featkd.strategies", "featkd.plots"],
+    ["featkd.runs", "featkd.repro", "featkd.sweep", "featkd.strategies", "featkd.plots", "featkd.saved_runs"],
     ["featkd.distiller", "featkd.terms", "featkd.engine", "featkd.calibration"],
     ["featkd.hooks", "featkd.layer_specs", "featkd.layer_info", "featkd.layouts", "featkd.layer_pairs", "featkd.losses",
      "featkd.functional", "featkd.models", "featkd.data", "featkd.checkpoint", "featkd.locking", "featkd.config",
-     "featkd.distributed", "featkd.stats",
+     "featkd.distributed", "featkd.stats", "featkd.provenance", "featkd.teachers",
      "featkd.shipped"],
 ]
 DEPTH = {prefix: depth for depth, prefixes in enumerate(LAYERS) for prefix in prefixes}
@@ -91,3 +91,14 @@ def build():
     found = [module for _, module in imported_modules(source, "featkd.distiller")]
     assert found == ["featkd.functional", "featkd.hooks", "featkd.checkpoint", "featkd.models", "featkd.commands.train"]
     assert [m for m in found if layer(m) < layer("featkd.distiller")] == ["featkd.commands.train"]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_private_modules_are_imported_only_within_their_package(path):
+    # a helper other packages need is public (featkd.functional.shapes), so that its interface is kept
+    importer = module_name(path)
+    package = importer if path.name == "__init__.py" else importer.rpartition(".")[0]
+    foreign = [f"line {line}: {module}" for line, module in imported_modules(path.read_text(), importer,
+                                                                              path.name == "__init__.py")
+               if module.rpartition(".")[2].startswith("_") and module.rpartition(".")[0] != package]
+    assert not foreign, f"{importer} imports another package's private module: {foreign}"

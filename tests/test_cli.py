@@ -4,8 +4,8 @@ import importlib
 
 from featkd import cli
 
-SHIPPED = ["adversarial", "born-again", "demo", "distill", "dml", "eval", "layers", "pairs", "plot", "repro", "sweep",
-           "train"]
+SHIPPED = ["adversarial", "born-again", "demo", "distill", "dml", "eval", "layers", "pairs", "plot", "repro", "show",
+           "sweep", "train"]
 
 
 def test_every_command_module_is_a_command(capsys):

@@ -215,7 +215,7 @@ def test_distill_method_steps_and_uses_epoch_schedule():
     teacher, student = wrns()
     d = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", loss="at", weight=Warmup(10, epochs=2))],
                          kd="kd")
-    with pytest.raises(RuntimeError, match="setup"):
+    with pytest.raises(RuntimeError, match=r"call distiller.setup\(example_x\)"):
         DistillMethod(d, torch.optim.SGD(student.parameters(), lr=0.1))
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     d.setup(x[:2])
@@ -248,11 +248,21 @@ def test_bad_terms_are_reported():
         d.setup(torch.randn(2, 1, 28, 28))
 
 
-def test_lazy_setup_on_first_call():
+def test_forward_before_setup_refuses_and_says_why():
+    # set up on the first batch, the adapter would be missing from an optimiser built on the student's parameters
     teacher, student = wrns()
     d = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", loss="nst")])
-    _, losses = d(torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,)))
-    assert d.is_setup and losses["nst:group3"] > 0
+    x, y = torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,))
+    with pytest.raises(RuntimeError) as error:
+        d(x, y)
+    message = str(error.value)
+    assert "\n" not in message and "optimiser" in message
+    assert "distiller.setup(example_x)" in message and "distiller.trainable_parameters()" in message
+    assert not d.is_setup and len(d.adapters) == 0
+    with pytest.raises(RuntimeError, match="trainable_parameters"):
+        d.trainable_parameters()
+    _, losses = d.setup(x[:2])(x, y)
+    assert losses["nst:group3"] > 0
 
 
 def test_works_with_ddp_wrapped_student(tmp_path):

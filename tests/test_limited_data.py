@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from featkd import plots, repro
+from featkd import plots, repro, teachers
 from featkd.repro import limited_data
 from featkd.cli import main
 
@@ -74,7 +74,7 @@ def test_teacher_with_another_hash_is_refused(tmp_path):
     path = tmp_path / "teacher.pt"
     torch.save({"models": {}}, path)
     with pytest.raises(ValueError, match="sha256"):
-        limited_data.load_teacher(path, "cpu", sha256="0" * 64)
+        teachers.load_teacher(path, "cpu", sha256="0" * 64)
 
 
 def _tiny_teacher(tmp_path):
@@ -152,7 +152,7 @@ def test_exported_teacher_keeps_the_model_and_drops_the_training_state(tmp_path)
     assert "method" not in exported and "rng" not in exported and exported["epoch"] == last["epoch"] == 1
     weights, kept = last["models"]["model"]["state_dict"], exported["models"]["model"]["state_dict"]
     assert weights.keys() == kept.keys() and all(torch.equal(weights[k], kept[k]) for k in weights)
-    model, record = limited_data.load_teacher(out, "cpu", sha256=limited_data.file_sha256(out))
+    model, record = teachers.load_teacher(out, "cpu", sha256=teachers.file_sha256(out))
     assert record["name"] == "wrn10_1" and not model.training
     with pytest.raises(FileExistsError, match="not overwriting"):
         shipped.export_teacher(tmp_path / "t" / "last.pt", out)
@@ -161,7 +161,7 @@ def test_exported_teacher_keeps_the_model_and_drops_the_training_state(tmp_path)
 def test_the_shipped_teacher_file_has_the_recorded_hash():
     from featkd import shipped
 
-    assert limited_data.file_sha256(shipped.TEACHER.path) == shipped.TEACHER.sha256
+    assert teachers.file_sha256(shipped.TEACHER.path) == shipped.TEACHER.sha256
 
 
 def test_a_shipped_teacher_with_another_accuracy_is_refused_before_any_student_trains(tmp_path):
@@ -171,7 +171,7 @@ def test_a_shipped_teacher_with_another_accuracy_is_refused_before_any_student_t
                  "model.name=wrn10_1", "epochs=1", "data.name=synthetic", "data.limit=32", "data.test_limit=16",
                  "data.batch_size=16"]) == 0
     path = tmp_path / "t" / "last.pt"
-    recorded = ShippedTeacher(path, limited_data.file_sha256(path), test_acc=101.0, config="x", overrides=())
+    recorded = ShippedTeacher(path, teachers.file_sha256(path), test_acc=101.0, config="x", overrides=())
     setup = limited_data.LimitedDataSetup(fraction=0.01, epochs=1, seeds=(0, 1), batch_size=8, test_limit=40,
                                           student="wrn10_1", validation_size=200)
     with pytest.raises(ValueError, match="recorded 101.00%"):

@@ -7,7 +7,7 @@ import torch
 
 import featkd
 from featkd.losses import build_feature_loss
-from featkd.losses.similarity import sp_loss
+from featkd.functional import sp_loss
 from featkd.models import create_model
 
 

@@ -41,7 +41,7 @@ def test_the_teacher_sees_the_images_normalised_its_way():
     teacher, student = InputRecorder(), InputRecorder()
     distiller = featkd.Distiller(teacher, student, terms=[featkd.Term("conv")], kd="kd",
                                  student_normalization=STUDENT, teacher_normalization=TEACHER)
-    distiller(normalised(images, STUDENT))
+    distiller.setup(normalised(images, STUDENT))(normalised(images, STUDENT))
     torch.testing.assert_close(student.seen, normalised(images, STUDENT))
     torch.testing.assert_close(teacher.seen, normalised(images, TEACHER))
 
@@ -56,7 +56,7 @@ def test_the_normalisation_a_timm_model_records():
     distiller = featkd.Distiller(teacher, InputRecorder(), kd="kd", student_normalization=STUDENT,
                                  teacher_normalization="pretrained_cfg")
     images = torch.rand(2, 3, 32, 32)
-    distiller(normalised(images, STUDENT))
+    distiller.setup(normalised(images, STUDENT))(normalised(images, STUDENT))
     torch.testing.assert_close(seen[-1], normalised(images, recorded))
 
 
@@ -65,7 +65,7 @@ def test_equal_normalisations_leave_the_batch_as_it_is_and_half_given_is_refused
     distiller = featkd.Distiller(teacher, InputRecorder(), kd="kd", student_normalization=STUDENT,
                                  teacher_normalization=[list(STUDENT[0]), list(STUDENT[1])])
     x = torch.randn(2, 3, 8, 8)
-    distiller(x)
+    distiller.setup(x)(x)
     assert distiller.input_normalizations is None and torch.equal(teacher.seen, x)
     with pytest.raises(ValueError, match="teacher_normalization is given but student_normalization is not"):
         featkd.Distiller(InputRecorder(), InputRecorder(), kd="kd", teacher_normalization=TEACHER)
@@ -78,7 +78,7 @@ def test_equal_normalisations_leave_the_batch_as_it_is_and_half_given_is_refused
     odd = featkd.Distiller(InputRecorder(1), InputRecorder(1), kd="kd", student_normalization=STUDENT,
                            teacher_normalization=TEACHER)
     with pytest.raises(ValueError, match="do not fit a batch of shape \\(2, 1, 8, 8\\)"):
-        odd(torch.randn(2, 1, 8, 8))
+        odd.setup(torch.randn(2, 1, 8, 8))
 
 
 def test_featkd_distill_converts_for_a_teacher_trained_on_other_data():

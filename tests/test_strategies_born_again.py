@@ -15,7 +15,7 @@ from featkd.distiller import Distiller
 from featkd.engine import DistillMethod, SupervisedMethod, evaluate
 from featkd.models import create_model
 from featkd.strategies.born_again import generation_ensembles, train_generations
-from featkd.strategies.ensemble import ProbabilityAverage
+from featkd.models.ensemble import ProbabilityAverage
 
 
 def _net():

@@ -10,7 +10,7 @@ from torch import nn
 
 from featkd.functional import cross_entropy
 from featkd.strategies.dml import DeepMutualLearning, PeerTermConfig, mutual_loss, preserved_norm_statistics
-from featkd.strategies.ensemble import ProbabilityAverage
+from featkd.models.ensemble import ProbabilityAverage
 
 
 def _reference_peer_loss(z_k, others, y, mode):

@@ -15,6 +15,7 @@ from featkd.checkpoint import model_record
 from featkd.commands._common import add_run_arguments, finished, reports_user_errors
 from featkd.config import ConfigError, OptimConfig
 from featkd.strategies.adversarial import OBJECTIVES, AdversarialKD, LogitDiscriminator
+from featkd.teachers import load_teacher
 
 
 @dataclass
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("featkd adversarial needs teacher.checkpoint (the last.pt of a 'featkd train' run) "
                           "and student.name")
     with runs.start_run(cfg, "adversarial", cfg.student.name, args.run_dir, args.resume, resolved) as run:
-        teacher, _ = runs.load_teacher(cfg.teacher.checkpoint, run.device, run.info)
+        teacher, _ = load_teacher(cfg.teacher.checkpoint, run.device, run.info)
         student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
         discriminator = LogitDiscriminator(run.info.num_classes, adv.discriminator.width,
                                            adv.discriminator.blocks).to(run.device)

@@ -14,6 +14,7 @@ from featkd.checkpoint import model_record
 from featkd.commands._common import add_run_arguments, reports_user_errors
 from featkd.config import ConfigError
 from featkd.strategies.born_again import train_generations
+from featkd.teachers import load_teacher
 
 
 @dataclass
@@ -62,13 +63,13 @@ def run(args: argparse.Namespace) -> int:
             return DistillMethod(distiller, optimizer, scheduler, precision=precision, grad_clip=cfg.grad_clip,
                                  steps_per_epoch=len(run.train_loader))
 
-        generation0 = None
+        generation0 = generation0_info = None
         if ban.teacher_checkpoint:
-            generation0, _ = runs.load_teacher(ban.teacher_checkpoint, run.device, run.info)
+            generation0, generation0_info = load_teacher(ban.teacher_checkpoint, run.device, run.info)
         try:
             summary = train_generations(make_model, make_method, run.train_loader, run.test_loader, run.run_dir,
                                         ban.generations, cfg.epochs, seed=cfg.seed, resume=args.resume,
-                                        generation0=generation0, config=resolved,
+                                        generation0=generation0, generation0_info=generation0_info, config=resolved,
                                         model_info=model_record(cfg.model.name, cfg.model.options, run.info),
                                         device=run.device, channels_last=cfg.channels_last)
         finally:

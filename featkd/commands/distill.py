@@ -19,6 +19,7 @@ from featkd import distributed, runs
 from featkd.checkpoint import model_record
 from featkd.commands._common import add_run_arguments, finished, reports_user_errors
 from featkd.config import ConfigError
+from featkd.teachers import load_teacher
 
 
 add_arguments = add_run_arguments  # --config, --run-dir, --resume, key=value overrides
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.teacher.checkpoint:
         raise ConfigError("teacher.checkpoint is empty: give the last.pt of a 'featkd train' run")
     with runs.start_run(cfg, "distill", cfg.student.name, args.run_dir, args.resume) as run:
-        teacher, record = runs.load_teacher(cfg.teacher.checkpoint, run.device, run.info)
+        teacher, record = load_teacher(cfg.teacher.checkpoint, run.device, run.info)
         if cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)

@@ -10,7 +10,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from featkd import runs
-from featkd.checkpoint import model_record
+from featkd.checkpoint import ensemble_record, model_record
 from featkd.commands._common import add_run_arguments, finished, reports_user_errors
 from featkd.config import ConfigError, ModelConfig
 from featkd.strategies.dml import MODES, DeepMutualLearning, PeerTermConfig
@@ -54,5 +54,6 @@ def run(args: argparse.Namespace) -> int:
                                     mimicry_weight=dml.mimicry_weight, terms=dml.terms, example_input=example,
                                     precision=Precision(cfg.amp, run.device))
         records = {f"peer{k}": model_record(p.name, p.options, run.info) for k, p in enumerate(dml.peers)}
+        records["ensemble"] = ensemble_record(list(records.values()))  # the peers' averaged softmax, in order
         history = runs.fit_run(run, method, records)
     return finished(run, history)

@@ -8,14 +8,19 @@
 the split the run evaluated on — the test split unless its config says otherwise — so its test
 score is selected on the test set and is not a result to report (``--which best`` still reads it).
 
-The data settings default to those the run was trained with (its saved
-config); ``--config`` and ``key=value`` overrides change them.
+Every kind of run: every model of the checkpoint is evaluated (DML's peers and their ensemble, a sweep's
+members, a born-again run's generations and their ensembles, the teachers and students of the repro
+runs). A sweep member's directory names the sweep checkpoint that holds its model.
+
+The data settings default to those the run was trained with (its saved config's ``data``, ``device``
+and ``amp``; a repro run's dataset); ``--config`` and ``key=value`` overrides change them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from featkd import checkpoint as ckpt
@@ -43,27 +48,34 @@ def run(args: argparse.Namespace) -> int:
 
     from featkd.data import DeviceLoader, load_dataset
     from featkd.engine import Precision, evaluate, resolve_device
+    from featkd.saved_runs import evaluation_base, run_checkpoints, saved_without_record
 
     if args.resume:
         raise ConfigError("featkd eval has nothing to resume; drop --resume")
-    path = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / f"{args.which}.pt"
-    state = ckpt.load_checkpoint(path)
     if args.output and Path(args.output).exists():
         raise ConfigError(f"--output {args.output} already exists; choose another file")
-    cfg = load_config(args.config, args.overrides, base=state.get("config") or {})
+    paths = [("", Path(args.checkpoint))] if args.checkpoint else run_checkpoints(args.run_dir, args.which)
+    states = [(prefix, path, ckpt.load_checkpoint(path)) for prefix, path in paths]
+    first = states[0][2]
+    cfg = load_config(args.config, args.overrides, base=evaluation_base(first.get("config"), first["models"]))
     device = resolve_device(cfg.device)
     limit = cfg.data.test_limit if args.split == "test" else cfg.data.limit
     data = load_dataset(cfg.data.name, cfg.data.root, args.split, limit=limit, **cfg.data.options)
     loader = DeviceLoader(data, cfg.data.eval_batch_size, shuffle=False, augment=False, drop_last=False, device=device)
-    names = [args.model] if args.model else sorted(state["models"])
-    results = {"checkpoint": str(path), "epoch": state["epoch"], "split": args.split, "dataset": data.info.name,
-               "examples": len(data)}
-    for name in names:
-        model, _ = ckpt.model_from_checkpoint(state, device, name, source=str(path))
-        with torch.no_grad():
-            scores = evaluate(model, loader, device=device, precision=Precision(cfg.amp, device))
-        results[name] = scores
-        print(f"{name}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    results = {"split": args.split, "dataset": data.info.name, "examples": len(data)}
+    results.update({"checkpoint": str(paths[0][1]), "epoch": first["epoch"]} if len(states) == 1 else
+                   {"checkpoints": {str(path): state["epoch"] for _, path, state in states}})
+    for prefix, path, state in states:
+        for name in [args.model] if args.model else sorted(state["models"]):
+            if not args.model and saved_without_record(state["models"][name]):
+                print(f"{prefix}{name}: not evaluated: {path} holds its weights without the record that rebuilds "
+                      "it (saved by an older featkd)", file=sys.stderr)
+                continue
+            model, _ = ckpt.model_from_checkpoint(state, device, name, source=str(path))
+            with torch.no_grad():
+                scores = evaluate(model, loader, device=device, precision=Precision(cfg.amp, device))
+            results[prefix + name] = scores
+            print(f"{prefix}{name}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     if args.output:
         ckpt.atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
     return 0

@@ -24,6 +24,7 @@ import yaml
 
 from featkd.commands._common import reports_user_errors
 from featkd.config import ConfigError, describe_yaml_error, load_config, read_yaml, to_dict
+from featkd.teachers import check_teacher_fits
 
 
 def _grid_arg(text: str) -> tuple[str, list]:
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                         {"base": base, "overrides": overrides, "grid": grid}) as run:
         teacher_state = ckpt.load_checkpoint(base_cfg.teacher.checkpoint)
         teacher, record = ckpt.model_from_checkpoint(teacher_state, run.device, source=base_cfg.teacher.checkpoint)
-        runs.check_teacher_fits(record, run.info, base_cfg.teacher.checkpoint)
+        check_teacher_fits(record, run.info, base_cfg.teacher.checkpoint)
         method, model_info = sweep.build_sweep(member_cfgs, teacher, teacher_state, run)
         members = method.members
         print(f"sweep of {len(members)} members against {base_cfg.teacher.checkpoint}: "

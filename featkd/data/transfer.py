@@ -13,8 +13,7 @@ from typing import Iterable
 import torch
 
 from featkd.data.datasets import ImageDataset
-
-UNLABELED = -1
+from featkd.functional.logits import UNLABELED
 
 
 def omit_classes(ds: ImageDataset, classes: Iterable[int]) -> ImageDataset:

@@ -153,10 +153,9 @@ class DistillMethod(MethodBase):
                  precision: Precision | None = None, grad_clip: float | None = None,
                  steps_per_epoch: int | None = None, forward: nn.Module | None = None):
         if not getattr(distiller, "is_setup", True):
-            raise RuntimeError(
-                "the Distiller has not been set up: call distiller.setup(example_x) before building the optimizer, "
-                "so that adapters and loss parameters exist and are optimised."
-            )
+            from featkd.distiller import NOT_SET_UP  # only on this error: `featkd train` never loads the losses
+
+            raise RuntimeError(NOT_SET_UP)
         super().__init__(optimizer, [scheduler], precision)
         self.distiller, self.scheduler = distiller, scheduler
         self.grad_clip, self.steps_per_epoch = grad_clip, steps_per_epoch

@@ -21,6 +21,7 @@ from .logits import (
     sym_kl_loss,
 )
 from .nst import KERNELS, median_bandwidth, nst_loss, register_kernel, spatial_gram_distance
+from .similarity import similarity_matrix, sp_loss
 
 __all__ = [
     "AT_MODES",
@@ -44,7 +45,9 @@ __all__ = [
     "median_bandwidth",
     "nst_loss",
     "register_kernel",
+    "similarity_matrix",
     "soft_ce_mse_loss",
+    "sp_loss",
     "spatial_gram_distance",
     "sym_kl_loss",
 ]

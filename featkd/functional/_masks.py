@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._shapes import _layout_dims, _numel, resize_pair
+from .shapes import _layout_dims, _numel, resize_pair
 
 
 def check_mask(mask, shape: Sequence[int], what: str) -> Tensor:

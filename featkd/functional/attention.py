@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._masks import check_mask, masked_mean, masked_pair, zero_padding
-from ._shapes import check_choice, full_precision, to_bcn
+from .shapes import check_choice, full_precision, to_bcn
 
 AT_MODES = ("official", "paper")
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._masks import check_mask, masked_mean
-from ._shapes import check_choice, full_precision
+from .shapes import check_choice, full_precision
 
 HEAD_MODES = ("match", "mean")
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._masks import masked_pair
-from ._shapes import check_choice, full_precision, resize_pair, to_bcn
+from .shapes import check_choice, full_precision, resize_pair, to_bcn
 from .nst import ROUTES, spatial_gram_distance
 
 GRAM_MODES = ("spatial", "channel")

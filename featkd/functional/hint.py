@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._masks import check_mask, masked_mean, zero_padding
-from ._shapes import full_precision, to_bcn
+from .shapes import full_precision, to_bcn
 
 
 def _check_equal_shapes(f_s: Tensor, f_t: Tensor, what: str) -> None:

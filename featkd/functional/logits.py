@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._shapes import full_precision
+from .shapes import full_precision
 
+# The label of an unlabelled example: written by featkd.data's transfer-set edits, skipped by the cross-entropy.
 UNLABELED = -1
 
 

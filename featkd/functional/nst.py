@@ -54,7 +54,7 @@ from ._nst_paired import (
     paired_mmd,
 )
 from ._masks import masked_pair
-from ._shapes import check_choice, full_precision, unknown_name_error
+from .shapes import check_choice, full_precision, unknown_name_error
 
 ROUTES = ("auto", "spatial", "channels")
 STRUCTURES = ("dot", "sq_dist")

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from featkd import functional as KF
-from featkd.functional._shapes import check_choice, check_spatial
+from featkd.functional.shapes import check_choice, check_spatial
 from featkd.functional.attention_kl import check_attention_shapes
 from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from featkd import functional as KF
-from featkd.functional._shapes import channels, check_spatial
+from featkd.functional.shapes import channels, check_spatial
 from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
 
 

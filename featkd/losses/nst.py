@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from featkd import functional as KF
-from featkd.functional._shapes import check_choice, check_spatial, unknown_name_error
+from featkd.functional.shapes import check_choice, check_spatial, unknown_name_error
 from featkd.functional.nst import ROUTES
 from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
 

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor, nn
 
-from featkd.functional._shapes import unknown_name_error
+from featkd.functional.shapes import unknown_name_error
 
 Shape = Sequence[int]
 

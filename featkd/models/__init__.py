@@ -5,6 +5,7 @@ carries timm-style ``feature_info`` plus the layer names AT/NST transfer (``defa
 the last feature map before its ReLU (``pre_relu_layer``, the official NST code's transfer point).
 """
 
+from featkd.models.ensemble import ProbabilityAverage
 from featkd.models.features import FeatureInfo
 from featkd.models.mlp import mlp
 from featkd.models.nin import NIN
@@ -13,5 +14,5 @@ from featkd.models.registry import (create_model, default_distill_layers, featur
 from featkd.models.resnet_cifar import CifarResNet
 from featkd.models.wrn import WideResNet
 
-__all__ = ["FeatureInfo", "NIN", "CifarResNet", "WideResNet", "create_model", "default_distill_layers",
+__all__ = ["FeatureInfo", "NIN", "CifarResNet", "ProbabilityAverage", "WideResNet", "create_model", "default_distill_layers",
            "feature_info", "input_normalization", "list_models", "mlp", "pre_relu_layer"]

@@ -26,7 +26,6 @@ recipes and their published weights are in ``featkd/configs/recipes/limited_data
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch
 
 from featkd import stats
 from featkd.shipped import ShippedTeacher
+from featkd.teachers import load_teacher
 from featkd.repro.cache import write_new
 from featkd.repro.protocols import Budget, pretty_model
 from featkd.repro.recipes import RecipeSpec, load_recipes
@@ -101,28 +101,6 @@ class LimitedDataSetup:
                       test_limit=self.test_limit)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_teacher(path: str | Path, device, sha256: str | None = None):
-    """The teacher model from a featkd checkpoint; with ``sha256``, refuse a file whose hash differs."""
-    from featkd import checkpoint as ckpt
-    from featkd.checkpoint import model_from_checkpoint
-
-    if sha256:
-        got = file_sha256(path)
-        if got != sha256:
-            raise ValueError(f"teacher checkpoint {path} has sha256 {got}, expected {sha256}: the file is not the "
-                             "shipped teacher (retrain it with --retrain-teacher, or restore the file)")
-    model, record = model_from_checkpoint(ckpt.load_checkpoint(path), device, source=str(path))
-    return model.eval(), record
-
-
 @dataclass
 class LimitedDataResult:
     markdown: str
@@ -170,7 +148,7 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
         raise ValueError(f"unknown method(s) {unknown}; known: {list(recipes)}")
     data = data or DataSpec("fashion_mnist")
     device = resolve_device(device)
-    teacher, record = load_teacher(teacher_path, device, shipped.sha256 if shipped else None)
+    teacher, record = load_teacher(teacher_path, device, sha256=shipped.sha256 if shipped else None)
     full = data.load("train", None)
     validation, pool = validation_split(full, setup.validation_size)
     evaluation = validation if setup.on_validation else data.load("test", setup.test_limit)

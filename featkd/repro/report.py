@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import shlex
 import sys
 import time
@@ -13,25 +11,11 @@ from pathlib import Path
 
 import torch
 
+from featkd.provenance import hardware
 from featkd.repro.cache import write_new
 from featkd.repro.protocols import Budget, TableProtocol, protocol_train_loader
 from featkd.repro.students import run_students, train_teacher
 from featkd.repro.tables import Cell, results_table
-
-
-def hardware() -> str:
-    """The device the numbers were measured on, in words."""
-    if torch.cuda.is_available():
-        return f"GPU {torch.cuda.get_device_name(0)}"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def command_line(command: str | None) -> str:

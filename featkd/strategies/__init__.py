@@ -10,14 +10,12 @@
 from featkd.strategies.adversarial import AdversarialKD, LogitDiscriminator, discriminator_loss, generator_loss
 from featkd.strategies.born_again import train_generations
 from featkd.strategies.dml import DeepMutualLearning, PeerTermConfig, mutual_loss
-from featkd.strategies.ensemble import ProbabilityAverage
 
 __all__ = [
     "AdversarialKD",
     "DeepMutualLearning",
     "LogitDiscriminator",
     "PeerTermConfig",
-    "ProbabilityAverage",
     "discriminator_loss",
     "generator_loss",
     "mutual_loss",

@@ -28,7 +28,7 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd.engine import Method, evaluate, fit, seed_everything
-from featkd.strategies.ensemble import ProbabilityAverage
+from featkd.models.ensemble import ProbabilityAverage
 
 SUMMARY = "born_again.json"
 
@@ -58,6 +58,21 @@ class WithEnsembles:
         self.method.load_state_dict(state)
 
 
+def _generation_records(student_record: dict | None, ensembles: dict[str, nn.Module], models: list[nn.Module],
+                        records: list[dict | None]) -> dict[str, dict] | None:
+    """A generation's checkpoint records: its student's, and each ensemble's from its members' records
+    (none for an ensemble with a member whose record is unknown)."""
+    if student_record is None:
+        return None
+    record_of = {id(model): record for model, record in zip(models, records)}
+    info = {"student": student_record}
+    for name, ensemble in ensembles.items():
+        members = [record_of[id(member)] for member in ensemble.members]
+        if all(member is not None for member in members):
+            info[name] = ckpt.ensemble_record(members)
+    return info
+
+
 def generation_ensembles(models: list[nn.Module]) -> dict[str, nn.Module]:
     """The ensembles evaluated with the newest of ``models`` (generations 0..g)."""
     ensembles = {}
@@ -85,6 +100,7 @@ def train_generations(
     seed: int = 0,
     resume: bool = False,
     generation0: nn.Module | None = None,
+    generation0_info: dict | None = None,
     config: dict | None = None,
     model_info: dict | None = None,
     log=print,
@@ -96,7 +112,9 @@ def train_generations(
     ``make_method(g, student, teacher)`` builds generation g's Method (``teacher`` is None for
     g = 0); its eval models must name the network ``student``. Returns one summary row per
     generation (final accuracies of the network and of the ensembles), also written to
-    ``run_dir/born_again.json``.
+    ``run_dir/born_again.json``. ``model_info``: the record of each generation's network
+    (:func:`featkd.checkpoint.model_record`), ``generation0_info`` that of a given ``generation0``; with
+    them a generation's checkpoint also records its ensembles, so that ``featkd eval`` rebuilds them.
     """
     if generations < 1:
         raise ValueError(f"born-again needs at least 1 generation after generation 0, got {generations}.")
@@ -112,12 +130,13 @@ def train_generations(
     ckpt.write_run_info(run_dir, config)
 
     models: list[nn.Module] = []
+    records: list[dict | None] = []  # each generation's model record, for the ensembles' records
     summary: list[dict[str, Any]] = []
-    info = {"student": model_info} if model_info else None
     for g in range(generations + 1):
         if g == 0 and generation0 is not None:
             generation0.eval().requires_grad_(False)
             models.append(generation0)
+            records.append(generation0_info)
             scores = evaluate(generation0, test_loader, device=fit_options.get("device"))
             summary.append({"generation": 0, "source": "given checkpoint", "student/acc1": scores["acc1"]})
             continue
@@ -132,11 +151,14 @@ def train_generations(
         else:
             log(f"generation {g}: {'resuming' if done else 'training'} in {gen_dir}")
             teacher = models[-1] if models else None
-            method = WithEnsembles(make_method(g, student, teacher), generation_ensembles(models + [student]))
+            ensembles = generation_ensembles(models + [student])
+            method = WithEnsembles(make_method(g, student, teacher), ensembles)
+            info = _generation_records(model_info, ensembles, models + [student], records + [model_info])
             final = fit(method, train_loader, test_loader, gen_dir, epochs, resume=done > 0,
                         config=config, model_info=info, log=log, **fit_options)[-1]
         student.eval().requires_grad_(False)
         models.append(student)
+        records.append(model_info)
         summary.append({"generation": g, **{key: value for key, value in final.items() if key.endswith("/acc1")}})
         ckpt.atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary

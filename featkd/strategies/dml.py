@@ -30,7 +30,7 @@ from featkd.hooks import FeatureExtractor
 from featkd.layer_info import describe_features
 from featkd.layer_specs import resolve_layers
 from featkd.losses import BatchContext
-from featkd.strategies.ensemble import ProbabilityAverage
+from featkd.models.ensemble import ProbabilityAverage
 from featkd.terms import Term, build_term_pairs, call_loss, view
 
 MODES = ("pairwise", "ensemble")

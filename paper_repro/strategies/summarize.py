@@ -34,7 +34,7 @@ def independent_ensemble(runs: list[Path]) -> float:
     from featkd.config import from_dict
     from featkd.data import DeviceLoader
     from featkd.engine import evaluate
-    from featkd.strategies.ensemble import ProbabilityAverage
+    from featkd.models.ensemble import ProbabilityAverage
 
     saved = yaml.safe_load((runs[0] / ckpt.CONFIG_YAML).read_text())
     cfg = from_dict({k: v for k, v in saved.items() if k not in ("born_again", "dml", "adversarial")})

@@ -1,4 +1,5 @@
-"""Ensembles evaluated alongside the networks they are made of (DML peers, BAN generations)."""
+"""Ensembles of networks: the averaged softmax that DML evaluates with its peers and BAN with its generations,
+and that `featkd eval` rebuilds from a checkpoint (:func:`featkd.checkpoint.model_from_checkpoint`)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""Shared input handling for the feature losses: layouts, spatial matching, float32 compute.
+"""Shared input handling for the feature losses: layouts, spatial matching, float32 compute, option checks.
 
 Every feature loss accepts maps ``(B, C, H, W)``, flattened maps ``(B, C, N)``
 (``layout="channels_first"``, the default) or transformer tokens ``(B, N, C)``
-(``layout="tokens"``) and works internally on ``(B, C, N)``.
+(``layout="tokens"``) and works internally on ``(B, C, N)``. The pure functions in
+:mod:`featkd.functional` and the loss modules in :mod:`featkd.losses` (which check shapes and options
+before any forward) use these helpers; a loss of your own may too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+__all__ = ["LAYOUTS", "RESIZE_MODES", "channels", "check_choice", "check_spatial", "full_precision", "resize_pair",
+           "to_bcn", "unknown_name_error"]
 
 LAYOUTS = ("channels_first", "tokens")
 RESIZE_MODES = (None, "pool", "interpolate")

@@ -1,0 +1,105 @@
+"""Where a run's numbers come from: the code (featkd's version, git commit, uncommitted edits), the libraries
+and the hardware, written as ``environment.json`` next to every run (:func:`featkd.checkpoint.write_run_info`).
+
+Nothing here may fail a run: a value that cannot be found (not a git checkout, no ``git``, a library not
+installed, no ``/proc/cpuinfo``) is recorded as ``None``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import featkd
+
+# Libraries whose versions change what a run computes or which models it can build.
+OPTIONAL_LIBRARIES = ("torchvision", "timm", "transformers")
+GIT_TIMEOUT_S = 5.0
+
+
+def library_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, or None when it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_state(package_dir: str | os.PathLike | None = None) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the git checkout that holds featkd's source, ``(None, None)`` when featkd does not
+    run from a git checkout (an installed wheel) or git is missing. ``dirty``: the package's files differ from
+    the commit (edited, added or deleted), so the commit alone does not say what code ran."""
+    package_dir = Path(package_dir or Path(featkd.__file__).resolve().parent)
+    # ls-files rather than rev-parse alone: a wheel installed inside some other repository's virtualenv is
+    # in a git work tree but not tracked by it.
+    if not _git(["ls-files", "--", package_dir.name + "/__init__.py"], package_dir.parent):
+        return None, None
+    commit = _git(["rev-parse", "HEAD"], package_dir.parent)
+    status = _git(["status", "--porcelain", "--", package_dir.name], package_dir.parent)
+    return commit, (None if commit is None or status is None else bool(status))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, the platform's word for it elsewhere)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return model
+
+
+def gpu_name() -> str | None:
+    """The name of the first CUDA device, None without CUDA."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def hardware() -> str:
+    """The device the numbers were measured on, in words (what the reports print)."""
+    gpu = gpu_name()
+    if gpu is not None:
+        return f"GPU {gpu}"
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def environment_info() -> dict[str, Any]:
+    """The code, versions and devices, written next to every run so its numbers can be traced."""
+    commit, dirty = git_state()
+    info: dict[str, Any] = {
+        "featkd": featkd.__version__,
+        "featkd_commit": commit,
+        "featkd_dirty": dirty,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        **{name: library_version(name) for name in OPTIONAL_LIBRARIES},
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": gpu_name(),
+        "argv": sys.argv,
+    }
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info

@@ -1,0 +1,75 @@
+"""environment.json ties a run's numbers to the code, libraries and hardware that made them."""
+
+import json
+import re
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+import featkd
+from featkd import checkpoint as ckpt
+from featkd import provenance
+from featkd.repro import hardware as repro_hardware
+
+PACKAGE = Path(featkd.__file__).resolve().parent
+IN_GIT_CHECKOUT = shutil.which("git") is not None and subprocess.run(
+    ["git", "ls-files", "--error-unmatch", "featkd/__init__.py"], cwd=PACKAGE.parent, capture_output=True).returncode == 0
+
+
+def test_a_new_run_records_the_code_libraries_and_hardware(tmp_path):
+    ckpt.write_run_info(tmp_path, {"seed": 0})
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert env["featkd"] == featkd.__version__ == metadata.version("featkd")
+    assert env["torch"] == torch.__version__
+    assert env["torchvision"] == metadata.version("torchvision")
+    for name in ("timm", "transformers"):
+        assert env[name] == provenance.library_version(name)
+    assert isinstance(env["cpu"], str) and env["cpu"]
+    assert env["torch_threads"] == torch.get_num_threads() >= 1
+    assert env["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    if IN_GIT_CHECKOUT:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE.parent, capture_output=True, text=True)
+        assert re.fullmatch(r"[0-9a-f]{40}", env["featkd_commit"])
+        assert env["featkd_commit"] == head.stdout.strip()
+        assert isinstance(env["featkd_dirty"], bool)
+    else:
+        assert env["featkd_commit"] is None and env["featkd_dirty"] is None
+
+
+@pytest.mark.skipif(not IN_GIT_CHECKOUT, reason="featkd does not run from a git checkout")
+def test_dirty_says_whether_the_package_differs_from_the_commit(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "featkd").mkdir(parents=True)
+    (repo / "featkd" / "__init__.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(git + ["add", "."], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "c"], cwd=repo, check=True)
+    commit, dirty = provenance.git_state(repo / "featkd")
+    assert re.fullmatch(r"[0-9a-f]{40}", commit) and dirty is False
+    (repo / "notes.txt").write_text("outside the package: not featkd's code\n")
+    assert provenance.git_state(repo / "featkd") == (commit, False)
+    (repo / "featkd" / "__init__.py").write_text("x = 2\n")
+    assert provenance.git_state(repo / "featkd") == (commit, True)
+
+
+def test_no_git_checkout_or_no_git_records_null_and_never_fails(tmp_path, monkeypatch):
+    (tmp_path / "featkd").mkdir()
+    (tmp_path / "featkd" / "__init__.py").write_text("")
+    assert provenance.git_state(tmp_path / "featkd") == (None, None)  # an installed copy, not a checkout
+    monkeypatch.setenv("PATH", str(tmp_path / "no-such-dir"))  # no git on the PATH
+    assert provenance.git_state(PACKAGE) == (None, None)
+    ckpt.write_run_info(tmp_path / "run", None)
+    env = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert env["featkd_commit"] is None and env["featkd_dirty"] is None
+    assert provenance.library_version("no-such-featkd-library") is None
+
+
+def test_reports_and_runs_name_the_same_cpu():
+    assert repro_hardware is provenance.hardware
+    if not torch.cuda.is_available():
+        assert provenance.hardware().startswith(f"CPU {provenance.cpu_model()},")
