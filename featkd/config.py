@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -40,7 +40,7 @@ class DatasetConfig:
 
     name: str = "fashion_mnist"
     root: str | None = None
-    limit: int | None = None
+    limit: int | None = field(default=None, metadata={"min": 1})
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -59,8 +59,8 @@ class DataConfig:
 
     name: str = "fashion_mnist"
     root: str | None = None
-    limit: int | None = None
-    test_limit: int | None = None
+    limit: int | None = field(default=None, metadata={"min": 1})
+    test_limit: int | None = field(default=None, metadata={"min": 1})
     options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = field(default=128, metadata={"min": 1})
     drop_last: bool = True
@@ -103,9 +103,9 @@ class TeacherConfig:
 class WarmupConfig:
     """A weight ramped linearly from 0 to ``value`` over ``epochs`` or ``steps``."""
 
-    value: float = 1.0
-    epochs: float | None = None
-    steps: int | None = None
+    value: float = field(default=1.0, metadata={"min": 0})
+    epochs: float | None = field(default=None, metadata={"above": 0})
+    steps: int | None = field(default=None, metadata={"min": 1})
 
 
 @dataclass
@@ -127,7 +127,7 @@ class TermConfig:
     teacher: str | list[str] = ""
     student: str | list[str] | None = None
     loss: str = "at"
-    weight: float | WarmupConfig = 1.0
+    weight: float | WarmupConfig = field(default=1.0, metadata={"min": 0})
     name: str | None = None
     adapter: str | None = "auto"
     options: dict[str, Any] = field(default_factory=dict)
@@ -141,7 +141,7 @@ class KDConfig:
     """The logit term: a :func:`featkd.losses.build_logit_loss` name, its weight and options (e.g. ``{T: 4}``)."""
 
     loss: str = "kd"
-    weight: float | WarmupConfig = 1.0
+    weight: float | WarmupConfig = field(default=1.0, metadata={"min": 0})
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,9 +150,9 @@ class OptimConfig:
     """See :func:`featkd.engine.build_optimizer`."""
 
     name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: float = field(default=0.1, metadata={"above": 0})
+    momentum: float = field(default=0.9, metadata={"min": 0, "below": 1})
+    weight_decay: float = field(default=5e-4, metadata={"min": 0})
     nesterov: bool = False
 
 
@@ -163,10 +163,10 @@ class ScheduleConfig:
     ``restart_momentum_at_milestones``)."""
 
     name: str = "multistep"
-    milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
-    gamma: float = 0.2
-    warmup_epochs: int = 0
-    min_factor: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [60, 120, 160], metadata={"min": 1})
+    gamma: float = field(default=0.2, metadata={"above": 0})
+    warmup_epochs: int = field(default=0, metadata={"min": 0})
+    min_factor: float = field(default=0.0, metadata={"min": 0, "max": 1})
     restart_momentum_at_milestones: bool = False
 
 
@@ -181,14 +181,14 @@ class Config:
     channels_last: bool = False
     compile: bool = False
     deterministic: bool = False
-    grad_clip: float | None = None
+    grad_clip: float | None = field(default=None, metadata={"above": 0})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig | None = None
     teacher: TeacherConfig | None = None
     student: ModelConfig | None = None
     terms: list[TermConfig] = field(default_factory=list)
     kd: KDConfig | None = None
-    ce_weight: float = 1.0
+    ce_weight: float = field(default=1.0, metadata={"min": 0})
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -263,8 +263,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
-    """``cls`` built from ``data``, every value checked against its field's type and least value
-    (``field(metadata={"min": 1})``)."""
+    """``cls`` built from ``data``, every value checked against its field's type and range
+    (``field(metadata={"min": 1})``; see :data:`_BOUNDS`)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -276,10 +276,41 @@ def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
             hint = f" Did you mean {', '.join(repr(f'{prefix}.{c}' if prefix else c) for c in close)}?" if close else ""
             raise ConfigError(f"unknown config key {full!r}.{hint} Valid keys{where}: {', '.join(fields)}")
         kwargs[key] = _convert(value, hints[key], full)
-        least = fields[key].metadata.get("min")
-        if least is not None and kwargs[key] < least:
-            raise ConfigError(f"config key {full!r} must be at least {least}, got {value!r}")
+        _check_bounds(full, kwargs[key], fields[key].metadata)
     return cls(**kwargs)
+
+
+# A field's valid range, in its metadata: "min" / "max" include the bound, "above" / "below" exclude it.
+_BOUNDS = {"min": (">=", lambda v, b: v >= b), "above": (">", lambda v, b: v > b),
+           "max": ("<=", lambda v, b: v <= b), "below": ("<", lambda v, b: v < b)}
+
+
+def _check_bounds(key: str, value: Any, metadata: Mapping[str, Any]) -> None:
+    """Refuse a number (or a list item) outside its field's range; NaN is outside every range. Values of
+    another kind (None, a mapping such as a :class:`WarmupConfig`) have their own checks."""
+    bounds = {name: metadata[name] for name in _BOUNDS if name in metadata}
+    if not bounds:
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_bounds(f"{key}.{i}", item, metadata)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not all(_BOUNDS[name][1](value, bound) for name, bound in bounds.items()):
+        raise ConfigError(f"config key {key!r} must be {_range_text(bounds)}, got {value!r}")
+
+
+def _range_text(bounds: Mapping[str, Any]) -> str:
+    """``at least 1``, ``> 0``, ``in [0, 1)``: a field's range as its error message says it."""
+    low = next(((name, bounds[name]) for name in ("min", "above") if name in bounds), None)
+    high = next(((name, bounds[name]) for name in ("max", "below") if name in bounds), None)
+    if low and high:
+        return f"in {'[' if low[0] == 'min' else '('}{low[1]}, {high[1]}{']' if high[0] == 'max' else ')'}"
+    if low and low[0] == "min":
+        return f"at least {low[1]}"
+    name, bound = low or high
+    return f"{_BOUNDS[name][0]} {bound}"
 
 
 def from_dict(data: dict[str, Any] | None) -> Config:
@@ -288,6 +319,21 @@ def from_dict(data: dict[str, Any] | None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
     return build_dataclass(Config, data)
+
+
+def check_run_config(cfg: Config) -> None:
+    """The checks between fields of a config a run trains with (each field's own range is checked as it is
+    built): a multistep schedule's milestones strictly increasing and inside the run."""
+    schedule = cfg.schedule
+    if schedule.name != "multistep":
+        return
+    milestones = schedule.milestones
+    if any(later <= earlier for earlier, later in zip(milestones, milestones[1:])):
+        raise ConfigError(f"config key 'schedule.milestones' must be strictly increasing, got {milestones}")
+    if milestones and milestones[-1] > cfg.epochs:
+        raise ConfigError(f"config key 'schedule.milestones' {milestones} must lie inside the run (each <= "
+                          f"epochs={cfg.epochs}), or the lr never decays there; set schedule.milestones to epochs "
+                          "of this run, or schedule.name=cosine or schedule.name=constant")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
