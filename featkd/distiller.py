@@ -37,7 +37,7 @@ from featkd.layer_info import describe_features
 from featkd.layer_specs import LayerKeyError, unwrap
 from featkd.losses import BatchContext, build_logit_loss
 from featkd.models import input_normalization
-from featkd.terms import Term, Warmup, build_term_pairs, call_loss, view, weight_at
+from featkd.terms import Term, Warmup, build_term_pairs, call_loss, check_weight, view, weight_at
 
 __all__ = ["Distiller", "InputConversion", "TEACHER_BN_MODES", "teacher_bn_mode"]
 
@@ -198,6 +198,8 @@ class Distiller(nn.Module):
             raise ValueError(f"term names must be unique and not ce/kd/total: {duplicates}; give the terms name=...")
         self.kd_loss, self.kd_weight = _build_logit_loss(kd)
         self.ce_weight = ce_weight
+        check_weight(self.kd_weight, "kd weight")
+        check_weight(ce_weight, "ce_weight")
         if not self.terms and self.kd_loss is None:
             raise ValueError("nothing to distill: give at least one Term or a kd loss")
         self.teacher.requires_grad_(False)

@@ -248,6 +248,24 @@ def test_bad_terms_are_reported():
         d.setup(torch.randn(2, 1, 28, 28))
 
 
+def test_negative_weights_are_refused_through_the_api():
+    # issue #19: a negative weight maximises its loss and trained silently; 0 (a loss switched off) stays allowed
+    teacher, student = wrns()
+    with pytest.raises(ValueError, match=r"term 'at:group3': weight must be >= 0 .*got -1000"):
+        featkd.Term("group3", loss="at", weight=-1000)
+    with pytest.raises(ValueError, match=r"Warmup value must be >= 0 .*got -2"):
+        Warmup(-2.0, epochs=1)
+    with pytest.raises(ValueError, match=r"Warmup value must be >= 0 .*got nan"):
+        Warmup(float("nan"), steps=10)
+    with pytest.raises(ValueError, match=r"kd weight must be >= 0 .*got -16"):
+        featkd.Distiller(teacher, student, kd={"loss": "kd", "weight": -16, "T": 4})
+    with pytest.raises(ValueError, match=r"ce_weight must be >= 0 .*got -1"):
+        featkd.Distiller(teacher, student, kd="kd", ce_weight=-1)
+    off = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", weight=0)], kd={"weight": 0}, ce_weight=0)
+    _, losses = off(torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
+    assert losses["total"].item() == 0.0
+
+
 def test_lazy_setup_on_first_call():
     teacher, student = wrns()
     d = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", loss="nst")])
