@@ -30,7 +30,8 @@ def one_line_error(capsys, status, *fragments):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("errors") / "teacher"
-    assert main(["train", "--run-dir", str(run_dir), "model.name=wrn10_2", "epochs=1", "schedule.name=constant", *DATA]) == 0
+    assert main(["train", "--run-dir", str(run_dir), "model.name=wrn10_2", "epochs=1", "schedule.name=constant",
+                 *DATA]) == 0
     return run_dir / "best.pt"
 
 
@@ -113,9 +114,10 @@ def test_resuming_after_the_teacher_file_changed_architecture(teacher, tmp_path,
     copy.write_bytes(teacher.read_bytes())
     run_dir = tmp_path / "run"
     assert main(["distill", "--config", "fmnist_distill_kd_at_nst", "--run-dir", str(run_dir),
-                 f"teacher.checkpoint={copy}", "student.name=wrn10_1", "epochs=1", "schedule.name=constant", *DATA]) == 0
+                 f"teacher.checkpoint={copy}", "student.name=wrn10_1", "epochs=1", *DATA]) == 0
     other = tmp_path / "other"
-    assert main(["train", "--run-dir", str(other), "model.name=wrn10_1", "epochs=1", "schedule.name=constant", *DATA]) == 0
+    assert main(["train", "--run-dir", str(other), "model.name=wrn10_1", "epochs=1", "schedule.name=constant",
+                 *DATA]) == 0
     copy.write_bytes((other / ckpt.BEST).read_bytes())  # the teacher's file now holds a narrower network
     capsys.readouterr()
     status = main(["distill", "--run-dir", str(run_dir), "--resume"])
@@ -172,7 +174,8 @@ def test_damaged_cifar_pickles_are_named(tmp_path, capsys):
 
 def test_damaged_checkpoints_say_whether_the_other_one_can_be_used(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run_dir), "model.name=wrn10_1", "epochs=1", "schedule.name=constant", *DATA]) == 0
+    assert main(["train", "--run-dir", str(run_dir), "model.name=wrn10_1", "epochs=1", "schedule.name=constant",
+                 *DATA]) == 0
     last = run_dir / ckpt.LAST
     last.write_bytes(last.read_bytes()[:1000])
     capsys.readouterr()
@@ -194,7 +197,8 @@ def test_damaged_checkpoints_say_whether_the_other_one_can_be_used(tmp_path, cap
 
 def test_plot_names_its_own_flag(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run_dir), "model.name=wrn10_1", "epochs=1", "schedule.name=constant", *DATA]) == 0
+    assert main(["train", "--run-dir", str(run_dir), "model.name=wrn10_1", "epochs=1", "schedule.name=constant",
+                 *DATA]) == 0
     out = tmp_path / "curves"
     assert main(["plot", "curves", str(run_dir), "--out", str(out)]) == 0
     capsys.readouterr()
