@@ -64,6 +64,8 @@ def teacher(tmp_path_factory):
     (["optim.lr=0"], ["config key 'optim.lr' must be > 0, got 0.0"]),
     (["optim.momentum=-0.5"], ["config key 'optim.momentum' must be in [0, 1), got -0.5"]),
     (["data.limit=0"], ["config key 'data.limit' must be at least 1, got 0"]),
+    (["data.options.noise=.nan"], ["dataset 'synthetic': option noise (data.options.noise in a config) must be a "
+                                   "finite number >= 0", "got nan"]),
     (["schedule.name=multistep"], ["config key 'schedule.milestones' [60, 120, 160] must lie inside the run (each <= "
                                    "epochs=30)", "schedule.name=cosine"]),
 ])
