@@ -64,6 +64,10 @@ def teacher(tmp_path_factory):
     (["optim.lr=0"], ["config key 'optim.lr' must be > 0, got 0.0"]),
     (["optim.momentum=-0.5"], ["config key 'optim.momentum' must be in [0, 1), got -0.5"]),
     (["data.limit=0"], ["config key 'data.limit' must be at least 1, got 0"]),
+    (["terms.0.layout=NHWC"], ["term 'at:group1': student layer 'group1': student_layout NHWC given, which reads the "
+                               "shape (2, 16, 28, 28) as 28 channels on a 16x28 grid, but the model states NCHW (16 "
+                               "channels on a 28x28 grid); leave student_layout (and layout, which sets both sides) "
+                               "unset"]),
     (["data.options.noise=.nan"], ["dataset 'synthetic': option noise (data.options.noise in a config) must be a "
                                    "finite number >= 0", "got nan"]),
     (["schedule.name=multistep"], ["config key 'schedule.milestones' [60, 120, 160] must lie inside the run (each <= "

@@ -266,6 +266,16 @@ def test_negative_weights_are_refused_through_the_api():
     assert losses["total"].item() == 0.0
 
 
+def test_a_layout_that_contradicts_the_wrn_is_refused():
+    # issue #19: layout="NHWC" read the WRN's (B, 16, 28, 28) map as 28 channels on a 16x28 grid and trained
+    teacher, student = wrns()
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term("group1", loss="at", layout="NHWC")])
+    with pytest.raises(ValueError, match=r"term 'at:group1': student layer 'group1': student_layout NHWC given, which "
+                                         r"reads the shape \(2, 16, 28, 28\) as 28 channels on a 16x28 grid, but the "
+                                         r"model states NCHW \(16 channels on a 28x28 grid\)"):
+        d.setup(torch.randn(2, 1, 28, 28))
+
+
 def test_lazy_setup_on_first_call():
     teacher, student = wrns()
     d = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", loss="nst")])
