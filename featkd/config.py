@@ -87,8 +87,8 @@ class ModelConfig:
 class NormalizationConfig:
     """A per-channel input normalisation, on the images' 0..1 scale."""
 
-    mean: list[float] = field(default_factory=list)
-    std: list[float] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list, metadata={"finite": True})
+    std: list[float] = field(default_factory=list, metadata={"above": 0, "finite": True})
 
 
 @dataclass

@@ -26,6 +26,7 @@ another input normalisation than the student gets the batch converted (``teacher
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -93,8 +94,10 @@ def _normalization(value, model: nn.Module, role: str) -> Normalization | None:
         mean, std = (tuple(float(v) for v in (part if isinstance(part, (list, tuple)) else [part])) for part in value)
     except (TypeError, ValueError):
         raise ValueError(f"{role}_normalization must be (mean, std), one value per channel, got {value!r}") from None
-    if len(mean) != len(std) or not mean or min(std) <= 0:
-        raise ValueError(f"{role}_normalization: mean {mean} and std {std} need one value per channel and std > 0")
+    # a NaN, zero or infinite std (or a non-finite mean) would feed the teacher NaN or a blank batch
+    if len(mean) != len(std) or not mean or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise ValueError(f"{role}_normalization: mean {mean} and std {std} need one value per channel, finite "
+                         "means and finite stds > 0")
     return mean, std
 
 

@@ -3,13 +3,15 @@ range, an unknown key refused with the closest valid ones. :mod:`featkd.config` 
 the strategies their own config sections.
 
 A field's range is in its metadata: ``field(default=0.1, metadata={"above": 0})``; ``min`` / ``max`` include the
-bound, ``above`` / ``below`` exclude it, and a list's items are checked one by one.
+bound, ``above`` / ``below`` exclude it, ``finite: True`` refuses infinities (NaN is outside every range), and
+a list's items are checked one by one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Mapping
@@ -103,9 +105,10 @@ def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-# A field's range, in its metadata: the sign in messages and the test, by bound
+# A field's range, in its metadata: the sign in messages and the test, by bound ("finite": True refuses inf too)
 _BOUNDS = {"min": (">=", lambda v, b: v >= b), "above": (">", lambda v, b: v > b),
-           "max": ("<=", lambda v, b: v <= b), "below": ("<", lambda v, b: v < b)}
+           "max": ("<=", lambda v, b: v <= b), "below": ("<", lambda v, b: v < b),
+           "finite": ("", lambda v, b: not b or math.isfinite(v))}
 
 
 def _check_bounds(key: str, value: Any, metadata: Mapping[str, Any]) -> None:
@@ -125,12 +128,15 @@ def _check_bounds(key: str, value: Any, metadata: Mapping[str, Any]) -> None:
 
 
 def _range_text(bounds: Mapping[str, Any]) -> str:
-    """``at least 1``, ``> 0``, ``in [0, 1)``: a field's range as its error message says it."""
+    """``at least 1``, ``> 0``, ``in [0, 1)``, ``a finite number > 0``: a field's range as its error message
+    says it."""
     low = next(((name, bounds[name]) for name in ("min", "above") if name in bounds), None)
     high = next(((name, bounds[name]) for name in ("max", "below") if name in bounds), None)
     if low and high:
-        return f"in {'[' if low[0] == 'min' else '('}{low[1]}, {high[1]}{']' if high[0] == 'max' else ')'}"
-    if low and low[0] == "min":
-        return f"at least {low[1]}"
-    name, bound = low or high
-    return f"{_BOUNDS[name][0]} {bound}"
+        text = f"in {'[' if low[0] == 'min' else '('}{low[1]}, {high[1]}{']' if high[0] == 'max' else ')'}"
+    elif low or high:
+        name, bound = low or high
+        text = f"at least {bound}" if name == "min" and not bounds.get("finite") else f"{_BOUNDS[name][0]} {bound}"
+    else:
+        text = ""
+    return f"a finite number {text}".strip() if bounds.get("finite") else text
