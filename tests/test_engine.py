@@ -280,12 +280,14 @@ def test_evaluate_matches_explicit_counting():
     assert "acc5" not in evaluate(tiny_model(num_classes=5), [(x[:4], y[:4].clamp(min=0, max=4))])
 
 
-def test_bf16_autocast_on_cpu_and_fp16_noop():
+def test_bf16_autocast_on_cpu_and_fp16_refused_there():
     lin = nn.Linear(4, 4)
     with Precision("bf16", "cpu").autocast():
         assert lin(torch.randn(2, 4)).dtype == torch.bfloat16
-    with Precision("fp16", "cpu").autocast():
-        assert lin(torch.randn(2, 4)).dtype == torch.float32
+    # issue #19 §2: fp16 on the CPU ran in fp32 while config.yaml recorded fp16
+    with pytest.raises(ValueError, match=r"^amp=fp16 needs a CUDA device, and this run is on the cpu: set amp=bf16 or "
+                                         r"amp=null there$"):
+        Precision("fp16", "cpu")
     with pytest.raises(ValueError, match="amp"):
         Precision("fp8")
 
