@@ -68,6 +68,8 @@ def teacher(tmp_path_factory):
                                "shape (2, 16, 28, 28) as 28 channels on a 16x28 grid, but the model states NCHW (16 "
                                "channels on a 28x28 grid); leave student_layout (and layout, which sets both sides) "
                                "unset"]),
+    (["student.options.bn_inti=uniform"], ["featkd distill: error: model 'wrn10_1' has no option 'bn_inti'. Did you "
+                                           "mean 'bn_init'? The options WideResNet takes: dropout, bn_init"]),
     (["amp=fp16", "device=cpu"], ["featkd distill: error: amp=fp16 needs a CUDA device, and this run is on the cpu: "
                                   "set amp=bf16 or amp=null there"]),
     (["data.options.noise=.nan"], ["dataset 'synthetic': option noise (data.options.noise in a config) must be a "
