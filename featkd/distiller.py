@@ -37,7 +37,7 @@ from featkd.hooks import FeatureExtractor
 from featkd.layer_info import describe_features
 from featkd.layer_specs import LayerKeyError, unwrap
 from featkd.losses import BatchContext, build_logit_loss
-from featkd.models import input_normalization
+from featkd.models import check_input, input_normalization
 from featkd.terms import Term, Warmup, build_term_pairs, call_loss, check_weight, view, weight_at
 
 __all__ = ["Distiller", "InputConversion", "TEACHER_BN_MODES", "teacher_bn_mode"]
@@ -298,6 +298,7 @@ class Distiller(nn.Module):
         per-batch context (``uses_context``) receive ``y``, ``step``, ``epoch`` and the samples'
         dataset ``indices`` as a :class:`featkd.losses.BatchContext`.
         """
+        check_input(self.student, x)
         if not self.is_setup:
             self.setup(x[:2])
         with teacher_bn_mode(self.teacher, self.teacher_bn):

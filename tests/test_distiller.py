@@ -276,6 +276,32 @@ def test_a_layout_that_contradicts_the_wrn_is_refused():
         d.setup(torch.randn(2, 1, 28, 28))
 
 
+# Issue #19 §2: torch's "Input type (unsigned char) and bias type (float) should be the same" and a bare
+# IndexError (CPU) for a label past the classes, unexplained
+@pytest.mark.parametrize("batch, labels, message", [
+    (lambda x: x.mul(50).clamp(0, 255).to(torch.uint8), None,
+     "the batch is torch.uint8 (2, 1, 28, 28), but models take float images: convert it with x.float() / 255"),
+    (lambda x: x.long(), None, "the batch is torch.int64 (2, 1, 28, 28), but models take float images"),
+    (lambda x: x.half(), None, "the batch is torch.float16 but the model's weights are torch.float32: pass "
+                               "x.to(torch.float32)"),
+    (lambda x: x, [3, 10], "labels must be class indices 0..9 for the model's 10 outputs (or -1 for unlabelled), "
+                           "got 10: build the model with num_classes covering the data's labels"),
+    (lambda x: x, [-2, 1], "labels must be class indices 0..9 for the model's 10 outputs (or -1 for unlabelled), "
+                           "got -2"),
+])
+def test_a_batch_the_student_cannot_take_is_one_line_with_the_fix(batch, labels, message):
+    teacher, student = wrns()
+    distiller = featkd.Distiller(teacher, student, kd="kd").setup(torch.randn(2, 1, 28, 28))
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(ValueError) as error:
+        distiller(batch(x), None if labels is None else torch.tensor(labels))
+    assert str(error.value).startswith(message)
+    optimizer = build_optimizer(distiller.trainable_parameters())
+    with pytest.raises(ValueError) as error:  # the same through the training step (full precision)
+        DistillMethod(distiller, optimizer).train_step(batch(x), torch.tensor(labels or [0, 1]), 0)
+    assert str(error.value).startswith(message)
+
+
 def test_lazy_setup_on_first_call():
     teacher, student = wrns()
     d = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", loss="nst")])

@@ -292,6 +292,19 @@ def test_bf16_autocast_on_cpu_and_fp16_refused_there():
         Precision("fp8")
 
 
+def test_a_batch_or_label_the_model_cannot_take_is_one_line_through_the_supervised_step():
+    # issue #19 §2: torch's own errors came through unexplained
+    model = tiny_model(num_classes=5)
+    method = SupervisedMethod(model, build_optimizer(model.parameters(), lr=0.1))
+    x = torch.randn(4, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"^the batch is torch.uint8 \(4, 1, 16, 16\), but models take float images"):
+        method.train_step(x.to(torch.uint8), torch.tensor([0, 1, 2, 3]), 0)
+    with pytest.raises(ValueError, match=r"^labels must be class indices 0..4 for the model's 5 outputs \(or -1 for "
+                                         r"unlabelled\), got 7"):
+        method.train_step(x, torch.tensor([0, 1, 7, -1]), 0)
+    assert set(method.train_step(x, torch.tensor([0, 1, 4, -1]), 0)) == {"ce"}
+
+
 def test_seed_everything_repeats_initialisation():
     seed_everything(5)
     a = tiny_model().state_dict()

@@ -207,6 +207,23 @@ def _factory_model(spec: str, num_classes: int, in_channels: int, **kwargs) -> n
     return model
 
 
+def check_input(model: nn.Module, x: torch.Tensor) -> None:
+    """Refuse a batch ``model`` cannot take, in one line with the fix, instead of torch's "Input type (unsigned
+    char) and bias type (float) should be the same": integer images, or floats of another precision than the
+    model's weights outside autocast."""
+    weight = next(model.parameters(), None)
+    if weight is None or not weight.is_floating_point():
+        return
+    if not x.is_floating_point():
+        raise ValueError(f"the batch is {x.dtype} {tuple(x.shape)}, but models take float images: convert it with "
+                         "x.float() / 255 and normalise it with the data's mean and std (featkd.data.DeviceLoader "
+                         "does both)")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"the batch is {x.dtype} but the model's weights are {weight.dtype}: pass "
+                         f"x.to({weight.dtype}), or train in mixed precision with featkd.engine.Precision('bf16') "
+                         "(amp=bf16 in a config)")
+
+
 def feature_info(model: nn.Module, layers: list[str] | None = None,
                  input_size: tuple[int, ...] | None = None) -> list[FeatureInfo]:
     """The distillable feature maps of ``model`` as ``FeatureInfo(name, channels, reduction)``.
