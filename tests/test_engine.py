@@ -250,6 +250,13 @@ def test_bad_schedule_and_optimizer_names():
         build_scheduler(opt, "cosin")
     with pytest.raises(ValueError, match="increasing"):
         build_scheduler(opt, "multistep", milestones=[120, 60])
+    # issue #19: through the API too, a negative gamma (a negative lr) and repeated milestones
+    with pytest.raises(ValueError, match=r"^schedule gamma must be > 0, got -1$"):
+        build_scheduler(opt, "multistep", milestones=[1], gamma=-1)
+    with pytest.raises(ValueError, match=r"strictly increasing, got \[2, 2\]"):
+        build_scheduler(opt, "multistep", milestones=[2, 2])
+    with pytest.raises(ValueError, match=r"min_factor in \[0, 1\], got 0 and 1.5"):
+        build_scheduler(opt, "cosine", min_factor=1.5)
     with pytest.raises(ValueError, match="unknown optimizer 'sdg'"):
         build_optimizer([nn.Parameter(torch.zeros(1))], "sdg")
 
@@ -303,6 +310,9 @@ def test_a_batch_or_label_the_model_cannot_take_is_one_line_through_the_supervis
                                          r"unlabelled\), got 7"):
         method.train_step(x, torch.tensor([0, 1, 7, -1]), 0)
     assert set(method.train_step(x, torch.tensor([0, 1, 4, -1]), 0)) == {"ce"}
+    clipping = SupervisedMethod(model, build_optimizer(model.parameters(), lr=0.1), grad_clip=-1.0)
+    with pytest.raises(ValueError, match=r"^grad_clip must be > 0 \(a gradient-norm bound\), got -1.0$"):
+        clipping.train_step(x, torch.tensor([0, 1, 2, 3]), 0)
 
 
 def test_seed_everything_repeats_initialisation():

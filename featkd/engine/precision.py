@@ -36,6 +36,8 @@ class Precision:
         grad_clip: float | None = None,
     ) -> None:
         """``zero_grad``, backward (scaled under fp16), optional grad-norm clipping, optimiser step."""
+        if grad_clip is not None and not grad_clip > 0:  # clip_grad_norm_ flips the gradient for a negative norm
+            raise ValueError(f"grad_clip must be > 0 (a gradient-norm bound), got {grad_clip}")
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if grad_clip is not None:
