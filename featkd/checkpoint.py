@@ -17,18 +17,26 @@ Everything here protects what a user already has:
 A checkpoint stores, next to each evaluated model's weights, the record :func:`model_record`
 gives (model name, options, classes, input channels), so that :func:`model_from_checkpoint`
 rebuilds the model without any other file.
+
+A checkpoint proves its integrity: ``torch.load`` does not check the zip's CRCs, so changed bytes inside
+a tensor load as changed weights. :func:`save_checkpoint` therefore writes the state serialised by
+``torch.save`` as bytes next to their sha256 (:data:`SEALED_FORMAT`), and :func:`load_checkpoint` refuses
+bytes that do not match it. A file written before featkd sealed its checkpoints loads with a warning that
+it cannot be verified.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
 import pickle
 import random
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -39,7 +47,10 @@ from torch import nn
 
 from featkd.provenance import environment_info
 
-CHECKPOINT_FORMAT = "featkd-checkpoint/1"
+CHECKPOINT_FORMAT = "featkd-checkpoint/1"  # the state: a dict with this "format"
+# the file: {"format": SEALED_FORMAT, "sha256": hex digest of the payload, "payload": the torch.save bytes of the
+# state as a uint8 tensor (stored as they are; pickle protocol 2 would re-encode a bytes object)}
+SEALED_FORMAT = "featkd-checkpoint-sealed/1"
 LAST = "last.pt"
 BEST = "best.pt"
 METRICS_JSONL = "metrics.jsonl"
@@ -63,6 +74,10 @@ class WriteFailedError(OSError):
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint file that cannot be read: truncated, overwritten, or not a checkpoint at all."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint written before featkd recorded checksums: its contents cannot be verified."""
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -100,11 +115,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_checkpoint(paths: str | os.PathLike | list, state: dict[str, Any]) -> None:
-    """Save ``state`` (anything ``torch.save`` takes) atomically to one path or several, serialised once."""
-    buffer = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+    """Save ``state`` (anything ``torch.save`` takes) with its sha256, atomically to one path or several,
+    serialised once."""
+    payload = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, payload)
+    sealed = io.BytesIO()
+    torch.save({"format": SEALED_FORMAT, "sha256": hashlib.sha256(payload.getvalue()).hexdigest(),
+                "payload": torch.frombuffer(bytearray(payload.getvalue()), dtype=torch.uint8)}, sealed)
     for path in paths if isinstance(paths, (list, tuple)) else [paths]:
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, sealed.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -123,10 +142,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             hint = _other_checkpoint_hint(path)
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.{hint}")
     try:
-        state = _read_checkpoint(path, map_location)
+        state, verified = _read_checkpoint(path, map_location)
     except CorruptCheckpointError as error:
         hint = _other_checkpoint_hint(path) if path.name in (BEST, LAST) else ""
         raise CorruptCheckpointError(f"{error}{hint}") from None
+    if not verified and isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        warnings.warn(f"checkpoint {str(path)!r} was written before featkd recorded checksums: its contents "
+                      "cannot be verified", UnverifiedCheckpointWarning, stacklevel=2)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{str(path)!r} is not a featkd checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r}); "
@@ -135,10 +157,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def _read_checkpoint(path: Path, map_location) -> Any:
+def _read_checkpoint(path: Path, map_location) -> tuple[Any, bool]:
+    """What ``path`` holds, and whether its sha256 was verified (False: a file written before featkd sealed
+    its checkpoints, or not a featkd checkpoint at all)."""
+    stored = _torch_load(path, path, map_location)
+    if not (isinstance(stored, dict) and stored.get("format") == SEALED_FORMAT):
+        return stored, False
+    payload = stored.get("payload")
+    payload = payload.cpu().numpy().tobytes() if isinstance(payload, torch.Tensor) else b""
+    if hashlib.sha256(payload).hexdigest() != stored.get("sha256"):
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} is damaged: its contents do not match the sha256 "
+                                     "recorded when it was written.")
+    return _torch_load(io.BytesIO(payload), path, map_location), True
+
+
+def _torch_load(source: Path | io.BytesIO, path: Path, map_location) -> Any:
     try:
         # weights_only=False: checkpoints hold RNG states (numpy arrays, Python tuples) and configs.
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(source, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:  # damaged bytes
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
         raise CorruptCheckpointError(f"checkpoint {str(path)!r} cannot be read: it is truncated or damaged "
@@ -151,7 +187,7 @@ def _other_checkpoint_hint(path: Path) -> str:
     if not other.is_file():
         return f" {other.name} does not exist either: nothing in {str(path.parent)!r} can be used; start the run again."
     try:
-        epoch = _read_checkpoint(other, "cpu")["epoch"]
+        epoch = _read_checkpoint(other, "cpu")[0]["epoch"]
     except (CorruptCheckpointError, KeyError, TypeError):
         return f" {other.name} cannot be read either: nothing in {str(path.parent)!r} can be used; start the run again."
     if other.name == BEST:
@@ -301,7 +337,7 @@ def restore_best(run_dir: str | os.PathLike, state: dict[str, Any]) -> str | Non
     if best is None:
         return None
     with contextlib.suppress(CorruptCheckpointError):
-        if path.is_file() and _read_checkpoint(path, "cpu").get("epoch") == best["epoch"]:
+        if path.is_file() and _read_checkpoint(path, "cpu")[0].get("epoch") == best["epoch"]:
             return None
     if best["epoch"] == state["epoch"]:  # save_checkpoint wrote the same bytes to both
         atomic_write_bytes(path, (run_dir / LAST).read_bytes())

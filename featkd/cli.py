@@ -14,6 +14,7 @@ import ast
 import difflib
 import re
 import sys
+import warnings
 from importlib import import_module
 from pathlib import Path
 
@@ -43,7 +44,18 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """featkd's own warnings (an unverifiable checkpoint...) as one line; others as Python shows them."""
+    if category.__module__.startswith("featkd."):
+        return f"featkd: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

@@ -4,9 +4,9 @@
 
 ``--config`` takes a path or the name of a file shipped in ``featkd/configs``.
 Override values are parsed as YAML scalars or lists (``[60, 120]``, ``null``,
-``true``). The schema is the dataclasses below; an unknown key or a value of
-the wrong type raises :class:`ConfigError` naming the key and suggesting the
-closest valid one. :func:`to_dict` gives the fully resolved config, which every
+``true``). The schema is the dataclasses below, built by :func:`featkd.schema.build_dataclass`:
+an unknown key, a value of the wrong type or outside its field's range raises
+:class:`ConfigError` naming the key (and suggesting the closest valid one). :func:`to_dict` gives the fully resolved config, which every
 run saves as ``config.yaml``.
 """
 
@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
+from featkd.schema import ConfigError, build_dataclass
+
+__all__ = ["CONFIG_DIR", "STRATEGY_CONFIG_DIR", "Config", "ConfigError", "DataConfig", "DatasetConfig", "KDConfig",
+           "LayoutConfig", "ModelConfig", "NormalizationConfig", "OptimConfig", "ScheduleConfig", "TeacherConfig",
+           "TermConfig", "WarmupConfig", "apply_overrides", "build_dataclass", "changed_keys", "check_run_config",
+           "describe_yaml_error", "from_dict", "load_config", "read_yaml", "resolve_config_path", "to_dict"]
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 STRATEGY_CONFIG_DIR = CONFIG_DIR / "strategies"
 SHIPPED_CONFIG_DIRS = (CONFIG_DIR, STRATEGY_CONFIG_DIR)
-
-
-class ConfigError(ValueError):
-    """A config key or value that does not fit the schema."""
 
 
 # --------------------------------------------------------------------------- schema
@@ -40,7 +41,7 @@ class DatasetConfig:
 
     name: str = "fashion_mnist"
     root: str | None = None
-    limit: int | None = None
+    limit: int | None = field(default=None, metadata={"min": 1})
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -59,8 +60,8 @@ class DataConfig:
 
     name: str = "fashion_mnist"
     root: str | None = None
-    limit: int | None = None
-    test_limit: int | None = None
+    limit: int | None = field(default=None, metadata={"min": 1})
+    test_limit: int | None = field(default=None, metadata={"min": 1})
     options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = field(default=128, metadata={"min": 1})
     drop_last: bool = True
@@ -86,8 +87,8 @@ class ModelConfig:
 class NormalizationConfig:
     """A per-channel input normalisation, on the images' 0..1 scale."""
 
-    mean: list[float] = field(default_factory=list)
-    std: list[float] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list, metadata={"finite": True})
+    std: list[float] = field(default_factory=list, metadata={"above": 0, "finite": True})
 
 
 @dataclass
@@ -103,9 +104,9 @@ class TeacherConfig:
 class WarmupConfig:
     """A weight ramped linearly from 0 to ``value`` over ``epochs`` or ``steps``."""
 
-    value: float = 1.0
-    epochs: float | None = None
-    steps: int | None = None
+    value: float = field(default=1.0, metadata={"min": 0})
+    epochs: float | None = field(default=None, metadata={"above": 0})
+    steps: int | None = field(default=None, metadata={"min": 1})
 
 
 @dataclass
@@ -114,8 +115,8 @@ class RelativeWeightConfig:
     student is ``relative_to_ce`` times the cross-entropy's on the first training batch. The run fills in
     ``resolved``, the absolute weight it came to, and a resumed run uses that."""
 
-    relative_to_ce: float = 1.0
-    resolved: float | None = None
+    relative_to_ce: float = field(default=1.0, metadata={"above": 0, "finite": True})
+    resolved: float | None = field(default=None, metadata={"min": 0, "finite": True})
 
 
 @dataclass
@@ -137,7 +138,7 @@ class TermConfig:
     teacher: str | list[str] = ""
     student: str | list[str] | None = None
     loss: str = "at"
-    weight: float | WarmupConfig | RelativeWeightConfig = 1.0
+    weight: float | WarmupConfig | RelativeWeightConfig = field(default=1.0, metadata={"min": 0})
     name: str | None = None
     adapter: str | None = "auto"
     options: dict[str, Any] = field(default_factory=dict)
@@ -151,7 +152,7 @@ class KDConfig:
     """The logit term: a :func:`featkd.losses.build_logit_loss` name, its weight and options (e.g. ``{T: 4}``)."""
 
     loss: str = "kd"
-    weight: float | WarmupConfig | RelativeWeightConfig = 1.0
+    weight: float | WarmupConfig | RelativeWeightConfig = field(default=1.0, metadata={"min": 0})
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -160,9 +161,9 @@ class OptimConfig:
     """See :func:`featkd.engine.build_optimizer`."""
 
     name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: float = field(default=0.1, metadata={"above": 0})
+    momentum: float = field(default=0.9, metadata={"min": 0, "below": 1})
+    weight_decay: float = field(default=5e-4, metadata={"min": 0})
     nesterov: bool = False
 
 
@@ -173,10 +174,10 @@ class ScheduleConfig:
     ``restart_momentum_at_milestones``)."""
 
     name: str = "multistep"
-    milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
-    gamma: float = 0.2
-    warmup_epochs: int = 0
-    min_factor: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [60, 120, 160], metadata={"min": 1})
+    gamma: float = field(default=0.2, metadata={"above": 0})
+    warmup_epochs: int = field(default=0, metadata={"min": 0})
+    min_factor: float = field(default=0.0, metadata={"min": 0, "max": 1})
     restart_momentum_at_milestones: bool = False
 
 
@@ -191,113 +192,16 @@ class Config:
     channels_last: bool = False
     compile: bool = False
     deterministic: bool = False
-    grad_clip: float | None = None
+    grad_clip: float | None = field(default=None, metadata={"above": 0})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig | None = None
     teacher: TeacherConfig | None = None
     student: ModelConfig | None = None
     terms: list[TermConfig] = field(default_factory=list)
     kd: KDConfig | None = None
-    ce_weight: float = 1.0
+    ce_weight: float = field(default=1.0, metadata={"min": 0})
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-def _type_name(tp: Any) -> str:
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _wrong_type(key: str, tp: Any, value: Any) -> ConfigError:
-    return ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _holds_keys(tp: Any, value: Any) -> bool:
-    """Whether dataclass ``tp`` has a field for every key of the mapping ``value``."""
-    return (dataclasses.is_dataclass(tp) and isinstance(value, dict)
-            and set(value) <= {f.name for f in dataclasses.fields(tp)})
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against (and, for dataclasses, built as) type ``tp``."""
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _wrong_type(key, tp, value)
-        # A mapping is meant for a dataclass member (the one whose fields hold its keys); anything else for the
-        # plain types first.
-        ordered = sorted((a for a in args if a is not type(None)),
-                         key=lambda a: (dataclasses.is_dataclass(a) != isinstance(value, dict), not _holds_keys(a, value)))
-        for arg in ordered:
-            try:
-                return _convert(value, arg, key)
-            except ConfigError:
-                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                    raise  # an unknown key inside the mapping is the real problem
-        raise _wrong_type(key, tp, value) from None
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise _wrong_type(key, tp, value)
-        return build_dataclass(tp, value, key)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise _wrong_type(key, tp, value)
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _wrong_type(key, tp, value)
-        return dict(value)
-    if tp in (bool, int, str):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):  # True is an int to Python
-            raise _wrong_type(key, tp, value)
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise _wrong_type(key, tp, value) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _wrong_type(key, tp, value)
-        return float(value)
-    raise TypeError(f"config schema has an unsupported type {tp!r} at {key!r}")
-
-
-def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
-    """``cls`` built from ``data``, every value checked against its field's type and least value
-    (``field(metadata={"min": 1})``)."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
-            where = f" in {prefix!r}" if prefix else ""
-            hint = f" Did you mean {', '.join(repr(f'{prefix}.{c}' if prefix else c) for c in close)}?" if close else ""
-            raise ConfigError(f"unknown config key {full!r}.{hint} Valid keys{where}: {', '.join(fields)}")
-        kwargs[key] = _convert(value, hints[key], full)
-        least = fields[key].metadata.get("min")
-        if least is not None and kwargs[key] < least:
-            raise ConfigError(f"config key {full!r} must be at least {least}, got {value!r}")
-    return cls(**kwargs)
 
 
 def from_dict(data: dict[str, Any] | None) -> Config:
@@ -306,6 +210,21 @@ def from_dict(data: dict[str, Any] | None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
     return build_dataclass(Config, data)
+
+
+def check_run_config(cfg: Config) -> None:
+    """The checks between fields of a config a run trains with (each field's own range is checked as it is
+    built): a multistep schedule's milestones strictly increasing and inside the run."""
+    schedule = cfg.schedule
+    if schedule.name != "multistep":
+        return
+    milestones = schedule.milestones
+    if any(later <= earlier for earlier, later in zip(milestones, milestones[1:])):
+        raise ConfigError(f"config key 'schedule.milestones' must be strictly increasing, got {milestones}")
+    if milestones and milestones[-1] > cfg.epochs:
+        raise ConfigError(f"config key 'schedule.milestones' {milestones} must lie inside the run (each <= "
+                          f"epochs={cfg.epochs}), or the lr never decays there; set schedule.milestones to epochs "
+                          "of this run, or schedule.name=cosine or schedule.name=constant")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ another input normalisation than the student gets the batch converted (``teacher
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -37,8 +38,8 @@ from featkd.hooks import FeatureExtractor
 from featkd.layer_info import describe_features
 from featkd.layer_specs import LayerKeyError, unwrap
 from featkd.losses import BatchContext, build_logit_loss
-from featkd.models import input_normalization
-from featkd.terms import Term, Warmup, build_term_pairs, call_loss, view, weight_at
+from featkd.models import check_input, input_normalization
+from featkd.terms import Term, Warmup, build_term_pairs, call_loss, check_weight, view, weight_at
 
 __all__ = ["Distiller", "InputConversion", "NOT_SET_UP", "TEACHER_BN_MODES", "teacher_bn_mode"]
 
@@ -100,8 +101,10 @@ def _normalization(value, model: nn.Module, role: str) -> Normalization | None:
         mean, std = (tuple(float(v) for v in (part if isinstance(part, (list, tuple)) else [part])) for part in value)
     except (TypeError, ValueError):
         raise ValueError(f"{role}_normalization must be (mean, std), one value per channel, got {value!r}") from None
-    if len(mean) != len(std) or not mean or min(std) <= 0:
-        raise ValueError(f"{role}_normalization: mean {mean} and std {std} need one value per channel and std > 0")
+    # a NaN, zero or infinite std (or a non-finite mean) would feed the teacher NaN or a blank batch
+    if len(mean) != len(std) or not mean or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise ValueError(f"{role}_normalization: mean {mean} and std {std} need one value per channel, finite "
+                         "means and finite stds > 0")
     return mean, std
 
 
@@ -205,6 +208,8 @@ class Distiller(nn.Module):
             raise ValueError(f"term names must be unique and not ce/kd/total: {duplicates}; give the terms name=...")
         self.kd_loss, self.kd_weight = _build_logit_loss(kd)
         self.ce_weight = ce_weight
+        check_weight(self.kd_weight, "kd weight")
+        check_weight(ce_weight, "ce_weight")
         if not self.terms and self.kd_loss is None:
             raise ValueError("nothing to distill: give at least one Term or a kd loss")
         self.teacher.requires_grad_(False)
@@ -340,6 +345,7 @@ class Distiller(nn.Module):
         per-batch context (``uses_context``) receive ``y``, ``step``, ``epoch`` and the samples'
         dataset ``indices`` as a :class:`featkd.losses.BatchContext`.
         """
+        check_input(self.student, x)
         if not self.is_setup:  # set up here, its adapters and loss parameters would miss the optimiser
             raise RuntimeError(NOT_SET_UP)
         weights = self.loss_weights()

@@ -16,7 +16,8 @@ their grid, prefix tokens dropped) and ``(B, C, N)`` otherwise, so every loss ke
 A :class:`Layout` is resolved per feature by :func:`resolve_layout`: the one given (``student_layout=``
 / ``teacher_layout=``), else the one the model states (:mod:`featkd.models.layouts`), else the only
 reading the shape allows for the input size; a shape that reads more than one way is refused with the
-readings to choose from, never guessed.
+readings to choose from, never guessed. A given layout that contradicts the one the model states (or, the
+model stating none, every reading of the shape for the input size) is refused with both readings.
 """
 
 from __future__ import annotations
@@ -260,11 +261,24 @@ def readings(shape: Sequence[int], input_size: Sequence[int] | None) -> list[Lay
 
 
 def _describe_reading(shape: Sequence[int], layout: Layout) -> str:
-    canon = canonical_shape(shape, layout)
-    grid = "x".join(map(str, canon[2:]))
-    prefix = f", {layout.prefix_tokens} prefix token(s)" if layout.prefix_tokens else ""
     spec = layout.kind if not layout.prefix_tokens else f"{{kind: NLC, prefix_tokens: {layout.prefix_tokens}}}"
-    return f"{spec} ({canon[1]} channels on a {grid} grid{prefix})"
+    return f"{spec} ({_reading(shape, layout)})"
+
+
+def _reading(shape: Sequence[int], layout: Layout) -> str:
+    """What ``layout`` makes of ``shape``: ``16 channels on a 28x28 grid``."""
+    canon = canonical_shape(shape, layout)
+    where = f"on a {'x'.join(map(str, canon[2:]))} grid" if len(canon) == 4 else f"at {canon[2]} positions"
+    prefix = f", {layout.prefix_tokens} prefix token(s)" if layout.prefix_tokens else ""
+    return f"{canon[1]} channels {where}{prefix}"
+
+
+def _as_given(layout: Layout) -> str:
+    """A given layout as the user wrote it: ``NHWC``, ``{kind: NLC, prefix_tokens: 1, grid: [2, 8]}``."""
+    parts = [f"prefix_tokens: {layout.prefix_tokens}"] if layout.prefix_tokens is not None else []
+    parts += [f"grid: [{layout.grid[0]}, {layout.grid[1]}]"] if layout.grid is not None else []
+    parts += [f"tokens: {layout.tokens}"] if layout.tokens != "patch" else []
+    return f"{{kind: {layout.kind}, {', '.join(parts)}}}" if parts else layout.kind
 
 
 # --------------------------------------------------------------------------- resolution
@@ -285,11 +299,21 @@ def resolve_layout(given: Any, feature: CapturedFeature, what: str, option: str 
     states or the shape allows; else the model's; else the one reading of the shape. ``what`` names the
     feature in errors (``"student layer 'layer3'"``) and ``option`` the argument that would settle it.
 
-    Raises ValueError when ``given`` does not fit the shape, or when nothing settles the layout: the
-    message lists the readings to choose from.
+    Raises ValueError when ``given`` does not fit the shape, contradicts the layout the model states or (the
+    model stating none) every reading of the shape for the input size, or when nothing settles the layout:
+    the message names the readings.
     """
     shape = tuple(feature.shape)
     given = parse_layout(given, len(shape))
+    layout = _resolve(given, feature, what, option)
+    if given is not None and layout is not None:
+        _check_given(given, layout, feature, what, option)
+    return layout
+
+
+def _resolve(given: Layout | None, feature: CapturedFeature, what: str, option: str) -> Layout | None:
+    """:func:`resolve_layout` before a given layout is checked against the model and the shape's readings."""
+    shape = tuple(feature.shape)
     if len(shape) not in (3, 4):
         if given is not None:
             raise ValueError(f"{what} gives a feature of shape {shape}; a layout applies to 3-d and 4-d features")
@@ -322,6 +346,35 @@ def resolve_layout(given: Any, feature: CapturedFeature, what: str, option: str 
                          f"neither the model nor the shape tells; set {option} to {{kind: NLC, prefix_tokens: k}}")
     grid = filled.grid if filled else None
     return _fits(shape, Layout(base.kind, prefix or 0, grid, base.tokens, source=base.source), what, option)
+
+
+def _check_given(given: Layout, layout: Layout, feature: CapturedFeature, what: str, option: str) -> None:
+    """Refuse a given layout that contradicts the one the model states or, when it states none, every reading
+    of the shape for the input size: trained anyway, a loss would compare the wrong dimensions."""
+    shape, known, size = tuple(feature.shape), feature.known, feature.input_size
+    if known is not None:
+        if _agrees(given, known):
+            return
+        against = f"the model states {_describe_reading(shape, known)}"
+        both = "" if option == "layout" else " (and layout, which sets both sides)"
+        fix = f"leave {option}{both} unset to use the model's layout"
+    else:
+        choices = readings(shape, size) if size is not None and len(size) == 2 else []
+        if not choices or any(_agrees(given, choice) for choice in choices):
+            return
+        listed = " or ".join(_describe_reading(shape, choice) for choice in choices)
+        against = f"with a {size[0]}x{size[1]} input the shape reads only as {listed}"
+        fix = f"set {option} to {'that' if len(choices) == 1 else 'the right one'}"
+    raise ValueError(f"{what}: {option} {_as_given(given)} given, which reads the shape {shape} as "
+                     f"{_reading(shape, layout)}, but {against}; {fix}")
+
+
+def _agrees(given: Layout, stated: Layout) -> bool:
+    """Whether what ``given`` says (its kind, and its prefix tokens and grid where it gives them) is what
+    ``stated`` says where it says it."""
+    return given.kind == stated.kind and all(
+        mine is None or theirs is None or mine == theirs
+        for mine, theirs in ((given.prefix_tokens, stated.prefix_tokens), (given.grid, stated.grid)))
 
 
 def _fits(shape, layout: Layout, what: str, option: str) -> Layout:

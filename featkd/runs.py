@@ -29,7 +29,7 @@ from featkd import checkpoint as ckpt
 from featkd import distributed
 from featkd.config import (STRATEGY_CONFIG_DIR, Config, ConfigError, DataConfig, KDConfig, LayoutConfig,
                            RelativeWeightConfig, TermConfig, WarmupConfig, apply_overrides, build_dataclass,
-                           changed_keys, from_dict, read_yaml, to_dict)
+                           changed_keys, check_run_config, from_dict, read_yaml, to_dict)
 from featkd.locking import run_lock
 
 # What a resumed run can take from the command line: anything else (optim.lr, ...) would be overruled by the
@@ -79,8 +79,11 @@ def apply_resume_overrides(saved: dict, overrides: list[str], run_dir,
 
 
 def load_run_config(config, run_dir, resume: bool, overrides: list[str]) -> Config:
-    """:func:`read_run_config` type-checked as a :class:`featkd.config.Config`."""
-    return from_dict(read_run_config(config, run_dir, resume, overrides))
+    """:func:`read_run_config` type-checked as a :class:`featkd.config.Config`, its fields checked against
+    each other (:func:`featkd.config.check_run_config`)."""
+    cfg = from_dict(read_run_config(config, run_dir, resume, overrides))
+    check_run_config(cfg)
+    return cfg
 
 
 def load_strategy_config(section: str, schema: type, config, run_dir, resume: bool, overrides: list[str],
@@ -102,6 +105,7 @@ def load_strategy_config(section: str, schema: type, config, run_dir, resume: bo
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by torchrun
         raise ConfigError(f"featkd {command} runs in one process; it does not support torchrun/DDP yet")
     cfg = from_dict(data)
+    check_run_config(cfg)
     strategy_cfg = build_dataclass(schema, section_data, section)
     return cfg, strategy_cfg, {**to_dict(cfg), section: dataclasses.asdict(strategy_cfg)}
 

@@ -35,17 +35,11 @@ TEACHER = ShippedTeacher(
 def export_teacher(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the model record, weights, config and history of a ``featkd train`` checkpoint to ``out``
     (without the optimiser state and RNG states that only resuming needs); refuse to overwrite."""
-    import torch
-
     from featkd import checkpoint as ckpt
 
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"not overwriting {out}")
     state = ckpt.load_checkpoint(checkpoint)
-    kept = {key: state[key] for key in ("format", "epoch", "models", "config", "history") if key in state}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(kept, tmp)
-    tmp.replace(out)
+    ckpt.save_checkpoint(out, {key: state[key] for key in ("epoch", "models", "config", "history") if key in state})
     return out

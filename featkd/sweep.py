@@ -84,14 +84,16 @@ def member_configs(base: dict, overrides: list[str], grid: Mapping[str, Sequence
     """
     import yaml
 
-    from featkd.config import ConfigError, load_config
+    from featkd.config import ConfigError, check_run_config, load_config
 
     base_cfg = load_config(None, overrides, base=base)
+    check_run_config(base_cfg)
     members = []
     for point in expand_grid(grid) if grid else [{}]:
         point_overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
                            for k, v in point.items()]
         cfg = load_config(None, overrides + point_overrides, base=base)
+        check_run_config(cfg)
         for key in SHARED_KEYS:
             if getattr(cfg, key) != getattr(base_cfg, key):
                 raise ConfigError(f"the grid changes {key!r} (member {member_name(point)}); a sweep shares one "

@@ -24,7 +24,8 @@ from torch import nn
 from featkd.layouts import CapturedFeature, Layout, canonical_shape, parse_layout, resolve_layout, to_channels_first
 from featkd.losses import build_feature_loss, feature_loss_class
 
-__all__ = ["Term", "TermModules", "Warmup", "FeatureAdapter", "build_term_pairs", "call_loss", "view", "weight_at"]
+__all__ = ["Term", "TermModules", "Warmup", "FeatureAdapter", "build_term_pairs", "call_loss", "check_weight", "view",
+           "weight_at"]
 
 
 # --------------------------------------------------------------------------- weights
@@ -47,8 +48,9 @@ class Warmup:
         if (self.epochs is None) == (self.steps is None):
             raise ValueError(f"Warmup needs exactly one of epochs= or steps=, got epochs={self.epochs}, steps={self.steps}")
         length = self.epochs if self.epochs is not None else self.steps
-        if length <= 0:
+        if not length > 0:
             raise ValueError(f"Warmup length must be positive, got {length}")
+        check_weight(self.value, "Warmup value")
 
     def __call__(self, step: int | None = None, epoch: float | None = None) -> float:
         if self.steps is not None:
@@ -56,6 +58,14 @@ class Warmup:
         else:
             progress = None if epoch is None else epoch / self.epochs
         return self.value if progress is None else self.value * min(max(progress, 0.0), 1.0)
+
+
+def check_weight(weight: Any, what: str) -> None:
+    """Refuse a negative (or NaN) loss weight, which would maximise its loss; 0 switches the loss off. A
+    schedule checks its own values (:class:`Warmup`); a callable of your own is yours to check."""
+    if isinstance(weight, (int, float)) and not weight >= 0:
+        raise ValueError(f"{what} must be >= 0 (0 switches the loss off; a negative weight maximises it), "
+                         f"got {weight!r}")
 
 
 def weight_at(weight: float | Warmup, step: int | None, epoch: float | None) -> float:
@@ -89,7 +99,8 @@ class Term:
       ``"NCHW"``, ``"NHWC"``, ``"NLC"``/``"tokens"``, ``"NCL"``, or ``{"kind": "NLC", "prefix_tokens": 1,
       "tokens": "prefix"}``); ``layout`` sets both. Left out, the layout is the one the model states
       (:mod:`featkd.models.layouts`), else the only reading of the shape; a shape that reads several ways
-      raises with the choices. ``options={"layout": ...}`` is the older spelling of ``layout``.
+      raises with the choices. A given layout that contradicts the model's (or every reading of the shape)
+      raises with both readings. ``options={"layout": ...}`` is the older spelling of ``layout``.
     """
 
     teacher: str | Sequence[str]
@@ -115,6 +126,7 @@ class Term:
                              "by name (one module is built per pair) or use one Term per pair")
         if isinstance(self.loss, nn.Module) and self.options:
             raise ValueError(f"term {self.key!r}: options {self.options} only apply to a loss given by name")
+        check_weight(self.weight, f"term {self.key!r}: weight")
         if not (self.adapter in (None, "auto", "conv") or isinstance(self.adapter, nn.Module)):
             raise ValueError(f"term {self.key!r}: adapter must be 'auto', 'conv', None or an nn.Module, "
                              f"got {self.adapter!r}")

@@ -17,6 +17,7 @@ LAYERS = [
     ["featkd.distiller", "featkd.terms", "featkd.engine", "featkd.calibration"],
     ["featkd.hooks", "featkd.layer_specs", "featkd.layer_info", "featkd.layouts", "featkd.layer_pairs", "featkd.losses",
      "featkd.functional", "featkd.models", "featkd.data", "featkd.checkpoint", "featkd.locking", "featkd.config",
+     "featkd.schema",
      "featkd.distributed", "featkd.stats", "featkd.provenance", "featkd.teachers",
      "featkd.shipped"],
 ]

@@ -279,3 +279,30 @@ def test_a_layout_of_the_wrong_rank_names_the_side():
     right = featkd.Distiller(teacher, student, terms=[featkd.Term("encoder", "layer3", teacher_layout="tokens")])
     _, losses = right.setup(x)(x)
     assert torch.isfinite(losses["at:layer3"])
+
+
+# Issue #19: a token grid or prefix count given against what the ViT states trained on the wrong positions.
+@pytest.mark.parametrize("layout, reads", [
+    ("{kind: NLC, prefix_tokens: 1, grid: [2, 8]}", "as 192 channels on a 2x8 grid, 1 prefix token(s)"),
+    ("{kind: NLC, prefix_tokens: 0}", "as 192 channels at 17 positions"),
+    ("{kind: NLC, prefix_tokens: 2}", "as 192 channels at 15 positions, 2 prefix token(s)"),
+])
+def test_a_token_layout_in_a_config_that_contradicts_the_vit_is_refused(layout, reads):
+    from featkd import runs
+    from featkd.config import load_config
+    from featkd.models import create_model
+
+    teacher = create_model("timm:vit_tiny_patch16_224", num_classes=10, in_channels=3, img_size=SIZE, depth=1)
+    student = tv("resnet18", 1)
+    cfg = load_config(None, ["terms=[{teacher: blocks.0, student: layer3, loss: at}]",
+                             f"terms.0.teacher_layout={layout}"])
+    distiller = runs.build_distiller(cfg, teacher, student)
+    with pytest.raises(ValueError) as error:
+        distiller.setup(batch()[0])
+    assert (f"term 'at:layer3': teacher layer 'blocks.0': teacher_layout {layout} given, which reads the shape "
+            f"(2, 17, 192) {reads}, but the model states {{kind: NLC, prefix_tokens: 1}} (192 channels on a 4x4 grid, "
+            "1 prefix token(s)); leave teacher_layout (and layout, which sets both sides) unset") in str(error.value)
+    agreeing = load_config(None, ["terms=[{teacher: blocks.0, student: layer3, loss: at}]",
+                                  "terms.0.teacher_layout={kind: NLC, prefix_tokens: 1, grid: [4, 4]}"])
+    _, losses = runs.build_distiller(agreeing, teacher, student).setup(batch()[0])(*batch())
+    assert torch.isfinite(losses["at:layer3"])

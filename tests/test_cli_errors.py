@@ -30,7 +30,8 @@ def one_line_error(capsys, status, *fragments):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("errors") / "teacher"
-    assert main(["train", "--run-dir", str(run_dir), "model.name=wrn10_2", "epochs=1", *DATA]) == 0
+    assert main(["train", "--run-dir", str(run_dir), "model.name=wrn10_2", "epochs=1", "schedule.name=constant",
+                 *DATA]) == 0
     return run_dir / "best.pt"
 
 
@@ -55,6 +56,26 @@ def teacher(tmp_path_factory):
                                          "a 4-d feature is one of NCHW, NHWC; set teacher_layout"]),
     (["terms.0.layout={kind: NLC, tokens: cls}"], ["unknown token selection 'cls'; choose one of patch, prefix, all"]),
     (["optim.lr=[0.1"], ["override 'optim.lr=[0.1'", "not valid YAML", "close its brackets"]),
+    # issue #19: these trained to a wrong result with exit status 0
+    (["terms.0.weight=-1000"], ["config key 'terms.0.weight' must be at least 0, got -1000.0"]),
+    (["kd.weight=-16"], ["config key 'kd.weight' must be at least 0, got -16.0"]),
+    (["grad_clip=-1"], ["config key 'grad_clip' must be > 0, got -1.0"]),
+    (["schedule.gamma=-1"], ["config key 'schedule.gamma' must be > 0, got -1.0"]),
+    (["optim.lr=0"], ["config key 'optim.lr' must be > 0, got 0.0"]),
+    (["optim.momentum=-0.5"], ["config key 'optim.momentum' must be in [0, 1), got -0.5"]),
+    (["data.limit=0"], ["config key 'data.limit' must be at least 1, got 0"]),
+    (["terms.0.layout=NHWC"], ["term 'at:group1': student layer 'group1': student_layout NHWC given, which reads the "
+                               "shape (2, 16, 28, 28) as 28 channels on a 16x28 grid, but the model states NCHW (16 "
+                               "channels on a 28x28 grid); leave student_layout (and layout, which sets both sides) "
+                               "unset"]),
+    (["student.options.bn_inti=uniform"], ["featkd distill: error: model 'wrn10_1' has no option 'bn_inti'. Did you "
+                                           "mean 'bn_init'? The options WideResNet takes: dropout, bn_init"]),
+    (["amp=fp16", "device=cpu"], ["featkd distill: error: amp=fp16 needs a CUDA device, and this run is on the cpu: "
+                                  "set amp=bf16 or amp=null there"]),
+    (["data.options.noise=.nan"], ["dataset 'synthetic': option noise (data.options.noise in a config) must be a "
+                                   "finite number >= 0", "got nan"]),
+    (["schedule.name=multistep"], ["config key 'schedule.milestones' [60, 120, 160] must lie inside the run (each <= "
+                                   "epochs=30)", "schedule.name=cosine"]),
 ])
 def test_invalid_settings_are_one_line_before_any_run_directory(teacher, tmp_path, capsys, overrides, fragments):
     run_dir = tmp_path / "run"
@@ -105,7 +126,8 @@ def test_resuming_after_the_teacher_file_changed_architecture(teacher, tmp_path,
     assert main(["distill", "--config", "fmnist_distill_kd_at_nst", "--run-dir", str(run_dir),
                  f"teacher.checkpoint={copy}", "student.name=wrn10_1", "epochs=1", *DATA]) == 0
     other = tmp_path / "other"
-    assert main(["train", "--run-dir", str(other), "model.name=wrn10_1", "epochs=1", *DATA]) == 0
+    assert main(["train", "--run-dir", str(other), "model.name=wrn10_1", "epochs=1", "schedule.name=constant",
+                 *DATA]) == 0
     copy.write_bytes((other / ckpt.BEST).read_bytes())  # the teacher's file now holds a narrower network
     capsys.readouterr()
     status = main(["distill", "--run-dir", str(run_dir), "--resume"])
@@ -162,7 +184,8 @@ def test_damaged_cifar_pickles_are_named(tmp_path, capsys):
 
 def test_damaged_checkpoints_say_whether_the_other_one_can_be_used(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run_dir), "model.name=wrn10_1", "epochs=1", *DATA]) == 0
+    assert main(["train", "--run-dir", str(run_dir), "model.name=wrn10_1", "epochs=1", "schedule.name=constant",
+                 *DATA]) == 0
     last = run_dir / ckpt.LAST
     last.write_bytes(last.read_bytes()[:1000])
     capsys.readouterr()
@@ -184,7 +207,8 @@ def test_damaged_checkpoints_say_whether_the_other_one_can_be_used(tmp_path, cap
 
 def test_plot_names_its_own_flag(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run_dir), "model.name=wrn10_1", "epochs=1", *DATA]) == 0
+    assert main(["train", "--run-dir", str(run_dir), "model.name=wrn10_1", "epochs=1", "schedule.name=constant",
+                 *DATA]) == 0
     out = tmp_path / "curves"
     assert main(["plot", "curves", str(run_dir), "--out", str(out)]) == 0
     capsys.readouterr()

@@ -163,3 +163,60 @@ def test_changed_keys_reports_differing_leaves_and_treats_a_missing_key_as_none(
     old = {"epochs": 3, "terms": [{"weight": 1.0}], "teacher": {"checkpoint": "a.pt"}}
     new = {"epochs": 5, "terms": [{"weight": 1.0, "layout": None}], "teacher": {"checkpoint": "a.pt", "extra": 2}}
     assert changed_keys(old, new) == {"epochs": (3, 5), "teacher.extra": (None, 2)}
+
+
+# Issue #19: each of these trained silently to a wrong result (a negative weight maximises its term, a negative
+# clip norm flips the gradient, a negative gamma gives a negative lr, lr 0 trains nothing).
+@pytest.mark.parametrize("override, message", [
+    ("terms=[{teacher: group3, weight: -1000}]", "config key 'terms.0.weight' must be at least 0, got -1000.0"),
+    ("terms=[{teacher: group3, weight: {value: -5, epochs: 2}}]",
+     "config key 'terms.0.weight.value' must be at least 0, got -5.0"),
+    ("terms=[{teacher: group3, weight: {value: 5, epochs: 0}}]",
+     "config key 'terms.0.weight.epochs' must be > 0, got 0.0"),
+    ("kd={weight: -1}", "config key 'kd.weight' must be at least 0, got -1.0"),
+    ("ce_weight=-0.5", "config key 'ce_weight' must be at least 0, got -0.5"),
+    ("grad_clip=-1", "config key 'grad_clip' must be > 0, got -1.0"),
+    ("grad_clip=0", "config key 'grad_clip' must be > 0, got 0.0"),
+    ("optim.lr=-0.1", "config key 'optim.lr' must be > 0, got -0.1"),
+    ("optim.lr=0", "config key 'optim.lr' must be > 0, got 0.0"),
+    ("optim.lr=.nan", "config key 'optim.lr' must be > 0, got nan"),
+    ("optim.momentum=-0.5", "config key 'optim.momentum' must be in [0, 1), got -0.5"),
+    ("optim.momentum=1", "config key 'optim.momentum' must be in [0, 1), got 1.0"),
+    ("optim.weight_decay=-1e-4", "config key 'optim.weight_decay' must be at least 0, got -0.0001"),
+    ("schedule.gamma=-1", "config key 'schedule.gamma' must be > 0, got -1.0"),
+    ("schedule.gamma=0", "config key 'schedule.gamma' must be > 0, got 0.0"),
+    ("schedule.warmup_epochs=-2", "config key 'schedule.warmup_epochs' must be at least 0, got -2"),
+    ("schedule.min_factor=1.5", "config key 'schedule.min_factor' must be in [0, 1], got 1.5"),
+    ("schedule.milestones=[3, 0]", "config key 'schedule.milestones.1' must be at least 1, got 0"),
+    ("data.limit=0", "config key 'data.limit' must be at least 1, got 0"),
+    ("data.test_limit=0", "config key 'data.test_limit' must be at least 1, got 0"),
+    ("data.extra_unlabeled={name: synthetic, limit: 0}", "config key 'data.extra_unlabeled.limit' must be at least 1"),
+])
+def test_numbers_outside_their_range_name_the_key_and_the_range(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_edges_of_the_ranges_are_valid():
+    cfg = load_config(None, ["terms=[{teacher: group3, weight: 0}]", "kd={weight: 0}", "ce_weight=0",
+                             "optim.momentum=0", "optim.weight_decay=0", "schedule.min_factor=1", "grad_clip=1e-3"])
+    assert (cfg.terms[0].weight, cfg.kd.weight, cfg.ce_weight, cfg.optim.momentum) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["epochs=10", "schedule.milestones=[5, 5]"], "'schedule.milestones' must be strictly increasing, got [5, 5]"),
+    (["epochs=10", "schedule.milestones=[6, 3]"], "'schedule.milestones' must be strictly increasing, got [6, 3]"),
+    (["epochs=10", "schedule.milestones=[3, 11]"], "'schedule.milestones' [3, 11] must lie inside the run (each <= "
+                                                    "epochs=10)"),
+    (["epochs=30"], "'schedule.milestones' [60, 120, 160] must lie inside the run"),
+])
+def test_a_runs_milestones_are_checked_against_each_other_and_the_epochs(overrides, message):
+    from featkd.config import check_run_config
+
+    with pytest.raises(ConfigError) as error:
+        check_run_config(load_config(None, overrides))
+    assert message in str(error.value)
+    # the same milestones under a schedule that has none are no mistake; milestones up to the last epoch are fine
+    check_run_config(load_config(None, [*overrides, "schedule.name=cosine"]))
+    check_run_config(load_config(None, ["epochs=10", "schedule.milestones=[3, 10]"]))

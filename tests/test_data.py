@@ -260,3 +260,12 @@ def test_add_unlabeled():
     assert out.info == ds.info and repr(out).endswith("10 classes, 20 unlabeled)")
     with pytest.raises(ValueError, match=r"\(3, 28, 28\)"):
         add_unlabeled(ds, load_dataset("synthetic", size=5, in_channels=3))
+
+
+@pytest.mark.parametrize("noise", [float("nan"), float("inf"), -1.0, "loud"])
+def test_synthetic_noise_that_is_not_a_finite_strength_is_refused(noise):
+    # issue #19: noise=.nan turned every image black (NaN casts to 0 in uint8) and trained without a word
+    with pytest.raises(ValueError, match=r"dataset 'synthetic': option noise \(data.options.noise in a config\) "
+                                         r"must be a finite number >= 0"):
+        load_dataset("synthetic", size=10, noise=noise)
+    assert load_dataset("synthetic", size=10, noise=0.0).images.float().std() > 0  # no noise: the class patterns

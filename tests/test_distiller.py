@@ -248,6 +248,61 @@ def test_bad_terms_are_reported():
         d.setup(torch.randn(2, 1, 28, 28))
 
 
+def test_negative_weights_are_refused_through_the_api():
+    # issue #19: a negative weight maximises its loss and trained silently; 0 (a loss switched off) stays allowed
+    teacher, student = wrns()
+    with pytest.raises(ValueError, match=r"term 'at:group3': weight must be >= 0 .*got -1000"):
+        featkd.Term("group3", loss="at", weight=-1000)
+    with pytest.raises(ValueError, match=r"Warmup value must be >= 0 .*got -2"):
+        Warmup(-2.0, epochs=1)
+    with pytest.raises(ValueError, match=r"Warmup value must be >= 0 .*got nan"):
+        Warmup(float("nan"), steps=10)
+    with pytest.raises(ValueError, match=r"kd weight must be >= 0 .*got -16"):
+        featkd.Distiller(teacher, student, kd={"loss": "kd", "weight": -16, "T": 4})
+    with pytest.raises(ValueError, match=r"ce_weight must be >= 0 .*got -1"):
+        featkd.Distiller(teacher, student, kd="kd", ce_weight=-1)
+    off = featkd.Distiller(teacher, student, terms=[featkd.Term("group3", weight=0)], kd={"weight": 0}, ce_weight=0)
+    off.setup(torch.randn(2, 1, 28, 28))
+    _, losses = off(torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
+    assert losses["total"].item() == 0.0
+
+
+def test_a_layout_that_contradicts_the_wrn_is_refused():
+    # issue #19: layout="NHWC" read the WRN's (B, 16, 28, 28) map as 28 channels on a 16x28 grid and trained
+    teacher, student = wrns()
+    d = featkd.Distiller(teacher, student, terms=[featkd.Term("group1", loss="at", layout="NHWC")])
+    with pytest.raises(ValueError, match=r"term 'at:group1': student layer 'group1': student_layout NHWC given, which "
+                                         r"reads the shape \(2, 16, 28, 28\) as 28 channels on a 16x28 grid, but the "
+                                         r"model states NCHW \(16 channels on a 28x28 grid\)"):
+        d.setup(torch.randn(2, 1, 28, 28))
+
+
+# Issue #19 §2: torch's "Input type (unsigned char) and bias type (float) should be the same" and a bare
+# IndexError (CPU) for a label past the classes, unexplained
+@pytest.mark.parametrize("batch, labels, message", [
+    (lambda x: x.mul(50).clamp(0, 255).to(torch.uint8), None,
+     "the batch is torch.uint8 (2, 1, 28, 28), but models take float images: convert it with x.float() / 255"),
+    (lambda x: x.long(), None, "the batch is torch.int64 (2, 1, 28, 28), but models take float images"),
+    (lambda x: x.half(), None, "the batch is torch.float16 but the model's weights are torch.float32: pass "
+                               "x.to(torch.float32)"),
+    (lambda x: x, [3, 10], "labels must be class indices 0..9 for the model's 10 outputs (or -1 for unlabelled), "
+                           "got 10: build the model with num_classes covering the data's labels"),
+    (lambda x: x, [-2, 1], "labels must be class indices 0..9 for the model's 10 outputs (or -1 for unlabelled), "
+                           "got -2"),
+])
+def test_a_batch_the_student_cannot_take_is_one_line_with_the_fix(batch, labels, message):
+    teacher, student = wrns()
+    distiller = featkd.Distiller(teacher, student, kd="kd").setup(torch.randn(2, 1, 28, 28))
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(ValueError) as error:
+        distiller(batch(x), None if labels is None else torch.tensor(labels))
+    assert str(error.value).startswith(message)
+    optimizer = build_optimizer(distiller.trainable_parameters())
+    with pytest.raises(ValueError) as error:  # the same through the training step (full precision)
+        DistillMethod(distiller, optimizer).train_step(batch(x), torch.tensor(labels or [0, 1]), 0)
+    assert str(error.value).startswith(message)
+
+
 def test_forward_before_setup_refuses_and_says_why():
     # set up on the first batch, the adapter would be missing from an optimiser built on the student's parameters
     teacher, student = wrns()

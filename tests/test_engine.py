@@ -250,6 +250,13 @@ def test_bad_schedule_and_optimizer_names():
         build_scheduler(opt, "cosin")
     with pytest.raises(ValueError, match="increasing"):
         build_scheduler(opt, "multistep", milestones=[120, 60])
+    # issue #19: through the API too, a negative gamma (a negative lr) and repeated milestones
+    with pytest.raises(ValueError, match=r"^schedule gamma must be > 0, got -1$"):
+        build_scheduler(opt, "multistep", milestones=[1], gamma=-1)
+    with pytest.raises(ValueError, match=r"strictly increasing, got \[2, 2\]"):
+        build_scheduler(opt, "multistep", milestones=[2, 2])
+    with pytest.raises(ValueError, match=r"min_factor in \[0, 1\], got 0 and 1.5"):
+        build_scheduler(opt, "cosine", min_factor=1.5)
     with pytest.raises(ValueError, match="unknown optimizer 'sdg'"):
         build_optimizer([nn.Parameter(torch.zeros(1))], "sdg")
 
@@ -280,14 +287,32 @@ def test_evaluate_matches_explicit_counting():
     assert "acc5" not in evaluate(tiny_model(num_classes=5), [(x[:4], y[:4].clamp(min=0, max=4))])
 
 
-def test_bf16_autocast_on_cpu_and_fp16_noop():
+def test_bf16_autocast_on_cpu_and_fp16_refused_there():
     lin = nn.Linear(4, 4)
     with Precision("bf16", "cpu").autocast():
         assert lin(torch.randn(2, 4)).dtype == torch.bfloat16
-    with Precision("fp16", "cpu").autocast():
-        assert lin(torch.randn(2, 4)).dtype == torch.float32
+    # issue #19 §2: fp16 on the CPU ran in fp32 while config.yaml recorded fp16
+    with pytest.raises(ValueError, match=r"^amp=fp16 needs a CUDA device, and this run is on the cpu: set amp=bf16 or "
+                                         r"amp=null there$"):
+        Precision("fp16", "cpu")
     with pytest.raises(ValueError, match="amp"):
         Precision("fp8")
+
+
+def test_a_batch_or_label_the_model_cannot_take_is_one_line_through_the_supervised_step():
+    # issue #19 §2: torch's own errors came through unexplained
+    model = tiny_model(num_classes=5)
+    method = SupervisedMethod(model, build_optimizer(model.parameters(), lr=0.1))
+    x = torch.randn(4, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"^the batch is torch.uint8 \(4, 1, 16, 16\), but models take float images"):
+        method.train_step(x.to(torch.uint8), torch.tensor([0, 1, 2, 3]), 0)
+    with pytest.raises(ValueError, match=r"^labels must be class indices 0..4 for the model's 5 outputs \(or -1 for "
+                                         r"unlabelled\), got 7"):
+        method.train_step(x, torch.tensor([0, 1, 7, -1]), 0)
+    assert set(method.train_step(x, torch.tensor([0, 1, 4, -1]), 0)) == {"ce"}
+    clipping = SupervisedMethod(model, build_optimizer(model.parameters(), lr=0.1), grad_clip=-1.0)
+    with pytest.raises(ValueError, match=r"^grad_clip must be > 0 \(a gradient-norm bound\), got -1.0$"):
+        clipping.train_step(x, torch.tensor([0, 1, 2, 3]), 0)
 
 
 def test_seed_everything_repeats_initialisation():

@@ -89,6 +89,14 @@ def test_mistakes_are_one_line(capsys):
     assert main(["pairs", "torchvision:resnet18", "torchvision:vit_b_16", "--input-size", "3x64x64"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Wrong image height! Expected 224 but got 64" in err and "image_size=64" in err
+    # issue #19 §2: a misspelled option was a 20-line traceback
+    assert main(["pairs", "torchvision:vit_b_16", "torchvision:resnet18", "--input-size", "3x64x64",
+                 "--teacher-option", "image_sise=64"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("featkd pairs: error: model 'torchvision:vit_b_16' has no option 'image_sise'. Did you mean "
+                   "'image_size'? The options VisionTransformer takes: image_size, patch_size, num_layers, num_heads, "
+                   "hidden_dim, mlp_dim, dropout, attention_dropout, representation_size, norm_layer, "
+                   "conv_stem_configs\n")
 
 
 

@@ -91,11 +91,57 @@ def feature(shape, known=None, size=(64, 64)):
     return CapturedFeature(tuple(shape), known, size)
 
 
-def test_given_beats_the_model_which_beats_the_shape():
+def test_the_model_beats_the_shape_and_a_given_layout_completes_what_the_model_states():
     stated = Layout("NHWC", source="model")
     assert resolve_layout(None, feature((2, 4, 4, 384), stated), "x") is stated
-    assert resolve_layout("NCHW", feature((2, 4, 4, 384), stated), "x") == Layout("NCHW")  # the user's word
+    assert resolve_layout("NHWC", feature((2, 4, 4, 384), stated), "x") == Layout("NHWC")
     assert resolve_layout(None, feature((2, 4, 4, 384)), "x").source == "shape"
+    # a shape that reads both ways: the given layout settles it
+    assert resolve_layout("NHWC", feature((2, 8, 8, 8)), "x") == Layout("NHWC")
+
+
+# Issue #19: a given layout that contradicted the model (or the input size) was the user's word, and a loss
+# compared 28 channels on a 16x28 grid (the WRN map read channels-last).
+def test_a_given_layout_that_contradicts_the_model_is_refused_with_both_readings():
+    wrn_map = feature((2, 16, 28, 28), Layout("NCHW", source="model"), size=(28, 28))
+    with pytest.raises(ValueError) as error:
+        resolve_layout("NHWC", wrn_map, "student layer 'group1'", "student_layout")
+    assert str(error.value) == (
+        "student layer 'group1': student_layout NHWC given, which reads the shape (2, 16, 28, 28) as 28 channels on a "
+        "16x28 grid, but the model states NCHW (16 channels on a 28x28 grid); leave student_layout (and layout, "
+        "which sets both sides) unset to use the model's layout")
+    with pytest.raises(ValueError, match=r"^x: layout NCHW given, which reads the shape \(2, 4, 4, 384\) as 4 channels "
+                                         r"on a 4x384 grid, but the model states NHWC \(384 channels on a 4x4 grid\); "
+                                         r"leave layout unset"):
+        resolve_layout("NCHW", feature((2, 4, 4, 384), Layout("NHWC", source="model")), "x")
+
+
+def test_a_given_layout_that_no_reading_of_the_shape_allows_is_refused():
+    with pytest.raises(ValueError, match=r"student_layout NHWC given, which reads the shape \(2, 16, 28, 28\) as 28 "
+                                         r"channels on a 16x28 grid, but with a 28x28 input the shape reads only as "
+                                         r"NCHW \(16 channels on a 28x28 grid\); set student_layout to that"):
+        resolve_layout("NHWC", feature((2, 16, 28, 28), size=(28, 28)), "x", "student_layout")
+    # not an image: nothing to check a layout against
+    assert resolve_layout("NHWC", CapturedFeature((2, 16, 28, 28), None, None), "x") == Layout("NHWC")
+
+
+@pytest.mark.parametrize("given, reads", [
+    ({"kind": "NLC", "prefix_tokens": 1, "grid": [2, 8]}, "{kind: NLC, prefix_tokens: 1, grid: [2, 8]} given, which "
+                                                          "reads the shape (2, 17, 32) as 32 channels on a 2x8 grid"),
+    ({"kind": "NLC", "prefix_tokens": 0}, "{kind: NLC, prefix_tokens: 0} given, which reads the shape (2, 17, 32) as "
+                                          "32 channels at 17 positions"),
+    ({"kind": "NLC", "prefix_tokens": 2}, "as 32 channels at 15 positions, 2 prefix token(s)"),
+])
+def test_a_given_token_grid_or_prefix_count_that_contradicts_the_model_is_refused(given, reads):
+    vit_tokens = feature((2, 17, 32), Layout("NLC", 1, (4, 4), source="model"), size=(64, 64))
+    with pytest.raises(ValueError) as error:
+        resolve_layout(given, vit_tokens, "teacher layer 'encoder'", "teacher_layout")
+    assert reads in str(error.value)
+    assert ("but the model states {kind: NLC, prefix_tokens: 1} (32 channels on a 4x4 grid, 1 prefix token(s)); "
+            "leave teacher_layout") in str(error.value)
+    # what the model states, given in full or in part, is no contradiction
+    for agreeing in ({"kind": "NLC", "prefix_tokens": 1, "grid": [4, 4]}, {"kind": "NLC", "tokens": "prefix"}):
+        assert resolve_layout(agreeing, vit_tokens, "x").grid == (4, 4)
 
 
 def test_an_ambiguous_shape_is_refused_with_the_readings():

@@ -50,6 +50,29 @@ def test_wrn_parameter_counts_match_official_formula_and_paper(depth, k, publish
     assert n_params(model) == pytest.approx(published, rel=0.02)
 
 
+@pytest.mark.parametrize("name, option, message", [
+    ("wrn16_1", "bn_inti", "model 'wrn16_1' has no option 'bn_inti'. Did you mean 'bn_init'? The options WideResNet "
+                           "takes: dropout, bn_init"),
+    ("resnet20", "shortcutt", "model 'resnet20' has no option 'shortcutt'. Did you mean 'shortcut'? The options "
+                              "CifarResNet takes: shortcut"),
+    ("nin", "widht", "model 'nin' has no option 'widht'. Did you mean 'width'? The options NIN takes: width, dropout"),
+    ("mlp", "hiden", "model 'mlp' has no option 'hiden'. Did you mean 'hidden'? The options mlp takes: image_size, "
+                     "hidden, dropout"),
+    ("torchvision:resnet18", "zero_init_residul", "model 'torchvision:resnet18' has no option 'zero_init_residul'. "
+                                                  "Did you mean 'zero_init_residual'? The options ResNet takes: block"),
+])
+def test_a_misspelled_model_option_is_named_with_the_options_the_model_takes(name, option, message):
+    # issue #19 §2: a 20-38-line TypeError traceback before
+    with pytest.raises(ValueError) as error:
+        create_model(name, num_classes=10, in_channels=1, **{option: 1})
+    assert str(error.value).startswith(message)
+
+
+def test_a_type_error_inside_a_model_is_not_taken_for_an_option():
+    with pytest.raises(TypeError):
+        create_model("mlp", num_classes=10, in_channels=1, hidden=3)  # an int where a list of sizes belongs
+
+
 def test_wrn_exact_known_counts():
     # Values printed by the official attention-transfer code for CIFAR-10 (and by this formula).
     assert wrn_param_count(16, 1) == 175066

@@ -72,13 +72,41 @@ def test_equal_normalisations_leave_the_batch_as_it_is_and_half_given_is_refused
     with pytest.raises(ValueError, match="the teacher \\(InputRecorder\\) records no mean/std"):
         featkd.Distiller(InputRecorder(), InputRecorder(), kd="kd", student_normalization=STUDENT,
                          teacher_normalization="pretrained_cfg")
-    with pytest.raises(ValueError, match="std > 0"):
-        featkd.Distiller(InputRecorder(), InputRecorder(), kd="kd", student_normalization=STUDENT,
-                         teacher_normalization=((0.5,), (0.0,)))
     odd = featkd.Distiller(InputRecorder(1), InputRecorder(1), kd="kd", student_normalization=STUDENT,
                            teacher_normalization=TEACHER)
     with pytest.raises(ValueError, match="do not fit a batch of shape \\(2, 1, 8, 8\\)"):
         odd.setup(torch.randn(2, 1, 8, 8))
+
+
+NAN = float("nan")
+
+
+# Issue #19 §2: a NaN or zero std was accepted, and the divergence it caused was blamed on the lr
+@pytest.mark.parametrize("normalization", [((0.5,), (0.0,)), ((0.5,), (NAN,)), ((NAN,), (0.3,)),
+                                           ((0.5,), (float("inf"),)), ((0.5, 0.5), (0.3,))])
+def test_a_normalisation_that_is_not_finite_with_std_above_0_is_refused(normalization):
+    with pytest.raises(ValueError) as error:
+        featkd.Distiller(InputRecorder(), InputRecorder(), kd="kd", student_normalization=STUDENT,
+                         teacher_normalization=normalization)
+    mean, std = normalization
+    assert str(error.value) == (f"teacher_normalization: mean {mean} and std {std} need one value per channel, "
+                                "finite means and finite stds > 0")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("teacher.normalization={mean: [0.5], std: [0]}", "config key 'teacher.normalization.std.0' must be a finite "
+                                                       "number > 0, got 0.0"),
+    ("teacher.normalization={mean: [0.5], std: [.nan]}", "config key 'teacher.normalization.std.0' must be a finite "
+                                                         "number > 0, got nan"),
+    ("teacher.normalization={mean: [.inf], std: [0.3]}", "config key 'teacher.normalization.mean.0' must be a finite "
+                                                         "number, got inf"),
+])
+def test_a_configs_teacher_normalisation_is_checked(override, message):
+    from featkd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["teacher.checkpoint=t.pt", override])
+    assert str(error.value) == message
 
 
 def test_featkd_distill_converts_for_a_teacher_trained_on_other_data():

@@ -22,7 +22,7 @@ from featkd.locking import lock_path, run_lock
 pytestmark = pytest.mark.slow
 
 TRAIN = ["model.name=wrn10_1", "data.name=synthetic", "data.limit=64", "data.test_limit=32", "data.batch_size=32",
-         "data.eval_batch_size=32", "schedule.name=multistep", "schedule.milestones=[2]"]
+         "data.eval_batch_size=32", "schedule.name=multistep", "schedule.milestones=[1]"]
 
 
 def train(run_dir, *extra):

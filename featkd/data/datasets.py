@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import gzip
 import inspect
+import math
 import os
 import pickle
 import zlib
@@ -213,6 +214,10 @@ def _synthetic(root, split: str, size: int | None = None, num_classes: int = 10,
     ``image_size``) shared by both splits; every image is its class pattern plus pixel noise of relative
     strength ``noise``. The splits draw different noise and labels."""
     del root
+    # a NaN or infinite strength would reach uint8 as black images (NaN casts to 0), so it stops here
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < math.inf:
+        raise ValueError(f"dataset 'synthetic': option noise (data.options.noise in a config) must be a finite number "
+                         f">= 0, the pixel noise's strength relative to the class patterns; got {noise!r}")
     size = size if size is not None else (2000 if split == "train" else 500)
     patterns_gen = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes, in_channels, 4, 4, generator=patterns_gen)

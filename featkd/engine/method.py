@@ -14,6 +14,7 @@ from featkd.checkpoint import load_weights
 from featkd.engine.precision import Precision
 from featkd.functional import cross_entropy
 from featkd.layer_specs import unwrap
+from featkd.models import check_input
 
 
 @runtime_checkable
@@ -127,6 +128,7 @@ class SupervisedMethod(MethodBase):
     def train_step(self, x, y, step):
         self.model.train()
         with self.precision.autocast():
+            check_input(self.model, x)
             loss = cross_entropy(self.model(x), y)  # labelled samples only (y = -1 skipped)
         self.precision.backward_step(loss, self.optimizer, self.grad_clip)
         return {"ce": loss.item()}

@@ -47,8 +47,13 @@ class LRFactor:
                  warmup_epochs: int = 0, min_factor: float = 0.0):
         if name not in ("multistep", "cosine", "constant"):
             raise ValueError(f"unknown schedule {name!r}; choose one of 'multistep', 'cosine', 'constant'")
-        if list(milestones) != sorted(milestones):
-            raise ValueError(f"schedule milestones must be increasing, got {list(milestones)}")
+        if any(later <= earlier for earlier, later in zip(milestones, milestones[1:])):
+            raise ValueError(f"schedule milestones must be strictly increasing, got {list(milestones)}")
+        if not gamma > 0:  # a negative gamma gives a negative learning rate: training goes uphill
+            raise ValueError(f"schedule gamma must be > 0, got {gamma}")
+        if not (warmup_epochs >= 0 and 0 <= min_factor <= 1):
+            raise ValueError(f"schedule warmup_epochs must be >= 0 and min_factor in [0, 1], got {warmup_epochs} "
+                             f"and {min_factor}")
         self.name, self.epochs, self.milestones, self.gamma = name, epochs, list(milestones), gamma
         self.warmup_epochs, self.min_factor = warmup_epochs, min_factor
 

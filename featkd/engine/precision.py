@@ -8,9 +8,9 @@ import torch
 class Precision:
     """Autocast and (for fp16) gradient scaling, shared by every Method.
 
-    ``amp`` is ``None`` (full precision), ``"bf16"`` or ``"fp16"``. On the CPU
-    fp16 autocast is a no-op (CPU kernels gain nothing from it) while bf16 is
-    honoured, since it was asked for explicitly.
+    ``amp`` is ``None`` (full precision), ``"bf16"`` or ``"fp16"``. fp16 (autocast with gradient scaling)
+    needs a CUDA device: elsewhere it is refused, rather than run in fp32 while the run's config records
+    fp16; bf16 autocast runs on the CPU too.
     """
 
     def __init__(self, amp: str | None = None, device: str | torch.device = "cpu"):
@@ -18,9 +18,12 @@ class Precision:
             raise ValueError(f"amp must be one of None, 'bf16', 'fp16'; got {amp!r}")
         self.amp = amp
         self.device_type = torch.device(device).type
-        self.enabled = amp == "bf16" or (amp == "fp16" and self.device_type == "cuda")
+        if amp == "fp16" and self.device_type != "cuda":
+            raise ValueError(f"amp=fp16 needs a CUDA device, and this run is on the {self.device_type}: set amp=bf16 "
+                             "or amp=null there")
+        self.enabled = amp is not None
         self.dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=amp == "fp16" and self.device_type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=amp == "fp16")
 
     def autocast(self):
         """Context manager for the forward pass (and the loss computation)."""
@@ -33,6 +36,8 @@ class Precision:
         grad_clip: float | None = None,
     ) -> None:
         """``zero_grad``, backward (scaled under fp16), optional grad-norm clipping, optimiser step."""
+        if grad_clip is not None and not grad_clip > 0:  # clip_grad_norm_ flips the gradient for a negative norm
+            raise ValueError(f"grad_clip must be > 0 (a gradient-norm bound), got {grad_clip}")
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if grad_clip is not None:

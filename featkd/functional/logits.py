@@ -48,6 +48,13 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0) -> T
 @full_precision
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy averaged over labelled samples (targets == -1 ignored; 0 when none is labelled)."""
+    if targets.device.type == "cpu" and len(targets):  # on an accelerator the check would cost a sync per step
+        low, high = int(targets.min()), int(targets.max())
+        if low < UNLABELED or high >= logits.shape[1]:
+            raise ValueError(f"labels must be class indices 0..{logits.shape[1] - 1} for the model's "
+                             f"{logits.shape[1]} outputs (or {UNLABELED} for unlabelled), got "
+                             f"{low if low < UNLABELED else high}: build the model with num_classes covering the "
+                             "data's labels")
     labelled = (targets != UNLABELED).sum().clamp_min(1)
     return F.cross_entropy(logits, targets, ignore_index=UNLABELED, reduction="sum") / labelled
 

@@ -51,8 +51,63 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     """Build a model by name with ``num_classes`` outputs for ``in_channels``-channel images.
 
     Extra ``kwargs`` go to the constructor (e.g. ``dropout=0.3`` for WRN, ``shortcut="B"`` for ResNets).
-    Raises ``ValueError`` listing close matches for an unknown name.
+    Raises ``ValueError`` listing close matches for an unknown name, and naming an option the constructor
+    does not take with the options it does.
     """
+    try:
+        return _create_model(name, num_classes, in_channels, **kwargs)
+    except TypeError as error:
+        unknown = _unknown_option(error, name, kwargs)
+        if unknown is None:
+            raise
+        raise unknown from None
+
+
+# the options every model gets from create_model itself
+_GIVEN_OPTIONS = {"self", "num_classes", "in_channels", "in_chans"}
+
+
+def _unknown_option(error: TypeError, name: str, options: Mapping) -> ValueError | None:
+    """A one-line error for a constructor's "unexpected keyword argument" ``error`` about one of ``options``,
+    with the options the constructor takes; None for any other TypeError."""
+    found = re.search(r"([\w.]+)\(\) got an unexpected keyword argument '(\w+)'", str(error))
+    if found is None or found[2] not in options:
+        return None
+    callee, option = _rejecting_callable(error, found[1]), found[2]
+    if callee is None:
+        return ValueError(f"model {name!r} has no option {option!r} ({found[1]} does not take it)")
+    key = name.strip().lower()
+    named = {"depth", "width"} if _WRN_NAME.match(key) or _RESNET_NAME.match(key) else set()  # fixed by the name
+    unavailable = _GIVEN_OPTIONS | named
+    accepted = [p.name for p in inspect.signature(callee).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in unavailable]
+    close = difflib.get_close_matches(option, accepted, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ValueError(f"model {name!r} has no option {option!r}.{hint} The options {found[1].split('.')[0]} takes: "
+                      f"{', '.join(accepted) or 'none'}")
+
+
+def _rejecting_callable(error: TypeError, qualname: str) -> Callable | None:
+    """The function or class method named ``qualname`` in the error message, looked up where the call failed
+    (the last frame of the traceback: its module's names, then its local values, e.g. timm's ``model_cls``)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return None
+    head, *rest = qualname.split(".")
+    frame = tb.tb_frame
+    candidates = [frame.f_globals.get(head)] + [v for v in frame.f_locals.values()
+                                                if getattr(v, "__qualname__", None) == head]
+    for found in filter(None, candidates):
+        for part in rest:
+            found = getattr(found, part, None)
+        if callable(found):
+            return found
+    return None
+
+
+def _create_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
     if name.startswith("torchvision:"):
         return _torchvision_model(name.split(":", 1)[1], num_classes, in_channels, **kwargs)
     if name.startswith("timm:"):
@@ -150,6 +205,23 @@ def _factory_model(spec: str, num_classes: int, in_channels: int, **kwargs) -> n
     if in_channels != 3 and not names_in_channels and takes_rgb:
         _adapt_first_conv(model, in_channels)
     return model
+
+
+def check_input(model: nn.Module, x: torch.Tensor) -> None:
+    """Refuse a batch ``model`` cannot take, in one line with the fix, instead of torch's "Input type (unsigned
+    char) and bias type (float) should be the same": integer images, or floats of another precision than the
+    model's weights outside autocast."""
+    weight = next(model.parameters(), None)
+    if weight is None or not weight.is_floating_point():
+        return
+    if not x.is_floating_point():
+        raise ValueError(f"the batch is {x.dtype} {tuple(x.shape)}, but models take float images: convert it with "
+                         "x.float() / 255 and normalise it with the data's mean and std (featkd.data.DeviceLoader "
+                         "does both)")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"the batch is {x.dtype} but the model's weights are {weight.dtype}: pass "
+                         f"x.to({weight.dtype}), or train in mixed precision with featkd.engine.Precision('bf16') "
+                         "(amp=bf16 in a config)")
 
 
 def feature_info(model: nn.Module, layers: list[str] | None = None,
