@@ -175,13 +175,16 @@ def paired_deltas(accuracies: Mapping[str, Sequence[float]], *, baseline: str = 
                   teacher: float | None = None, title: str | None = None) -> Figure:
     """Each method's paired Δ vs ``baseline`` (mean of per-seed differences) with its 95% t interval.
 
-    An interval that excludes 0 is drawn filled; the per-seed differences are dots. The teacher's gap
-    to the baseline's mean, when given, is a dashed line.
+    A difference beyond the noise (:func:`featkd.stats.verdicts`: its interval excludes 0 over enough seeds and it
+    survives Holm's correction) is drawn filled, and a method with too few seeds for a verdict says so under
+    its name; the per-seed differences are dots. The teacher's gap to the baseline's mean, when given, is a
+    dashed line.
     """
     base = accuracies[baseline]
     labels = [name for name in accuracies if name != baseline]
     if not labels:
         raise ValueError("paired_deltas needs at least one method besides the baseline")
+    words = seed_stats.verdicts(dict(accuracies), baseline)
     fig = Figure(figsize=(max(4.5, 0.9 * len(labels) + 2), 3.6), layout="constrained")
     ax = fig.add_subplot()
     for i, label in enumerate(labels):
@@ -192,17 +195,18 @@ def paired_deltas(accuracies: Mapping[str, Sequence[float]], *, baseline: str = 
         ax.plot(i + offsets, per_seed, "o", color=color, alpha=0.45, markersize=4, gid=f"seeds:{label}")
         half = 0.0 if np.isnan(delta.half_width) else delta.half_width
         ax.errorbar([i], [delta.mean], yerr=[half], fmt="none", ecolor="black", capsize=6, elinewidth=1.2)
-        ax.scatter([i], [delta.mean], s=60, c=color if delta.excludes_zero else "white", edgecolors=color,
+        ax.scatter([i], [delta.mean], s=60, c=color if words[label] == "beyond noise" else "white", edgecolors=color,
                    linewidths=2, zorder=3, gid=f"mean:{label}")
     ax.axhline(0.0, color="black", linewidth=0.8)
     if teacher is not None:
         ax.axhline(teacher - float(np.mean(base)), color="gray", linestyle="--", linewidth=1,
                    label="teacher − student mean")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    ax.set_xticks(np.arange(len(labels)), labels, rotation=30 if len(labels) > 4 else 0,
+    ticks = [label if words[label] != "too few seeds" else f"{label}\n(too few seeds)" for label in labels]
+    ax.set_xticks(np.arange(len(labels)), ticks, rotation=30 if len(labels) > 4 else 0,
                   ha="right" if len(labels) > 4 else "center")
     ax.set_ylabel(f"Δ test accuracy vs {baseline} (points)")
-    ax.set_title(title or f"Paired Δ vs {baseline}: mean ± 95% CI over seeds (filled: interval excludes 0)")
+    ax.set_title(title or f"Paired Δ vs {baseline}: mean ± 95% CI over seeds (filled: beyond noise after Holm)")
     ax.grid(axis="y", alpha=0.3)
     return fig
 

@@ -5,7 +5,12 @@ and median (:class:`Summary`). Members of a featkd sweep that share a seed share
 initial weights and the batches, so two methods are compared *paired by seed*: the per-seed
 differences d_k = method_k - baseline_k, their mean, and a Student-t confidence interval
 mean(d) ± t_{n-1, 0.975} · sd(d) / sqrt(n). A difference is "beyond noise" when its interval
-excludes 0. With one seed there is no interval.
+excludes 0, it rests on at least :data:`MIN_SEEDS` seeds whose differences are not all equal, and — in a
+table that compares several methods with one baseline — it survives Holm's correction for the number
+of comparisons (:func:`holm`). With fewer seeds, or no spread, the verdict is "too few seeds".
+
+:func:`detectable_effect` is the smallest true difference a design finds with 80% power at that level,
+from the measured spread of the paired differences: what a table can and cannot see.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 LEVEL = 0.95
+MIN_SEEDS = 3  # two seeds give an interval from one degree of freedom; two equal differences give width 0
+POWER = 0.8
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,13 @@ class Interval:
 
     @property
     def excludes_zero(self) -> bool:
-        return self.n >= 2 and (self.low > 0 or self.high < 0)
+        """Whether the interval lies on one side of 0 (with at least :data:`MIN_SEEDS` values and a spread)."""
+        return self.is_evidence and (self.low > 0 or self.high < 0)
+
+    @property
+    def is_evidence(self) -> bool:
+        """Enough seeds, not all differences equal: an interval that can say something."""
+        return self.n >= MIN_SEEDS and self.half_width > 0
 
     def format(self, digits: int = 2, signed: bool = False) -> str:
         sign = "+" if signed else ""
@@ -85,33 +98,89 @@ def paired_delta(values: Sequence[float], baseline: Sequence[float], level: floa
     return t_interval([v - b for v, b in zip(values, baseline)], level)
 
 
-def verdict(delta: Interval) -> str:
-    """'beyond noise' / 'inside noise' / 'one seed' for a paired difference."""
-    if delta.n < 2:
-        return "one seed"
+def p_value(values: Sequence[float]) -> float:
+    """Two-sided one-sample t-test p-value of ``values`` against 0 (the paired t-test of the differences);
+    nan without at least two values and a spread."""
+    values = np.asarray(list(values), dtype=float)
+    if values.size < 2 or values.std(ddof=1) == 0:
+        return math.nan
+    return float(scipy_stats.ttest_1samp(values, 0.0).pvalue)
+
+
+def holm(p_values: Sequence[float], level: float = LEVEL) -> list[bool]:
+    """Holm's step-down correction: which of the m hypotheses are rejected at family-wise error ``1 - level``.
+    The i-th smallest p-value (from 0) must be ≤ α / (m - i), and every smaller one rejected too; nan never is."""
+    alpha = 1 - level
+    order = sorted(range(len(p_values)), key=lambda i: (math.isnan(p_values[i]), p_values[i]))
+    rejected = [False] * len(p_values)
+    for rank, i in enumerate(order):
+        if math.isnan(p_values[i]) or p_values[i] > alpha / (len(p_values) - rank):
+            break
+        rejected[i] = True
+    return rejected
+
+
+def detectable_effect(differences: Sequence[float], level: float = LEVEL, power: float = POWER) -> float:
+    """The smallest true mean difference a paired t-test over these seeds detects with probability ``power`` at
+    two-sided ``level``: (t_{n-1, 1-α/2} + t_{n-1, power}) · sd / √n with the measured sd; nan for n < 2."""
+    summary = Summary.of(differences)
+    if summary.n < 2:
+        return math.nan
+    df = summary.n - 1
+    t_sum = scipy_stats.t.ppf(0.5 + level / 2, df) + scipy_stats.t.ppf(power, df)
+    return float(t_sum * summary.std / math.sqrt(summary.n))
+
+
+def verdict(delta: Interval, survives_correction: bool = True) -> str:
+    """'beyond noise' / 'inside noise' / 'too few seeds' for a paired difference; ``survives_correction``: whether it
+    passes the correction for the table's number of comparisons (:func:`holm`)."""
+    if not delta.is_evidence:
+        return "too few seeds"
+    if delta.excludes_zero and not survives_correction:
+        return "inside noise after Holm"
     return "beyond noise" if delta.excludes_zero else "inside noise"
+
+
+def verdicts(accuracies: dict[str, Sequence[float]], baseline: str = "student") -> dict[str, str]:
+    """Each method's :func:`verdict` against ``baseline``, paired by seed, Holm-corrected over the methods."""
+    base = accuracies[baseline]
+    others = [name for name in accuracies if name != baseline]
+    differences = {name: [v - b for v, b in zip(accuracies[name], base)] for name in others}
+    survives = holm([p_value(differences[name]) for name in others])
+    return {name: verdict(paired_delta(accuracies[name], base), ok) for name, ok in zip(others, survives)}
 
 
 def comparison_table(accuracies: dict[str, Sequence[float]], seeds: Sequence[int], *, baseline: str = "student",
                      teacher: float | None = None, metric: str = "test accuracy %") -> str:
-    """A Markdown table: each method's mean with its 95% interval, and its paired Δ vs ``baseline``."""
+    """A Markdown table: each method's mean with its 95% interval, its paired Δ vs ``baseline``, the verdict after
+    Holm's correction over the table's comparisons, and the smallest Δ the seeds can detect (:func:`detectable_effect`)."""
     base = accuracies[baseline]
     pct = f"{LEVEL:.0%}"
-    lines = [f"| method | {metric}: mean ± {pct} CI | Δ vs {baseline}: paired mean ± {pct} CI | verdict "
-             f"| per seed {list(seeds)} |", "|---|---|---|---|---|"]
+    others = [name for name in accuracies if name != baseline]
+    differences = {name: [v - b for v, b in zip(accuracies[name], base)] for name in others}
+    words = verdicts(accuracies, baseline)
+    lines = [f"| method | {metric}: mean ± {pct} CI | Δ vs {baseline}: paired mean ± {pct} CI | verdict (Holm, "
+             f"{len(others)} comparisons) | per seed {list(seeds)} | smallest detectable Δ |",
+             "|---|---|---|---|---|---|"]
     for name, values in accuracies.items():
         absolute = t_interval(values).format()
         if name == baseline:
-            delta, word = "—", "—"
+            delta, word, detectable = "—", "—", "—"
         else:
             d = paired_delta(values, base)
-            delta, word = d.format(signed=True), verdict(d)
-        lines.append(f"| {name} | {absolute} | {delta} | {word} | {', '.join(f'{v:.2f}' for v in values)} |")
+            delta, word = d.format(signed=True), words[name]
+            detectable = f"{detectable_effect(differences[name]):.2f}" if d.n >= 2 else "—"
+        lines.append(f"| {name} | {absolute} | {delta} | {word} | {', '.join(f'{v:.2f}' for v in values)} "
+                     f"| {detectable} |")
     if teacher is not None:
-        lines.append(f"| teacher | {teacher:.2f} | — | — | — |")
+        lines.append(f"| teacher | {teacher:.2f} | — | — | — | — |")
     return "\n".join(lines)
 
 
-INTERVAL_NOTE = (f"Intervals: {LEVEL:.0%} Student-t over seeds. Δ is paired by seed (the members of one seed share "
-                 "the student's initial weights and batches): mean of the per-seed differences ± t·sd/√n. "
-                 "'beyond noise' means the Δ interval excludes 0.")
+INTERVAL_NOTE = (f"Intervals: {LEVEL:.0%} Student-t over seeds. Δ is paired by seed (the methods of one seed share its "
+                 "data and the student's initial weights): mean of the per-seed differences ± t·sd/√n. 'beyond noise': "
+                 f"the Δ interval excludes 0, over ≥ {MIN_SEEDS} seeds whose differences are not all equal, and the "
+                 "paired t-test survives Holm's correction for the table's number of comparisons at 5% family-wise. "
+                 f"'smallest detectable Δ': the true Δ these seeds find with {POWER:.0%} power at 5% (two-sided, "
+                 "uncorrected), from the measured spread of the paired differences; a smaller effect can hide "
+                 "inside the noise.")

@@ -41,7 +41,15 @@ def test_t_interval_by_hand():
 def test_interval_containing_zero_is_inside_noise_and_one_seed_has_none():
     assert stats.verdict(stats.paired_delta([1.0, -1.0, 0.5], [0.0, 0.0, 0.0])) == "inside noise"
     single = stats.paired_delta([2.0], [1.0])
-    assert math.isnan(single.half_width) and stats.verdict(single) == "one seed" and not single.excludes_zero
+    assert math.isnan(single.half_width) and stats.verdict(single) == "too few seeds" and not single.excludes_zero
+
+
+def test_two_seeds_or_equal_differences_are_too_few_to_call():
+    # issue #19: two identical differences gave a zero-width interval printed as "beyond noise"
+    equal = stats.paired_delta([76.0, 76.0, 76.0], [80.0, 80.0, 80.0])
+    assert equal.half_width == 0 and not equal.excludes_zero and stats.verdict(equal) == "too few seeds"
+    two = stats.paired_delta([90.0, 91.0], [80.0, 80.5])
+    assert two.low > 0 and not two.excludes_zero and stats.verdict(two) == "too few seeds"
 
 
 def test_pairing_removes_the_shared_seed_variance():
@@ -63,6 +71,46 @@ def test_comparison_table_rows_and_verdicts():
                                    [0, 1, 2], teacher=92.0)
     lines = table.splitlines()
     assert len(lines) == 2 + 3 + 1
-    assert "| KD |" in lines[3] and "beyond noise" in lines[3]
+    assert "| KD |" in lines[3] and "beyond noise" in lines[3] and "Holm, 2 comparisons" in lines[0]
     assert "| AT |" in lines[4] and "inside noise" in lines[4]
     assert lines[-1].startswith("| teacher | 92.00")
+
+
+def test_holm_by_hand():
+    # m = 4, alpha = 0.05: thresholds 0.0125, 0.0167, 0.025, 0.05 in the order of the sorted p-values
+    assert stats.holm([0.01, 0.04, 0.015, 0.03]) == [True, False, True, False]  # 0.03 > 0.025 stops the steps
+    assert stats.holm([0.2, 0.001]) == [False, True]
+    assert stats.holm([0.013, 0.001]) == [True, True]  # 0.001 <= 0.05 / 2, then 0.013 <= 0.05 / 1
+    assert stats.holm([0.06, 0.001]) == [False, True]
+    assert stats.holm([math.nan, 0.001]) == [False, True]
+
+
+def test_p_value_is_scipys_paired_t_test():
+    rng = np.random.default_rng(1)
+    base, method = rng.normal(80, 1, 6), rng.normal(80.5, 1, 6)
+    assert stats.p_value(method - base) == pytest.approx(scipy_stats.ttest_rel(method, base).pvalue, rel=1e-12)
+
+
+def test_detectable_effect_has_the_stated_power():
+    # the power of a two-sided paired t-test at the detectable effect, from the noncentral t distribution
+    differences = [0.3, -0.8, 1.1, 0.2, -0.4, 0.9]
+    n, sd = len(differences), float(np.std(differences, ddof=1))
+    effect = stats.detectable_effect(differences)
+    crit = scipy_stats.t.ppf(0.975, n - 1)
+    nc = effect / (sd / math.sqrt(n))
+    power = scipy_stats.nct.sf(crit, n - 1, nc) + scipy_stats.nct.cdf(-crit, n - 1, nc)
+    assert power == pytest.approx(0.8, abs=0.03)
+    assert math.isnan(stats.detectable_effect([1.0]))
+
+
+def test_the_paired_delta_plot_agrees_with_the_table_and_names_too_few_seeds():
+    from featkd import plots
+
+    accuracies = {"student": [80.0, 81.0, 79.0], "KD": [82.0, 83.1, 81.2], "AT": [80.5, 80.0, 79.9]}
+    fig = plots.paired_deltas(accuracies)
+    ax = fig.axes[0]
+    filled = {c.get_gid(): c.get_facecolors()[0][3] > 0 and tuple(c.get_facecolors()[0][:3]) != (1.0, 1.0, 1.0)
+              for c in ax.collections if c.get_gid()}
+    assert filled == {"mean:KD": True, "mean:AT": False}  # the table's verdicts: KD beyond, AT inside
+    two = plots.paired_deltas({"student": [80.0, 81.0], "KD": [82.0, 83.0]})
+    assert [t.get_text() for t in two.axes[0].get_xticklabels()] == ["KD\n(too few seeds)"]

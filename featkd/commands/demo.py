@@ -7,7 +7,7 @@ AT, with NST (the reference code's polynomial kernel) and with a FitNet hint, 5 
 one teacher forward per batch. The share and length were chosen on held-out training images, never on
 the test set (:data:`SELECTION`).
 Prints each method's test accuracy with its 95% interval and its Δ vs the student alone, paired by
-seed, marking the differences whose interval excludes 0; writes the Δ plot (PNG + PDF) and a
+seed, marking the differences beyond the noise (Holm-corrected; "too few seeds" below 3); writes the Δ plot (PNG + PDF) and a
 Markdown report. A run directory made with the same settings is reused (finished students are
 loaded, an interrupted run resumes); one made with other settings is left alone and a new
 ``runs/demo-2`` (-3, ...) is used.
