@@ -126,6 +126,81 @@ def seed_subset(pool, size: int, seed: int):
     return stratified_subset(pool, size, seed=seed)
 
 
+@dataclass
+class LimitedDataCells:
+    """What every cell of a limited-data table shares, loaded once — the teacher (checked), the pool each seed
+    draws its subset from, the evaluation set — and :meth:`train_seed`, which trains recipes on one seed's data."""
+
+    setup: LimitedDataSetup
+    data: DataSpec
+    device: torch.device
+    teacher: torch.nn.Module
+    teacher_name: str
+    teacher_path: Path
+    teacher_acc: float
+    pool: object
+    eval_loader: object
+    full_size: int
+    log: object = print
+
+    @classmethod
+    def open(cls, teacher_path, setup: LimitedDataSetup, *, data=None, device="auto",
+             shipped: ShippedTeacher | None = None, log=print) -> LimitedDataCells:
+        """Load and check the teacher (with ``shipped``: its sha256, and its recorded test accuracy within 0.1
+        point unless the evaluation is on the validation set), split off the validation set, load the evaluation
+        set. With ``setup.evaluate_on="validation"`` the test split is never read."""
+        from featkd.data import DeviceLoader, evaluation_batch_size
+        from featkd.engine import evaluate, resolve_device
+
+        data = data or DataSpec("fashion_mnist")
+        device = resolve_device(device)
+        teacher, record = load_teacher(teacher_path, device, sha256=shipped.sha256 if shipped else None)
+        full = data.load("train", None)
+        validation, pool = validation_split(full, setup.validation_size)
+        evaluation = validation if setup.on_validation else data.load("test", setup.test_limit)
+        eval_loader = DeviceLoader(evaluation, evaluation_batch_size(device), shuffle=False, augment=False,
+                                   drop_last=False, device=device)
+        teacher_acc = evaluate(teacher, eval_loader, device=device)["acc1"]
+        log(f"teacher {record['name']} ({teacher_path}): accuracy {teacher_acc:.2f}% on {setup.evaluation}")
+        if shipped and not setup.on_validation and abs(teacher_acc - shipped.test_acc) > 0.1:
+            raise ValueError(f"the shipped teacher scored {teacher_acc:.2f}% on the test set, recorded "
+                             f"{shipped.test_acc:.2f}%: check the dataset files, or train the teacher again "
+                             "(featkd demo --retrain-teacher)")
+        return cls(setup, data, device, teacher, record["name"], Path(teacher_path), teacher_acc, pool, eval_loader,
+                   len(full), log)
+
+    @property
+    def train_examples(self) -> int:
+        return self.setup.train_limit(self.full_size)
+
+    def train_seed(self, seed: int, recipes: Mapping[str, RecipeSpec], run_dir: Path) -> dict[str, float]:
+        """Train each recipe on seed ``seed``'s subset, batches, augmentation and initial weights — one sweep (one
+        teacher forward per batch) per training length, in ``run_dir/seed<seed>-<epochs>ep`` — and return
+        ``{name: accuracy %}`` on the evaluation set."""
+        from featkd.data import DeviceLoader
+
+        setup, size = self.setup, self.train_examples
+        base = {"experiment": "limited-data", "fraction": setup.fraction, "train_examples": size,
+                "teacher": str(self.teacher_path), "dataset": self.data.name, "evaluation": setup.evaluation,
+                "validation_size": setup.validation_size, "data_seed": seed}
+        by_length: dict[int, list[str]] = {}
+        for name, spec in recipes.items():
+            by_length.setdefault(int(spec.changes.get("epochs", setup.epochs)), []).append(name)
+        train = seed_subset(self.pool, size, seed)
+        # the official AT code's data: pad 4 by reflection, crop, flip; every image once an epoch
+        train_loader = DeviceLoader(train, setup.batch_size, shuffle=True, augment=True, device=self.device,
+                                    seed=seed, pad=4, pad_mode="reflect", drop_last=False)
+        accuracies = {}
+        for epochs, names in sorted(by_length.items()):
+            budget = dataclasses.replace(setup.budget(), epochs=epochs, seeds=(seed,))
+            accs = run_students(self.teacher, setup.student, [recipes[name].to_recipe(name) for name in names],
+                                budget, train.info, train_loader, self.eval_loader, run_dir / f"seed{seed}-{epochs}ep",
+                                self.device, base, self.log, eval_every=setup.eval_every or epochs,
+                                records={name: recipes[name].record() for name in names})
+            accuracies.update((name, accs[name][0]) for name in names)
+        return accuracies
+
+
 def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root: Path, *, data=None,
                      device="auto", command: str | None = None, shipped: ShippedTeacher | None = None,
                      recipes: Mapping[str, RecipeSpec] | None = None, log=print) -> LimitedDataResult:
@@ -133,67 +208,32 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
     against the teacher in ``teacher_path``; write the report and ``results.json``; return the table.
 
     ``recipes`` maps each of ``setup.methods`` to its recipe (default: the published ones, :data:`RECIPES`);
-    a recipe whose ``changes`` hold ``epochs`` trains that long instead of ``setup.epochs``. With ``shipped``
-    (the teacher that ships with featkd), its file must have the recorded sha256 and its test accuracy the
-    recorded value (within 0.1 point), checked before any student trains. With
-    ``setup.evaluate_on="validation"`` every model is evaluated on the validation images and the test split
-    is not read (the shipped teacher is then checked by its hash alone)."""
-    from featkd.data import DeviceLoader, evaluation_batch_size
-    from featkd.engine import evaluate, resolve_device
-
+    a recipe whose ``changes`` hold ``epochs`` trains that long instead of ``setup.epochs``. ``shipped`` and
+    ``setup.evaluate_on`` are checked as :meth:`LimitedDataCells.open` says."""
     started = time.perf_counter()
     recipes = dict(recipes) if recipes is not None else dict(RECIPES)
     unknown = [m for m in setup.methods if m not in recipes]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {list(recipes)}")
-    data = data or DataSpec("fashion_mnist")
-    device = resolve_device(device)
-    teacher, record = load_teacher(teacher_path, device, sha256=shipped.sha256 if shipped else None)
-    full = data.load("train", None)
-    validation, pool = validation_split(full, setup.validation_size)
-    evaluation = validation if setup.on_validation else data.load("test", setup.test_limit)
-    eval_loader = DeviceLoader(evaluation, evaluation_batch_size(device), shuffle=False, augment=False,
-                               drop_last=False, device=device)
-    teacher_acc = evaluate(teacher, eval_loader, device=device)["acc1"]
-    log(f"teacher {record['name']} ({teacher_path}): accuracy {teacher_acc:.2f}% on {setup.evaluation}")
-    if shipped and not setup.on_validation and abs(teacher_acc - shipped.test_acc) > 0.1:
-        raise ValueError(f"the shipped teacher scored {teacher_acc:.2f}% on the test set, recorded {shipped.test_acc:.2f}%: "
-                         "check the dataset files, or train the teacher again (featkd demo --retrain-teacher)")
-    size = setup.train_limit(len(full))
-    base = {"experiment": "limited-data", "fraction": setup.fraction, "train_examples": size,
-            "teacher": str(teacher_path), "dataset": data.name, "evaluation": setup.evaluation,
-            "validation_size": setup.validation_size}
-    by_length: dict[int, list[str]] = {}
-    for name in setup.methods:
-        by_length.setdefault(int(recipes[name].changes.get("epochs", setup.epochs)), []).append(name)
+    recipes = {name: recipes[name] for name in setup.methods}
+    cells = LimitedDataCells.open(teacher_path, setup, data=data, device=device, shipped=shipped, log=log)
+    run_dir = run_root / setup.name(cells.data)
     accuracies: dict[str, list[float]] = {name: [] for name in setup.methods}
-    run_dir = run_root / setup.name(data)
     for seed in setup.seeds:
-        train = seed_subset(pool, size, seed)
-        # the official AT code's data: pad 4 by reflection, crop, flip; every image once an epoch
-        train_loader = DeviceLoader(train, setup.batch_size, shuffle=True, augment=True, device=device, seed=seed,
-                                    pad=4, pad_mode="reflect", drop_last=False)
-        for epochs, names in sorted(by_length.items()):
-            budget = dataclasses.replace(setup.budget(), epochs=epochs, seeds=(seed,))
-            specs = {name: recipes[name] for name in names}
-            accs = run_students(teacher, setup.student, [spec.to_recipe(name) for name, spec in specs.items()],
-                                budget, train.info, train_loader, eval_loader,
-                                run_dir / f"seed{seed}-{epochs}ep", device, {**base, "data_seed": seed}, log,
-                                eval_every=setup.eval_every or epochs,
-                                records={name: spec.record() for name, spec in specs.items()})
-            for name in names:
-                accuracies[name] += accs[name]
+        for name, acc in cells.train_seed(seed, recipes, run_dir).items():
+            accuracies[name].append(acc)
     wall = time.perf_counter() - started
-    markdown = render_report(setup, data, size, len(full), accuracies, teacher_acc, record["name"], wall, command,
-                             {name: recipes[name] for name in setup.methods})
-    report = write_new(run_root / f"{setup.name(data)}.md", markdown)
+    size = cells.train_examples
+    markdown = render_report(setup, cells.data, size, cells.full_size, accuracies, cells.teacher_acc,
+                             cells.teacher_name, wall, command, recipes)
+    report = write_new(run_root / f"{setup.name(cells.data)}.md", markdown)
     results = {"fraction": setup.fraction, "train_examples": size, "seeds": list(setup.seeds),
-               "teacher_acc": teacher_acc, "accuracies": accuracies, "setup": dataclasses.asdict(setup),
-               "recipes": {name: recipes[name].record() for name in setup.methods}, "report": str(report),
+               "teacher_acc": cells.teacher_acc, "accuracies": accuracies, "setup": dataclasses.asdict(setup),
+               "recipes": {name: spec.record() for name, spec in recipes.items()}, "report": str(report),
                "run_dir": str(run_dir)}
     write_new(report.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
     log(f"report written to {report}")
-    return LimitedDataResult(markdown, accuracies, teacher_acc, pretty_model(record["name"]), size, wall)
+    return LimitedDataResult(markdown, accuracies, cells.teacher_acc, pretty_model(cells.teacher_name), size, wall)
 
 
 def describe_recipe(spec: RecipeSpec) -> str:
