@@ -50,3 +50,28 @@ def test_choose_run_dir_never_reuses_other_settings(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "results.txt").write_text("someone's results")
     assert choose_run_dir(tmp_path / "other", {"a": 1}) == (tmp_path / "other-2", False)
+
+
+@pytest.mark.slow
+def test_demo_shows_tuned_settings_next_to_the_published_ones(tmp_path, subprocess_env):
+    import yaml
+
+    choice = tmp_path / "chosen.yaml"
+    choice.write_text(yaml.safe_dump({
+        "provenance": {"command": "featkd tune (a hand-written test choice)", "date": "2026-12-03", "report": "r.md"},
+        "chosen": {"student": {"changes": {"epochs": 2}}, "KD": {"changes": {"epochs": 2, "kd.T": 2}},
+                   "AT": {"changes": {"epochs": 1, "weight.relative_to_ce": 0.5}}}}))
+    command = [sys.executable, "-m", "featkd.cli", "demo", "--tiny", "--run-dir", str(tmp_path / "demo"),
+               "--tuned", str(choice)]
+    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "AT-tuned: {'epochs': 1, 'weight.relative_to_ce': 0.5}; published: official AT code" in done.stdout
+    tables = done.stdout.split("### ")[1:]
+    assert tables[0].startswith("published settings") and tables[1].startswith("tuned settings")
+    rows = [line.split("|")[1].strip() for line in tables[1].splitlines() if line.startswith("| ")][1:]
+    assert rows == ["student-tuned", "KD-tuned", "AT-tuned", "teacher"]
+    assert (tmp_path / "demo" / "paired_deltas-tuned.png").stat().st_size > 1000
+    member = tmp_path / "demo" / "limited-data-0.03-synthetic" / "seed1-1ep" / "members" / "AT-tuned-s1" / "config.yaml"
+    recorded = yaml.safe_load(member.read_text())
+    assert recorded["changes"] == {"epochs": 1, "weight.relative_to_ce": 0.5}
+    assert set(recorded["resolved_weights"]) == {"at:group1", "at:group2", "at:group3"}

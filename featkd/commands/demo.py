@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from featkd.shipped import REPO_ROOT
+
 # Fixed before the selection runs: the baseline, KD, the two papers' methods with their reference
 # settings, and FitNets (the one method beyond the noise in the 3% table).
 DEMO_METHODS = ("student", "KD", "AT", "NST-poly", "FitNet")
@@ -30,6 +32,8 @@ DEMO_METHODS = ("student", "KD", "AT", "NST-poly", "FitNet")
 # +0.70 ± 0.81; 3% × 10 epochs: FitNet +2.73 ± 0.81, NST-poly +0.11 ± 1.47
 # (paper_repro/results/selection/).
 SELECTION = {"fraction": 0.01, "epochs": 30}
+# The tuned settings the demo shows next to the published ones: written by featkd tune (its provenance inside).
+TUNED_CHOICE = REPO_ROOT / "paper_repro" / "tuning" / "limited-data-0.01.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default 0 1 2 3 4)")
     parser.add_argument("--retrain-teacher", action="store_true",
                         help="train the teacher from scratch with its recorded command instead of the shipped one")
+    parser.add_argument("--tuned", type=Path, metavar="FILE",
+                        help="the tuned settings to show next to the published ones (default: the committed "
+                             "paper_repro/tuning/limited-data-0.01.yaml; written by featkd tune --out FILE)")
     parser.add_argument("--device", default="auto")
 
 
@@ -110,14 +117,35 @@ def run(args: argparse.Namespace) -> int:
     return reports_user_errors(_run)(args)
 
 
+def _tuned(args, setup):
+    """(recipes with the tuned ones added, the methods, the choice's provenance) from ``--tuned`` (default: the
+    committed :data:`TUNED_CHOICE`); the published recipes alone when there is no choice to read."""
+    from featkd.repro import limited_data
+    from featkd.repro.tuning import read_choice
+
+    path = args.tuned or (None if args.tiny else TUNED_CHOICE)
+    recipes = dict(limited_data.RECIPES)
+    if path is None or not Path(path).is_file():
+        if args.tuned:
+            raise FileNotFoundError(f"--tuned {args.tuned}: no such file (featkd tune --out FILE writes one)")
+        return recipes, setup.methods, None
+    chosen, provenance = read_choice(path)
+    tuned = [m for m in setup.methods if m in chosen]
+    recipes.update(limited_data.tuned_recipes({m: chosen[m] for m in tuned}))
+    return recipes, (*setup.methods, *(m + limited_data.TUNED for m in tuned)), {"file": str(path), **provenance}
+
+
 def _run(args: argparse.Namespace) -> int:
     from featkd import plots, repro, shipped, stats
     from featkd.repro import limited_data
 
     started = time.perf_counter()
     setup = demo_setup(args)
+    recipes, methods, provenance = _tuned(args, setup)
+    setup = dataclasses.replace(setup, methods=methods)
     data = repro.DataSpec("synthetic") if args.tiny else repro.DataSpec("fashion_mnist")
     settings = {"data": data.name, "retrain_teacher": args.retrain_teacher, "teacher_sha256": shipped.TEACHER.sha256,
+                "tuned": provenance,
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(setup).items()}}
     run_dir, reused = choose_run_dir(args.run_dir, settings)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,25 +153,36 @@ def _run(args: argparse.Namespace) -> int:
     student = repro.pretty_model(setup.student)
     print(f"featkd demo: {student} students on {setup.fraction:.0%} of {data.label}, {len(setup.seeds)} seeds, "
           f"{setup.epochs} epochs; run directory {run_dir}" + (" (reusing finished parts)" if reused else ""))
+    if provenance:
+        print(f"tuned settings from {provenance['file']} ({provenance.get('command')}, {provenance.get('date')}; "
+              f"report {provenance.get('report')}):")
+        for name in methods:
+            if name.endswith(limited_data.TUNED):
+                print(f"  {name}: {dict(recipes[name].changes)}; published: {recipes[name[:-len(limited_data.TUNED)]].source}")
+    else:
+        print("no tuned settings to show: `featkd tune --out FILE` writes them, `featkd demo --tuned FILE` reads them")
     teacher_path, shipped_teacher = _teacher(args, run_dir)
     result = limited_data.run_limited_data(teacher_path, setup, run_dir, data=data, device=args.device,
                                            command="featkd demo" + (" --tiny" if args.tiny else ""),
-                                           shipped=shipped_teacher)
-    stem = run_dir / "paired_deltas"
-    if not stem.with_suffix(".png").exists():
-        fig = plots.paired_deltas(result.accuracies, teacher=result.teacher_acc,
-                                  title=f"{student} ← {result.teacher_name}, {setup.fraction:.0%} of {data.label}: "
-                                        "Δ vs student, "
-                                        f"mean ± 95% CI over {len(setup.seeds)} seeds")
-        plots.save_figure(fig, stem)
+                                           shipped=shipped_teacher, recipes=recipes)
+    plotted = []
+    for title, baseline, names in limited_data.comparison_groups(methods):
+        stem = run_dir / ("paired_deltas" if baseline == "student" else "paired_deltas-tuned")
+        plotted.append(stem)
+        if not stem.with_suffix(".png").exists():
+            fig = plots.paired_deltas({name: result.accuracies[name] for name in names}, baseline=baseline,
+                                      teacher=result.teacher_acc,
+                                      title=f"{student} ← {result.teacher_name}, {setup.fraction:.0%} of {data.label}, "
+                                            f"{title}: Δ vs {baseline}, mean ± 95% CI over {len(setup.seeds)} seeds")
+            plots.save_figure(fig, stem)
     wall = time.perf_counter() - started
     print()
     print(f"## {student} ← {result.teacher_name}, students on {result.train_examples} {data.label} images "
-          "(test accuracy after the last epoch)")
+          "(test accuracy after the last epoch; a seed draws the subset, batches, augmentation and initial weights)")
     print()
-    print(stats.comparison_table(result.accuracies, setup.seeds, teacher=result.teacher_acc))
-    print()
+    print("\n".join(limited_data.comparison_tables(result.accuracies, setup.seeds, result.teacher_acc,
+                                                   "test accuracy %")))
     print(stats.INTERVAL_NOTE)
-    print(f"plot: {stem.with_suffix('.png')} and {stem.with_suffix('.pdf')}")
+    print("plots: " + ", ".join(f"{stem.with_suffix('.png')} (.pdf)" for stem in plotted))
     print(f"hardware: {repro.hardware()}; wall time {wall / 60:.1f} min")
     return 0

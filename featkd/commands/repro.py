@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "on) instead of the test split, which is then not read: for choosing settings")
     limited.add_argument("--validation-size", type=int, default=5000, metavar="N",
                          help="training images set aside as the validation set (default 5000)")
+    limited.add_argument("--tuned", type=Path, metavar="FILE",
+                         help="also train each method's tuned recipe (a featkd tune --out file), as <method>-tuned, "
+                              "compared with the student alone at its tuned length")
 
 
 def _budget(base, args):
@@ -112,7 +115,15 @@ def _limited_data(args, command):
         changes["seeds"] = tuple(args.seeds)
     if args.methods:
         changes["methods"] = tuple(dict.fromkeys(["student", *args.methods]))
+    recipes = dict(limited_data.RECIPES)
+    if args.tuned:
+        from featkd.repro.tuning import read_choice
+
+        chosen, _ = read_choice(args.tuned)
+        methods = changes.get("methods", tuple(recipes))
+        recipes.update(limited_data.tuned_recipes({m: chosen[m] for m in methods if m in chosen}))
+        changes["methods"] = (*methods, *(m + limited_data.TUNED for m in methods if m in chosen))
     setup = limited_data.LimitedDataSetup(fraction=args.fraction, epochs=changes.pop("epochs", 20), **changes)
     teacher, shipped_teacher = (args.teacher, None) if args.teacher else (shipped.TEACHER.path, shipped.TEACHER)
     return limited_data.run_limited_data(teacher, setup, args.run_dir, device=args.device, command=command,
-                                         shipped=shipped_teacher)
+                                         shipped=shipped_teacher, recipes=recipes)

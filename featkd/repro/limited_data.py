@@ -46,6 +46,26 @@ from featkd.repro.students import run_students
 STUDENT, TEACHER = "wrn16_1", "wrn16_2"
 RECIPES: dict[str, RecipeSpec] = load_recipes("limited_data")
 EVALUATION_SETS = ("test", "validation")
+TUNED = "-tuned"  # a method's tuned recipe is named "<method>-tuned" (featkd tune); its baseline "student-tuned"
+
+
+def comparison_groups(methods: Sequence[str]) -> list[tuple[str, str, list[str]]]:
+    """``(title, baseline, methods)`` per table: the published recipes against the student alone, and the tuned
+    ones (if any) against the tuned student alone, each with its own Holm correction."""
+    published = [m for m in methods if not m.endswith(TUNED)]
+    tuned = [m for m in methods if m.endswith(TUNED)]
+    groups = [("published settings", "student", published)]
+    if tuned:
+        if "student" + TUNED not in tuned:
+            raise ValueError(f"tuned methods {tuned} need their baseline 'student{TUNED}' (the student alone at its "
+                             "tuned length)")
+        groups.append(("tuned settings (featkd tune, chosen on the validation images)", "student" + TUNED, tuned))
+    return groups
+
+
+def tuned_recipes(chosen: Mapping[str, RecipeSpec]) -> dict[str, RecipeSpec]:
+    """``{"<method>-tuned": recipe}`` for the recipes a tuning chose (:func:`featkd.repro.tuning.read_choice`)."""
+    return {m + TUNED: dataclasses.replace(spec, name=m + TUNED) for m, spec in chosen.items()}
 
 
 @dataclass(frozen=True)
@@ -281,12 +301,21 @@ def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size:
         *recipe_lines,
         f"- hardware: {hardware()}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
         "",
-        stats.comparison_table(accuracies, setup.seeds, teacher=teacher_acc,
-                               metric="validation accuracy %" if setup.on_validation else "test accuracy %"),
-        "",
+        *comparison_tables(accuracies, setup.seeds, teacher_acc,
+                           "validation accuracy %" if setup.on_validation else "test accuracy %"),
         stats.INTERVAL_NOTE,
         "",
     ])
+
+
+def comparison_tables(accuracies: Mapping[str, list[float]], seeds, teacher_acc: float, metric: str) -> list[str]:
+    """One Markdown table per :func:`comparison_groups` group, each with its title."""
+    lines = []
+    for title, baseline, names in comparison_groups(list(accuracies)):
+        lines += [f"### {title}", "",
+                  stats.comparison_table({name: accuracies[name] for name in names}, seeds, baseline=baseline,
+                                         teacher=teacher_acc, metric=metric), ""]
+    return lines
 
 
 def _evaluation_set(setup: LimitedDataSetup) -> str:
