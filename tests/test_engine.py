@@ -345,3 +345,22 @@ def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "sparse" / "best.pt")["epoch"] in (2, 3)
     with pytest.raises(ValueError, match="eval_every"):
         fit(supervised(), train, test, tmp_path / "bad", epochs=1, eval_every=0, log=lambda s: None)
+
+
+def test_fit_without_a_run_directory_trains_and_writes_nothing(tmp_path, monkeypatch):
+    # issue #21: fit always needed a run directory
+    from featkd.data import DeviceLoader, load_dataset
+    from featkd.engine import SupervisedMethod, build_optimizer, fit
+    from featkd.models import create_model
+
+    monkeypatch.chdir(tmp_path)
+    data = load_dataset("synthetic", split="train", limit=32)
+    loader = DeviceLoader(data, 16, shuffle=True, augment=False)
+    model = create_model("wrn10_1", num_classes=10, in_channels=1)
+    history = fit(SupervisedMethod(model, build_optimizer(model.parameters(), lr=0.1)), loader, loader, None, 2,
+                  log=lambda _: None)
+    assert [row["epoch"] for row in history] == [1, 2] and "model/acc1" in history[-1]
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="resume=True needs the run_dir"):
+        fit(SupervisedMethod(model, build_optimizer(model.parameters(), lr=0.1)), loader, loader, None, 1,
+            resume=True)

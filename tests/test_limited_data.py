@@ -178,3 +178,19 @@ def test_a_shipped_teacher_with_another_accuracy_is_refused_before_any_student_t
         limited_data.run_limited_data(path, setup, tmp_path / "runs", data=repro.DataSpec("synthetic"),
                                       device="cpu", shipped=recorded)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_rerun_is_bit_exact_at_a_fixed_thread_count(tmp_path):
+    # issue #17: the README promises identical numbers for the same command, machine and thread count
+    teacher = _tiny_teacher(tmp_path)
+    setup = limited_data.LimitedDataSetup(fraction=0.02, epochs=2, seeds=(0, 1), methods=("student", "AT", "NST-poly"),
+                                          batch_size=8, test_limit=40, student="wrn10_1", validation_size=200)
+    runs = [limited_data.run_limited_data(teacher, setup, tmp_path / f"run{k}", data=repro.DataSpec("synthetic"),
+                                          device="cpu", log=lambda _: None) for k in (0, 1)]
+    assert runs[0].accuracies == runs[1].accuracies
+    for seed in (0, 1):
+        metrics = [(tmp_path / f"run{k}" / "limited-data-0.02-synthetic" / f"seed{seed}-2ep" / "metrics.jsonl")
+                   .read_text().splitlines() for k in (0, 1)]
+        strip = [[{k: v for k, v in json.loads(line).items() if "time" not in k} for line in m] for m in metrics]
+        assert strip[0] == strip[1]  # every loss of every epoch, to the last digit

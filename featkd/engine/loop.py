@@ -123,7 +123,7 @@ def fit(
     method: Method,
     train_loader,
     test_loader,
-    run_dir: str | os.PathLike,
+    run_dir: str | os.PathLike | None,
     epochs: int,
     *,
     resume: bool = False,
@@ -145,6 +145,7 @@ def fit(
       ``train_loader.set_epoch``; RNG states are restored per rank). A missing ``best.pt`` is
       restored from ``last.pt`` when both hold the same epoch (otherwise the log says it is gone),
       and the log names the config keys that changed since the run started (``epochs``, ``device``).
+      ``run_dir=None`` trains without writing anything (no checkpoints, no logs but ``log``).
     * Each epoch appends a row to the run's log (:func:`featkd.engine.sinks.run_sinks`: ``metrics.jsonl``/
       ``metrics.csv``, TensorBoard when installed, and ``log``): every named
       loss averaged over the epoch (``train/<name>``), ``<model>/acc1``,
@@ -166,124 +167,34 @@ def fit(
       dozens of students on a CPU spends more on evaluating than on training otherwise); epochs
       without evaluation have no model metrics and cannot become ``best.pt``.
     """
-    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
-        raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    for name, value in (("eval_every", eval_every), ("epochs", epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if run_dir is None and resume:
+        raise ValueError("resume=True needs the run_dir to resume from")
     rank = distributed.info()
-    run_dir = Path(run_dir)
+    run_dir = None if run_dir is None else Path(run_dir)
     precision = precision or getattr(method, "precision", None) or Precision()
     progress = _progress_enabled() if progress is None else progress and rank.is_main
+    writes = rank.is_main and run_dir is not None
 
-    # -- start or resume ---------------------------------------------------------------
-    if rank.is_main:
-        ckpt.prepare_run_dir(run_dir, resume)
-    distributed.barrier()
-    history: list[dict[str, Any]] = []
-    start_epoch, step, best = 0, 0, None
-    if resume:
-        state = ckpt.load_checkpoint(run_dir / ckpt.LAST)
-        history, start_epoch, step, best = state["history"], state["epoch"], state["step"], state["best"]
-        if epochs < start_epoch:
-            raise ValueError(f"epochs={epochs} is fewer than the {start_epoch} epochs {run_dir / ckpt.LAST} holds; "
-                             f"resume with epochs={start_epoch} or more")
-        try:
-            method.load_state_dict(state["method"])
-        except ValueError as error:
-            raise ValueError(f"cannot resume {run_dir}: {error}; its teacher checkpoint, or featkd's models, changed "
-                             "since it started: start a new run") from None
-        if len(state["rng"]) != rank.world_size:
-            raise ValueError(f"{run_dir / ckpt.LAST} was written by {len(state['rng'])} processes; "
-                             f"resume it with the same number, not {rank.world_size}.")
-        ckpt.set_rng_state(state["rng"][rank.rank])
-        changes = changed_keys(state.get("config") or {}, config or {})
-        log(f"resuming {run_dir} after epoch {start_epoch} (step {step})" +
-            "".join(f"; {key} changed from {old} to {new}" for key, (old, new) in changes.items()))
-        restored = ckpt.restore_best(run_dir, state) if rank.is_main else None
-        if restored:
-            log(restored)
-    if rank.is_main:
-        ckpt.write_run_info(run_dir, config)
-        if resume:  # a write that failed after last.pt may have left the metrics files behind it
-            ckpt.write_metrics(run_dir, history)
-
-    # -- epochs ------------------------------------------------------------------------
-    sinks = run_sinks(run_dir, log, logged_epochs=start_epoch) if rank.is_main else []
+    history, start_epoch, step, best = _start(method, run_dir, epochs, resume, config, writes, log)
+    sinks = run_sinks(run_dir, log, logged_epochs=start_epoch) if writes else []
     try:
         for epoch in range(start_epoch, epochs):
             started = time.perf_counter()
-            train_loader.set_epoch(epoch)
-            sums: dict[str, float] = defaultdict(float)
-            seen = 0
-            bar = _progress_bar(train_loader, epoch, epochs, progress)
-            for x, y, *indices in bar:  # a loader may yield the samples' dataset indices too
-                x, y = _to_device(x, y, device, channels_last)
-                extra = {"indices": indices[0].to(x.device)} if indices else {}
-                losses = method.train_step(x, y, step, **extra)
-                bad = [name for name, value in losses.items() if not math.isfinite(value)]
-                if bad:
-                    culprit = next((name for name in bad if name != "total"), bad[0])
-                    raise DivergenceError(
-                        f"loss {culprit!r} became {losses[culprit]} at step {step} (epoch {epoch + 1}); "
-                        f"non-finite terms: {bad}. Training stopped; {_what_last_holds(run_dir, epoch)}. Lower "
-                        "the learning rate or that term's weight, then resume or restart."
-                    )
-                batch = x.shape[0]
-                for name, value in losses.items():
-                    sums[name] += value * batch
-                seen += batch
-                step += 1
-                if progress:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
-            optimizer = getattr(method, "optimizer", None)
-            lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
-            method.on_epoch_end(epoch)
+            row, step, lr = _train_epoch(method, train_loader, epoch, epochs, step, run_dir, device, channels_last,
+                                         progress)
             train_time = time.perf_counter() - started
-
-            sums = distributed.all_reduce_sum({**sums, "_seen": seen})
-            seen = sums.pop("_seen")
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": step}
-            row.update({f"train/{name}": total / max(seen, 1) for name, total in sums.items()})
             models = method.eval_models()
             evaluated = (epoch + 1) % eval_every == 0 or epoch + 1 == epochs
             for name, model in models.items() if evaluated else ():
                 scores = evaluate(model, test_loader, device=device, precision=precision, channels_last=channels_last)
                 row.update({f"{name}/{key}": value for key, value in scores.items()})
-            row["lr"] = lr
-            row["epoch_time_s"] = train_time
-            row["eval_time_s"] = time.perf_counter() - started - train_time
+            row.update(lr=lr, epoch_time_s=train_time, eval_time_s=time.perf_counter() - started - train_time)
             history.append(row)
-
-            metric = best_metric or f"{next(iter(models))}/acc1"
-            if evaluated and metric not in row:
-                raise KeyError(f"best_metric {metric!r} is not among the epoch metrics {sorted(row)}")
-            lower_is_better = metric.endswith("loss")
-            improved = evaluated and (
-                best is None or (row[metric] < best["value"] if lower_is_better else row[metric] > best["value"]))
-            if improved:
-                best = {"metric": metric, "value": row[metric], "epoch": epoch + 1}
-            rng = distributed.all_gather_object(ckpt.rng_state())
-            if rank.is_main:
-                state = {
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "method": method.state_dict(),
-                    "models": {
-                        name: {**(model_info or {}).get(name, {}), "state_dict": unwrap(model).state_dict()}
-                        for name, model in models.items()
-                    },
-                    "rng": rng,
-                    "history": history,
-                    "best": best,
-                    "config": config,
-                }
-                try:
-                    ckpt.save_checkpoint(([run_dir / ckpt.BEST] if improved else []) + [run_dir / ckpt.LAST], state)
-                except ckpt.WriteFailedError as error:
-                    raise ckpt.WriteFailedError(f"epoch {epoch + 1} was not saved: {error}; "
-                                                f"{_what_last_holds(run_dir, epoch)}") from error
-                for sink in sinks:
-                    sink.write(history)
+            improved, best = _track_best(row, best, best_metric or f"{next(iter(models))}/acc1", evaluated)
+            _save_epoch(method, models, history, best, improved, run_dir, config, model_info, writes, sinks)
             distributed.barrier()
     finally:
         for sink in sinks:
@@ -291,7 +202,119 @@ def fit(
     return history
 
 
-def _what_last_holds(run_dir: Path, epochs_done: int) -> str:
+def _start(method, run_dir: Path | None, epochs: int, resume: bool, config, writes: bool, log):
+    """Prepare the run directory, or restore the run from its ``last.pt``: ``(history, epoch, step, best)``."""
+    rank = distributed.info()
+    if writes:
+        ckpt.prepare_run_dir(run_dir, resume)
+    distributed.barrier()
+    if not resume:
+        if writes:
+            ckpt.write_run_info(run_dir, config)
+        return [], 0, 0, None
+    state = ckpt.load_checkpoint(run_dir / ckpt.LAST)
+    history, start_epoch, step, best = state["history"], state["epoch"], state["step"], state["best"]
+    if epochs < start_epoch:
+        raise ValueError(f"epochs={epochs} is fewer than the {start_epoch} epochs {run_dir / ckpt.LAST} holds; "
+                         f"resume with epochs={start_epoch} or more")
+    try:
+        method.load_state_dict(state["method"])
+    except ValueError as error:
+        raise ValueError(f"cannot resume {run_dir}: {error}; its teacher checkpoint, or featkd's models, changed "
+                         "since it started: start a new run") from None
+    if len(state["rng"]) != rank.world_size:
+        raise ValueError(f"{run_dir / ckpt.LAST} was written by {len(state['rng'])} processes; "
+                         f"resume it with the same number, not {rank.world_size}.")
+    ckpt.set_rng_state(state["rng"][rank.rank])
+    changes = changed_keys(state.get("config") or {}, config or {})
+    log(f"resuming {run_dir} after epoch {start_epoch} (step {step})" +
+        "".join(f"; {key} changed from {old} to {new}" for key, (old, new) in changes.items()))
+    restored = ckpt.restore_best(run_dir, state) if rank.is_main else None
+    if restored:
+        log(restored)
+    if writes:
+        ckpt.write_run_info(run_dir, config)
+        ckpt.write_metrics(run_dir, history)  # a write that failed after last.pt may have left them behind it
+    return history, start_epoch, step, best
+
+
+def _train_epoch(method, train_loader, epoch: int, epochs: int, step: int, run_dir, device, channels_last,
+                 progress) -> tuple[dict[str, Any], int, float | None]:
+    """One epoch of training steps: the epoch's row (its losses averaged over its samples), the step, the lr."""
+    train_loader.set_epoch(epoch)
+    sums: dict[str, float] = defaultdict(float)
+    seen = 0
+    bar = _progress_bar(train_loader, epoch, epochs, progress)
+    for x, y, *indices in bar:  # a loader may yield the samples' dataset indices too
+        x, y = _to_device(x, y, device, channels_last)
+        extra = {"indices": indices[0].to(x.device)} if indices else {}
+        losses = method.train_step(x, y, step, **extra)
+        bad = [name for name, value in losses.items() if not math.isfinite(value)]
+        if bad:
+            culprit = next((name for name in bad if name != "total"), bad[0])
+            raise DivergenceError(
+                f"loss {culprit!r} became {losses[culprit]} at step {step} (epoch {epoch + 1}); "
+                f"non-finite terms: {bad}. Training stopped; {_what_last_holds(run_dir, epoch)}. Start a new run "
+                "with a lower learning rate or a lower weight for that term (a resumed run keeps its settings)."
+            )
+        for name, value in losses.items():
+            sums[name] += value * x.shape[0]
+        seen += x.shape[0]
+        step += 1
+        if progress:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+    optimizer = getattr(method, "optimizer", None)
+    lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+    method.on_epoch_end(epoch)
+    sums = distributed.all_reduce_sum({**sums, "_seen": seen})
+    seen = sums.pop("_seen")
+    row: dict[str, Any] = {"epoch": epoch + 1, "step": step}
+    row.update({f"train/{name}": total / max(seen, 1) for name, total in sums.items()})
+    return row, step, lr
+
+
+def _track_best(row: dict[str, Any], best: dict | None, metric: str, evaluated: bool) -> tuple[bool, dict | None]:
+    """Whether this epoch improved ``metric`` (``...loss`` downwards), and the best so far."""
+    if evaluated and metric not in row:
+        raise KeyError(f"best_metric {metric!r} is not among the epoch metrics {sorted(row)}")
+    lower_is_better = metric.endswith("loss")
+    improved = evaluated and (
+        best is None or (row[metric] < best["value"] if lower_is_better else row[metric] > best["value"]))
+    if improved:
+        best = {"metric": metric, "value": row[metric], "epoch": row["epoch"]}
+    return improved, best
+
+
+def _save_epoch(method, models, history, best, improved: bool, run_dir, config, model_info, writes: bool,
+                sinks) -> None:
+    """``best.pt`` (when improved) then ``last.pt``, then the logs; every rank takes part in gathering RNG states."""
+    rng = distributed.all_gather_object(ckpt.rng_state())
+    if not writes:
+        return
+    epoch = history[-1]["epoch"]
+    state = {
+        "epoch": epoch,
+        "step": history[-1]["step"],
+        "method": method.state_dict(),
+        "models": {name: {**(model_info or {}).get(name, {}), "state_dict": unwrap(model).state_dict()}
+                   for name, model in models.items()},
+        "rng": rng,
+        "history": history,
+        "best": best,
+        "config": config,
+    }
+    try:
+        ckpt.save_checkpoint(([run_dir / ckpt.BEST] if improved else []) + [run_dir / ckpt.LAST], state)
+    except ckpt.WriteFailedError as error:
+        raise ckpt.WriteFailedError(f"epoch {epoch} was not saved: {error}; "
+                                    f"{_what_last_holds(run_dir, epoch - 1)}") from error
+    for sink in sinks:
+        sink.write(history)
+
+
+def _what_last_holds(run_dir: Path | None, epochs_done: int) -> str:
+    if run_dir is None:
+        return "nothing is saved without a run directory"
     if epochs_done:
         return f"{run_dir / ckpt.LAST} still holds epoch {epochs_done}"
     return "no epoch had finished, so nothing was saved"
