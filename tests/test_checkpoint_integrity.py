@@ -69,11 +69,14 @@ def test_a_checkpoint_written_before_checksums_loads_with_a_notice(tmp_path):
         ckpt.load_checkpoint(new)
 
 
-def test_the_shipped_teacher_still_loads_with_the_notice():
-    with pytest.warns(ckpt.UnverifiedCheckpointWarning, match="fmnist_wrn16_2.pt"):
+def test_the_shipped_teacher_is_sealed_and_the_earlier_one_loads_with_the_notice():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         state = ckpt.load_checkpoint(shipped.TEACHER.path)
     model, record = ckpt.model_from_checkpoint(state, torch.device("cpu"))
     assert record["name"] == "wrn16_2"
+    with pytest.warns(ckpt.UnverifiedCheckpointWarning, match="fmnist_wrn16_2_3ep.pt"):
+        ckpt.load_checkpoint(shipped.EARLIER_TEACHER_PATH)
 
 
 def test_the_cli_says_so_in_one_line(tmp_path, subprocess_env, python_exe):

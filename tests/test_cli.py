@@ -5,7 +5,7 @@ import importlib
 from featkd import cli
 
 SHIPPED = ["adversarial", "born-again", "demo", "distill", "dml", "eval", "layers", "pairs", "plot", "repro", "show",
-           "sweep", "train"]
+           "sweep", "train", "tune"]
 
 
 def test_every_command_module_is_a_command(capsys):
