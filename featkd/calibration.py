@@ -15,7 +15,6 @@ goes on ends up weaker than the ratio says, one that shrinks slower stronger.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -57,7 +56,8 @@ def gradient_ratios(distiller, x: torch.Tensor, y: torch.Tensor) -> dict[str, fl
     if not labelled:
         raise ValueError("calibrating weights relative to the cross-entropy needs a batch with labels")
     params = [p for p in distiller.student.parameters() if p.requires_grad]
-    saved = copy.deepcopy(distiller.state_dict())
+    # the frozen teacher is not touched (eval mode or batch statistics without updates): no copy of it
+    saved = {key: value.clone() for key, value in distiller.state_dict().items() if not key.startswith("teacher.")}
     was_training = distiller.training
     try:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
@@ -69,7 +69,7 @@ def gradient_ratios(distiller, x: torch.Tensor, y: torch.Tensor) -> dict[str, fl
                                  "relative to it is undefined; give absolute weights")
             return {key: _gradient_norm(value, params) / ce for key, value in values.items()}
     finally:
-        distiller.load_state_dict(saved)
+        distiller.load_state_dict(saved, strict=False)
         distiller.train(was_training)
 
 

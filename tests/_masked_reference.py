@@ -6,6 +6,7 @@ per-sample loss. Nothing here calls featkd.
 """
 
 import numpy as np
+import torch
 
 from _loss_reference import lower_median, mmd_sample, unit_rows
 
@@ -96,3 +97,13 @@ def attention_kl(samples_s, samples_t, heads="match"):
         rows = [_kl(t[h, i], s[h, i]) for h in range(s.shape[0]) for i in range(s.shape[1])]
         losses.append(np.mean(rows))
     return float(np.mean(losses))
+
+
+def random_mask(lengths, length, seed):
+    """(B, length) bool test masks: each sample's valid tokens at sorted random positions (left, right or inner
+    padding)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(lengths), length, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, torch.randperm(length, generator=g)[:n]] = True
+    return mask

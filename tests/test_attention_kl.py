@@ -20,14 +20,6 @@ def unpadded(heads, seed, lengths=LENGTHS):
     return [torch.randn(heads, n, n, generator=g, dtype=torch.float64).softmax(-1) for n in lengths]
 
 
-def random_mask(lengths, length, seed):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(len(lengths), length, dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        mask[b, torch.randperm(length, generator=g)[:n]] = True
-    return mask
-
-
 def pad(probs, mask, seed):
     """(B, heads, L, L) as a model given the attention mask returns them: each valid query row holds the
     sample's distribution at the valid keys and 0 at padded keys; padded query rows hold garbage."""
@@ -48,7 +40,7 @@ def numpy_list(probs):
 @pytest.mark.parametrize("heads,h_s,h_t", [("match", 3, 3), ("mean", 3, 3), ("mean", 2, 4)])
 def test_masked_value_equals_the_loop_over_unpadded_samples(heads, h_s, h_t):
     ps, pt = unpadded(h_s, 1), unpadded(h_t, 2)
-    mask = random_mask(LENGTHS, 9, 3)
+    mask = R.random_mask(LENGTHS, 9, 3)
     got = KF.attention_kl_loss(pad(ps, mask, 4), pad(pt, mask, 5), heads=heads, mask=mask).item()
     assert got == pytest.approx(R.attention_kl(numpy_list(ps), numpy_list(pt), heads), rel=1e-12)
     alone = np.mean([KF.attention_kl_loss(s[None], t[None], heads=heads).item() for s, t in zip(ps, pt)])
@@ -60,7 +52,7 @@ def test_padding_to_any_length_gives_the_same_value_and_gradient(heads, h_s, h_t
     ps, pt = unpadded(h_s, 1), unpadded(h_t, 2)
     values, grads = [], []
     for length, seed in ((7, 10), (12, 20)):
-        mask = random_mask(LENGTHS, length, seed)
+        mask = R.random_mask(LENGTHS, length, seed)
         p_s = pad(ps, mask, seed + 1).requires_grad_(True)
         value = KF.attention_kl_loss(p_s, pad(pt, mask, seed + 2), heads=heads, mask=mask)
         value.backward()
@@ -76,7 +68,7 @@ def test_probabilities_computed_without_the_mask_are_renormalised_over_the_valid
     # A model run without its attention mask spreads probability onto padded keys; the masked loss
     # keeps the valid keys and renormalises, which is the softmax over the valid keys' own scores.
     g = torch.Generator().manual_seed(0)
-    mask = random_mask(LENGTHS, 8, 1)
+    mask = R.random_mask(LENGTHS, 8, 1)
     scores_s, scores_t = (torch.randn(3, 2, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
     got = KF.attention_kl_loss(scores_s.softmax(-1), scores_t.softmax(-1), mask=mask).item()
     valid = [m.nonzero().flatten() for m in mask]
@@ -87,7 +79,7 @@ def test_probabilities_computed_without_the_mask_are_renormalised_over_the_valid
 
 @pytest.mark.parametrize("heads,h_s,h_t", [("match", 2, 2), ("mean", 2, 3)])
 def test_gradcheck_with_a_mask(heads, h_s, h_t):
-    mask = random_mask((3, 2), 4, 6)
+    mask = R.random_mask((3, 2), 4, 6)
     p_s = pad(unpadded(h_s, 1, (3, 2)), mask, 7).requires_grad_(True)
     p_t = pad(unpadded(h_t, 2, (3, 2)), mask, 8)
     assert torch.autograd.gradcheck(lambda p: KF.attention_kl_loss(p, p_t, heads=heads, mask=mask), (p_s,))
@@ -131,7 +123,7 @@ def test_shapes_and_masks_are_checked_in_one_line():
 
 
 def test_the_module_takes_the_mask_from_the_batch_context():
-    mask = random_mask(LENGTHS, 7, 3)
+    mask = R.random_mask(LENGTHS, 7, 3)
     p_s, p_t = pad(unpadded(2, 1), mask, 4), pad(unpadded(4, 2), mask, 5)
     loss = build_feature_loss("attention_kl", tuple(p_s.shape), tuple(p_t.shape), heads="mean")
     assert loss(p_s, p_t, BatchContext(attention_mask=mask)).item() == pytest.approx(

@@ -55,15 +55,6 @@ def samples(channels, seed, lengths=LENGTHS):
     return [torch.randn(channels, n, generator=g, dtype=torch.float64) for n in lengths]
 
 
-def random_mask(lengths, length, seed):
-    """(B, length) bool: each sample's valid tokens at sorted random positions (left, right or inner padding)."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(len(lengths), length, dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        mask[b, torch.randperm(length, generator=g)[:n]] = True
-    return mask
-
-
 def pad(samples_, mask, seed):
     """(B, C, length): the samples' tokens, in order, at the mask's valid positions; garbage elsewhere."""
     g = torch.Generator().manual_seed(seed)
@@ -76,7 +67,7 @@ def pad(samples_, mask, seed):
 def padded_case(name, length, seed, lengths=LENGTHS):
     loss, reference, (cs, ct) = CASES[name]
     ss, st = samples(cs, 1, lengths), samples(ct, 2, lengths)
-    mask = random_mask(lengths, length, seed)
+    mask = R.random_mask(lengths, length, seed)
     return loss, reference, ss, st, pad(ss, mask, seed + 1), pad(st, mask, seed + 2), mask
 
 
@@ -138,7 +129,7 @@ def test_nst_median_bandwidth_with_a_mask_is_the_batch_median_over_valid_tokens(
     sigma2 = R.batch_median_sq_dist([s.numpy() for s in ss], [t.numpy() for t in st])
     want = R.nst([s.numpy() for s in ss], [t.numpy() for t in st], make_gaussian(sigma2))
     for length, seed in ((7, 10), (12, 20)):
-        mask = random_mask(LENGTHS, length, seed)
+        mask = R.random_mask(LENGTHS, length, seed)
         for f_t in (pad(st, mask, seed + 2), pad(samples(3, 2), mask, seed + 2)):  # paired and unpaired routes
             got = KF.nst_loss(pad(ss, mask, seed + 1), f_t, "gaussian", mask=mask).item()
             if f_t.shape[1] == 4:
@@ -179,7 +170,7 @@ def test_a_mask_with_resized_maps_is_refused(name):
 
 def test_the_masked_attention_map_is_each_unpadded_sample_s_map_at_its_valid_positions():
     ss = samples(4, 1)
-    mask = random_mask(LENGTHS, 8, 2)
+    mask = R.random_mask(LENGTHS, 8, 2)
     maps = KF.attention_map(pad(ss, mask, 3), 3, mask=mask)
     assert (maps[~mask] == 0).all()
     for b, s in enumerate(ss):

@@ -130,9 +130,8 @@ def _tuned(args, setup):
             raise FileNotFoundError(f"--tuned {args.tuned}: no such file (featkd tune --out FILE writes one)")
         return recipes, setup.methods, None
     chosen, provenance = read_choice(path)
-    tuned = [m for m in setup.methods if m in chosen]
-    recipes.update(limited_data.tuned_recipes({m: chosen[m] for m in tuned}))
-    return recipes, (*setup.methods, *(m + limited_data.TUNED for m in tuned)), {"file": str(path), **provenance}
+    recipes, methods = limited_data.with_tuned(setup.methods, chosen)
+    return recipes, methods, {"file": str(path), **provenance}
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -120,9 +120,7 @@ def _limited_data(args, command):
         from featkd.repro.tuning import read_choice
 
         chosen, _ = read_choice(args.tuned)
-        methods = changes.get("methods", tuple(recipes))
-        recipes.update(limited_data.tuned_recipes({m: chosen[m] for m in methods if m in chosen}))
-        changes["methods"] = (*methods, *(m + limited_data.TUNED for m in methods if m in chosen))
+        recipes, changes["methods"] = limited_data.with_tuned(changes.get("methods", tuple(recipes)), chosen)
     setup = limited_data.LimitedDataSetup(fraction=args.fraction, epochs=changes.pop("epochs", 20), **changes)
     teacher, shipped_teacher = (args.teacher, None) if args.teacher else (shipped.TEACHER.path, shipped.TEACHER)
     return limited_data.run_limited_data(teacher, setup, args.run_dir, device=args.device, command=command,

@@ -63,9 +63,12 @@ def comparison_groups(methods: Sequence[str]) -> list[tuple[str, str, list[str]]
     return groups
 
 
-def tuned_recipes(chosen: Mapping[str, RecipeSpec]) -> dict[str, RecipeSpec]:
-    """``{"<method>-tuned": recipe}`` for the recipes a tuning chose (:func:`featkd.repro.tuning.read_choice`)."""
-    return {m + TUNED: dataclasses.replace(spec, name=m + TUNED) for m, spec in chosen.items()}
+def with_tuned(methods: Sequence[str], chosen: Mapping[str, RecipeSpec]) -> tuple[dict[str, RecipeSpec], tuple[str, ...]]:
+    """The published recipes plus ``"<method>-tuned"`` for each of ``methods`` a tuning chose
+    (:func:`featkd.repro.tuning.read_choice`), and the methods with those tuned names appended."""
+    tuned = [m for m in methods if m in chosen]
+    recipes = {**RECIPES, **{m + TUNED: dataclasses.replace(chosen[m], name=m + TUNED) for m in tuned}}
+    return recipes, (*methods, *(m + TUNED for m in tuned))
 
 
 @dataclass(frozen=True)

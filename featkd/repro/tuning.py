@@ -129,6 +129,7 @@ def run_tuning(teacher_path, setup: LimitedDataSetup, space: TuningSpace, run_ro
     cells = LimitedDataCells.open(teacher_path, setup, data=data, device=device, shipped=shipped, log=log)
     specs = {m: candidates(space, m, RECIPES[m]) for m in space.methods}
     by_name = {spec.name: spec for method in specs.values() for spec in method}
+    method_of = {spec.name: m for m, method in specs.items() for spec in method}
     alive = {m: [spec.name for spec in specs[m]] for m in space.methods}
     scores: dict[str, dict[str, list[float]]] = {m: {name: [] for name in alive[m]} for m in space.methods}
     rungs: dict[str, list[list[str]]] = {m: [] for m in space.methods}
@@ -144,7 +145,7 @@ def run_tuning(teacher_path, setup: LimitedDataSetup, space: TuningSpace, run_ro
             if todo:
                 log(f"tuning rung {rung}: seed {seed}, {len(todo)} candidates")
                 for name, acc in cells.train_seed(seed, todo, run_dir / f"rung{rung}").items():
-                    scores[name.rsplit(".c", 1)[0]][name].append(acc)
+                    scores[method_of[name]][name].append(acc)
     chosen = {}
     for m in space.methods:
         winner = select({name: scores[m][name] for name in alive[m]})
