@@ -71,7 +71,7 @@ def test_demo_shows_tuned_settings_next_to_the_published_ones(tmp_path, subproce
     rows = [line.split("|")[1].strip() for line in tables[1].splitlines() if line.startswith("| ")][1:]
     assert rows == ["student-tuned", "KD-tuned", "AT-tuned", "teacher"]
     assert (tmp_path / "demo" / "paired_deltas-tuned.png").stat().st_size > 1000
-    member = tmp_path / "demo" / "limited-data-0.03-synthetic" / "seed1-1ep" / "members" / "AT-tuned-s1" / "config.yaml"
+    member = tmp_path / "demo" / "limited-data-0.03-synthetic" / "seed1-1ep-tuned" / "members" / "AT-tuned-s1" / "config.yaml"
     recorded = yaml.safe_load(member.read_text())
     assert recorded["changes"] == {"epochs": 1, "weight.relative_to_ce": 0.5}
     assert set(recorded["resolved_weights"]) == {"at:group1", "at:group2", "at:group3"}

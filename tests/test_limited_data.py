@@ -1,5 +1,6 @@
 """The limited-data table end to end on tiny synthetic data (its shape, not its values), and its plot."""
 
+import dataclasses
 import json
 
 import pytest
@@ -194,3 +195,21 @@ def test_a_rerun_is_bit_exact_at_a_fixed_thread_count(tmp_path):
                    .read_text().splitlines() for k in (0, 1)]
         strip = [[{k: v for k, v in json.loads(line).items() if "time" not in k} for line in m] for m in metrics]
         assert strip[0] == strip[1]  # every loss of every epoch, to the last digit
+
+
+@pytest.mark.slow
+def test_adding_tuned_recipes_reuses_the_published_students(tmp_path):
+    teacher = _tiny_teacher(tmp_path)
+    setup = limited_data.LimitedDataSetup(fraction=0.02, epochs=1, seeds=(0,), methods=("student", "AT"),
+                                          batch_size=8, test_limit=40, student="wrn10_1", validation_size=200)
+    run = lambda setup, recipes=None, log=lambda _: None: limited_data.run_limited_data(  # noqa: E731
+        teacher, setup, tmp_path / "runs", data=repro.DataSpec("synthetic"), device="cpu", recipes=recipes, log=log)
+    published = run(setup)
+    chosen = {m: limited_data.RECIPES[m].with_changes({"epochs": 1}) for m in ("student", "AT")}
+    recipes, methods = limited_data.with_tuned(setup.methods, chosen)
+    lines = []
+    both = run(dataclasses.replace(setup, methods=methods), recipes, lines.append)
+    table = tmp_path / "runs" / "limited-data-0.02-synthetic"
+    assert sorted(p.name for p in table.iterdir()) == ["seed0-1ep", "seed0-1ep-tuned"]
+    assert f"reusing finished run {table / 'seed0-1ep'}" in lines
+    assert {m: both.accuracies[m] for m in setup.methods} == published.accuracies

@@ -206,18 +206,22 @@ class LimitedDataCells:
         base = {"experiment": "limited-data", "fraction": setup.fraction, "train_examples": size,
                 "teacher": str(self.teacher_path), "dataset": self.data.name, "evaluation": setup.evaluation,
                 "validation_size": setup.validation_size, "data_seed": seed}
-        by_length: dict[int, list[str]] = {}
+        # One sweep per training length, the tuned recipes apart from the published ones: adding --tuned to a
+        # finished table reuses its published students rather than asking for a sweep of other members.
+        by_length: dict[tuple[int, str], list[str]] = {}
         for name, spec in recipes.items():
-            by_length.setdefault(int(spec.changes.get("epochs", setup.epochs)), []).append(name)
+            key = (int(spec.changes.get("epochs", setup.epochs)), TUNED if name.endswith(TUNED) else "")
+            by_length.setdefault(key, []).append(name)
         train = seed_subset(self.pool, size, seed)
         # the official AT code's data: pad 4 by reflection, crop, flip; every image once an epoch
         train_loader = DeviceLoader(train, setup.batch_size, shuffle=True, augment=True, device=self.device,
                                     seed=seed, pad=4, pad_mode="reflect", drop_last=False)
         accuracies = {}
-        for epochs, names in sorted(by_length.items()):
+        for (epochs, group), names in sorted(by_length.items()):
             budget = dataclasses.replace(setup.budget(), epochs=epochs, seeds=(seed,))
             accs = run_students(self.teacher, setup.student, [recipes[name].to_recipe(name) for name in names],
-                                budget, train.info, train_loader, self.eval_loader, run_dir / f"seed{seed}-{epochs}ep",
+                                budget, train.info, train_loader, self.eval_loader,
+                                run_dir / f"seed{seed}-{epochs}ep{group}",
                                 self.device, base, self.log, eval_every=setup.eval_every or epochs,
                                 records={name: recipes[name].record() for name in names})
             accuracies.update((name, accs[name][0]) for name in names)
