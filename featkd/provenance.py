@@ -72,12 +72,14 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
-def hardware() -> str:
-    """The device the numbers were measured on, in words (what the reports print)."""
+def hardware(processes: int = 1) -> str:
+    """The device the numbers were measured on, in words (what the reports print); ``processes`` > 1: the work
+    ran in that many processes of one torch thread each (:mod:`featkd.repro.processes`)."""
     gpu = gpu_name()
     if gpu is not None:
         return f"GPU {gpu}"
-    return f"CPU {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    threads = f"{processes} processes × 1 torch thread" if processes > 1 else f"{torch.get_num_threads()} torch threads"
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores, {threads}"
 
 
 def environment_info() -> dict[str, Any]:

@@ -213,3 +213,31 @@ def test_adding_tuned_recipes_reuses_the_published_students(tmp_path):
     assert sorted(p.name for p in table.iterdir()) == ["seed0-1ep", "seed0-1ep-tuned"]
     assert f"reusing finished run {table / 'seed0-1ep'}" in lines
     assert {m: both.accuracies[m] for m in setup.methods} == published.accuracies
+
+
+@pytest.mark.slow
+def test_sweeps_in_parallel_processes_equal_one_process_at_one_thread(tmp_path):
+    teacher = _tiny_teacher(tmp_path)
+    setup = limited_data.LimitedDataSetup(fraction=0.02, epochs=1, seeds=(0, 1), methods=("student", "AT", "KD"),
+                                          batch_size=8, test_limit=40, student="wrn10_1", validation_size=200)
+    chosen = {"student": limited_data.RECIPES["student"].with_changes({"epochs": 2})}
+    recipes, methods = limited_data.with_tuned(setup.methods, chosen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = limited_data.run_limited_data(teacher, dataclasses.replace(setup, methods=methods), tmp_path / "one",
+                                              data=repro.DataSpec("synthetic"), device="cpu", recipes=recipes,
+                                              log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    # four sweeps (2 seeds x the published and the tuned lengths) over 2 processes
+    parallel = limited_data.run_limited_data(teacher, dataclasses.replace(setup, methods=methods, jobs=2),
+                                             tmp_path / "two", data=repro.DataSpec("synthetic"), device="cpu",
+                                             recipes=recipes, log=lambda _: None)
+    assert parallel.accuracies == alone.accuracies
+    assert "2 processes × 1 torch thread" in parallel.markdown
+    for sweep in ("seed1-1ep", "seed1-2ep-tuned"):
+        metrics = [(tmp_path / k / "limited-data-0.02-synthetic" / sweep / "metrics.jsonl").read_text().splitlines()
+                   for k in ("one", "two")]
+        strip = [[{k: v for k, v in json.loads(line).items() if "time" not in k} for line in m] for m in metrics]
+        assert strip[0] == strip[1]

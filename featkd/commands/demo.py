@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the tuned settings to show next to the published ones (default: the committed "
                              "paper_repro/tuning/limited-data-0.01.yaml; written by featkd tune --out FILE)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="train the seeds' sweeps in N processes of one torch thread each (CPU; default 1: one "
+                             "process, torch's threads)")
 
 
 def demo_setup(args):
@@ -62,6 +65,7 @@ def demo_setup(args):
         # About 11 minutes on an idle 2-core CPU: 25 students, 270 steps each, one evaluation.
         base = LimitedDataSetup(**SELECTION, seeds=(0, 1, 2, 3, 4), methods=DEMO_METHODS)
     changes = {k: v for k, v in (("fraction", args.fraction), ("epochs", args.epochs)) if v is not None}
+    changes["jobs"] = args.jobs
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
     return dataclasses.replace(base, **changes)

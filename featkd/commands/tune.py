@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", default="wrn16_1", help="student model (default wrn16_1)")
     parser.add_argument("--batch-size", type=int, default=64, help="students' batch size (default 64)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="train the sweeps in N processes of one torch thread each (CPU; default 1: one process, torch's threads)")
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -42,7 +44,7 @@ def _command_line(args: argparse.Namespace) -> str:
     parts = ["featkd tune", "--fraction", f"{args.fraction:g}"]
     if args.methods:
         parts += ["--methods", *args.methods]
-    for flag in ("space", "teacher", "run_dir", "out", "validation_size", "data", "student", "batch_size", "device"):
+    for flag in ("space", "teacher", "run_dir", "out", "validation_size", "data", "student", "batch_size", "device", "jobs"):
         value = getattr(args, flag)
         if value is not None:
             parts += [f"--{flag.replace('_', '-')}", str(value)]
@@ -71,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     command = _command_line(args)
     setup = LimitedDataSetup(fraction=args.fraction, epochs=space.epochs[0], batch_size=args.batch_size,
                              student=args.student, validation_size=args.validation_size, evaluate_on="validation",
-                             methods=tuple(space.methods), seeds=tuple(space.seeds))
+                             methods=tuple(space.methods), seeds=tuple(space.seeds), jobs=args.jobs)
     teacher, shipped_teacher = (args.teacher, None) if args.teacher else (shipped.TEACHER.path, shipped.TEACHER)
     result = run_tuning(teacher, setup, space, args.run_dir, data=DataSpec(args.data), device=args.device,
                         shipped=shipped_teacher, command=command)

@@ -38,6 +38,7 @@ from featkd import stats
 from featkd.shipped import ShippedTeacher
 from featkd.teachers import load_teacher
 from featkd.repro.cache import write_new
+from featkd.repro.processes import map_in_processes
 from featkd.repro.protocols import Budget, pretty_model
 from featkd.repro.recipes import RecipeSpec, load_recipes
 from featkd.repro.report import DataSpec, hardware
@@ -86,6 +87,7 @@ class LimitedDataSetup:
     # class-balanced training images (seed 0) kept out of every student's subset, for choosing settings
     validation_size: int = 5000
     evaluate_on: str = "test"  # or "validation": the test split is then not read at all
+    jobs: int = 1  # > 1: the sweeps run in that many processes of one torch thread each (CPU only)
 
     def __post_init__(self):
         if not 0 < self.fraction <= 1:
@@ -94,6 +96,8 @@ class LimitedDataSetup:
             raise ValueError("the methods must include 'student', the baseline of every comparison")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
         if self.validation_size < 0:
             raise ValueError(f"validation_size must be >= 0, got {self.validation_size}")
         if self.evaluate_on not in EVALUATION_SETS:
@@ -152,7 +156,7 @@ def seed_subset(pool, size: int, seed: int):
 @dataclass
 class LimitedDataCells:
     """What every cell of a limited-data table shares, loaded once — the teacher (checked), the pool each seed
-    draws its subset from, the evaluation set — and :meth:`train_seed`, which trains recipes on one seed's data."""
+    draws its subset from, the evaluation set — and :meth:`train_seeds`, which trains recipes on seeds' data."""
 
     setup: LimitedDataSetup
     data: DataSpec
@@ -165,6 +169,7 @@ class LimitedDataCells:
     eval_loader: object
     full_size: int
     log: object = print
+    shipped: ShippedTeacher | None = None  # what the teacher was checked against (a worker process checks it again)
 
     @classmethod
     def open(cls, teacher_path, setup: LimitedDataSetup, *, data=None, device="auto",
@@ -177,6 +182,8 @@ class LimitedDataCells:
 
         data = data or DataSpec("fashion_mnist")
         device = resolve_device(device)
+        if setup.jobs > 1 and device.type != "cpu":
+            raise ValueError(f"jobs={setup.jobs} splits the work over CPU processes; on {device} leave jobs at 1")
         teacher, record = load_teacher(teacher_path, device, sha256=shipped.sha256 if shipped else None)
         full = data.load("train", None)
         validation, pool = validation_split(full, setup.validation_size)
@@ -190,15 +197,26 @@ class LimitedDataCells:
                              f"{shipped.test_acc:.2f}%: check the dataset files, or train the teacher again "
                              "(featkd demo --retrain-teacher)")
         return cls(setup, data, device, teacher, record["name"], Path(teacher_path), teacher_acc, pool, eval_loader,
-                   len(full), log)
+                   len(full), log, shipped)
 
     @property
     def train_examples(self) -> int:
         return self.setup.train_limit(self.full_size)
 
-    def train_seed(self, seed: int, recipes: Mapping[str, RecipeSpec], run_dir: Path) -> dict[str, float]:
-        """Train each recipe on seed ``seed``'s subset, batches, augmentation and initial weights — one sweep (one
-        teacher forward per batch) per training length, in ``run_dir/seed<seed>-<epochs>ep`` — and return
+    def sweeps(self, recipes: Mapping[str, RecipeSpec]) -> list[tuple[int, str, list[str]]]:
+        """``(epochs, group, names)`` of each sweep that trains ``recipes`` on one seed: one per training length,
+        the tuned recipes (``group`` "-tuned") apart from the published ones, so that adding --tuned to a
+        finished table reuses its published students rather than asking for a sweep of other members."""
+        groups: dict[tuple[int, str], list[str]] = {}
+        for name, spec in recipes.items():
+            key = (int(spec.changes.get("epochs", self.setup.epochs)), TUNED if name.endswith(TUNED) else "")
+            groups.setdefault(key, []).append(name)
+        return [(epochs, group, names) for (epochs, group), names in sorted(groups.items())]
+
+    def train_sweep(self, seed: int, epochs: int, group: str, recipes: Mapping[str, RecipeSpec],
+                    run_dir: Path) -> dict[str, float]:
+        """Train ``recipes`` for ``epochs`` on seed ``seed``'s subset, batches, augmentation and initial weights,
+        in one sweep (one teacher forward per batch) in ``run_dir/seed<seed>-<epochs>ep<group>``; return
         ``{name: accuracy %}`` on the evaluation set."""
         from featkd.data import DeviceLoader
 
@@ -206,26 +224,49 @@ class LimitedDataCells:
         base = {"experiment": "limited-data", "fraction": setup.fraction, "train_examples": size,
                 "teacher": str(self.teacher_path), "dataset": self.data.name, "evaluation": setup.evaluation,
                 "validation_size": setup.validation_size, "data_seed": seed}
-        # One sweep per training length, the tuned recipes apart from the published ones: adding --tuned to a
-        # finished table reuses its published students rather than asking for a sweep of other members.
-        by_length: dict[tuple[int, str], list[str]] = {}
-        for name, spec in recipes.items():
-            key = (int(spec.changes.get("epochs", setup.epochs)), TUNED if name.endswith(TUNED) else "")
-            by_length.setdefault(key, []).append(name)
         train = seed_subset(self.pool, size, seed)
         # the official AT code's data: pad 4 by reflection, crop, flip; every image once an epoch
         train_loader = DeviceLoader(train, setup.batch_size, shuffle=True, augment=True, device=self.device,
                                     seed=seed, pad=4, pad_mode="reflect", drop_last=False)
-        accuracies = {}
-        for (epochs, group), names in sorted(by_length.items()):
-            budget = dataclasses.replace(setup.budget(), epochs=epochs, seeds=(seed,))
-            accs = run_students(self.teacher, setup.student, [recipes[name].to_recipe(name) for name in names],
-                                budget, train.info, train_loader, self.eval_loader,
-                                run_dir / f"seed{seed}-{epochs}ep{group}",
-                                self.device, base, self.log, eval_every=setup.eval_every or epochs,
-                                records={name: recipes[name].record() for name in names})
-            accuracies.update((name, accs[name][0]) for name in names)
-        return accuracies
+        budget = dataclasses.replace(setup.budget(), epochs=epochs, seeds=(seed,))
+        accs = run_students(self.teacher, setup.student, [spec.to_recipe(name) for name, spec in recipes.items()],
+                            budget, train.info, train_loader, self.eval_loader, run_dir / f"seed{seed}-{epochs}ep{group}",
+                            self.device, base, self.log, eval_every=setup.eval_every or epochs,
+                            records={name: spec.record() for name, spec in recipes.items()})
+        return {name: accs[name][0] for name in recipes}
+
+    def train_seeds(self, work: Sequence[tuple[int, Mapping[str, RecipeSpec]]], run_dir: Path) -> list[dict[str, float]]:
+        """For each ``(seed, recipes)`` of ``work``, ``{name: accuracy %}`` of those recipes trained on that seed's
+        data (:meth:`train_sweep`, one sweep per length); with ``setup.jobs`` > 1 the sweeps run in that many
+        1-thread processes (:mod:`featkd.repro.processes`)."""
+        units = [(i, seed, epochs, group, {name: recipes[name] for name in names})
+                 for i, (seed, recipes) in enumerate(work) for epochs, group, names in self.sweeps(recipes)]
+        if self.setup.jobs > 1:
+            opened = (self.teacher_path, self.setup, self.data, self.device, self.shipped)
+            results = map_in_processes(_train_sweep_in_process,
+                                       [(opened, *unit[1:], run_dir) for unit in units], self.setup.jobs)
+        else:
+            results = [self.train_sweep(*unit[1:], run_dir) for unit in units]
+        merged: list[dict[str, float]] = [{} for _ in work]
+        for unit, accuracies in zip(units, results):
+            merged[unit[0]].update(accuracies)
+        return merged
+
+
+_OPENED: dict = {}  # in a worker process: the cells it opened, reused by its next sweep of the same table
+
+
+def _train_sweep_in_process(opened, seed, epochs, group, recipes, run_dir) -> dict[str, float]:
+    def log(line):
+        print(f"[seed {seed}, {epochs} ep{group}] {line}", flush=True)
+
+    if _OPENED.get("args") != opened:
+        teacher_path, setup, data, device, shipped = opened
+        _OPENED.update(args=opened, cells=LimitedDataCells.open(teacher_path, setup, data=data, device=device,
+                                                                shipped=shipped, log=log))
+    cells = _OPENED["cells"]
+    cells.log = log
+    return cells.train_sweep(seed, epochs, group, recipes, run_dir)
 
 
 def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root: Path, *, data=None,
@@ -246,8 +287,8 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
     cells = LimitedDataCells.open(teacher_path, setup, data=data, device=device, shipped=shipped, log=log)
     run_dir = run_root / setup.name(cells.data)
     accuracies: dict[str, list[float]] = {name: [] for name in setup.methods}
-    for seed in setup.seeds:
-        for name, acc in cells.train_seed(seed, recipes, run_dir).items():
+    for per_seed in cells.train_seeds([(seed, recipes) for seed in setup.seeds], run_dir):
+        for name, acc in per_seed.items():
             accuracies[name].append(acc)
     wall = time.perf_counter() - started
     size = cells.train_examples
@@ -306,7 +347,7 @@ def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size:
         f"all methods of a seed share them (paired); seeds {list(setup.seeds)}",
         "- recipes (from the recorded settings; every member's config.yaml holds its recipe in full):",
         *recipe_lines,
-        f"- hardware: {hardware()}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
+        f"- hardware: {hardware(processes=setup.jobs)}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
         "",
         *comparison_tables(accuracies, setup.seeds, teacher_acc,
                            "validation accuracy %" if setup.on_validation else "test accuracy %"),

@@ -139,13 +139,17 @@ def run_tuning(teacher_path, setup: LimitedDataSetup, space: TuningSpace, run_ro
             if rung:
                 alive[m] = survivors({name: scores[m][name] for name in alive[m]})
             rungs[m].append(list(alive[m]))
+        work = []
         for seed in space.seeds[:n_seeds]:
             todo = {name: by_name[name] for m in space.methods for name in alive[m]
                     if len(scores[m][name]) <= space.seeds.index(seed)}
             if todo:
                 log(f"tuning rung {rung}: seed {seed}, {len(todo)} candidates")
-                for name, acc in cells.train_seed(seed, todo, run_dir / f"rung{rung}").items():
-                    scores[method_of[name]][name].append(acc)
+                work.append((seed, todo))
+        # a seed's scores are appended in the seeds' order, whichever process trained them
+        for per_seed in cells.train_seeds(work, run_dir / f"rung{rung}"):
+            for name, acc in per_seed.items():
+                scores[method_of[name]][name].append(acc)
     chosen = {}
     for m in space.methods:
         winner = select({name: scores[m][name] for name in alive[m]})
@@ -167,7 +171,7 @@ def render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall_s, com
              "- rule (fixed in code before the runs): the highest mean validation accuracy over the last rung's seeds; "
              "a tie goes to the candidate listed first; the test split is never read",
              "- student-epochs spent per method: " + ", ".join(f"{m} {steps[m]}" for m in space.methods),
-             f"- hardware: {hardware()}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min", ""]
+             f"- hardware: {hardware(processes=setup.jobs)}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min", ""]
     for m in space.methods:
         lines += [f"## {m}", "", "| candidate | changes | " + " | ".join(f"rung {r} ({n} seeds)" for r, n in
                                                                         enumerate(space.rung_seeds)) + " |",
@@ -191,7 +195,7 @@ def write_choice(result: TuningResult, path: Path, *, setup: LimitedDataSetup, t
     data = {"provenance": {"command": command, "report": str(report), "teacher": str(teacher_path),
                            "teacher_sha256": file_sha256(teacher_path), "fraction": setup.fraction,
                            "validation_size": setup.validation_size, "featkd_commit": env.get("featkd_commit"),
-                           "torch": str(torch.__version__), "hardware": hardware(),
+                           "torch": str(torch.__version__), "hardware": hardware(processes=setup.jobs),
                            "date": time.strftime("%Y-%m-%d")},
             "chosen": {m: {"changes": dict(spec.changes), "recipe": spec.record()} for m, spec in result.chosen.items()}}
     return write_new(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
