@@ -209,6 +209,10 @@ def from_dict(data: dict[str, Any] | None) -> Config:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
+    if isinstance(data.get("terms"), list):
+        from featkd.published import resolve_term_weights
+
+        data = {**data, "terms": resolve_term_weights(data["terms"], "terms")}
     return build_dataclass(Config, data)
 
 

@@ -3,7 +3,7 @@
 >>> pairs = propose_pairs(teacher, student, torch.zeros(1, 3, 224, 224))
 >>> [(p.teacher.name, p.student.name, p.match) for p in pairs]
 [('layer1', 'layer1', 'stride 4'), ..., ('layer4', 'layer4', 'stride 32, last feature')]
->>> pair_terms(pairs, loss="at", weight=1000)   # the ``terms:`` of a featkd distill config
+>>> pair_terms(pairs, loss="at")   # the ``terms:`` of a featkd distill config, at AT's published β
 
 One dry run per model (:func:`featkd.list_layers`) gives every module's output with its layout. The
 model is read as a chain: its top-level modules, with a ``Sequential`` of stages (``features``,
@@ -160,10 +160,15 @@ def propose_pairs(teacher: nn.Module, student: nn.Module, example_input: Any) ->
     return pairs
 
 
-def pair_terms(pairs: Sequence[LayerPair], loss: str = "at", weight: float = 1000.0,
+def pair_terms(pairs: Sequence[LayerPair], loss: str = "at", weight: float | None = None,
                options: dict | None = None) -> list[dict[str, Any]]:
     """The pairs as one ``terms:`` entry of a ``featkd distill`` config (:class:`featkd.config.TermConfig`):
-    the teacher and student layer lists, ``loss``, ``weight`` and ``options``."""
+    the teacher and student layer lists, ``loss``, ``weight`` (default: the loss's published weight,
+    :func:`featkd.published.term_weight`) and ``options``."""
+    if weight is None:
+        from featkd.published import term_weight
+
+        weight = term_weight(loss)
     term: dict[str, Any] = {"teacher": [p.teacher.name for p in pairs], "student": [p.student.name for p in pairs],
                             "loss": loss, "weight": float(weight)}
     if options:

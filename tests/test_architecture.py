@@ -19,7 +19,7 @@ LAYERS = [
      "featkd.functional", "featkd.models", "featkd.data", "featkd.checkpoint", "featkd.locking", "featkd.config",
      "featkd.schema",
      "featkd.distributed", "featkd.stats", "featkd.provenance", "featkd.teachers",
-     "featkd.shipped"],
+     "featkd.shipped", "featkd.published"],
 ]
 DEPTH = {prefix: depth for depth, prefixes in enumerate(LAYERS) for prefix in prefixes}
 

@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="size of one example input, without the batch dimension (default: 3x224x224)")
     parser.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default: 10)")
     parser.add_argument("--loss", default="at", help="the feature loss of the proposed term (default: at)")
-    parser.add_argument("--weight", type=float, default=1000.0, help="its weight (default: 1000, AT's beta)")
+    parser.add_argument("--weight", type=float, default=None,
+                        help="its weight (default: the loss's published weight, e.g. AT's beta, from "
+                             "featkd/configs/reference/published.yaml; required for other losses)")
     parser.add_argument("--out", metavar="FILE", help="write the terms (and the student's name) to this new YAML file")
     for role in ("teacher", "student"):
         parser.add_argument(f"--{role}-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
@@ -64,6 +66,14 @@ def run(args: argparse.Namespace) -> int:
     from featkd.models import create_model
 
     feature_loss_class(args.loss)  # an unknown loss name, with the close ones, before any model is built
+    weight = args.weight
+    if weight is None:
+        from featkd import published
+
+        if args.loss not in published.published_losses():
+            raise ValueError(f"--loss {args.loss} has no published weight (published: "
+                             f"{', '.join(published.published_losses())}); add --weight W, e.g. --weight 1")
+        weight = published.term_weight(args.loss)
     if args.out and Path(args.out).exists():
         raise ValueError(f"--out {args.out} already exists; choose another file (featkd never overwrites one)")
     options = {"teacher": dict(args.teacher_option), "student": dict(args.student_option)}
@@ -82,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.teacher} -> {args.student}, input {format_shape(tuple(example.shape))}")
     print(text_table(rows))
     student = {"name": args.student, **({"options": options["student"]} if options["student"] else {})}
-    config = {"student": student, "terms": pair_terms(pairs, args.loss, args.weight)}
+    config = {"student": student, "terms": pair_terms(pairs, args.loss, weight)}
     text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
     if args.out:
         ckpt.atomic_write_text(args.out, f"# featkd pairs {args.teacher} {args.student} --input-size "

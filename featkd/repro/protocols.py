@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from featkd import published
 from featkd.models import default_distill_layers, pre_relu_layer
 
 PAPER_SCHEDULE = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, gamma=0.2, milestone_fractions=(0.3, 0.6, 0.8))
@@ -135,8 +136,8 @@ def at_terms(s_layers, t_layers):
     """AT on each (student, teacher) layer pair, as the official AT code weighs it."""
     from featkd.distiller import Term
 
-    # Official AT code: beta = 1e3 times the mean squared difference of the normalised maps, per group.
-    return [Term(t, s, loss="at", weight=1e3, name=f"at:{s}") for s, t in zip(s_layers, t_layers)]
+    weight = published.term_weight("at")  # featkd/configs/reference/published.yaml: β per group
+    return [Term(t, s, loss="at", weight=weight, name=f"at:{s}") for s, t in zip(s_layers, t_layers)]
 
 
 def fact_terms(s_layers, t_layers):
@@ -164,8 +165,9 @@ def nst_terms(kernel: str, which: str):
 
         pairs = list(zip(s_layers, t_layers))
         pairs = pairs[-1:] if which == "last" else pairs
-        # Official NST: weight 50 on the (1/C²-normalised) MMD, applied once, to the last map (`@last`).
-        return [Term(t, s, loss="nst", weight=50.0, name=f"nst-{kernel}:{s}", options={"kernel": kernel})
+        # the published weight on the (1/C²-normalised) MMD; the official code applies it once, to the last map
+        weight = published.term_weight("nst")
+        return [Term(t, s, loss="nst", weight=weight, name=f"nst-{kernel}:{s}", options={"kernel": kernel})
                 for s, t in pairs]
     return terms
 
@@ -174,8 +176,9 @@ def nst_terms(kernel: str, which: str):
 # every protocol so that the cached teachers are shared between tables.
 CPU_BUDGET = Budget("cpu", 4, 6, (0, 1), batch_size=64, train_limit=2000, test_limit=1000, pairs=1)
 
-AT_KD = {"loss": "kd", "weight": 0.9, "T": 4}  # AT code: (1-α)·CE + α·T²·KL, α = 0.9, T = 4
-NST_KD = {"loss": "kd", "weight": 1.0, "T": 4}  # NST code: CE + 16·KL at T=4; featkd's kd_loss has the T² = 16 built in
+# (Distiller kd, CE weight) of the AT code's and the NST code's logit terms (featkd/configs/reference/published.yaml)
+AT_KD, AT_KD_CE = published.distiller_kd("kd_at")
+NST_KD, NST_KD_CE = published.distiller_kd("kd_nst")
 
 
 def recipe(name, terms=None, kd=None, ce_weight=1.0, layers=default_distill_layers) -> Recipe:
@@ -199,8 +202,8 @@ AT_TABLE1 = TableProtocol(
         recipe("student"),
         recipe("AT", at_terms),
         recipe("F-ActT", fact_terms),
-        recipe("KD", kd=AT_KD, ce_weight=0.1),
-        recipe("AT+KD", at_terms, kd=AT_KD, ce_weight=0.1),
+        recipe("KD", kd=AT_KD, ce_weight=AT_KD_CE),
+        recipe("AT+KD", at_terms, kd=AT_KD, ce_weight=AT_KD_CE),
     ),
     budgets={
         "full": Budget("full", 200, 200, (0, 1, 2, 3, 4)),
@@ -219,11 +222,13 @@ NST_KERNELS = TableProtocol(
     pairs=AT_TABLE1.pairs,
     recipes=(
         recipe("student"),
-        recipe("KD", kd=NST_KD),
+        recipe("KD", kd=NST_KD, ce_weight=NST_KD_CE),
         *(recipe(f"NST-{k}@last", nst_terms(k, "last"), layers=nst_layers) for k in KERNELS),
-        *(recipe(f"NST-{k}@last+KD", nst_terms(k, "last"), kd=NST_KD, layers=nst_layers) for k in KERNELS),
+        *(recipe(f"NST-{k}@last+KD", nst_terms(k, "last"), kd=NST_KD, ce_weight=NST_KD_CE, layers=nst_layers)
+          for k in KERNELS),
         *(recipe(f"NST-{k}@all", nst_terms(k, "all"), layers=nst_layers) for k in KERNELS),
-        *(recipe(f"NST-{k}@all+KD", nst_terms(k, "all"), kd=NST_KD, layers=nst_layers) for k in KERNELS),
+        *(recipe(f"NST-{k}@all+KD", nst_terms(k, "all"), kd=NST_KD, ce_weight=NST_KD_CE, layers=nst_layers)
+          for k in KERNELS),
     ),
     budgets={
         "full": Budget("full", 200, 200, (0, 1, 2, 3, 4)),

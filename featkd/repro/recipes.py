@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from featkd import published
 from featkd.config import CONFIG_DIR, ConfigError, KDConfig, TermConfig, build_dataclass, read_yaml, to_dict
 from featkd.repro.protocols import Recipe
 
@@ -112,6 +113,12 @@ def load_recipes(table: str) -> dict[str, RecipeSpec]:
         unknown = sorted(set(entry) - set(RECIPE_KEYS))
         if unknown:
             raise ConfigError(f"{path}: recipe {name!r} has unknown keys {unknown}; a recipe has {list(RECIPE_KEYS)}")
-        recipes[str(name)] = RecipeSpec(str(name), tuple(entry.get("terms") or ()), entry.get("kd"),
-                                        float(entry.get("ce_weight", 1.0)), str(entry.get("source", "")).strip())
+        terms = tuple(published.resolve_term_weights(list(entry.get("terms") or ()), f"{path}: {name}"))
+        kd, ce_weight = entry.get("kd"), entry.get("ce_weight")
+        if isinstance(kd, str):  # a published logit setting by name: its kd section and its CE weight
+            kd, published_ce = published.logit_setting(kd)
+            ce_weight = published_ce if ce_weight is None else ce_weight
+        recipes[str(name)] = RecipeSpec(str(name), terms, kd, float(1.0 if ce_weight is None else ce_weight),
+                                        str(entry.get("source", "")).strip())
     return recipes
+
