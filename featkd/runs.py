@@ -329,3 +329,23 @@ def fit_run(run: Run, method, model_info: dict[str, dict]) -> list[dict]:
                    channels_last=run.cfg.channels_last, log=print if run.is_main else (lambda message: None))
     finally:
         distributed.shutdown()
+
+
+def train_model(config, run_dir, resume: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Run, list[dict]]:
+    """``featkd train``'s work: the config's ``model`` trained with cross-entropy into ``run_dir`` (or that run
+    resumed, ``config`` then None); returns the run and its history."""
+    from featkd.checkpoint import model_record
+    from featkd.engine import Precision, SupervisedMethod
+
+    cfg = load_run_config(config, run_dir, resume, list(overrides))
+    check_sections(cfg, "train", needed=("model",), unused=("teacher", "student", "terms", "kd"))
+    with start_run(cfg, "train", cfg.model.name, run_dir, resume) as run:
+        model = build_model(cfg.model.name, cfg.model.options, run.info, run.device, cfg.channels_last)
+        optimizer, scheduler = build_optimization(cfg, model.parameters())
+        runner = distributed.wrap(model, run.device)
+        if cfg.compile:
+            runner = torch.compile(runner)
+        method = SupervisedMethod(runner, optimizer, scheduler, precision=Precision(cfg.amp, run.device),
+                                  grad_clip=cfg.grad_clip)
+        history = fit_run(run, method, {"model": model_record(cfg.model.name, cfg.model.options, run.info)})
+    return run, history

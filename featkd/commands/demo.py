@@ -93,8 +93,7 @@ def _read_stamp(stamp: Path):
 
 def _teacher(args, run_dir: Path):
     """(checkpoint path, the shipped teacher's record or None when it is trained here) of the teacher to use."""
-    from featkd import shipped
-    from featkd.commands import train
+    from featkd import runs, shipped
 
     if args.tiny or args.retrain_teacher:
         # The shipped file was made the same way: the train command's last.pt, exported without the
@@ -105,11 +104,8 @@ def _teacher(args, run_dir: Path):
                 overrides = (["model.name=wrn10_2", "epochs=1", "data.name=synthetic", "data.limit=64",
                               "data.test_limit=32", "data.batch_size=16"] if args.tiny else list(shipped.TEACHER.overrides))
                 resume = teacher_dir.exists()
-                code = train.run(argparse.Namespace(config=None if resume else shipped.TEACHER.config,
-                                                    run_dir=str(teacher_dir), resume=resume,
-                                                    overrides=[] if resume else overrides))
-                if code != 0:
-                    raise RuntimeError(f"training the teacher failed (exit {code})")
+                runs.train_model(None if resume else shipped.TEACHER.config, teacher_dir, resume,
+                                 [] if resume else overrides)
             shipped.export_teacher(teacher_dir / "last.pt", exported)
         return exported, None
     return shipped.TEACHER.path, shipped.TEACHER

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from featkd import distributed, runs
-from featkd.checkpoint import model_record
+from featkd import runs
 from featkd.commands._common import add_run_arguments, finished, reports_user_errors
 
 
@@ -21,18 +18,4 @@ add_arguments = add_run_arguments  # --config, --run-dir, --resume, key=value ov
 
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
-    from featkd.engine import Precision, SupervisedMethod
-
-    cfg = runs.load_run_config(args.config, args.run_dir, args.resume, args.overrides)
-    runs.check_sections(cfg, "train", needed=("model",), unused=("teacher", "student", "terms", "kd"))
-    with runs.start_run(cfg, "train", cfg.model.name, args.run_dir, args.resume) as run:
-        model = runs.build_model(cfg.model.name, cfg.model.options, run.info, run.device, cfg.channels_last)
-        optimizer, scheduler = runs.build_optimization(cfg, model.parameters())
-        runner = distributed.wrap(model, run.device)
-        if cfg.compile:
-            runner = torch.compile(runner)
-        method = SupervisedMethod(runner, optimizer, scheduler, precision=Precision(cfg.amp, run.device),
-                                  grad_clip=cfg.grad_clip)
-        history = runs.fit_run(run, method, {"model": model_record(cfg.model.name, cfg.model.options, run.info)})
-    return finished(run, history)
-
+    return finished(*runs.train_model(args.config, args.run_dir, args.resume, args.overrides))
