@@ -218,14 +218,14 @@ class SweepMethod(MethodBase):
                 logits, features = self._extractor(x_teacher)
         self.shared.batch, self.shared.logits, self.shared.features = x, logits.detach(), dict(features)
 
-    def train_step(self, x, y, step, **extra):  # extra: indices=, when the loader yields them
+    def train_step(self, x, y, step, indices=None):
         self.teacher_forward(x)
         losses: dict[str, float] = {}
         outer = ckpt.rng_state()
         try:
             for member in self.members:
                 ckpt.set_rng_state(member.rng if member.rng is not None else outer)
-                member_losses = member.method.train_step(x, y, step, **extra)
+                member_losses = member.method.train_step(x, y, step, indices)
                 member.rng = ckpt.rng_state()
                 losses.update({f"{member.name}/{k}": v for k, v in member_losses.items()})
         finally:

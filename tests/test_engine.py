@@ -91,7 +91,7 @@ class CrashingMethod(SupervisedMethod):
         super().__init__(*args, **kwargs)
         self.crash_at = crash_at
 
-    def train_step(self, x, y, step):
+    def train_step(self, x, y, step, indices=None):
         if step == self.crash_at:
             raise Interrupt
         return super().train_step(x, y, step)
@@ -121,7 +121,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, restart):
 
 
 class DivergingMethod(SupervisedMethod):
-    def train_step(self, x, y, step):
+    def train_step(self, x, y, step, indices=None):
         losses = super().train_step(x, y, step)
         if step >= 10:
             losses["at:group2"] = float("nan")
@@ -364,3 +364,16 @@ def test_fit_without_a_run_directory_trains_and_writes_nothing(tmp_path, monkeyp
     with pytest.raises(ValueError, match="resume=True needs the run_dir"):
         fit(SupervisedMethod(model, build_optimizer(model.parameters(), lr=0.1)), loader, loader, None, 1,
             resume=True)
+
+
+def test_a_train_step_without_indices_is_refused_before_training(tmp_path):
+    class OldStyle(SupervisedMethod):
+        def train_step(self, x, y, step):
+            return super().train_step(x, y, step)
+
+    m = supervised(epochs=1)
+    train, test = loaders()
+    with pytest.raises(TypeError, match=r"OldStyle.train_step\(x, y, step\) must take the samples' indices too: "
+                                        r"def train_step\(self, x, y, step, indices=None\)"):
+        fit(OldStyle(m.model, m.optimizer, m.scheduler), train, test, tmp_path / "run", 1, log=lambda s: None)
+    assert not (tmp_path / "run").exists()

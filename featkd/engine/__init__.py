@@ -12,7 +12,7 @@ Writing a new Method (``featkd/engine/method.py`` holds the protocol, the base a
         def __init__(self, model, optimizer, scheduler=None, precision=None):
             super().__init__(optimizer, [scheduler], precision)      # None schedulers are left out
             self.model = model
-        def train_step(self, x, y, step):
+        def train_step(self, x, y, step, indices=None):
             self.model.train()
             with self.precision.autocast():
                 loss = F.cross_entropy(self.model(x), y)

@@ -7,6 +7,7 @@ evaluation, checkpoints, resuming, the NaN guard, DDP bookkeeping, and the run's
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import random
@@ -162,7 +163,7 @@ def fit(
       epoch, before anything of that epoch is written.
     * ``precision`` is used for evaluation (default: the Method's own ``precision``).
     * A training loader may yield ``(x, y, indices)`` (the samples' dataset indices); they are passed
-      on as ``method.train_step(x, y, step, indices=...)`` for losses with per-sample state.
+      on as ``method.train_step(x, y, step, indices)`` (else None) for losses with per-sample state.
     * ``eval_every``: evaluate after every that many epochs and always after the last (a sweep of
       dozens of students on a CPU spends more on evaluating than on training otherwise); epochs
       without evaluation have no model metrics and cannot become ``best.pt``.
@@ -172,6 +173,7 @@ def fit(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if run_dir is None and resume:
         raise ValueError("resume=True needs the run_dir to resume from")
+    _check_train_step(method)
     rank = distributed.info()
     run_dir = None if run_dir is None else Path(run_dir)
     precision = precision or getattr(method, "precision", None) or Precision()
@@ -200,6 +202,17 @@ def fit(
         for sink in sinks:
             sink.close()
     return history
+
+
+def _check_train_step(method) -> None:
+    """Every Method's ``train_step`` takes ``(x, y, step, indices)``: say so before training, not at the first batch."""
+    try:
+        inspect.signature(method.train_step).bind(None, None, 0, None)
+    except TypeError:
+        raise TypeError(f"{type(method).__name__}.train_step{inspect.signature(method.train_step)} must take the "
+                        "samples' indices too: def train_step(self, x, y, step, indices=None)") from None
+    except ValueError:  # no signature to read (a builtin or C callable): it is called as it is
+        pass
 
 
 def _start(method, run_dir: Path | None, epochs: int, resume: bool, config, writes: bool, log):
@@ -247,8 +260,7 @@ def _train_epoch(method, train_loader, epoch: int, epochs: int, step: int, run_d
     bar = _progress_bar(train_loader, epoch, epochs, progress)
     for x, y, *indices in bar:  # a loader may yield the samples' dataset indices too
         x, y = _to_device(x, y, device, channels_last)
-        extra = {"indices": indices[0].to(x.device)} if indices else {}
-        losses = method.train_step(x, y, step, **extra)
+        losses = method.train_step(x, y, step, indices[0].to(x.device) if indices else None)
         bad = [name for name, value in losses.items() if not math.isfinite(value)]
         if bad:
             culprit = next((name for name in bad if name != "total"), bad[0])

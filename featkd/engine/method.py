@@ -21,12 +21,13 @@ from featkd.models import check_input
 class Method(Protocol):
     """What :func:`~featkd.engine.fit` needs from a training method (see :class:`MethodBase`)."""
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int,
+                   indices: torch.Tensor | None = None) -> dict[str, float]:
         """Forward, backward and optimiser step(s) on one batch; return the named losses as floats.
 
-        When the training loader yields ``(x, y, indices)``, ``fit`` also passes the samples' dataset
-        ``indices=``; a Method with per-sample state (e.g. :class:`DistillMethod` for a loss with a
-        memory bank) takes them.
+        ``indices``: the samples' dataset indices when the training loader yields ``(x, y, indices)``, else
+        None; a Method with per-sample state (e.g. :class:`DistillMethod` for a loss with a memory bank)
+        uses them, the others ignore them.
         """
 
     def eval_models(self) -> dict[str, nn.Module]:
@@ -57,7 +58,8 @@ class MethodBase(ABC):
         self.precision = precision or Precision()
 
     @abstractmethod
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int,
+                   indices: torch.Tensor | None = None) -> dict[str, float]:
         """Forward, backward and optimiser step(s) on one batch; return the named losses as floats."""
 
     @abstractmethod
@@ -125,7 +127,7 @@ class SupervisedMethod(MethodBase):
         self.model, self.scheduler = model, scheduler
         self.grad_clip, self.name = grad_clip, name
 
-    def train_step(self, x, y, step):
+    def train_step(self, x, y, step, indices=None):
         self.model.train()
         with self.precision.autocast():
             check_input(self.model, x)

@@ -117,7 +117,7 @@ class AdversarialKD(MethodBase):
         self.num_classes = discriminator.num_classes
         self.teacher.requires_grad_(False)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, indices=None) -> dict[str, float]:
         """Discriminator step on detached student logits, then the student step against the updated one."""
         self.teacher.eval()
         self.student.train()

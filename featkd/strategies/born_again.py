@@ -42,8 +42,8 @@ class WithEnsembles:
     def __getattr__(self, name: str) -> Any:  # precision, optimizer, ... of the wrapped Method
         return getattr(self.method, name)
 
-    def train_step(self, x, y, step):
-        return self.method.train_step(x, y, step)
+    def train_step(self, x, y, step, indices=None):
+        return self.method.train_step(x, y, step, indices)
 
     def eval_models(self) -> dict[str, nn.Module]:
         return {**self.method.eval_models(), **self.ensembles}

@@ -173,7 +173,7 @@ class DeepMutualLearning(MethodBase):
         own, target = self.pair_layouts[(k, l, i, layer)]
         return call_loss(loss, adapter(view(feats[layer], own)), view(target_feats[layer], target), context)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, indices=None) -> dict[str, float]:
         """One DML step (Algorithm 1): update peers 0..K-1 in order, each against the current others."""
         for peer in self.peers:
             peer.train()
