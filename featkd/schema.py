@@ -2,7 +2,8 @@
 range, an unknown key refused with the closest valid ones. :mod:`featkd.config` builds its configs with it, and
 the strategies their own config sections.
 
-A field's range is in its metadata: ``field(default=0.1, metadata={"above": 0})``; ``min`` / ``max`` include the
+A field's range is in its metadata: ``field(default=0.1, metadata={"above": 0})``, its allowed values
+``metadata={"choices": (...)}``; ``min`` / ``max`` include the
 bound, ``above`` / ``below`` exclude it, ``finite: True`` refuses infinities (NaN is outside every range), and
 a list's items are checked one by one.
 """
@@ -110,6 +111,12 @@ def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
             raise ConfigError(f"unknown config key {full!r}.{hint} Valid keys{where}: {', '.join(fields)}")
         kwargs[key] = _convert(value, hints[key], full)
         _check_bounds(full, kwargs[key], fields[key].metadata)
+        choices = fields[key].metadata.get("choices")
+        if choices is not None and kwargs[key] not in choices:
+            close = difflib.get_close_matches(str(kwargs[key]), list(map(str, choices)), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"config key {full!r} must be one of {', '.join(map(repr, choices))}, "
+                              f"got {kwargs[key]!r}.{hint}")
     return cls(**kwargs)
 
 

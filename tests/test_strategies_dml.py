@@ -285,7 +285,7 @@ def test_cli_logs_every_peer_and_the_ensemble(tmp_path, subprocess_env, python_e
 
 
 def test_config_section_errors_name_the_key():
-    from featkd.commands.dml import DMLConfig
+    from featkd.strategies.dml import DMLConfig
     from featkd.config import ConfigError
     from featkd.runs import load_strategy_config
 

@@ -32,15 +32,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "schedule.milestones=[60,120] terms.0.weight=100 kd=null")
 
 
-def reports_user_errors(run, also: tuple[type[Exception], ...] = ()):
+def reports_user_errors(run, also: tuple[type[Exception], ...] = (), name: str | None = None):
     """Print a user's mistake (exit status 2; :data:`USER_ERRORS` and ``also``), a diverged run or a failed
-    write (exit status 1), or Ctrl-C (exit status 130) as one line, not a traceback; ``FEATKD_DEBUG=1``
-    shows the traceback instead."""
+    write (exit status 1), or Ctrl-C (exit status 130) as one line, not a traceback, prefixed with the command's
+    ``name`` (default: from ``run``'s module); ``FEATKD_DEBUG=1`` shows the traceback instead."""
     from featkd.engine import DivergenceError
 
     @functools.wraps(run)
     def wrapper(args: argparse.Namespace) -> int:
-        command = run.__module__.rsplit(".", 1)[-1].replace("_", "-")
+        command = name or run.__module__.rsplit(".", 1)[-1].replace("_", "-")
         if os.environ.get("FEATKD_DEBUG", "0") not in ("", "0"):
             return run(args)
         try:
@@ -63,10 +63,11 @@ def _report(message: str, status: int) -> int:
     return status
 
 
-def finished(run, history: list[dict]) -> int:
-    """Say where a finished run's results are (on the main process only); the exit status."""
+def finished(run, history: list[dict], results: tuple[str, ...] = (ckpt.BEST, ckpt.LAST, ckpt.METRICS_JSONL)) -> int:
+    """Say where a finished run's results are (on the main process only: those of ``results`` it holds, a
+    name ending in ``/`` a folder pattern); the exit status."""
     if history and run.is_main:
-        files = [name for name in (ckpt.BEST, ckpt.LAST, ckpt.METRICS_JSONL) if (run.run_dir / name).is_file()]
+        files = [name for name in results if any(run.run_dir.glob(name.rstrip("/")))]
         print(f"finished: {run.run_dir} ({', '.join(files)})")
     return 0
 

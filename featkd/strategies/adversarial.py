@@ -22,12 +22,16 @@ detached), then the student with the discriminator fixed. The student minimises
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featkd.config import OptimConfig
 from featkd.engine import MethodBase, Precision
 from featkd.functional import cross_entropy
+from featkd.strategies.registry import Strategy, register
 
 OBJECTIVES = ("bce", "lsgan")
 
@@ -149,3 +153,59 @@ class AdversarialKD(MethodBase):
         return {"student": self.student, "discriminator": self.discriminator,
                 "student_optimizer": self.student_optimizer, "discriminator_optimizer": self.discriminator_optimizer,
                 "schedulers": self.schedulers, "precision": self.precision}
+
+
+@dataclass
+class DiscriminatorConfig:
+    """The residual MLP on logits: hidden ``width`` and number of residual ``blocks``."""
+
+    width: int = field(default=128, metadata={"min": 1})
+    blocks: int = field(default=2, metadata={"min": 0})
+
+
+@dataclass
+class AdversarialConfig:
+    """The ``adversarial:`` section; the student also uses the top-level ``ce_weight`` (labels).
+
+    ``optim`` is the discriminator's optimiser (the student's is the top-level ``optim``);
+    both follow the top-level ``schedule``.
+    """
+
+    objective: str = field(default="bce", metadata={"choices": OBJECTIVES})
+    adv_weight: float = 1.0
+    class_weight: float = 1.0
+    l1_weight: float = 1.0
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3, weight_decay=0.0))
+
+
+def _check(cfg, adv: AdversarialConfig) -> None:
+    from featkd.config import ConfigError
+
+    if cfg.teacher is None or not cfg.teacher.checkpoint or cfg.student is None:
+        raise ConfigError("featkd adversarial needs teacher.checkpoint (the last.pt of a 'featkd train' run) "
+                          "and student.name")
+
+
+def _train(run, cfg, adv: AdversarialConfig) -> list[dict]:
+    """``featkd adversarial``: the student, the teacher and the discriminator from the config, trained in ``run``."""
+    import dataclasses
+
+    from featkd import runs
+    from featkd.checkpoint import model_record
+    from featkd.teachers import load_teacher
+
+    teacher, _ = load_teacher(cfg.teacher.checkpoint, run.device, run.info)
+    student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
+    discriminator = LogitDiscriminator(run.info.num_classes, adv.discriminator.width,
+                                       adv.discriminator.blocks).to(run.device)
+    student_opt, student_sched = runs.build_optimization(cfg, student.parameters())
+    disc_cfg = dataclasses.replace(cfg, optim=adv.optim)  # the same schedule, the discriminator's optimiser
+    disc_opt, disc_sched = runs.build_optimization(disc_cfg, discriminator.parameters())
+    method = AdversarialKD(student, teacher, discriminator, student_opt, disc_opt, student_sched, disc_sched,
+                           objective=adv.objective, adv_weight=adv.adv_weight, class_weight=adv.class_weight,
+                           l1_weight=adv.l1_weight, ce_weight=cfg.ce_weight, precision=Precision(cfg.amp, run.device))
+    return runs.fit_run(run, method, {"student": model_record(cfg.student.name, cfg.student.options, run.info)})
+
+
+register(Strategy("adversarial", "adversarial", AdversarialConfig, _train, lambda cfg, adv: cfg.student.name, _check))

@@ -26,9 +26,12 @@ from typing import Any
 
 from torch import nn
 
+from dataclasses import dataclass
+
 from featkd import checkpoint as ckpt
 from featkd.engine import Method, evaluate, fit, seed_everything
 from featkd.models.ensemble import ProbabilityAverage
+from featkd.strategies.registry import Strategy, register
 
 SUMMARY = "born_again.json"
 
@@ -162,3 +165,72 @@ def train_generations(
         summary.append({"generation": g, **{key: value for key, value in final.items() if key.endswith("/acc1")}})
         ckpt.atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+@dataclass
+class BornAgainConfig:
+    """The ``born_again:`` section: how many generations follow generation 0, and where generation 0 comes from.
+
+    The network is the top-level ``model``. Each born-again generation is a Distiller run with
+    the previous generation as its teacher and the top-level ``kd`` (BAN: ``{loss: kd, weight: 1,
+    options: {T: 1}}``), ``ce_weight`` (0: the teacher's output is the only target) and ``terms``.
+    """
+
+    generations: int = 2
+    teacher_checkpoint: str | None = None
+
+
+def _check(cfg, ban: BornAgainConfig) -> None:
+    from featkd.config import ConfigError
+
+    if cfg.model is None:
+        raise ConfigError("featkd born-again needs model.name: the architecture of every generation")
+    if cfg.kd is None and not cfg.terms:
+        raise ConfigError("featkd born-again needs kd (e.g. {loss: kd, weight: 1, options: {T: 1}}) or terms: "
+                          "what each generation learns from the previous one")
+
+
+def _train(run, cfg, ban: BornAgainConfig) -> list[dict]:
+    """``featkd born-again``: generation 0 (trained, or ``teacher_checkpoint``) and the generations after it;
+    prints and returns one summary row per generation."""
+    from featkd import distributed, runs
+    from featkd.checkpoint import model_record
+    from featkd.engine import DistillMethod, Precision, SupervisedMethod
+    from featkd.teachers import load_teacher
+
+    precision = Precision(cfg.amp, run.device)
+    example = next(iter(run.train_loader))[0][:2]
+
+    def make_model():
+        return runs.build_model(cfg.model.name, cfg.model.options, run.info, run.device, cfg.channels_last)
+
+    def make_method(generation, student, teacher):
+        if teacher is None:
+            optimizer, scheduler = runs.build_optimization(cfg, student.parameters())
+            return SupervisedMethod(student, optimizer, scheduler, precision=precision, grad_clip=cfg.grad_clip,
+                                    name="student")
+        distiller = runs.build_distiller(cfg, teacher, student).setup(example)
+        optimizer, scheduler = runs.build_optimization(cfg, distiller.trainable_parameters())
+        return DistillMethod(distiller, optimizer, scheduler, precision=precision, grad_clip=cfg.grad_clip,
+                             steps_per_epoch=len(run.train_loader))
+
+    generation0 = generation0_info = None
+    if ban.teacher_checkpoint:
+        generation0, generation0_info = load_teacher(ban.teacher_checkpoint, run.device, run.info)
+    try:
+        summary = train_generations(make_model, make_method, run.train_loader, run.test_loader, run.run_dir,
+                                    ban.generations, cfg.epochs, seed=cfg.seed, resume=run.resume,
+                                    generation0=generation0, generation0_info=generation0_info,
+                                    config=run.saved_config,
+                                    model_info=model_record(cfg.model.name, cfg.model.options, run.info),
+                                    device=run.device, channels_last=cfg.channels_last)
+    finally:
+        distributed.shutdown()
+    for row in summary:
+        print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    return summary
+
+
+# a resumed run skips the generations already complete, so their number may change
+register(Strategy("born-again", "born_again", BornAgainConfig, _train, lambda cfg, ban: cfg.model.name, _check,
+                  resume_changeable=("born_again.generations",), results=("gen*/", "born_again.json")))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from featkd.config import ModelConfig
 from featkd.engine import MethodBase, Precision
 from featkd.functional import cross_entropy, dml_kl_loss, kd_loss
 from featkd.hooks import FeatureExtractor
@@ -31,6 +32,7 @@ from featkd.layer_info import describe_features
 from featkd.layer_specs import resolve_layers
 from featkd.losses import BatchContext
 from featkd.models.ensemble import ProbabilityAverage
+from featkd.strategies.registry import Strategy, register
 from featkd.terms import Term, build_term_pairs, call_loss, view
 
 MODES = ("pairwise", "ensemble")
@@ -215,3 +217,46 @@ class DeepMutualLearning(MethodBase):
     def state_parts(self) -> dict:
         return {"peers": self.peers, "optimizers": self.optimizers, "schedulers": self.schedulers,
                 "precision": self.precision, "term_losses": self.term_modules}
+
+
+@dataclass
+class DMLConfig:
+    """The ``dml:`` section: the peers (one model config each), the mimicry form and peer feature terms.
+
+    ``mode``: ``pairwise`` (1/(K-1) sum of KL(p_l || p_k)) or ``ensemble`` (DML_e, KL(p_avg || p_k)).
+    ``terms``: ``{loss, layers, weight, options}`` feature terms between every pair of peers.
+    """
+
+    peers: list[ModelConfig] = field(default_factory=lambda: [ModelConfig(), ModelConfig()])
+    mode: str = field(default="pairwise", metadata={"choices": MODES})
+    temperature: float = 1.0
+    ce_weight: float = 1.0
+    mimicry_weight: float = 1.0
+    terms: list[PeerTermConfig] = field(default_factory=list)
+
+
+def _check(cfg, dml: DMLConfig) -> None:
+    from featkd.config import ConfigError
+
+    if len(dml.peers) < 2:
+        raise ConfigError(f"dml.peers must list at least 2 models, got {len(dml.peers)}")
+
+
+def _train(run, cfg, dml: DMLConfig) -> list[dict]:
+    """``featkd dml``: the peers built from the config and trained together in ``run``."""
+    from featkd import runs
+    from featkd.checkpoint import ensemble_record, model_record
+
+    peers = [runs.build_model(p.name, p.options, run.info, run.device, cfg.channels_last) for p in dml.peers]
+    optimization = [runs.build_optimization(cfg, peer.parameters()) for peer in peers]
+    example = next(iter(run.train_loader))[0][:2] if dml.terms else None
+    method = DeepMutualLearning(peers, [o for o, _ in optimization], [s for _, s in optimization], mode=dml.mode,
+                                temperature=dml.temperature, ce_weight=dml.ce_weight,
+                                mimicry_weight=dml.mimicry_weight, terms=dml.terms, example_input=example,
+                                precision=Precision(cfg.amp, run.device))
+    records = {f"peer{k}": model_record(p.name, p.options, run.info) for k, p in enumerate(dml.peers)}
+    records["ensemble"] = ensemble_record(list(records.values()))  # the peers' averaged softmax, in order
+    return runs.fit_run(run, method, records)
+
+
+register(Strategy("dml", "dml", DMLConfig, _train, lambda cfg, dml: dml.peers[0].name, _check))
