@@ -310,3 +310,22 @@ def test_module_factory(tmp_path, monkeypatch):
         create_model("no_such_pkg_xyz:net")
     with pytest.raises(TypeError, match="expected an nn.Module"):
         create_model("my_nets:not_a_model")
+
+
+def test_models_register_their_names_next_to_their_definitions():
+    from featkd.models import catalog
+
+    assert catalog.find("WRN-16-2")[1] == ("depth", "width") and catalog.find("resnet8")[1] == ("depth",)
+    assert isinstance(create_model("wrn-22-1", num_classes=3), WideResNet)  # a family member not listed
+    assert {"wrn16_1", "resnet20", "nin", "nin_thin", "mlp"} <= set(list_models())
+
+    @catalog.register_model("test_tiny_linear")
+    def tiny(num_classes=10, in_channels=3):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(num_classes))
+
+    try:
+        assert "test_tiny_linear" in list_models() and create_model("test_tiny_linear", num_classes=4)[1].out_features == 4
+        with pytest.raises(ValueError, match="already registered"):
+            catalog.register_model("test_tiny_linear", tiny)
+    finally:
+        catalog._NAMED.pop("test_tiny_linear")

@@ -11,7 +11,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from featkd.models.catalog import register_model
 
+
+@register_model("mlp")
 def mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: Sequence[int] = (800, 800),
         dropout: float = 0.0) -> nn.Sequential:
     """A ReLU MLP on flattened ``in_channels``×``image_size``×``image_size`` images."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from featkd.models.features import FeatureInfo
+from featkd.models.catalog import register_model
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int) -> list[nn.Module]:
@@ -58,3 +59,7 @@ class NIN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.block3(self.block2(self.block1(x))))
+
+
+register_model("nin", lambda **kw: NIN(width=kw.pop("width", 1.0), **kw))
+register_model("nin_thin", lambda **kw: NIN(width=kw.pop("width", 0.45), **kw))

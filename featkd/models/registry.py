@@ -22,29 +22,18 @@ from torch import nn
 
 from featkd.hooks import probe
 from featkd.layer_specs import unwrap
+import featkd.models.mlp  # noqa: F401  (each model module registers its names in the catalog)
+import featkd.models.nin  # noqa: F401
+import featkd.models.resnet_cifar  # noqa: F401
+import featkd.models.wrn  # noqa: F401
+from featkd.models import catalog
 from featkd.models.features import FeatureInfo
-from featkd.models.mlp import mlp
-from featkd.models.nin import NIN
-from featkd.models.resnet_cifar import CifarResNet
-from featkd.models.wrn import WideResNet
 
-_WRN_NAME = re.compile(r"^wrn[-_]?(\d+)[-_](\d+)$")
-_RESNET_NAME = re.compile(r"^resnet(\d+)$")
-
-# Fixed names shown by list_models(); the wrn/resnet patterns accept other valid depths/widths too.
-_NAMED: dict[str, Callable[..., nn.Module]] = {
-    **{f"wrn{d}_{k}": (lambda d=d, k=k, **kw: WideResNet(d, k, **kw))
-       for d, k in [(10, 1), (16, 1), (16, 2), (16, 4), (16, 8), (22, 8), (28, 10), (40, 1), (40, 2), (40, 4)]},
-    **{f"resnet{d}": (lambda d=d, **kw: CifarResNet(d, **kw)) for d in (20, 32, 44, 56, 110)},
-    "nin": lambda **kw: NIN(width=kw.pop("width", 1.0), **kw),
-    "nin_thin": lambda **kw: NIN(width=kw.pop("width", 0.45), **kw),
-    "mlp": mlp,
-}
 
 
 def list_models() -> list[str]:
     """featkd's built-in model names (``wrn{d}_{k}`` and ``resnet{d}`` accept any valid depth/width)."""
-    return sorted(_NAMED)
+    return catalog.model_names()
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
@@ -76,9 +65,8 @@ def _unknown_option(error: TypeError, name: str, options: Mapping) -> ValueError
     callee, option = _rejecting_callable(error, found[1]), found[2]
     if callee is None:
         return ValueError(f"model {name!r} has no option {option!r} ({found[1]} does not take it)")
-    key = name.strip().lower()
-    named = {"depth", "width"} if _WRN_NAME.match(key) or _RESNET_NAME.match(key) else set()  # fixed by the name
-    unavailable = _GIVEN_OPTIONS | named
+    found_name = catalog.find(name)
+    unavailable = _GIVEN_OPTIONS | set(found_name[1] if found_name else ())  # options the name itself fixes
     accepted = [p.name for p in inspect.signature(callee).parameters.values()
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in unavailable]
     close = difflib.get_close_matches(option, accepted, n=3)
@@ -115,15 +103,11 @@ def _create_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn
     if ":" in name:
         return _factory_model(name, num_classes, in_channels, **kwargs)
 
+    found = catalog.find(name)
+    if found is not None:
+        factory = found[0]  # a local name: an unknown option's message finds the constructor here
+        return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     key = name.strip().lower()
-    wrn = _WRN_NAME.match(key)
-    if wrn:
-        return WideResNet(int(wrn[1]), int(wrn[2]), num_classes=num_classes, in_channels=in_channels, **kwargs)
-    resnet = _RESNET_NAME.match(key)
-    if resnet:
-        return CifarResNet(int(resnet[1]), num_classes=num_classes, in_channels=in_channels, **kwargs)
-    if key in _NAMED:
-        return _NAMED[key](num_classes=num_classes, in_channels=in_channels, **kwargs)
     close = difflib.get_close_matches(key.replace("-", "_"), list_models(), n=4, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ValueError(

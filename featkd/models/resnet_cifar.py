@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featkd.models.features import FeatureInfo
+from featkd.models.catalog import register_family
 
 
 class ZeroPadShortcut(nn.Module):
@@ -87,3 +88,8 @@ class CifarResNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# resnet{depth}: any depth 6n+2; these are the ones listed
+register_family(r"^resnet(\d+)$", lambda m, **kw: CifarResNet(int(m[1]), **kw),
+                [f"resnet{d}" for d in (20, 32, 44, 56, 110)], fixed=("depth",))

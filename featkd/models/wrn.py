@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featkd.models.features import FeatureInfo
+from featkd.models.catalog import register_family
 
 
 class PreActBlock(nn.Module):
@@ -105,3 +106,9 @@ def _init_weights(model: nn.Module, bn_weight_init) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             bn_weight_init(m.weight)
             nn.init.zeros_(m.bias)
+
+
+# wrn{depth}_{width} (also wrn-16-1, WRN-40-2): any valid depth and width; these are the ones listed
+register_family(r"^wrn[-_]?(\d+)[-_](\d+)$", lambda m, **kw: WideResNet(int(m[1]), int(m[2]), **kw),
+                [f"wrn{d}_{k}" for d, k in [(10, 1), (16, 1), (16, 2), (16, 4), (16, 8), (22, 8), (28, 10), (40, 1),
+                                            (40, 2), (40, 4)]], fixed=("depth", "width"))
