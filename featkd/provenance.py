@@ -78,7 +78,8 @@ def hardware(processes: int = 1) -> str:
     gpu = gpu_name()
     if gpu is not None:
         return f"GPU {gpu}"
-    threads = f"{processes} processes × 1 torch thread" if processes > 1 else f"{torch.get_num_threads()} torch threads"
+    n = torch.get_num_threads()
+    threads = f"{processes} processes × 1 torch thread" if processes > 1 else f"{n} torch thread{'s' * (n != 1)}"
     return f"CPU {cpu_model()}, {os.cpu_count()} cores, {threads}"
 
 

@@ -25,11 +25,11 @@ def test_demo_tiny_end_to_end_and_reuse(tmp_path, subprocess_env):
     for seed in (0, 1):
         metrics = tmp_path / "demo" / "limited-data-0.03-synthetic" / f"seed{seed}-1ep" / "metrics.jsonl"
         last.update(json.loads(metrics.read_text().splitlines()[-1]))
-    kd_row = next(r for r in rows if r.startswith("| KD |")).split("|")
-    assert kd_row[5].strip() == f"{last['KD-s0/acc1']:.2f}, {last['KD-s1/acc1']:.2f}"
-    delta = (last["KD-s0/acc1"] - last["student-s0/acc1"] + last["KD-s1/acc1"] - last["student-s1/acc1"]) / 2
-    assert kd_row[3].strip().startswith(f"{delta:+.2f}")
-    assert kd_row[4].strip() == "too few seeds"  # --tiny runs 2 seeds: no verdict
+    at_row = next(r for r in rows if r.startswith("| AT |")).split("|")
+    assert at_row[5].strip() == f"{last['AT-s0/acc1']:.2f}, {last['AT-s1/acc1']:.2f}"
+    delta = (last["AT-s0/acc1"] - last["student-s0/acc1"] + last["AT-s1/acc1"] - last["student-s1/acc1"]) / 2
+    assert at_row[3].strip().startswith(f"{delta:+.2f}")
+    assert at_row[4].strip() == "too few seeds"  # --tiny runs 2 seeds: no verdict
     # a second run with the same settings reuses everything and prints the same table
     second = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, cwd=tmp_path, timeout=600)
     assert second.returncode == 0, second.stderr
@@ -69,7 +69,7 @@ def test_demo_shows_tuned_settings_next_to_the_published_ones(tmp_path, subproce
     tables = done.stdout.split("### ")[1:]
     assert tables[0].startswith("published settings") and tables[1].startswith("tuned settings")
     rows = [line.split("|")[1].strip() for line in tables[1].splitlines() if line.startswith("| ")][1:]
-    assert rows == ["student-tuned", "KD-tuned", "AT-tuned", "teacher"]
+    assert rows == ["student-tuned", "AT-tuned", "teacher"]  # KD is not a demo method: its choice is not shown
     assert (tmp_path / "demo" / "paired_deltas-tuned.png").stat().st_size > 1000
     member = tmp_path / "demo" / "limited-data-0.03-synthetic" / "seed1-1ep-tuned" / "members" / "AT-tuned-s1" / "config.yaml"
     recorded = yaml.safe_load(member.read_text())

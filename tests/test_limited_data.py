@@ -205,14 +205,19 @@ def test_adding_tuned_recipes_reuses_the_published_students(tmp_path):
     run = lambda setup, recipes=None, log=lambda _: None: limited_data.run_limited_data(  # noqa: E731
         teacher, setup, tmp_path / "runs", data=repro.DataSpec("synthetic"), device="cpu", recipes=recipes, log=log)
     published = run(setup)
-    chosen = {m: limited_data.RECIPES[m].with_changes({"epochs": 1}) for m in ("student", "AT")}
+    # the tuning kept the student's training (not trained twice) and halved AT's weights
+    chosen = {"student": limited_data.RECIPES["student"].with_changes({"epochs": 1}),
+              "AT": limited_data.RECIPES["AT"].with_changes({"epochs": 1, "weight.scale": 0.5})}
     recipes, methods = limited_data.with_tuned(setup.methods, chosen)
     lines = []
     both = run(dataclasses.replace(setup, methods=methods), recipes, lines.append)
     table = tmp_path / "runs" / "limited-data-0.02-synthetic"
     assert sorted(p.name for p in table.iterdir()) == ["seed0-1ep", "seed0-1ep-tuned"]
+    assert sorted(p.name for p in (table / "seed0-1ep-tuned" / "members").iterdir()) == ["AT-tuned-s0"]
     assert f"reusing finished run {table / 'seed0-1ep'}" in lines
     assert {m: both.accuracies[m] for m in setup.methods} == published.accuracies
+    assert both.accuracies["student-tuned"] == published.accuracies["student"]
+    assert "student-tuned (1 epochs): cross-entropy — tuned: {'epochs': 1} (trains as student" in both.markdown
 
 
 @pytest.mark.slow
@@ -241,3 +246,10 @@ def test_sweeps_in_parallel_processes_equal_one_process_at_one_thread(tmp_path):
                    for k in ("one", "two")]
         strip = [[{k: v for k, v in json.loads(line).items() if "time" not in k} for line in m] for m in metrics]
         assert strip[0] == strip[1]
+
+
+def test_a_tuned_recipe_left_as_published_is_not_trained_twice():
+    at = limited_data.RECIPES["AT"]
+    assert at.with_changes({"epochs": 20}).trains_as(at, 20) and not at.with_changes({"epochs": 30}).trains_as(at, 20)
+    assert not at.with_changes({"weight.scale": 0.5}).trains_as(at, 20)
+    assert not limited_data.RECIPES["NST-poly"].trains_as(limited_data.RECIPES["NST-gaussian"], 20)

@@ -284,12 +284,19 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {list(recipes)}")
     recipes = {name: recipes[name] for name in setup.methods}
+    # a tuned recipe the tuning left as published (the same training) is not trained twice: its row is the published one's
+    same = {name: name[:-len(TUNED)] for name in recipes if name.endswith(TUNED) and name[:-len(TUNED)] in recipes
+            and recipes[name].trains_as(recipes[name[:-len(TUNED)]], setup.epochs)}
+    trained = {name: spec for name, spec in recipes.items() if name not in same}
     cells = LimitedDataCells.open(teacher_path, setup, data=data, device=device, shipped=shipped, log=log)
     run_dir = run_root / setup.name(cells.data)
     accuracies: dict[str, list[float]] = {name: [] for name in setup.methods}
-    for per_seed in cells.train_seeds([(seed, recipes) for seed in setup.seeds], run_dir):
+    for per_seed in cells.train_seeds([(seed, trained) for seed in setup.seeds], run_dir):
         for name, acc in per_seed.items():
             accuracies[name].append(acc)
+    for name, published in same.items():
+        accuracies[name] = list(accuracies[published])
+        log(f"{name}: the tuning kept {published}'s training; its row is {published}'s (not trained again)")
     wall = time.perf_counter() - started
     size = cells.train_examples
     markdown = render_report(setup, cells.data, size, cells.full_size, accuracies, cells.teacher_acc,
@@ -330,8 +337,14 @@ def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size:
                   accuracies: dict[str, list[float]], teacher_acc: float, teacher: str, wall_s: float,
                   command: str | None, recipes: Mapping[str, RecipeSpec]) -> str:
     lengths = {name: int(spec.changes.get("epochs", setup.epochs)) for name, spec in recipes.items()}
+    def kept(name, spec):  # a tuned recipe that trains as the published one: its row is the published row
+        base = name[:-len(TUNED)]
+        return name.endswith(TUNED) and base in recipes and spec.trains_as(recipes[base], setup.epochs)
+
     recipe_lines = [f"  - {name} ({lengths[name]} epochs): {describe_recipe(spec)}"
                     + (f" — tuned: {dict(spec.changes)}" if spec.changes else f" — {spec.source}" if spec.source else "")
+                    + (f" (trains as {name[:-len(TUNED)]}: the same students, not trained twice)"
+                       if kept(name, spec) else "")
                     for name, spec in recipes.items()]
     return "\n".join([
         f"# Limited data: {pretty_model(setup.student)} students on {setup.fraction:.0%} of {data.label} "
