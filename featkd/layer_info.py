@@ -12,7 +12,7 @@ from torch import nn
 from featkd.hooks import probe
 from featkd.layer_specs import Spec, named_modules, resolve_specs
 from featkd.layouts import CapturedFeature, Layout, canonical_shape, resolve_layout
-from featkd.models.layouts import known_layout
+from featkd.models.stated_layouts import known_layout
 
 __all__ = ["LayerInfo", "describe_features", "list_layers"]
 
@@ -66,7 +66,7 @@ def _input_size(example_input: Any) -> tuple[int, ...] | None:
 
 def describe_features(model: nn.Module, layers: str | Sequence[str], example_input: Any) -> dict[str, CapturedFeature]:
     """Each captured layer's shape in a :func:`featkd.hooks.probe` of ``example_input`` (featkd's one dry run),
-    with the layout the model states for it (:func:`featkd.models.layouts.known_layout`) and the input's
+    with the layout the model states for it (:func:`featkd.models.stated_layouts.known_layout`) and the input's
     spatial size: what :func:`featkd.layouts.resolve_layout` needs. Raises as reading a
     :class:`featkd.hooks.Features` does when a layer did not run, or ran several times without a ``#k``
     call selected."""

@@ -14,7 +14,7 @@ Every feature a :class:`featkd.Term` compares is first brought to one view, chan
 their grid, prefix tokens dropped) and ``(B, C, N)`` otherwise, so every loss keeps its own math.
 
 A :class:`Layout` is resolved per feature by :func:`resolve_layout`: the one given (``student_layout=``
-/ ``teacher_layout=``), else the one the model states (:mod:`featkd.models.layouts`), else the only
+/ ``teacher_layout=``), else the one the model states (:mod:`featkd.models.stated_layouts`), else the only
 reading the shape allows for the input size; a shape that reads more than one way is refused with the
 readings to choose from, never guessed. A given layout that contradicts the one the model states (or, the
 model stating none, every reading of the shape for the input size) is refused with both readings.

@@ -98,7 +98,7 @@ class Term:
     * ``student_layout`` / ``teacher_layout``: each side's layout (:func:`featkd.layouts.parse_layout`:
       ``"NCHW"``, ``"NHWC"``, ``"NLC"``/``"tokens"``, ``"NCL"``, or ``{"kind": "NLC", "prefix_tokens": 1,
       "tokens": "prefix"}``); ``layout`` sets both. Left out, the layout is the one the model states
-      (:mod:`featkd.models.layouts`), else the only reading of the shape; a shape that reads several ways
+      (:mod:`featkd.models.stated_layouts`), else the only reading of the shape; a shape that reads several ways
       raises with the choices. A given layout that contradicts the model's (or every reading of the shape)
       raises with both readings. ``options={"layout": ...}`` is the older spelling of ``layout``.
     """
