@@ -1,10 +1,22 @@
 """featkd: feature-based knowledge distillation for PyTorch.
 
 The public names below are imported lazily (PEP 562) so that ``import featkd``
-and the command-line tool start fast; each lives in a small focused module.
+and the command-line tool start fast; each lives in a small focused module. The same names are
+imported explicitly for type checkers and editors (``TYPE_CHECKING``), which a test keeps in step.
 """
 
 from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from featkd import data, functional, losses, models
+    from featkd.distiller import Distiller
+    from featkd.hooks import FeatureExtractor, Features, capture
+    from featkd.layer_info import LayerInfo, list_layers
+    from featkd.layer_pairs import propose_pairs
+    from featkd.layer_specs import resolve_layers
+    from featkd.layouts import Layout, to_channels_first
+    from featkd.terms import Term, Warmup
 
 __version__ = "0.1.0"
 

@@ -103,3 +103,19 @@ def test_private_modules_are_imported_only_within_their_package(path):
                                                                               path.name == "__init__.py")
                if module.rpartition(".")[2].startswith("_") and module.rpartition(".")[0] != package]
     assert not foreign, f"{importer} imports another package's private module: {foreign}"
+
+
+def test_the_lazy_public_names_are_imported_for_type_checkers_too():
+    import ast
+
+    import featkd as package
+
+    tree = ast.parse(Path(package.__file__).read_text())
+    guarded = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
+    imported = {}
+    for node in guarded.body:
+        for alias in node.names:
+            imported[alias.asname or alias.name] = (node.module if node.module != "featkd" else f"featkd.{alias.name}")
+    assert imported == package._PUBLIC
+    for name in package.__all__:
+        assert getattr(package, name) is not None
