@@ -249,3 +249,21 @@ def test_a_stale_lock_of_the_old_form_is_taken_over(tmp_path):
     with run_lock(tmp_path / "run"):
         assert yaml.safe_load(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+
+
+def test_a_read_only_run_directory_is_one_line(tmp_path, monkeypatch, capsys):
+    # as a user without write permission meets it (the tests may run as root, who writes anywhere)
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).parent == read_only:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    assert train(read_only / "run", "epochs=1") == 2
+    line = stderr_line(capsys)
+    assert line.startswith(f"featkd train: error: cannot write {read_only / 'run'} (Permission denied); give a "
+                           "--run-dir (or --out) in a folder you can write"), line

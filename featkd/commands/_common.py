@@ -52,6 +52,10 @@ def reports_user_errors(run, also: tuple[type[Exception], ...] = (), name: str |
             return _report(f"featkd {command}: training diverged: {error}", 1)
         except ckpt.WriteFailedError as error:
             return _report(f"featkd {command}: error: {error}", 1)
+        except PermissionError as error:  # a read-only run directory or output file, at any step
+            where = error.filename or "a file featkd writes"
+            return _report(f"featkd {command}: error: cannot write {where} ({error.strerror or 'permission denied'}); "
+                           "give a --run-dir (or --out) in a folder you can write, or fix its permissions", 2)
         except KeyboardInterrupt as error:  # a started run says how to resume it (featkd.runs.Run)
             return _report(f"featkd {command}: {error or 'interrupted; run the same command again'}", 130)
 
