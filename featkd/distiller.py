@@ -202,6 +202,8 @@ class Distiller(nn.Module):
         self.teacher_input = InputConversion(*normalizations)  # the batch as the teacher expects it
         self.teacher, self.student = teacher, student
         self.terms = list(terms)
+        for term in self.terms:  # "group*" -> group1, group2, group3 (module order), before any name is used
+            term.expand_globs(teacher, student)
         keys = [t.key for t in self.terms]
         duplicates = sorted({k for k in keys if keys.count(k) > 1} | ({"ce", "kd", "total"} & set(keys)))
         if duplicates:

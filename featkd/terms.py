@@ -118,7 +118,8 @@ class Term:
         self.teacher_layers = [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
         student = self.teacher if self.student is None else self.student
         self.student_layers = [student] if isinstance(student, str) else list(student)
-        if len(self.teacher_layers) != len(self.student_layers) or not self.teacher_layers:
+        if not self.teacher_layers or not self.student_layers or (
+                len(self.teacher_layers) != len(self.student_layers) and not self.has_globs):
             raise ValueError(f"term {self.key!r}: teacher layers {self.teacher_layers} and student layers "
                              f"{self.student_layers} must be non-empty lists of the same length")
         if isinstance(self.loss, nn.Module) and len(self.student_layers) > 1 and not self.multi_layer:
@@ -143,6 +144,25 @@ class Term:
             raise ValueError(f"term {self.key!r}: {error}") from None
         self.layouts = {"student": self.student_layout if self.student_layout is not None else both,
                         "teacher": self.teacher_layout if self.teacher_layout is not None else both}
+
+    @property
+    def has_globs(self) -> bool:
+        return any(any(c in name for c in "*?[") for name in self.teacher_layers + self.student_layers)
+
+    def expand_globs(self, teacher: nn.Module, student: nn.Module) -> None:
+        """Replace glob layer specs (``"group*"``) by the layers they match, in the model's module order, and
+        check that both sides then name as many layers (what the Distiller does before anything else)."""
+        if not self.has_globs:
+            return
+        from featkd.layer_specs import resolve_layers
+
+        key = self.key
+        teacher_layers, student_layers = resolve_layers(teacher, self.teacher_layers), resolve_layers(student, self.student_layers)
+        if len(teacher_layers) != len(student_layers):
+            raise ValueError(f"term {key!r}: the teacher's {self.teacher_layers} match {len(teacher_layers)} layers "
+                             f"{teacher_layers}, the student's {self.student_layers} match {len(student_layers)} "
+                             f"{student_layers}; give patterns (or lists) that match as many layers on both sides")
+        self.teacher_layers, self.student_layers = teacher_layers, student_layers
 
     @property
     def loss_options(self) -> dict[str, Any]:

@@ -440,3 +440,19 @@ def test_losses_that_use_the_batch_context_get_the_sample_indices_through_fit(tm
     for k, (indices, targets, _) in enumerate(loss.seen):
         assert torch.equal(indices, plan[16 * k:16 * (k + 1)])
         assert torch.equal(targets, data.labels[indices])  # the indices name the samples of the batch
+
+
+def test_glob_layers_in_a_term_are_the_layers_written_out():
+    # issue #19 §2: the README's globs crashed with KeyError: 'group*'
+    t, s = wrns()
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    written = featkd.Distiller(t, s, [featkd.Term(["group1", "group2", "group3"], loss="at", name="at"),
+                                      featkd.Term("group3", loss="nst", name="nst")]).setup(x[:2])
+    globbed = featkd.Distiller(t, s, [featkd.Term("group*", loss="at", name="at"),  # overlaps the NST term's group3
+                                      featkd.Term("group3", loss="nst", name="nst")]).setup(x[:2])
+    assert globbed.terms[0].teacher_layers == globbed.terms[0].student_layers == ["group1", "group2", "group3"]
+    a, b = written(x, y)[1], globbed(x, y)[1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"term 'x': the teacher's \['group\*'\] match 3 layers \['group1', 'group2', "
+                                         r"'group3'\], the student's \['group1\*'\] match 1 \['group1'\]"):
+        featkd.Distiller(t, s, [featkd.Term("group*", "group1*", name="x")])
