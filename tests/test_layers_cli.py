@@ -110,3 +110,14 @@ def test_a_layout_neither_stated_nor_readable_is_marked(capsys, tmp_path, monkey
     assert table["0"][3] == "NCHW"  # a Conv2d says so
     assert table["1"][2:6] == ["1x8x8x8", "?", "-", "-"]  # (1, 8, 8, 8) reads either way
     assert "?: neither the model nor the shape says which dimension holds the channels" in out
+
+
+def test_a_size_the_model_cannot_take_is_one_line_whose_hint_runs(capsys):
+    # issue #19 §2: a 32-line AssertionError traceback before
+    assert main(["layers", "torchvision:vit_b_16", "--input-size", "3x64x64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "(Wrong image height! Expected 224 but got 64!)" in err
+    hint = err.split("the model's own size option: featkd ")[1].split()
+    assert main([*hint, "--depth", "1"]) == 0
+    assert "encoder" in capsys.readouterr().out

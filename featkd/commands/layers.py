@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from featkd.commands._common import format_shape, input_size, text_table
+from featkd.commands._common import format_shape, input_size, model_option, text_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=input_size, default=(3, 224, 224), metavar="CxHxW",
                         help="size of one example input, without the batch dimension (default: 3x224x224)")
     parser.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default: 10)")
+    parser.add_argument("--option", type=model_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="a constructor option of the model (repeatable), e.g. image_size=64 for a torchvision "
+                             "ViT at another input size")
     parser.add_argument("--filter", metavar="GLOB", default=None,
                         help="only layers matching this pattern, e.g. 'layer*' or 'features.*' "
                              "(* stays within one dotted segment, ** crosses dots)")
@@ -53,16 +56,19 @@ def run(args: argparse.Namespace) -> int:
     from featkd.models import create_model
 
     try:
-        model = create_model(args.model, num_classes=args.num_classes, in_channels=args.input_size[0])
+        model = create_model(args.model, num_classes=args.num_classes, in_channels=args.input_size[0],
+                             **dict(args.option))
     except (ValueError, ImportError, TypeError) as err:
         print(f"featkd layers: {err}", file=sys.stderr)
         return 2
     example = torch.zeros(1, *args.input_size)
     try:
         infos = list_layers(model, example)
-    except RuntimeError as err:  # typically a size the model cannot take
-        print(f"featkd layers: the forward of {args.model} failed on an input of size "
-              f"{tuple(example.shape)}: {err}\nTry another --input-size.", file=sys.stderr)
+    except (RuntimeError, AssertionError) as err:  # typically a size the model cannot take
+        size = "x".join(map(str, args.input_size))
+        print(f"featkd layers: the forward of {args.model} failed on an input of size {tuple(example.shape)} "
+              f"({str(err).splitlines()[0]}); try another --input-size, or the model's own size option: featkd "
+              f"layers {args.model} --input-size {size} --option image_size={args.input_size[-1]}", file=sys.stderr)
         return 2
     if args.filter:
         pattern = glob_regex(args.filter)

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from featkd import checkpoint as ckpt
-from featkd.commands._common import format_shape, input_size, reports_user_errors, text_table
+from featkd.commands._common import format_shape, input_size, model_option, reports_user_errors, text_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,21 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "featkd/configs/reference/published.yaml; required for other losses)")
     parser.add_argument("--out", metavar="FILE", help="write the terms (and the student's name) to this new YAML file")
     for role in ("teacher", "student"):
-        parser.add_argument(f"--{role}-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+        parser.add_argument(f"--{role}-option", type=model_option, action="append", default=[], metavar="KEY=VALUE",
                             help=f"a constructor option of the {role} (repeatable), e.g. image_size=64 for a "
                                  "torchvision ViT at another input size")
-
-
-def _option(text: str) -> tuple[str, object]:
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. image_size=64")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from None
 
 
 def _layout(info) -> str:
