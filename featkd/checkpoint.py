@@ -135,7 +135,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         hint = ""
         if path.is_dir():
-            candidates = [p.name for p in (path / BEST, path / LAST) if p.is_file()]
+            # last.pt first: a teacher is the run's last epoch (best.pt is the epoch chosen on the test set)
+            candidates = [p.name for p in (path / LAST, path / BEST) if p.is_file()]
             if candidates:
                 hint = f" It is a run directory; pass {path / candidates[0]} instead."
         elif path.name in (BEST, LAST):
@@ -191,8 +192,8 @@ def _other_checkpoint_hint(path: Path) -> str:
     except (CorruptCheckpointError, KeyError, TypeError):
         return f" {other.name} cannot be read either: nothing in {str(path.parent)!r} can be used; start the run again."
     if other.name == BEST:
-        return (f" {other} is intact (epoch {epoch}): evaluate it with featkd eval --run-dir {path.parent}, or copy "
-                f"it over {path.name} to resume from epoch {epoch}.")
+        return (f" {other} is intact (epoch {epoch}): evaluate it with featkd eval --run-dir {path.parent} --which best, "
+                f"or copy it over {path.name} to resume from epoch {epoch}.")
     return f" {other} is intact (epoch {epoch}): evaluate it with featkd eval --run-dir {path.parent} --which last."
 
 

@@ -194,6 +194,11 @@ def test_damaged_checkpoints_say_whether_the_other_one_can_be_used(tmp_path, cap
                    f"{run_dir / ckpt.BEST} is intact (epoch 1)", "copy it over last.pt to resume from epoch 1")
     status = main(["eval", "--run-dir", str(run_dir), "--which", "last"])
     one_line_error(capsys, status, f"checkpoint '{last}' cannot be read", "featkd eval --run-dir")
+    # the hint is a command that works, not the one that failed
+    err_hint = f"evaluate it with featkd eval --run-dir {run_dir} --which best"
+    status = main(["eval", "--run-dir", str(run_dir)])
+    one_line_error(capsys, status, err_hint)
+    assert main(["eval", "--run-dir", str(run_dir), "--which", "best"]) == 0
 
     (run_dir / ckpt.BEST).write_bytes(b"not a checkpoint at all\n" * 10)
     status = main(["train", "--run-dir", str(run_dir), "--resume", "epochs=2"])
@@ -215,3 +220,15 @@ def test_plot_names_its_own_flag(tmp_path, capsys):
     status = main(["plot", "curves", str(run_dir), "--out", str(out)])
     err = one_line_error(capsys, status, "not overwriting", "--overwrite")
     assert "overwrite=True from Python" in err  # the library's spelling only as the aside
+
+
+def test_a_run_directory_given_as_the_teacher_points_to_its_last_pt(tmp_path, capsys):
+    # issue #19 §2: the hint named best.pt, the epoch chosen on the test set, though teachers come from last.pt
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--run-dir", str(teacher), "model.name=wrn10_1", "epochs=1", "schedule.name=constant", *DATA]) == 0
+    capsys.readouterr()
+    distill = ["distill", "--config", "fmnist_distill_kd_at_nst", "--run-dir", str(tmp_path / "student"), *DATA,
+               "student.name=wrn10_1", "epochs=1", "terms=[]"]
+    status = main([*distill, f"teacher.checkpoint={teacher}"])
+    one_line_error(capsys, status, f"It is a run directory; pass {teacher / 'last.pt'} instead")
+    assert main([*distill, f"teacher.checkpoint={teacher / 'last.pt'}"]) == 0
