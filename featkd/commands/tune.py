@@ -78,8 +78,13 @@ def _run(args: argparse.Namespace) -> int:
     result = run_tuning(teacher, setup, space, args.run_dir, data=DataSpec(args.data), device=args.device,
                         shipped=shipped_teacher, command=command)
     stem = f"tune-{setup.name(DataSpec(args.data))}"  # the name holds the share's dot: no with_suffix
-    report = write_new(args.run_dir / f"{stem}.md", result.markdown + "\n")
+    write_new(args.run_dir / f"{stem}.md", result.markdown + "\n")
     write_new(args.run_dir / f"{stem}.json", tuning_json(result))
+    # the report also goes beside the choice (-report.md, -report.json), which records it: committed together,
+    # the choice's provenance can be read where the choice is
+    base = args.out.with_name(args.out.name.rsplit(".", 1)[0] + "-report")
+    report = write_new(base.with_name(base.name + ".md"), result.markdown + "\n")
+    write_new(base.with_name(base.name + ".json"), tuning_json(result))
     out = write_choice(result, args.out, setup=setup, teacher_path=teacher, report=report, command=command)
     print(result.markdown)
     print(f"report: {report}; chosen settings: {out}")
