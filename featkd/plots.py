@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,14 +200,22 @@ def paired_deltas(accuracies: Mapping[str, Sequence[float]], *, baseline: str = 
                    linewidths=2, zorder=3, gid=f"mean:{label}")
     ax.axhline(0.0, color="black", linewidth=0.8)
     if teacher is not None:
-        ax.axhline(teacher - float(np.mean(base)), color="gray", linestyle="--", linewidth=1,
-                   label="teacher − student mean")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+        gap = teacher - float(np.mean(base))
+        low, high = ax.get_ylim()
+        # the teacher's gap as a line only where it does not squeeze the deltas flat; its value is always given
+        if low - (high - low) <= gap <= high + (high - low):
+            ax.axhline(gap, color="gray", linestyle="--", linewidth=1, label=f"teacher − {baseline} mean ({gap:+.2f})")
+        else:
+            ax.plot([], [], " ", label=f"teacher − {baseline} mean: {gap:+.2f} (off the scale)")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16 if len(labels) <= 4 else -0.3), fontsize="small",
+                  frameon=False)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
     ticks = [label if words[label] != "too few seeds" else f"{label}\n(too few seeds)" for label in labels]
     ax.set_xticks(np.arange(len(labels)), ticks, rotation=30 if len(labels) > 4 else 0,
                   ha="right" if len(labels) > 4 else "center")
     ax.set_ylabel(f"Δ test accuracy vs {baseline} (points)")
-    ax.set_title(title or f"Paired Δ vs {baseline}: mean ± 95% CI over seeds (filled: beyond noise after Holm)")
+    ax.set_title(textwrap.fill(title or f"Paired Δ vs {baseline}: mean ± 95% CI over seeds (filled: beyond noise "
+                               "after Holm)", 60), fontsize="medium")
     ax.grid(axis="y", alpha=0.3)
     return fig
 

@@ -173,7 +173,7 @@ class LimitedDataCells:
 
     @classmethod
     def open(cls, teacher_path, setup: LimitedDataSetup, *, data=None, device="auto",
-             shipped: ShippedTeacher | None = None, log=print) -> LimitedDataCells:
+             shipped: ShippedTeacher | None = None, log=print, teacher_acc: float | None = None) -> LimitedDataCells:
         """Load and check the teacher (with ``shipped``: its sha256, and its recorded test accuracy within 0.1
         point unless the evaluation is on the validation set), split off the validation set, load the evaluation
         set. With ``setup.evaluate_on="validation"`` the test split is never read."""
@@ -190,6 +190,9 @@ class LimitedDataCells:
         evaluation = validation if setup.on_validation else data.load("test", setup.test_limit)
         eval_loader = DeviceLoader(evaluation, evaluation_batch_size(device), shuffle=False, augment=False,
                                    drop_last=False, device=device)
+        if teacher_acc is not None:  # measured and checked by the process that started this one
+            return cls(setup, data, device, teacher, record["name"], Path(teacher_path), teacher_acc, pool,
+                       eval_loader, len(full), log, shipped)
         teacher_acc = evaluate(teacher, eval_loader, device=device)["acc1"]
         log(f"teacher {record['name']} ({teacher_path}): accuracy {teacher_acc:.2f}% on {setup.evaluation}")
         if shipped and not setup.on_validation and abs(teacher_acc - shipped.test_acc) > 0.1:
@@ -242,7 +245,9 @@ class LimitedDataCells:
         units = [(i, seed, epochs, group, {name: recipes[name] for name in names})
                  for i, (seed, recipes) in enumerate(work) for epochs, group, names in self.sweeps(recipes)]
         if self.setup.jobs > 1:
-            opened = (self.teacher_path, self.setup, self.data, self.device, self.shipped)
+            # the longest sweeps first (epochs x students), so that the processes finish about together
+            units.sort(key=lambda unit: -unit[2] * len(unit[4]))
+            opened = (self.teacher_path, self.setup, self.data, self.device, self.shipped, self.teacher_acc)
             results = map_in_processes(_train_sweep_in_process,
                                        [(opened, *unit[1:], run_dir) for unit in units], self.setup.jobs)
         else:
@@ -261,9 +266,9 @@ def _train_sweep_in_process(opened, seed, epochs, group, recipes, run_dir) -> di
         print(f"[seed {seed}, {epochs} ep{group}] {line}", flush=True)
 
     if _OPENED.get("args") != opened:
-        teacher_path, setup, data, device, shipped = opened
+        teacher_path, setup, data, device, shipped, teacher_acc = opened
         _OPENED.update(args=opened, cells=LimitedDataCells.open(teacher_path, setup, data=data, device=device,
-                                                                shipped=shipped, log=log))
+                                                                shipped=shipped, log=log, teacher_acc=teacher_acc))
     cells = _OPENED["cells"]
     cells.log = log
     return cells.train_sweep(seed, epochs, group, recipes, run_dir)
