@@ -154,10 +154,17 @@ class Term:
         check that both sides then name as many layers (what the Distiller does before anything else)."""
         if not self.has_globs:
             return
-        from featkd.layer_specs import resolve_layers
+        from featkd.layer_specs import LayerKeyError, resolve_layers, unwrap
+
+        def expand(role, model, specs):
+            try:
+                return resolve_layers(model, specs)
+            except LayerKeyError as error:  # which network lacks the layer, as the Distiller's capture says
+                raise LayerKeyError(f"{role} {type(unwrap(model)).__name__}: {error}") from None
 
         key = self.key
-        teacher_layers, student_layers = resolve_layers(teacher, self.teacher_layers), resolve_layers(student, self.student_layers)
+        teacher_layers = expand("teacher", teacher, self.teacher_layers)
+        student_layers = expand("student", student, self.student_layers)
         if len(teacher_layers) != len(student_layers):
             raise ValueError(f"term {key!r}: the teacher's {self.teacher_layers} match {len(teacher_layers)} layers "
                              f"{teacher_layers}, the student's {self.student_layers} match {len(student_layers)} "
