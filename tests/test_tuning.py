@@ -75,3 +75,21 @@ def test_tune_end_to_end_never_reads_the_test_split(tmp_path, monkeypatch):
     for method in ("KD", "AT"):
         assert sorted(len(v) for v in scores[method].values()) == [1, 2, 2]
     assert main(args) == 2  # the choice is never overwritten
+
+
+def test_every_length_gets_the_same_share_of_candidates():
+    # the patient tuning of 2026-12-03 drew from the joint grid: NST got one 60-epoch candidate, FitNet four
+    space = tuning.TuningSpace({"student": {}, "AT": {"weight.relative_to_ce": [0.03, 0.1, 0.3, 1.0, 3.0]},
+                                "NST-gaussian": {"weight.relative_to_ce": [0.1, 1.0], "options.sigma2": [None, 2.0]}},
+                               (30, 60), 6, (1, 2), (0, 1))
+    for method in ("AT", "NST-gaussian"):
+        drawn = tuning.candidates(space, method, limited_data.RECIPES[method])
+        assert [c.changes["epochs"] for c in drawn] == [30, 30, 30, 60, 60, 60]
+        assert drawn[0].changes == {"epochs": 30} and len({tuple(sorted(c.changes.items())) for c in drawn}) == 6
+    student = tuning.candidates(space, "student", limited_data.RECIPES["student"])
+    assert [c.changes for c in student] == [{"epochs": 30}, {"epochs": 60}]
+    one_length = tuning.TuningSpace({"student": {}, "AT": {"weight.relative_to_ce": [0.03, 0.1, 0.3, 1.0, 3.0]}},
+                                    (30,), 6, (1, 2), (0, 1))
+    assert [c.changes.get("weight.relative_to_ce") for c in tuning.candidates(one_length, "AT",
+                                                                              limited_data.RECIPES["AT"])] == \
+        [None, 0.03, 0.1, 0.3, 1.0, 3.0]

@@ -1,10 +1,10 @@
 """``featkd tune``: every method's settings chosen on the validation images, with the same budget for each.
 
 The search space and the budget are data (``featkd/configs/tuning/<table>.yaml``), fixed before any run:
-per method, the published recipe and ``candidates - 1`` points drawn (by ``sample_seed``) from the grid
-of training lengths × the method's own settings — the same number for every method, fewer only where
-a grid is smaller. Successive halving over seeds spends the budget: at rung r every surviving candidate
-is trained on the first ``rung_seeds[r]`` tuning seeds (each seed draws its own subset, batch order,
+per method, the published recipe and ``candidates - 1`` points drawn (by ``sample_seed``) from the
+method's own settings, the same share at every training length (:func:`candidates`) — the same number
+for every method, fewer only where a grid is smaller. Successive halving over seeds spends the budget:
+at rung r every surviving candidate is trained on the first ``rung_seeds[r]`` tuning seeds (each seed draws its own subset, batch order,
 augmentation and initial weights; a candidate trains on a seed once), scored by its mean validation
 accuracy over them, and the better half (rounded up) goes on. The rule that picks the setting is in
 code (:func:`select`): after the last rung, the highest mean validation accuracy; a tie goes to the
@@ -83,15 +83,27 @@ class TuningSpace:
 
 
 def candidates(space: TuningSpace, method: str, published: RecipeSpec) -> list[RecipeSpec]:
-    """The published recipe (at the shortest length) and ``candidates - 1`` other grid points, in grid order."""
-    grid_keys = ["epochs", *space.methods[method]]
-    grid = [dict(zip(grid_keys, values)) for values in
-            itertools.product(space.epochs, *(space.methods[method][key] for key in grid_keys[1:]))]
-    first = {"epochs": space.epochs[0]}
-    others = [point for point in grid if point != first]
+    """The published recipe (at the shortest length) and ``candidates - 1`` others, the same share at every
+    training length (the first lengths take the remainder): the length dominates what a student reaches, so a
+    draw from the joint grid would tune some methods at the longer lengths much more than others. At each
+    length the candidates are drawn (by ``sample_seed``) from the method's settings grid and, past the first
+    length, the published settings at that length; listed by length, then in grid order."""
+    keys = list(space.methods[method])
+    settings = [dict(zip(keys, values)) for values in itertools.product(*(space.methods[method][k] for k in keys))]
+    lengths = len(space.epochs)
+    shares = [space.candidates // lengths + (i < space.candidates % lengths) for i in range(lengths)]
     rng = np.random.default_rng([space.sample_seed, sum(map(ord, method))])
-    take = sorted(rng.choice(len(others), size=min(space.candidates - 1, len(others)), replace=False).tolist())
-    chosen = [first, *(others[i] for i in take)]
+    chosen = []
+    for i, (epochs, share) in enumerate(zip(space.epochs, shares)):
+        published_here = {"epochs": epochs}
+        pool = [{"epochs": epochs, **point} for point in settings if point]
+        if i == 0:
+            chosen.append(published_here)
+            share -= 1
+        else:
+            pool.insert(0, published_here)
+        take = sorted(rng.choice(len(pool), size=min(share, len(pool)), replace=False).tolist()) if share > 0 else []
+        chosen += [pool[k] for k in take]
     return [dataclasses.replace(published.with_changes(point), name=f"{method}.c{k}") for k, point in enumerate(chosen)]
 
 
