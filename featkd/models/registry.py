@@ -5,6 +5,7 @@ Names:
   ``nin``, ``nin_thin``, ``mlp`` (on flattened images: ``image_size``, ``hidden``, ``dropout``);
 * ``torchvision:<name>`` — a torchvision classification model with ``weights=None``;
 * ``timm:<name>`` — ``timm.create_model(name, pretrained=False, ...)``;
+* ``hf:<architecture>`` — a Hugging Face ``transformers`` model built from its config (:mod:`featkd.models.hf`);
 * ``package.module:factory`` — any importable callable returning an ``nn.Module``.
 """
 
@@ -98,6 +99,10 @@ def _rejecting_callable(error: TypeError, qualname: str) -> Callable | None:
 def _create_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
     if name.startswith("torchvision:"):
         return _torchvision_model(name.split(":", 1)[1], num_classes, in_channels, **kwargs)
+    if name.startswith("hf:"):
+        from featkd.models.hf import hf_model
+
+        return hf_model(name.split(":", 1)[1], num_classes, in_channels, **kwargs)
     if name.startswith("timm:"):
         return _timm_model(name.split(":", 1)[1], num_classes, in_channels, **kwargs)
     if ":" in name:
@@ -113,7 +118,7 @@ def _create_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn
     raise ValueError(
         f"unknown model {name!r}.{hint} Built-in models: {', '.join(list_models())} "
         "(wrn{depth}_{width} and resnet{depth} take any valid depth); or use 'torchvision:<name>', "
-        "'timm:<name>' or 'package.module:factory'.")
+        "'timm:<name>', 'hf:<architecture>' or 'package.module:factory'.")
 
 
 def _torchvision_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
