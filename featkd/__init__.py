@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from featkd import data, functional, losses, models
+    from featkd.batches import BatchFormat
     from featkd.distiller import Distiller
     from featkd.hooks import FeatureExtractor, Features, capture
     from featkd.layer_info import LayerInfo, list_layers
@@ -31,6 +32,7 @@ _PUBLIC = {
     "propose_pairs": "featkd.layer_pairs",
     "resolve_layers": "featkd.layer_specs",
     "Distiller": "featkd.distiller",
+    "BatchFormat": "featkd.batches",
     "Term": "featkd.terms",
     "Warmup": "featkd.terms",
     "functional": "featkd.functional",

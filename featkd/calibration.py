@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from featkd.functional import cross_entropy
 
 __all__ = ["RelativeToCE", "calibrate_weights", "gradient_ratios"]
 
@@ -52,18 +51,21 @@ def gradient_ratios(distiller, x: torch.Tensor, y: torch.Tensor) -> dict[str, fl
     """
     if not distiller.is_setup:
         raise RuntimeError("call distiller.setup(example_x) before calibrating its weights")
-    labelled = y is not None and bool((y >= 0).any())
-    if not labelled:
+    if distiller.task_key == "ce" and (y is None or not bool((y >= 0).any())):
         raise ValueError("calibrating weights relative to the cross-entropy needs a batch with labels")
     params = [p for p in distiller.student.parameters() if p.requires_grad]
     # the frozen teacher is not touched (eval mode or batch statistics without updates): no copy of it
     saved = {key: value.clone() for key, value in distiller.state_dict().items() if not key.startswith("teacher.")}
     was_training = distiller.training
     try:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        device = params[0].device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             distiller.train()
-            logits, values = distiller.unweighted_losses(x, y)
-            ce = _gradient_norm(cross_entropy(logits, y), params)
+            _, values = distiller.unweighted_losses(x, y)
+            task = values.pop(distiller.task_key, None)
+            if task is None:
+                raise ValueError("calibrating weights relative to the task loss needs a batch it is defined on")
+            ce = _gradient_norm(task, params)
             if ce == 0:
                 raise ValueError("the cross-entropy has no gradient on the student at calibration: a weight "
                                  "relative to it is undefined; give absolute weights")

@@ -25,20 +25,22 @@ another input normalisation than the student gets the batch converted (``teacher
 
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Iterator, Mapping, Sequence
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from featkd.batches import IMAGES, BatchFormat, call_model
 from featkd.calibration import RelativeToCE
-from featkd.functional import cross_entropy
 from featkd.hooks import FeatureExtractor
 from featkd.layer_info import describe_features
 from featkd.layer_specs import LayerKeyError, unwrap
+from featkd.layouts import mask_to_channels_first
 from featkd.losses import BatchContext, build_logit_loss
-from featkd.models import check_input, input_normalization
+from featkd.model_outputs import TaskLoss, logits_of, token_rows
+from featkd.models import check_input
+from featkd.teacher_input import TEACHER_BN_MODES, InputConversion, Normalization, normalization, teacher_bn_mode
 from featkd.terms import Term, Warmup, build_term_pairs, call_loss, check_weight, view, weight_at
 
 __all__ = ["Distiller", "InputConversion", "NOT_SET_UP", "TEACHER_BN_MODES", "teacher_bn_mode"]
@@ -48,90 +50,6 @@ __all__ = ["Distiller", "InputConversion", "NOT_SET_UP", "TEACHER_BN_MODES", "te
 NOT_SET_UP = ("the Distiller is not set up: its adapters and loss parameters are built in setup and must be in the "
               "optimiser; call distiller.setup(example_x), then build the optimiser on "
               "distiller.trainable_parameters()")
-
-
-# --------------------------------------------------------------------------- the teacher's batch norm
-
-TEACHER_BN_MODES = ("eval", "batch_stats")
-
-
-@contextlib.contextmanager
-def teacher_bn_mode(teacher: nn.Module, mode: str) -> Iterator[None]:
-    """Run the frozen ``teacher``'s forwards inside this block with its BN layers in ``mode``.
-
-    ``"eval"``: as they are (the teacher is in eval mode: its running statistics). ``"batch_stats"``:
-    every BN layer normalises each batch with that batch's own statistics, as the official NST code ran
-    its teacher, and its running statistics (and batch count) are left untouched.
-    """
-    if mode not in TEACHER_BN_MODES:
-        raise ValueError(f"teacher_bn must be one of {list(TEACHER_BN_MODES)}, got {mode!r}")
-    batch_norms = nn.modules.batchnorm._BatchNorm
-    norms = [m for m in teacher.modules() if isinstance(m, batch_norms)] if mode == "batch_stats" else []
-    saved = [(m.training, m.track_running_stats) for m in norms]
-    try:
-        for m in norms:
-            # training mode with track_running_stats off: batch statistics, no running-statistics update
-            m.train(True)
-            m.track_running_stats = False
-        yield
-    finally:
-        for m, (training, tracking) in zip(norms, saved):
-            m.train(training)
-            m.track_running_stats = tracking
-
-
-# --------------------------------------------------------------------------- the teacher's input normalisation
-
-Normalization = tuple[tuple[float, ...], tuple[float, ...]]
-
-
-def _normalization(value, model: nn.Module, role: str) -> Normalization | None:
-    """``(mean, std)`` per channel from ``value``: None, ``(mean, std)``, or ``"pretrained_cfg"`` (the model's)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value != "pretrained_cfg":
-            raise ValueError(f"{role}_normalization must be (mean, std) or 'pretrained_cfg', got {value!r}")
-        found = input_normalization(model)
-        if found is None:
-            raise ValueError(f"{role}_normalization='pretrained_cfg': the {role} ({type(unwrap(model)).__name__}) "
-                             f"records no mean/std; give {role}_normalization=(mean, std)")
-        return found
-    try:
-        mean, std = (tuple(float(v) for v in (part if isinstance(part, (list, tuple)) else [part])) for part in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{role}_normalization must be (mean, std), one value per channel, got {value!r}") from None
-    # a NaN, zero or infinite std (or a non-finite mean) would feed the teacher NaN or a blank batch
-    if len(mean) != len(std) or not mean or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
-        raise ValueError(f"{role}_normalization: mean {mean} and std {std} need one value per channel, finite "
-                         "means and finite stds > 0")
-    return mean, std
-
-
-def _per_channel(values: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, device=x.device, dtype=x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
-
-
-class InputConversion(nn.Module):
-    """A batch normalised with ``student`` ``(mean, std)`` as the ``teacher`` normalisation would give it:
-    ``(x * std_s + mean_s - mean_t) / std_t`` per channel; the batch as it is when either is None or they agree.
-    ``normalizations`` is ``(student, teacher)`` when there is something to convert, else None."""
-
-    def __init__(self, student: Normalization | None = None, teacher: Normalization | None = None):
-        super().__init__()
-        self.normalizations = (student, teacher) if None not in (student, teacher) and student != teacher else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.normalizations is None:
-            return x
-        (mean_s, std_s), (mean_t, std_t) = self.normalizations
-        if x.dim() < 2 or {len(mean_s), len(mean_t)} - {1, x.shape[1]}:
-            raise ValueError(f"the normalisations (student mean {mean_s}, teacher mean {mean_t}) do not fit a batch "
-                             f"of shape {tuple(x.shape)}: give one value per input channel")
-        return (x * _per_channel(std_s, x) + _per_channel(mean_s, x) - _per_channel(mean_t, x)) / _per_channel(std_t, x)
-
-    def extra_repr(self) -> str:
-        return f"normalizations={self.normalizations}"
 
 
 # --------------------------------------------------------------------------- the distiller
@@ -166,15 +84,33 @@ def _build_logit_loss(kd) -> tuple[nn.Module | None, float | Warmup]:
     raise TypeError(f"kd must be None, a loss name, a dict {{loss:, weight:, options...}} or an nn.Module; got {kd!r}")
 
 
+def _with_mask(context: BatchContext, mask: torch.Tensor | None, layout) -> BatchContext:
+    """``context`` with the batch's token mask as the positions of a feature's channels-first view: mapped
+    through a token layout (prefix tokens dropped or kept as the layout says), as it is otherwise (attention
+    probabilities take the (B, L) mask itself)."""
+    if mask is None:
+        return context
+    if layout is not None and layout.kind in ("NLC", "NCL"):
+        mask = mask_to_channels_first(mask, layout)
+    return dataclasses.replace(context, attention_mask=mask)
+
+
 class Distiller(nn.Module):
     """Teacher + student + named transfer terms (+ an optional logit term); see the module docstring.
 
     Args:
-        teacher, student: any ``nn.Module`` classifiers (possibly DDP-wrapped).
+        teacher, student: any ``nn.Module`` (possibly DDP-wrapped): classifiers, Hugging Face models,
+            detectors (their output is read by :func:`featkd.model_outputs.logits_of`).
         terms: :class:`featkd.Term` objects.
         kd: the logit term: ``None``, a name (``"kd"``), ``{"loss": "kd", "weight": 0.9, "T": 4}``
-            or a module ``(student_logits, teacher_logits, targets)``.
-        ce_weight: weight of the cross-entropy on labelled samples (targets ``-1`` are skipped).
+            or a module ``(student_logits, teacher_logits, targets)``. Per-token logits (B, L, V) are
+            distilled over the batch's valid tokens (:func:`featkd.model_outputs.token_rows`).
+        ce_weight: weight of the task loss: the cross-entropy on labelled samples (targets ``-1`` are
+            skipped) unless ``task_loss`` says otherwise.
+        task_loss: the student's own objective (:class:`featkd.model_outputs.TaskLoss`): ``"ce"``,
+            ``"model"`` (the loss the student returns), ``{loss name: weight}`` or a callable.
+        batch_format: how to call the models on a batch and where its targets and token mask are
+            (:class:`featkd.BatchFormat`); default: image batches, ``model(x)``.
         compile: ``torch.compile`` the student (after its hooks are registered) with these options
             (``True`` for the defaults).
         teacher_bn: ``"eval"`` (default): the teacher's BN layers use their running statistics;
@@ -188,26 +124,36 @@ class Distiller(nn.Module):
 
     def __init__(self, teacher: nn.Module, student: nn.Module, terms: Sequence[Term] = (), kd=None,
                  ce_weight: float | Warmup = 1.0, compile: bool | dict = False, teacher_bn: str = "eval",
-                 student_normalization=None, teacher_normalization=None):
+                 student_normalization=None, teacher_normalization=None, task_loss="ce",
+                 batch_format: BatchFormat = IMAGES):
         super().__init__()
+        if not isinstance(batch_format, BatchFormat):
+            raise TypeError(f"batch_format must be a featkd.BatchFormat, got {batch_format!r}")
+        self.batch_format, self.task_loss = batch_format, TaskLoss(task_loss)
+        # the image path logs its task loss as "ce", as it always has; any other objective as "task"
+        self.task_key = "ce" if task_loss == "ce" else "task"
         if teacher_bn not in TEACHER_BN_MODES:
             raise ValueError(f"teacher_bn must be one of {list(TEACHER_BN_MODES)}, got {teacher_bn!r}")
         self.teacher_bn = teacher_bn
-        normalizations = (_normalization(student_normalization, student, "student"),
-                          _normalization(teacher_normalization, teacher, "teacher"))
+        normalizations = (normalization(student_normalization, student, "student"),
+                          normalization(teacher_normalization, teacher, "teacher"))
         if (normalizations[0] is None) != (normalizations[1] is None):
             given, missing = ("student", "teacher") if normalizations[1] is None else ("teacher", "student")
             raise ValueError(f"{given}_normalization is given but {missing}_normalization is not: converting the "
                              f"batch for the teacher needs both (the batch's and the teacher's mean/std)")
+        if batch_format.reads_dicts and normalizations[0] is not None:
+            raise ValueError("student/teacher_normalization convert an image batch; a dict batch's teacher input is "
+                             "given by BatchFormat(teacher_inputs=...)")
         self.teacher_input = InputConversion(*normalizations)  # the batch as the teacher expects it
         self.teacher, self.student = teacher, student
         self.terms = list(terms)
         for term in self.terms:  # "group*" -> group1, group2, group3 (module order), before any name is used
             term.expand_globs(teacher, student)
         keys = [t.key for t in self.terms]
-        duplicates = sorted({k for k in keys if keys.count(k) > 1} | ({"ce", "kd", "total"} & set(keys)))
+        duplicates = sorted({k for k in keys if keys.count(k) > 1} | ({"ce", "task", "kd", "total"} & set(keys)))
         if duplicates:
-            raise ValueError(f"term names must be unique and not ce/kd/total: {duplicates}; give the terms name=...")
+            raise ValueError(f"term names must be unique and not ce/task/kd/total: {duplicates}; give the terms "
+                             "name=...")
         self.kd_loss, self.kd_weight = _build_logit_loss(kd)
         self.ce_weight = ce_weight
         check_weight(self.kd_weight, "kd weight")
@@ -219,7 +165,7 @@ class Distiller(nn.Module):
         self.teacher_layers = list(dict.fromkeys(name for t in self.terms for name in t.teacher_layers))
         student_layers = list(dict.fromkeys(name for t in self.terms for name in t.student_layers))
         self._teacher_features = _extractor("teacher", teacher, self.teacher_layers, detach=True, no_grad=True)
-        self._teacher_outputs = self._own_teacher  # x -> (teacher logits, teacher features)
+        self._teacher_outputs = self._own_teacher  # batch -> (teacher output, teacher features)
         # Hooks are registered on the student before torch.compile first runs it, so they are traced in.
         runner = student
         if compile:
@@ -236,13 +182,22 @@ class Distiller(nn.Module):
         """(the batch's, the teacher's) normalisation when the batch is converted for the teacher, else None."""
         return self.teacher_input.normalizations
 
-    def _own_teacher(self, x: torch.Tensor):
-        return self._teacher_features(self.teacher_input(x))
+    def _model_input(self, x, role: str):
+        """What the ``role`` model is called with on batch ``x`` (an image batch converted for the teacher)."""
+        model_input = self.batch_format.model_input(x, role)
+        if isinstance(model_input, torch.Tensor):
+            if role == "teacher":
+                return self.teacher_input(model_input)
+            check_input(self.student, model_input)
+        return model_input
+
+    def _own_teacher(self, x):
+        return call_model(self._teacher_features, self._model_input(x, "teacher"))
 
     # -- setup ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def setup(self, example_x: torch.Tensor) -> Distiller:
+    def setup(self, example_x) -> Distiller:
         """Dry-run both networks on ``example_x`` (two samples suffice) and build layouts, adapters and losses.
 
         Call it before building the optimizer so that adapter and loss parameters
@@ -250,8 +205,9 @@ class Distiller(nn.Module):
         """
         if self.is_setup:
             return self
-        t_features = describe_features(self.teacher, self.teacher_layers, self.teacher_input(example_x))
-        s_features = describe_features(self.student, self._student_features.layers, example_x)
+        t_features = describe_features(self.teacher, self.teacher_layers, self._model_input(example_x, "teacher"))
+        s_features = describe_features(self.student, self._student_features.layers,
+                                       self._model_input(example_x, "student"))
         for extractor in (self._student_features, self._teacher_features):
             extractor.clear()  # their hooks stored the dry run's features too
         device = next(self.student.parameters()).device
@@ -312,42 +268,52 @@ class Distiller(nn.Module):
             term.weight = weights.get(term.key, term.weight)
         self.kd_weight = weights.get("kd", self.kd_weight)
 
-    def unweighted_losses(self, x: torch.Tensor, y: torch.Tensor | None = None, *, step: int | None = None,
+    def unweighted_losses(self, x, y: torch.Tensor | None = None, *, step: int | None = None,
                           epoch: float | None = None, indices: torch.Tensor | None = None
-                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Student logits and each transfer loss before its weight: ``{"kd", <term names>...}`` (no CE)."""
+                          ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Student logits and each loss before its weight: ``{"kd", <term names>..., <task>}``, the task loss
+        (``"ce"``, or ``"task"`` for another objective) last and only when there is one."""
         if not self.is_setup:
             raise RuntimeError(NOT_SET_UP)
+        student_input = self._model_input(x, "student")  # a batch the student cannot take is refused first
         with teacher_bn_mode(self.teacher, self.teacher_bn):
-            teacher_logits, f_t = self._teacher_outputs(x)
-        student_logits, f_s = self._student_features(x)
+            teacher_output, f_t = self._teacher_outputs(x)
+        student_output, f_s = call_model(self._student_features, student_input)
+        student_logits = logits_of(student_output)
+        mask = self.batch_format.mask_of(x)
         values: dict[str, torch.Tensor] = {}
         if self.kd_loss is not None:
-            values["kd"] = self.kd_loss(student_logits, teacher_logits, y)
+            s_rows, y_rows = token_rows(student_logits, mask, y if y is not None and y.dim() > 1 else None)
+            t_rows, _ = token_rows(logits_of(teacher_output), mask)
+            values["kd"] = self.kd_loss(s_rows, t_rows, y if y_rows is None else y_rows)
         context = BatchContext(y, step, epoch, indices)
         for term, multi_layer, adapters, pair_losses, (s_layouts, t_layouts) in zip(
                 self.terms, self._multi_layer, self.adapters, self.term_losses, self._layouts):
             s = [view(f_s[name], layout) for name, layout in zip(term.student_layers, s_layouts)]
             t = [view(f_t[name], layout) for name, layout in zip(term.teacher_layers, t_layouts)]
+            contexts = [_with_mask(context, mask, layout) for layout in s_layouts]
             if multi_layer:
-                values[term.key] = call_loss(pair_losses[0], s, t, context)
+                values[term.key] = call_loss(pair_losses[0], s, t, contexts[0])
             else:
-                values[term.key] = sum(call_loss(loss, adapter(f), g, context)
-                                       for adapter, loss, f, g in zip(adapters, pair_losses, s, t))
+                values[term.key] = sum(call_loss(loss, adapter(f), g, c)
+                                       for adapter, loss, f, g, c in zip(adapters, pair_losses, s, t, contexts))
+        task = self.task_loss(student_output, student_logits, y, x, mask)
+        if task is not None:
+            values[self.task_key] = task
         return student_logits, values
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, step: int | None = None,
+    def forward(self, x, y: torch.Tensor | None = None, *, step: int | None = None,
                 epoch: float | None = None, indices: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Student logits and the weighted losses ``{"ce", "kd", <term names>..., "total"}``.
+                ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Student logits and the weighted losses ``{"ce" (or "task"), "kd", <term names>..., "total"}``.
 
+        ``x`` is the batch as :attr:`batch_format` reads it (an image tensor by default, or a dict).
         ``y`` may hold ``-1`` for unlabelled samples (no CE for them; KD and feature
         terms use every sample); without ``y`` there is no CE term. ``step`` and
         ``epoch`` drive weight schedules (full weights when omitted). Losses that use the
-        per-batch context (``uses_context``) receive ``y``, ``step``, ``epoch`` and the samples'
-        dataset ``indices`` as a :class:`featkd.losses.BatchContext`.
+        per-batch context (``uses_context``) receive ``y``, ``step``, ``epoch``, the samples'
+        dataset ``indices`` and the batch's token mask as a :class:`featkd.losses.BatchContext`.
         """
-        check_input(self.student, x)
         if not self.is_setup:  # set up here, its adapters and loss parameters would miss the optimiser
             raise RuntimeError(NOT_SET_UP)
         weights = self.loss_weights()
@@ -357,12 +323,16 @@ class Distiller(nn.Module):
                                "featkd.calibration.calibrate_weights(distiller, x, y) on a training batch first")
         student_logits, values = self.unweighted_losses(x, y, step=step, epoch=epoch, indices=indices)
         losses: dict[str, torch.Tensor] = {}
+        task = values.pop(self.task_key, None)
         ce_weight = weight_at(self.ce_weight, step, epoch)
-        if y is not None and ce_weight:
-            losses["ce"] = ce_weight * cross_entropy(student_logits, y)
+        if task is not None and ce_weight:
+            losses[self.task_key] = ce_weight * task
         for key, value in values.items():
             losses[key] = weight_at(weights[key], step, epoch) * value
-        losses["total"] = sum(losses.values()) if losses else student_logits.new_zeros(())
+        if not losses:
+            raise ValueError("this batch gives no loss to train on (no targets for the task loss and every other "
+                             "weight is 0)")
+        losses["total"] = sum(losses.values())
         return student_logits, losses
 
     def remove_hooks(self) -> None:

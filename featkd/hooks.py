@@ -352,10 +352,12 @@ def probe(model: nn.Module, example_input: Any, layers: str | Sequence[str]) -> 
 
     The forward runs in eval mode under ``torch.no_grad()``, so nothing is updated (batch-norm
     statistics included) and every module's training flag is restored afterwards. ``example_input``
-    is a tensor, or a tuple of positional arguments. DDP/DataParallel/compile wrappers are handled as
-    in :func:`capture`; each layer keeps every call (:meth:`Features.calls`).
+    is a tensor, a tuple of positional arguments or a dict of keyword arguments (a tokenizer's batch).
+    DDP/DataParallel/compile wrappers are handled as in :func:`capture`; each layer keeps every call
+    (:meth:`Features.calls`).
     """
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    kwargs = dict(example_input) if isinstance(example_input, Mapping) else {}
+    args = () if kwargs else example_input if isinstance(example_input, tuple) else (example_input,)
     recorder = _Recorder(model, layers, detach=True, clone=False)
     order: list[str] = []
     modules = named_modules(model)
@@ -369,7 +371,7 @@ def probe(model: nn.Module, example_input: Any, layers: str | Sequence[str]) -> 
     try:
         model.eval()
         with torch.no_grad():
-            model(*args)
+            model(*args, **kwargs)
         features = recorder.take()
         features.order = order
         return features

@@ -58,8 +58,12 @@ def _ratio(a: int, b: int) -> int | float:
 
 
 def _input_size(example_input: Any) -> tuple[int, ...] | None:
-    """The spatial size of an image (or sequence) batch; ``None`` for any other input."""
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    """The spatial size of an image (or sequence) batch: the first positional argument's, or the first keyword
+    argument's with a spatial size (``pixel_values``, not ``input_ids``); ``None`` for any other input."""
+    if isinstance(example_input, Mapping):
+        args = tuple(v for v in example_input.values() if isinstance(v, torch.Tensor) and v.dim() >= 3)
+    else:
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
     first = args[0] if args else None
     return tuple(first.shape[2:]) if isinstance(first, torch.Tensor) and first.dim() >= 3 else None
 

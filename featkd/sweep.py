@@ -33,7 +33,7 @@ from torch import nn
 from featkd import checkpoint as ckpt
 from featkd import runs
 from featkd.config import to_dict
-from featkd.distiller import teacher_bn_mode
+from featkd.teacher_input import teacher_bn_mode
 from featkd.engine import DistillMethod, MethodBase, Precision, seed_everything
 from featkd.engine.sinks import run_sinks
 from featkd.hooks import FeatureExtractor

@@ -184,6 +184,12 @@ class Term:
         return bool(getattr(loss, "multi_layer", False))
 
     @property
+    def as_captured(self) -> bool:
+        """Whether the loss reads its features as captured, without a layout or an adapter (``as_captured``)."""
+        loss = feature_loss_class(self.loss) if isinstance(self.loss, str) else self.loss
+        return bool(getattr(loss, "as_captured", False))
+
+    @property
     def loss_name(self) -> str:
         return self.loss if isinstance(self.loss, str) else type(self.loss).__name__
 
@@ -195,8 +201,10 @@ class Term:
 class FeatureAdapter(nn.Module):
     """Map a student feature to the teacher's shape; both are channels-first views (:mod:`featkd.layouts`).
 
-    Channels: a 1×1 convolution followed by batch norm (FitNets'/RepDistiller's connector), present when
-    ``channels=True`` or the counts differ. Size, for maps ``(B, C, H, W)`` on both sides: adaptive
+    Channels: present when ``channels=True`` or the counts differ. Onto a map, a 1×1 convolution followed
+    by batch norm (FitNets'/RepDistiller's connector); onto a ``(B, C, N)`` sequence, a linear projection of
+    each position alone (TinyBERT's ``W_h``): batch norm there would pool every sample's tokens, padding
+    included, into its statistics, and a padded batch would no longer give its samples' values. Size, for maps ``(B, C, H, W)`` on both sides: adaptive
     average pooling when the student map is larger, bilinear interpolation when it is smaller (tokens on
     their grid are maps here, so a ViT's 14×14 tokens meet a ResNet's 56×56 map this way, in either
     direction). A ``(B, Ct, N)`` teacher (tokens kept with their prefix, a class token) takes the student
@@ -222,9 +230,10 @@ class FeatureAdapter(nn.Module):
         c_s, c_t = student_shape[1], teacher_shape[1]
         use_conv = c_s != c_t if channels is None else channels
         self.conv = None
-        if use_conv:
-            conv, norm = (nn.Conv2d, nn.BatchNorm2d) if len(teacher_shape) == 4 else (nn.Conv1d, nn.BatchNorm1d)
-            self.conv = nn.Sequential(conv(c_s, c_t, 1, bias=False), norm(c_t))
+        if use_conv and len(teacher_shape) == 4:
+            self.conv = nn.Sequential(nn.Conv2d(c_s, c_t, 1, bias=False), nn.BatchNorm2d(c_t))
+        elif use_conv:
+            self.conv = nn.Conv1d(c_s, c_t, 1)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         if self.resize == "pool":
@@ -279,8 +288,11 @@ def build_term_pairs(term: Term, student_features: Mapping[str, Any], teacher_fe
     for side, names, features in (("student", term.student_layers, student_features),
                                   ("teacher", term.teacher_layers, teacher_features)):
         captured = [_captured(features[name]) for name in names]
-        layouts[side] = [resolve_layout(term.layouts[side], feature, f"term {term.key!r}: {side} layer {name!r}",
-                                        f"{side}_layout") for feature, name in zip(captured, names)]
+        if term.as_captured:
+            layouts[side] = [None] * len(captured)
+        else:
+            layouts[side] = [resolve_layout(term.layouts[side], feature, f"term {term.key!r}: {side} layer "
+                                            f"{name!r}", f"{side}_layout") for feature, name in zip(captured, names)]
         shapes[side] = [feature.shape if layout is None else canonical_shape(feature.shape, layout)
                         for feature, layout in zip(captured, layouts[side])]
     s_shapes, t_shapes = shapes["student"], shapes["teacher"]
@@ -319,7 +331,7 @@ def _build_pair(term: Term, s_shape: tuple, t_shape: tuple, s_names: list[str], 
         return adapter, _loss(term, s_shape, t_shape)
     except ValueError as error:
         first_error = error
-    if term.adapter in ("auto", None) and not multi:
+    if term.adapter in ("auto", None) and not multi and not term.as_captured:
         try:
             candidates = _automatic_adapters(s_shape, t_shape)
         except ValueError:  # no automatic adapter fits these shapes

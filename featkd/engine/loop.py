@@ -24,11 +24,13 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import distributed
+from featkd.batches import IMAGES, BatchFormat, batch_size, call_model, to_device
 from featkd.config import changed_keys
 from featkd.engine.method import Method
 from featkd.engine.precision import Precision
 from featkd.engine.sinks import run_sinks
 from featkd.layer_specs import unwrap
+from featkd.model_outputs import logits_of, token_rows
 
 # --------------------------------------------------------------------------- seeding and devices
 
@@ -65,11 +67,14 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = None,
-             precision: Precision | None = None, channels_last: bool = False) -> dict[str, float]:
+             precision: Precision | None = None, channels_last: bool = False,
+             batch_format: BatchFormat = IMAGES) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy in percent/nats (and top-5 when there are more than 5 classes).
 
     Under DDP every rank evaluates its own shard and the counts are summed, so the
-    numbers are those of the whole split. Samples with target ``-1`` are skipped.
+    numbers are those of the whole split. Samples with target ``-1`` are skipped. ``batch_format`` says how
+    the model is called on a batch and where its targets are; per-token logits are scored per valid token
+    (the format's mask, labels ≥ 0).
     """
     model = unwrap(model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
     was_training = model.training
@@ -77,10 +82,12 @@ def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = No
     precision = precision or Precision()
     sums: dict[str, float] = defaultdict(float)
     try:
-        for x, y in loader:
-            x, y = _to_device(x, y, device, channels_last)
+        for item in loader:
+            x, y, _ = batch_format.split(item)
+            x, y = to_device(x, device, channels_last), to_device(y, device)
             with precision.autocast():
-                logits = model(x)
+                logits = logits_of(call_model(model, batch_format.model_input(x)))
+            logits, y = token_rows(logits, batch_format.mask_of(x), y)
             labeled = y >= 0
             logits, y = logits[labeled].float(), y[labeled]
             sums["loss"] += F.cross_entropy(logits, y, reduction="sum").item()
@@ -99,14 +106,6 @@ def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = No
     if classes > 5:
         result["acc5"] = 100.0 * sums["correct5"] / count
     return result
-
-
-def _to_device(x, y, device, channels_last):
-    if device is not None:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y
 
 
 # --------------------------------------------------------------------------- the loop
@@ -136,6 +135,7 @@ def fit(
     best_metric: str | None = None,
     eval_every: int = 1,
     progress: bool | None = None,
+    batch_format: BatchFormat = IMAGES,
     log=print,
 ) -> list[dict[str, Any]]:
     """Train ``method`` for ``epochs`` epochs, evaluating and checkpointing after each; return the metrics history.
@@ -164,6 +164,8 @@ def fit(
     * ``precision`` is used for evaluation (default: the Method's own ``precision``).
     * A training loader may yield ``(x, y, indices)`` (the samples' dataset indices); they are passed
       on as ``method.train_step(x, y, step, indices)`` (else None) for losses with per-sample state.
+    * ``batch_format`` (:class:`featkd.BatchFormat`) reads other batches, dicts included: ``x`` is then the
+      whole batch, ``y`` its targets; evaluation calls the models through it too.
     * ``eval_every``: evaluate after every that many epochs and always after the last (a sweep of
       dozens of students on a CPU spends more on evaluating than on training otherwise); epochs
       without evaluation have no model metrics and cannot become ``best.pt``.
@@ -186,12 +188,13 @@ def fit(
         for epoch in range(start_epoch, epochs):
             started = time.perf_counter()
             row, step, lr = _train_epoch(method, train_loader, epoch, epochs, step, run_dir, device, channels_last,
-                                         progress)
+                                         progress, batch_format)
             train_time = time.perf_counter() - started
             models = method.eval_models()
             evaluated = (epoch + 1) % eval_every == 0 or epoch + 1 == epochs
             for name, model in models.items() if evaluated else ():
-                scores = evaluate(model, test_loader, device=device, precision=precision, channels_last=channels_last)
+                scores = evaluate(model, test_loader, device=device, precision=precision, channels_last=channels_last,
+                                  batch_format=batch_format)
                 row.update({f"{name}/{key}": value for key, value in scores.items()})
             row.update(lr=lr, epoch_time_s=train_time, eval_time_s=time.perf_counter() - started - train_time)
             history.append(row)
@@ -252,15 +255,16 @@ def _start(method, run_dir: Path | None, epochs: int, resume: bool, config, writ
 
 
 def _train_epoch(method, train_loader, epoch: int, epochs: int, step: int, run_dir, device, channels_last,
-                 progress) -> tuple[dict[str, Any], int, float | None]:
+                 progress, batch_format: BatchFormat) -> tuple[dict[str, Any], int, float | None]:
     """One epoch of training steps: the epoch's row (its losses averaged over its samples), the step, the lr."""
     train_loader.set_epoch(epoch)
     sums: dict[str, float] = defaultdict(float)
     seen = 0
     bar = _progress_bar(train_loader, epoch, epochs, progress)
-    for x, y, *indices in bar:  # a loader may yield the samples' dataset indices too
-        x, y = _to_device(x, y, device, channels_last)
-        losses = method.train_step(x, y, step, indices[0].to(x.device) if indices else None)
+    for item in bar:
+        x, y, indices = batch_format.split(item)  # a loader may yield the samples' dataset indices too
+        x, y, indices = to_device(x, device, channels_last), to_device(y, device), to_device(indices, device)
+        losses = method.train_step(x, y, step, indices)
         bad = [name for name, value in losses.items() if not math.isfinite(value)]
         if bad:
             culprit = next((name for name in bad if name != "total"), bad[0])
@@ -269,9 +273,10 @@ def _train_epoch(method, train_loader, epoch: int, epochs: int, step: int, run_d
                 f"non-finite terms: {bad}. Training stopped; {_what_last_holds(run_dir, epoch)}. Start a new run "
                 "with a lower learning rate or a lower weight for that term (a resumed run keeps its settings)."
             )
+        size = batch_size(x)
         for name, value in losses.items():
-            sums[name] += value * x.shape[0]
-        seen += x.shape[0]
+            sums[name] += value * size
+        seen += size
         step += 1
         if progress:
             bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)

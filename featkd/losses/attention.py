@@ -31,14 +31,15 @@ class ATLoss(nn.Module):
                           mask=context_mask(context))
 
 
-@register_feature_loss("attention_kl", uses_context=True)
+@register_feature_loss("attention_kl", uses_context=True, as_captured=True)
 class AttentionKLLoss(nn.Module):
     """MiniLM's KL(teacher ‖ student) between (B, heads, L, L) self-attention probabilities (see
     :func:`featkd.functional.attention_kl_loss`), padded queries and keys left out with a token mask in the
     batch's context (``BatchContext.attention_mask``, (B, L)).
 
-    The features are the probabilities themselves, e.g. a Hugging Face model's ``attentions``; an adapter
-    would turn them into something that is not a distribution, so give the term ``adapter=None``.
+    The features are the probabilities themselves, e.g. a Hugging Face model's ``attentions`` (captured from
+    a self-attention module's output ``[1]`` when the model is called with ``output_attentions=True`` and built
+    with ``attn_implementation="eager"``); they are read as captured: no layout, no adapter.
     """
 
     def __init__(self, *, heads="match"):

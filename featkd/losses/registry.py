@@ -15,6 +15,9 @@ of your own given to :class:`featkd.Term` may set them itself):
   (targets, step, epoch, the samples' dataset indices when the loader yields them, the token mask
   when the batch has one), e.g. for a loss that keeps a memory bank indexed by sample (CRD) or a token
   loss that leaves padding out (NST, AT, Gram, hint, cosine, attention_kl).
+* ``as_captured``: the loss reads the captured tensors as they are, with no layout and no adapter
+  (attention probabilities (B, heads, L, L): neither a map nor tokens); the token mask reaches it as
+  the batch gives it.
 
 Shapes are full tensor shapes from a dry-run forward, batch dimension included.
 """
@@ -62,12 +65,13 @@ def _register(registry: dict, kind: str, name: str, cls: type) -> None:
 
 
 def register_feature_loss(name: str, *, multi_layer: bool = False, needs_shapes: bool = False,
-                          uses_context: bool = False) -> Callable[[type], type]:
+                          uses_context: bool = False, as_captured: bool = False) -> Callable[[type], type]:
     """Class decorator: build the module under ``name`` in :func:`build_feature_loss` and ``Term(loss=name)``."""
 
     def register(cls: type) -> type:
         _register(_FEATURE_LOSSES, "feature loss", name, cls)
         cls.multi_layer, cls.needs_shapes, cls.uses_context = multi_layer, needs_shapes, uses_context
+        cls.as_captured = as_captured
         return cls
 
     return register

@@ -42,7 +42,9 @@ def hf_model(architecture: str, num_classes: int, in_channels: int, pretrained: 
         given[channels_key] = in_channels
     if pretrained is not None:
         return model_cls.from_pretrained(pretrained, **{**given, **options})
-    known = set(config_cls().to_dict())
+    # attn_implementation is taken by every config but not listed in to_dict: "eager" computes the attention
+    # probabilities that attention transfer captures (the fused kernels never form them)
+    known = set(config_cls().to_dict()) | {"attn_implementation"}
     unknown = sorted(set(options) - known)
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(known), n=3)

@@ -11,7 +11,8 @@
    activation, dropout or identity inside one keeps its input's layout.
 2. **The model's description of itself.** torchvision's ``SwinTransformer`` (its stages are
    channels-last), ``ConvNeXt`` (channels-first between its blocks' permutes) and ``VisionTransformer``
-   (tokens behind one class token on the ``image_size / patch_size`` grid); timm's token models
+   (tokens behind one class token on the ``image_size / patch_size`` grid); Hugging Face transformers'
+   hidden states (a text model's a plain token sequence, ViT's behind its class token); timm's token models
    (``num_prefix_tokens`` and ``patch_embed``), its ``output_fmt`` and ``feature_info`` channel counts, and
    featkd's own ``feature_info``.
 
@@ -178,6 +179,24 @@ def _timm_tokens(model, path, shape, input_size) -> Layout | None:
     if input_size is not None and len(input_size) == 2 and hasattr(embed, "dynamic_feat_size"):
         grid = embed.dynamic_feat_size(tuple(input_size))
     return _tokens(shape[1], tuple(grid) if grid is not None else None, (prefix, 0))
+
+
+@_model_rule
+def _hugging_face_tokens(model, path, shape, input_size) -> Layout | None:
+    """A Hugging Face transformer's (B, L, hidden_size) hidden states are tokens. A text model's are a plain
+    sequence: every position a token (its [CLS] or first token counted like the others, as the attention mask
+    counts it); a vision model's (``patch_size`` in its config) carry its class token before the
+    ``image_size / patch_size`` grid."""
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None)
+    if (not type(model).__module__.startswith("transformers.") or len(shape) != 3 or not isinstance(hidden, int)
+            or shape[-1] != hidden or shape[1] == hidden):
+        return None
+    patch = getattr(config, "patch_size", None)
+    if patch is None:
+        return Layout("NLC", 0, tokens="all", source="model")
+    grid = None if input_size is None or len(input_size) != 2 else (input_size[0] // patch, input_size[1] // patch)
+    return _tokens(shape[1], grid, (1, 0))
 
 
 @_model_rule

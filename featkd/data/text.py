@@ -1,0 +1,116 @@
+"""Token sequences without downloads: a character vocabulary, text that ships with Python, and
+:class:`PaddedBatches`, dict batches padded to each batch's longest sequence in a (seed, epoch) order.
+
+The language examples (a BERT-like classifier, a small causal LM) train on the documentation of
+Python's own standard library (:func:`stdlib_docs`): it is on every machine featkd runs on. Its text
+changes between Python versions, so a result names the Python it ran under.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import random
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["CharVocabulary", "IGNORE_INDEX", "PaddedBatches", "STDLIB_SOURCES", "snippets", "stdlib_docs"]
+
+IGNORE_INDEX = -100  # a position without a label, as Hugging Face's losses read it
+STDLIB_SOURCES = ("argparse", "json", "pathlib", "textwrap")  # four documented modules: the classes of example (a)
+
+
+def stdlib_docs(module: str) -> str:
+    """The docstrings of ``module`` and of its public classes and functions, joined, whitespace collapsed."""
+    mod = importlib.import_module(module)
+    parts = [inspect.getdoc(mod) or ""]
+    for name, value in sorted(vars(mod).items()):
+        if not name.startswith("_") and (inspect.isclass(value) or inspect.isfunction(value)) \
+                and getattr(value, "__module__", None) == module:
+            parts.append(inspect.getdoc(value) or "")
+    return " ".join(" ".join(parts).split())
+
+
+class CharVocabulary:
+    """Characters as token ids: 0 is padding, 1 an unknown character, then the characters of ``text``."""
+
+    PAD, UNKNOWN = 0, 1
+
+    def __init__(self, text: str):
+        self.chars = sorted(set(text))
+        self.ids = {c: i + 2 for i, c in enumerate(self.chars)}
+
+    def __len__(self) -> int:
+        return len(self.chars) + 2
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids.get(c, self.UNKNOWN) for c in text]
+
+
+def snippets(texts: Sequence[str], count: int, lengths: tuple[int, int], seed: int) -> tuple[list[str], list[int]]:
+    """``count`` windows of ``texts`` with lengths drawn in ``lengths`` (inclusive), each labelled with the index
+    of the text it comes from, the texts drawn equally often; the same for the same ``seed``."""
+    rng = random.Random(seed)
+    windows, labels = [], []
+    for i in range(count):
+        label = i % len(texts)
+        length = rng.randint(*lengths)
+        start = rng.randrange(len(texts[label]) - length)
+        windows.append(texts[label][start:start + length])
+        labels.append(label)
+    order = list(range(count))
+    rng.shuffle(order)
+    return [windows[i] for i in order], [labels[i] for i in order]
+
+
+class PaddedBatches:
+    """Dict batches of token sequences, each padded to its batch's longest sequence.
+
+    A batch holds ``input_ids`` and ``attention_mask`` (B, L) and ``labels``: per sequence (B,) when
+    ``labels`` is given, else per token for a language model (the ids, :data:`IGNORE_INDEX` on padding).
+    The order of an epoch is a function of (seed, epoch) only (:meth:`set_epoch`), as featkd's image loader
+    does, so a resumed run sees the same batches. Read it with
+    ``featkd.BatchFormat(inputs=("input_ids", "attention_mask"), targets="labels", mask="attention_mask")``.
+    """
+
+    def __init__(self, sequences: Sequence[Sequence[int]], labels: Sequence[int] | None = None, *,
+                 batch_size: int, shuffle: bool = True, seed: int = 0, pad_id: int = CharVocabulary.PAD):
+        if not sequences or any(len(s) == 0 for s in sequences):
+            raise ValueError("PaddedBatches needs at least one sequence and no empty one")
+        if labels is not None and len(labels) != len(sequences):
+            raise ValueError(f"{len(labels)} labels for {len(sequences)} sequences")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.sequences = [list(s) for s in sequences]
+        self.labels = None if labels is None else torch.tensor(list(labels))
+        self.batch_size, self.shuffle, self.seed, self.pad_id = batch_size, shuffle, seed, pad_id
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sequences) / self.batch_size)
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.sequences)))
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)
+        generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        return torch.randperm(len(self.sequences), generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = self._order()
+        for start in range(0, len(order), self.batch_size):
+            chosen = order[start:start + self.batch_size]
+            length = max(len(self.sequences[i]) for i in chosen)
+            ids = torch.full((len(chosen), length), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chosen), length), dtype=torch.long)
+            for row, i in enumerate(chosen):
+                ids[row, :len(self.sequences[i])] = torch.tensor(self.sequences[i])
+                mask[row, :len(self.sequences[i])] = 1
+            labels = self.labels[chosen] if self.labels is not None else ids.masked_fill(mask == 0, IGNORE_INDEX)
+            yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
