@@ -155,11 +155,13 @@ def to_device(batch: Any, device: torch.device | str | None, channels_last: bool
 
 
 def batch_size(batch: Any) -> int:
-    """How many samples a batch holds: the first dimension of its first tensor."""
+    """How many samples a batch holds: a tensor's first dimension, a list's length (a detector's list of images,
+    one per sample), a dict's first entry's."""
     if isinstance(batch, Tensor):
         return batch.shape[0]
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    for value in values:
+    if isinstance(batch, (tuple, list)):
+        return len(batch)
+    for value in batch.values() if isinstance(batch, Mapping) else ():
         if isinstance(value, (Tensor, Mapping, tuple, list)):
             return batch_size(value)
-    raise TypeError(f"cannot tell the size of a batch of {type(batch).__name__}: it holds no tensor")
+    raise TypeError(f"cannot tell the size of a batch of {type(batch).__name__}: it holds no tensor or list")

@@ -70,7 +70,10 @@ class PaddedBatches:
     """Dict batches of token sequences, each padded to its batch's longest sequence.
 
     A batch holds ``input_ids`` and ``attention_mask`` (B, L) and ``labels``: per sequence (B,) when
-    ``labels`` is given, else per token for a language model (the ids, :data:`IGNORE_INDEX` on padding).
+    ``labels`` is given, else per token for a language model: the ids, :data:`IGNORE_INDEX` on padding (what a
+    Hugging Face causal LM takes to return its own loss, shifting them itself), and ``next_tokens``, the ids
+    shifted by one (position i holds token i + 1; :data:`IGNORE_INDEX` at each sequence's last token and on
+    padding), targets that per-token cross-entropy and next-token accuracy read position by position.
     The order of an epoch is a function of (seed, epoch) only (:meth:`set_epoch`), as featkd's image loader
     does, so a resumed run sees the same batches. Read it with
     ``featkd.BatchFormat(inputs=("input_ids", "attention_mask"), targets="labels", mask="attention_mask")``.
@@ -112,5 +115,9 @@ class PaddedBatches:
             for row, i in enumerate(chosen):
                 ids[row, :len(self.sequences[i])] = torch.tensor(self.sequences[i])
                 mask[row, :len(self.sequences[i])] = 1
-            labels = self.labels[chosen] if self.labels is not None else ids.masked_fill(mask == 0, IGNORE_INDEX)
-            yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            if self.labels is not None:
+                yield {"input_ids": ids, "attention_mask": mask, "labels": self.labels[chosen]}
+                continue
+            labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+            following = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
+            yield {"input_ids": ids, "attention_mask": mask, "labels": labels, "next_tokens": following}

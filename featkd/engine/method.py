@@ -10,10 +10,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from featkd.batches import IMAGES, BatchFormat, call_model
 from featkd.checkpoint import load_weights
 from featkd.engine.precision import Precision
 from featkd.functional import cross_entropy
 from featkd.layer_specs import unwrap
+from featkd.model_outputs import logits_of, token_rows
 from featkd.models import check_input
 
 
@@ -119,19 +121,25 @@ def losses_to_floats(losses: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 class SupervisedMethod(MethodBase):
-    """Cross-entropy training of one model (teachers, and students without distillation)."""
+    """Cross-entropy training of one model (teachers, and students without distillation), per sample or per
+    valid token; ``batch_format`` says how the model is called on a batch (:class:`featkd.BatchFormat`)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None, *,
-                 precision: Precision | None = None, grad_clip: float | None = None, name: str = "model"):
+                 precision: Precision | None = None, grad_clip: float | None = None, name: str = "model",
+                 batch_format: BatchFormat = IMAGES):
         super().__init__(optimizer, [scheduler], precision)
         self.model, self.scheduler = model, scheduler
-        self.grad_clip, self.name = grad_clip, name
+        self.grad_clip, self.name, self.batch_format = grad_clip, name, batch_format
 
     def train_step(self, x, y, step, indices=None):
         self.model.train()
         with self.precision.autocast():
-            check_input(self.model, x)
-            loss = cross_entropy(self.model(x), y)  # labelled samples only (y = -1 skipped)
+            model_input = self.batch_format.model_input(x)
+            if isinstance(model_input, torch.Tensor):
+                check_input(self.model, model_input)
+            logits = logits_of(call_model(self.model, model_input))
+            # labelled samples (or tokens) only: y = -1 skipped
+            loss = cross_entropy(*token_rows(logits, self.batch_format.mask_of(x), y))
         self.precision.backward_step(loss, self.optimizer, self.grad_clip)
         return {"ce": loss.item()}
 

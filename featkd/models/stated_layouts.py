@@ -11,8 +11,9 @@
    activation, dropout or identity inside one keeps its input's layout.
 2. **The model's description of itself.** torchvision's ``SwinTransformer`` (its stages are
    channels-last), ``ConvNeXt`` (channels-first between its blocks' permutes) and ``VisionTransformer``
-   (tokens behind one class token on the ``image_size / patch_size`` grid); Hugging Face transformers'
-   hidden states (a text model's a plain token sequence, ViT's behind its class token); timm's token models
+   (tokens behind one class token on the ``image_size / patch_size`` grid) and its detectors (maps);
+   Hugging Face transformers' hidden states (a text model's a plain token sequence, ViT's behind its
+   class token); timm's token models
    (``num_prefix_tokens`` and ``patch_embed``), its ``output_fmt`` and ``feature_info`` channel counts, and
    featkd's own ``feature_info``.
 
@@ -163,6 +164,15 @@ def _torchvision_swin(model, path, shape, input_size) -> Layout | None:
 def _torchvision_convnext(model, path, shape, input_size) -> Layout | None:
     """torchvision's ConvNeXt is channels-first outside its blocks' permuted MLPs (which the module rules read)."""
     if _is_torchvision(model, "ConvNeXt") and len(shape) == 4:
+        return Layout("NCHW", source="model")
+    return None
+
+
+@_model_rule
+def _torchvision_detection(model, path, shape, input_size) -> Layout | None:
+    """torchvision's detectors (Faster R-CNN, RetinaNet, FCOS, SSD...) are convolutional throughout: their
+    backbone and FPN maps are (B, C, H, W), on images the detector resized itself."""
+    if type(model).__module__.startswith("torchvision.models.detection.") and len(shape) == 4:
         return Layout("NCHW", source="model")
     return None
 
