@@ -12,9 +12,12 @@ resolutions: for each feature grid, the last module of the chain with parameters
 (``layer3``, ``features.5``, Swin's final ``norm``) before the global pooling (a ``*pool*`` module
 giving 1×1, or the first (B, C) vector); the stem (stride < 4) is left out when three or more stages
 remain. Two multi-stage models pair their stages of equal grid, and their last stages (the last
-feature before pooling) in any case. A model with one resolution (a ViT) spreads its repeated blocks
-over the other model's stages by depth (stage j of k gets block ``ceil(j·L/k)`` of L), its last feature
-going to the other's last stage; two such models pair blocks at the same fractions of their depth.
+feature before pooling) in any case. A model with one resolution (a ViT; a text transformer, whose
+token sequence has no grid) has repeated blocks: the children of one container, all of one type. It
+spreads them over the other model's stages by depth (stage j of k gets block ``ceil(j·L/k)`` of L), its
+last feature going to the other's last stage; two such models pair every block of the shallower one,
+block m of M with block ``ceil(m·N/M)`` of the deeper one's N (TinyBERT's uniform mapping: 2 of 4 blocks
+pair with 2 and 4). Feature widths may differ: the term's loss or its adapter handles them.
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from featkd.batches import batch_size
 from featkd.layer_info import LayerInfo, list_layers
 from featkd.layer_specs import named_modules
 
 __all__ = ["LayerPair", "model_stages", "pair_terms", "propose_pairs"]
 
 _MIN_STRIDE = 4  # stages at a smaller stride are the stem, left out when three or more stages remain
-_BLOCK_PAIRS = 4  # pairs between two single-resolution models
 
 
 class LayerPair(NamedTuple):
@@ -86,12 +89,15 @@ def model_stages(model: nn.Module, example_input: Any) -> _Stages:
     """The stage ends of ``model`` for ``example_input``, and its repeated blocks when it has one resolution."""
     infos = list_layers(model, example_input)
     modules = named_modules(model)
-    batch = example_input.shape[0]
+    batch = batch_size(example_input)
+
+    def runs_once_with_weights(info: LayerInfo) -> bool:
+        return (info.calls == 1 and isinstance(info.shape, tuple) and bool(info.shape) and info.shape[0] == batch
+                and any(True for _ in modules[info.name].parameters()))
 
     def is_feature(info: LayerInfo) -> bool:
-        return (info.calls == 1 and info.grid is not None and len(info.grid) == 2 and info.stride is not None
-                and isinstance(info.shape, tuple) and info.shape[0] == batch
-                and any(True for _ in modules[info.name].parameters()))
+        return (info.grid is not None and len(info.grid) == 2 and info.stride is not None
+                and runs_once_with_weights(info))
 
     by_grid: dict[tuple, LayerInfo] = {}
     for info in _chain(model, infos):
@@ -103,20 +109,27 @@ def model_stages(model: nn.Module, example_input: Any) -> _Stages:
     beyond_stem = [i for i in stages if _stride(i) >= _MIN_STRIDE]
     if len(beyond_stem) >= 3:
         stages = beyond_stem
+    if not stages:  # a text transformer: token sequences without a grid, its blocks in one container
+        sequences = [i for i in infos if i.layout == "NLC" and i.grid is not None and len(i.grid) == 1
+                     and runs_once_with_weights(i)]
+        blocks = _repeated_blocks(sequences, sequences[0].grid) if sequences else []
+        return _Stages(blocks[-1:], blocks)
     blocks = _repeated_blocks([i for i in infos if is_feature(i)], stages[0].grid) if len(stages) == 1 else []
     return _Stages(stages, blocks)
 
 
 def _repeated_blocks(spatial: Sequence[LayerInfo], grid: tuple) -> list[LayerInfo]:
-    """The children of the container holding the most direct children at ``grid`` (a ViT's encoder layers)."""
-    children: dict[str, list[LayerInfo]] = {}
+    """The most direct children of one type that one container holds at ``grid`` (a ViT's encoder layers, a
+    BERT's ``encoder.layer``; not its embeddings, a word, a position and a type embedding), the deepest such
+    group on a tie."""
+    groups: dict[tuple[str, str], list[LayerInfo]] = {}
     for info in spatial:
         parent, _, _ = info.name.rpartition(".")
         if info.grid == grid:
-            children.setdefault(parent, []).append(info)
-    if not children:
+            groups.setdefault((parent, info.type), []).append(info)
+    if not groups:
         return []
-    best = max(children.values(), key=len)
+    best = max(groups.values(), key=lambda group: (len(group), max(i.order for i in group)))
     return sorted(best, key=lambda i: i.order) if len(best) > 1 else []
 
 
@@ -131,8 +144,8 @@ def propose_pairs(teacher: nn.Module, student: nn.Module, example_input: Any) ->
     t, s = model_stages(teacher, example_input), model_stages(student, example_input)
     if not t.stages or not s.stages:
         missing = "teacher" if not t.stages else "student"
-        raise ValueError(f"the {missing} gives no feature map or token grid before its pooling for an input of "
-                         f"{tuple(example_input.shape)}; name the layers yourself (featkd layers lists them)")
+        raise ValueError(f"the {missing} gives no feature map, token grid or token sequence before its pooling for "
+                         "the example input; name the layers yourself (featkd layers lists them)")
     pairs: list[LayerPair] = []
     if len(t.stages) > 1 and len(s.stages) > 1:
         student_at = {info.grid: info for info in s.stages}
@@ -147,7 +160,7 @@ def propose_pairs(teacher: nn.Module, student: nn.Module, example_input: Any) ->
             match = f"stride {stage.stride} <-> block {index} of {len(one.blocks)}"
             pairs.append(LayerPair(stage, block, match) if many is t else LayerPair(block, stage, match))
     else:
-        count = min(_BLOCK_PAIRS, len(t.blocks), len(s.blocks))
+        count = min(len(t.blocks), len(s.blocks))  # every block of the shallower model (TinyBERT's uniform map)
         if count > 1:
             for t_block, s_block in zip(_spread(t.blocks, count), _spread(s.blocks, count)):
                 pairs.append(LayerPair(t_block, s_block, f"block {t.blocks.index(t_block) + 1} of {len(t.blocks)} "

@@ -72,14 +72,31 @@ def test_resnet_to_swin_ends_at_the_final_norm():
         "loss": "gram", "weight": 2.0, "options": {"mode": "spatial"}}]
 
 
-def test_two_single_resolution_models_pair_blocks_at_the_same_depth():
+def test_two_single_resolution_models_pair_every_student_block_uniformly():
     timm = pytest.importorskip("timm")
     teacher = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
     student = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, depth=6, num_classes=10)
     pairs = propose_pairs(teacher, student, torch.zeros(1, 3, 32, 32))
+    # TinyBERT's uniform mapping: student block m of 6 with teacher block 2m of 12 (1-based), the last at the norms
     assert [(p.teacher.name, p.student.name) for p in pairs] == [
-        ("blocks.2", "blocks.1"), ("blocks.5", "blocks.2"), ("blocks.8", "blocks.4"), ("norm", "norm")]
-    assert [p.student.prefix_tokens for p in pairs] == [2, 2, 2, 2]
+        ("blocks.1", "blocks.0"), ("blocks.3", "blocks.1"), ("blocks.5", "blocks.2"), ("blocks.7", "blocks.3"),
+        ("blocks.9", "blocks.4"), ("norm", "norm")]
+    assert [p.student.prefix_tokens for p in pairs] == [2] * 6
+
+
+def test_text_transformers_pair_their_blocks_as_tinybert_does(capsys):
+    pytest.importorskip("transformers")
+    options = ["num_hidden_layers={layers}", "hidden_size={width}", "num_attention_heads=2", "intermediate_size=64",
+               "vocab_size=50"]
+    teacher = [f"--teacher-option={o.format(layers=6, width=48)}" for o in options]
+    student = [f"--student-option={o.format(layers=3, width=32)}" for o in options]
+    assert main(["pairs", "hf:bert", "hf:bert", "--input-size", "16", "--loss", "nst", *teacher, *student]) == 0
+    out = capsys.readouterr().out
+    assert "hf:bert -> hf:bert, input input_ids 1x16" in out
+    # block m of 3 with block 2m of 6; hidden widths 32 and 48 differ, which NST compares as they are
+    assert "teacher: [bert.encoder.layer.1, bert.encoder.layer.3, bert.encoder.layer.5]" in out
+    assert "student: [bert.encoder.layer.0, bert.encoder.layer.1, bert.encoder.layer.2]" in out
+    assert "block 2 of 6 <-> 1 of 3" in out and "NLC" in out
 
 
 def test_mistakes_are_one_line(capsys):

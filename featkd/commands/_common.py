@@ -77,13 +77,22 @@ def finished(run, history: list[dict], results: tuple[str, ...] = (ckpt.BEST, ck
 
 
 def input_size(text: str) -> tuple[int, ...]:
-    """``--input-size 3x224x224`` (argparse type): one example input's size, without the batch dimension."""
+    """``--input-size 3x224x224`` (argparse type): one example input's size, without the batch dimension; a
+    single number is a count of tokens for a model that reads token ids (``--input-size 128``)."""
     parts = re.split(r"[x,]", text.strip().lower())
-    if not 2 <= len(parts) <= 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    if not 1 <= len(parts) <= 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(
-            f"--input-size {text!r}: expected channels x height x width such as 3x224x224 (or CxL for 1-d models)"
+            f"--input-size {text!r}: expected channels x height x width such as 3x224x224 (CxL for 1-d models, "
+            "or a number of tokens such as 128 for a language model)"
         )
     return tuple(int(p) for p in parts)
+
+
+def describe_input(example) -> str:
+    """An example input for a message: ``1x3x224x224``, or ``input_ids 1x128`` for a dict of token ids."""
+    if isinstance(example, dict):
+        return ", ".join(f"{key} {format_shape(tuple(value.shape))}" for key, value in example.items())
+    return format_shape(tuple(example.shape))
 
 
 def format_shape(shape) -> str:

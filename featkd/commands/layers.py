@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from featkd.commands._common import format_shape, input_size, model_option, text_table
+from featkd.commands._common import describe_input, format_shape, input_size, model_option, text_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,11 +49,9 @@ def format_table(infos) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from featkd.layer_info import list_layers
     from featkd.layer_specs import glob_regex
-    from featkd.models import create_model
+    from featkd.models import create_model, example_input
 
     try:
         model = create_model(args.model, num_classes=args.num_classes, in_channels=args.input_size[0],
@@ -61,12 +59,12 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ImportError, TypeError) as err:
         print(f"featkd layers: {err}", file=sys.stderr)
         return 2
-    example = torch.zeros(1, *args.input_size)
+    example = example_input(model, args.input_size)
     try:
         infos = list_layers(model, example)
-    except (RuntimeError, AssertionError) as err:  # typically a size the model cannot take
+    except (RuntimeError, AssertionError, IndexError) as err:  # typically a size the model cannot take
         size = "x".join(map(str, args.input_size))
-        print(f"featkd layers: the forward of {args.model} failed on an input of size {tuple(example.shape)} "
+        print(f"featkd layers: the forward of {args.model} failed on an input of size {describe_input(example)} "
               f"({str(err).splitlines()[0]}); try another --input-size, or the model's own size option: featkd "
               f"layers {args.model} --input-size {size} --option image_size={args.input_size[-1]}", file=sys.stderr)
         return 2
@@ -79,6 +77,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"featkd layers: no layer of {args.model} matches the filter", file=sys.stderr)
         return 1
     params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model}: {params / 1e6:.2f}M parameters, input 1x{'x'.join(map(str, args.input_size))}")
+    print(f"{args.model}: {params / 1e6:.2f}M parameters, input {describe_input(example)}")
     print(format_table(infos))
     return 0

@@ -14,7 +14,8 @@ import argparse
 from pathlib import Path
 
 from featkd import checkpoint as ckpt
-from featkd.commands._common import format_shape, input_size, model_option, reports_user_errors, text_table
+from featkd.commands._common import (describe_input, format_shape, input_size, model_option, reports_user_errors,
+                                     text_table)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,12 +47,11 @@ def _layout(info) -> str:
 
 @reports_user_errors
 def run(args: argparse.Namespace) -> int:
-    import torch
     import yaml
 
     from featkd.layer_pairs import pair_terms, propose_pairs
     from featkd.losses import feature_loss_class
-    from featkd.models import create_model
+    from featkd.models import create_model, example_input, takes_tokens
 
     feature_loss_class(args.loss)  # an unknown loss name, with the close ones, before any model is built
     weight = args.weight
@@ -67,17 +67,20 @@ def run(args: argparse.Namespace) -> int:
     options = {"teacher": dict(args.teacher_option), "student": dict(args.student_option)}
     models = [create_model(getattr(args, role), num_classes=args.num_classes, in_channels=args.input_size[0],
                            **options[role]) for role in ("teacher", "student")]
-    example = torch.zeros(1, *args.input_size)
+    example = example_input(models[0], args.input_size)
+    if takes_tokens(models[0]) != takes_tokens(models[1]):
+        raise ValueError(f"{args.teacher} and {args.student} do not read the same input (one reads token ids): "
+                         "featkd pairs compares two models on one example input")
     try:
         pairs = propose_pairs(*models, example)
-    except (RuntimeError, AssertionError) as error:  # typically a size a model cannot take
-        raise ValueError(f"a forward failed on an input of size {tuple(example.shape)} ({str(error).splitlines()[0]}); "
+    except (RuntimeError, AssertionError, IndexError) as error:  # typically a size a model cannot take
+        raise ValueError(f"a forward failed on an input of size {describe_input(example)} ({str(error).splitlines()[0]}); "
                          "try another --input-size, or the model's own size option (--teacher-option "
                          "image_size=64)") from None
     rows = [("teacher layer", "shape", "layout", "student layer", "shape", "layout", "match")]
     rows += [(p.teacher.name, format_shape(p.teacher.shape), _layout(p.teacher), p.student.name,
               format_shape(p.student.shape), _layout(p.student), p.match) for p in pairs]
-    print(f"{args.teacher} -> {args.student}, input {format_shape(tuple(example.shape))}")
+    print(f"{args.teacher} -> {args.student}, input {describe_input(example)}")
     print(text_table(rows))
     student = {"name": args.student, **({"options": options["student"]} if options["student"] else {})}
     config = {"student": student, "terms": pair_terms(pairs, args.loss, weight)}

@@ -9,10 +9,10 @@ from featkd.models.ensemble import ProbabilityAverage
 from featkd.models.features import FeatureInfo
 from featkd.models.mlp import mlp
 from featkd.models.nin import NIN
-from featkd.models.registry import (check_input, create_model, default_distill_layers, feature_info,
-                                    input_normalization, list_models, pre_relu_layer)
+from featkd.models.registry import (check_input, create_model, default_distill_layers, example_input, feature_info,
+                                    input_normalization, list_models, pre_relu_layer, takes_tokens)
 from featkd.models.resnet_cifar import CifarResNet
 from featkd.models.wrn import WideResNet
 
 __all__ = ["FeatureInfo", "NIN", "CifarResNet", "ProbabilityAverage", "WideResNet", "check_input", "create_model", "default_distill_layers",
-           "feature_info", "input_normalization", "list_models", "mlp", "pre_relu_layer"]
+           "example_input", "feature_info", "input_normalization", "list_models", "mlp", "pre_relu_layer", "takes_tokens"]

@@ -196,6 +196,21 @@ def _factory_model(spec: str, num_classes: int, in_channels: int, **kwargs) -> n
     return model
 
 
+def takes_tokens(model: nn.Module) -> bool:
+    """Whether ``model`` reads token ids (a Hugging Face text model: its ``main_input_name`` is ``input_ids``)."""
+    from featkd.layer_specs import unwrap
+
+    return getattr(unwrap(model), "main_input_name", None) == "input_ids"
+
+
+def example_input(model: nn.Module, input_size: tuple[int, ...], batch: int = 1):
+    """A dry-run input for ``model``: zeros of ``(batch, *input_size)``, or for a model that reads token ids
+    ``{"input_ids": (batch, L)}`` of token 0 with L the last entry of ``input_size``."""
+    if takes_tokens(model):
+        return {"input_ids": torch.zeros(batch, input_size[-1], dtype=torch.long)}
+    return torch.zeros(batch, *input_size)
+
+
 def check_input(model: nn.Module, x: torch.Tensor) -> None:
     """Refuse a batch ``model`` cannot take, in one line with the fix, instead of torch's "Input type (unsigned
     char) and bias type (float) should be the same": integer images, or floats of another precision than the
