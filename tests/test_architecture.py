@@ -119,3 +119,10 @@ def test_the_lazy_public_names_are_imported_for_type_checkers_too():
     assert imported == package._PUBLIC
     for name in package.__all__:
         assert getattr(package, name) is not None
+
+
+def test_no_function_is_over_80_lines():
+    long = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+            for path in SOURCES for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert not long, f"split these into named phases: {long}"

@@ -164,18 +164,12 @@ def fit(
     * ``precision`` is used for evaluation (default: the Method's own ``precision``).
     * A training loader may yield ``(x, y, indices)`` (the samples' dataset indices); they are passed
       on as ``method.train_step(x, y, step, indices)`` (else None) for losses with per-sample state.
-    * ``batch_format`` (:class:`featkd.BatchFormat`) reads other batches, dicts included: ``x`` is then the
-      whole batch, ``y`` its targets; evaluation calls the models through it too.
+    * ``batch_format`` (:class:`featkd.BatchFormat`) reads the batches (dicts too) for training and evaluation.
     * ``eval_every``: evaluate after every that many epochs and always after the last (a sweep of
       dozens of students on a CPU spends more on evaluating than on training otherwise); epochs
       without evaluation have no model metrics and cannot become ``best.pt``.
     """
-    for name, value in (("eval_every", eval_every), ("epochs", epochs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if run_dir is None and resume:
-        raise ValueError("resume=True needs the run_dir to resume from")
-    _check_train_step(method)
+    _check_arguments(method, epochs, eval_every, run_dir, resume)
     rank = distributed.info()
     run_dir = None if run_dir is None else Path(run_dir)
     precision = precision or getattr(method, "precision", None) or Precision()
@@ -205,6 +199,16 @@ def fit(
         for sink in sinks:
             sink.close()
     return history
+
+
+def _check_arguments(method, epochs, eval_every, run_dir, resume: bool) -> None:
+    """Refuse what ``fit`` cannot run before anything starts."""
+    for name, value in (("eval_every", eval_every), ("epochs", epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if run_dir is None and resume:
+        raise ValueError("resume=True needs the run_dir to resume from")
+    _check_train_step(method)
 
 
 def _check_train_step(method) -> None:
