@@ -256,15 +256,17 @@ def test_an_ambiguous_layout_raises_with_the_choices_and_a_given_one_is_used():
                                          r"or NHWC \(8 channels on a 8x8 grid\); set student_layout"):
         distiller.setup(x)
     student = ambiguous_model()
-    term = featkd.Term("layer1", "1", loss="at", student_layout="NHWC", adapter=None, options={"resize": "pool"})
+    term = featkd.Term("layer1", "1", loss="at", student_layout="NHWC")  # the adapter resizes 8x8 to 16x16
     _, losses = featkd.Distiller(teacher, student, terms=[term]).setup(x)(x)
     f_s = captured(student, ["1"], x)["1"]
     f_t = captured(teacher, ["layer1"], x)["layer1"]
-    expected = KF.at_loss(f_s.permute(0, 3, 1, 2), f_t, resize="pool")
+    resized = torch.nn.functional.interpolate(f_s.permute(0, 3, 1, 2), size=f_t.shape[2:], mode="bilinear",
+                                              align_corners=False)
+    expected = KF.at_loss(resized, f_t)
     torch.testing.assert_close(losses["at:1"].detach(), expected)
     # a module of your own may state its layout, as torchvision's and timm's models do
     student[1].feature_layout = "NHWC"
-    term = featkd.Term("layer1", "1", loss="at", adapter=None, options={"resize": "pool"})
+    term = featkd.Term("layer1", "1", loss="at")
     _, losses = featkd.Distiller(teacher, student, terms=[term]).setup(x)(x)
     torch.testing.assert_close(losses["at:1"].detach(), expected)
 

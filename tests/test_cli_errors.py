@@ -49,7 +49,8 @@ def teacher(tmp_path_factory):
                                  "Closest existing names: group2", "featkd layers <model>"]),
     (["terms.1.student=block*"], ["student WideResNet: no module matches the pattern 'block*'"]),
     (["terms=[{teacher: group3, student: group1, loss: at, adapter: null}]"],
-     ["spatial sizes differ", "resize='pool'", "adapter: auto (the default) would fit"]),
+     ["at compares features at the same positions", "adapter: null asks for none, and adapter: auto (the default) "
+      "would fit"]),
     (["terms.3.options.kernel=gausian"], ["unknown NST kernel 'gausian'. Did you mean 'gaussian'?"]),
     (["terms.0.student_layout=NWHC"], ["term 'at:group1'", "unknown layout 'NWHC'; choose one of 'NCHW'", "'NHWC'"]),
     (["terms.0.teacher_layout=tokens"], ["term 'at:group1': teacher layer 'group1': layout 'NLC' expects (B, N, C)",

@@ -7,28 +7,28 @@ import torch
 from torch import Tensor, nn
 
 from featkd import functional as KF
-from featkd.functional.shapes import check_choice, check_spatial
+from featkd.functional.shapes import check_choice
 from featkd.functional.attention_kl import check_attention_shapes
-from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
+from featkd.losses.registry import BatchContext, Shape, check_positions, context_mask, register_feature_loss
 
 
 @register_feature_loss("at", uses_context=True)
 class ATLoss(nn.Module):
     """Attention Transfer (see :func:`featkd.functional.at_loss`); leaves padded tokens out when the batch's
-    context has a token mask (``BatchContext.attention_mask``)."""
+    context has a token mask (``BatchContext.attention_mask``). Features arrive channels first at equal
+    positions: layouts and resizing are the :class:`featkd.Term`'s."""
 
-    def __init__(self, p=2, *, mode="official", q=2, resize=None, layout="channels_first"):
+    def __init__(self, p=2, *, mode="official", q=2):
         super().__init__()
         check_choice("AT mode", mode, KF.AT_MODES)
         KF.at_loss(torch.ones(1, 1, 1), torch.ones(1, 1, 1), p, mode=mode, q=q)  # refuses bad exponents now
-        self.p, self.mode, self.q, self.resize, self.layout = p, mode, q, resize, layout
+        self.p, self.mode, self.q = p, mode, q
 
     def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
-        check_spatial(student_shape, teacher_shape, self.resize, self.layout)
+        check_positions("at", student_shape, teacher_shape)
 
     def forward(self, f_s: Tensor, f_t: Tensor, context: BatchContext | None = None) -> Tensor:
-        return KF.at_loss(f_s, f_t, self.p, mode=self.mode, q=self.q, resize=self.resize, layout=self.layout,
-                          mask=context_mask(context))
+        return KF.at_loss(f_s, f_t, self.p, mode=self.mode, q=self.q, mask=context_mask(context))
 
 
 @register_feature_loss("attention_kl", uses_context=True, as_captured=True)

@@ -9,24 +9,25 @@ from torch import Tensor, nn
 
 from featkd import functional as KF
 from featkd.functional.shapes import channels, check_choice, check_spatial
-from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
+from featkd.losses.registry import BatchContext, Shape, check_positions, context_mask, register_feature_loss
 
 
 @register_feature_loss("gram", uses_context=True)
 class GramLoss(nn.Module):
     """Spatial or channel Gram matching (see :func:`featkd.functional.gram_loss`); leaves padded tokens out
-    when the batch's context has a token mask (``BatchContext.attention_mask``)."""
+    when the batch's context has a token mask (``BatchContext.attention_mask``). Features arrive channels
+    first: layouts and resizing are the :class:`featkd.Term`'s."""
 
-    def __init__(self, *, mode="spatial", normalize=False, resize=None, layout="channels_first", route="auto"):
+    def __init__(self, *, mode="spatial", normalize=False, route="auto"):
         super().__init__()
         check_choice("Gram mode", mode, KF.GRAM_MODES)
-        self.options = dict(mode=mode, normalize=normalize, resize=resize, layout=layout, route=route)
+        self.options = dict(mode=mode, normalize=normalize, route=route)
 
     def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
-        layout = self.options["layout"]
         if self.options["mode"] == "spatial":
-            check_spatial(student_shape, teacher_shape, self.options["resize"], layout)
-        elif channels(student_shape, layout, "student") != channels(teacher_shape, layout, "teacher"):
+            check_positions("spatial gram", student_shape, teacher_shape)
+        elif channels(student_shape, "channels_first", "student") != channels(teacher_shape, "channels_first",
+                                                                             "teacher"):
             raise ValueError(
                 f"channel Gram needs equal channel counts: student {tuple(student_shape)} vs teacher "
                 f"{tuple(teacher_shape)}; use mode='spatial' or a hint regressor"
@@ -40,12 +41,14 @@ class GramLoss(nn.Module):
 class FSPLoss(nn.Module):
     """FSP matrices between two layers of each network (see :func:`featkd.functional.fsp_loss`).
 
-    ``forward(f_s, f_t)`` takes a pair of features per network; the build shapes are pairs too.
+    ``forward(f_s, f_t)`` takes a pair of features per network, channels first; the build shapes are pairs
+    too. ``resize`` brings a network's two layers to one size (FSP's own matter: the two layers are of one
+    network, which no teacher-student adapter touches).
     """
 
-    def __init__(self, *, resize=None, layout="channels_first"):
+    def __init__(self, *, resize=None):
         super().__init__()
-        self.resize, self.layout = resize, layout
+        self.resize, self.layout = resize, "channels_first"
 
     def check_shapes(self, student_shape: Sequence[Shape], teacher_shape: Sequence[Shape]) -> None:
         if len(student_shape) != 2 or len(teacher_shape) != 2 or not all(

@@ -6,36 +6,34 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from featkd import functional as KF
-from featkd.functional.shapes import channels, check_spatial
-from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
+from featkd.functional.shapes import channels
+from featkd.losses.registry import BatchContext, Shape, check_positions, context_mask, register_feature_loss
 
 
 @register_feature_loss("hint", needs_shapes=True, uses_context=True)
 class HintLoss(nn.Module):
-    """FitNets hint: a learnable regressor maps the student feature to the teacher's shape, then MSE.
+    """FitNets hint: a learnable regressor maps the student feature to the teacher's channels, then MSE.
 
-    The regressor (a ``kernel_size`` conv for maps, a linear layer for (B, C, N) or tokens, plus
-    BatchNorm when ``batch_norm``) is built when the channel counts differ, or always with
-    ``regressor=True``. Different spatial sizes need ``resize`` ("pool" or "interpolate"),
-    applied to the regressed student.
+    The regressor (a ``kernel_size`` conv for maps, a linear layer per position for (B, C, N) sequences,
+    plus BatchNorm when ``batch_norm``) is built when the channel counts differ, or always with
+    ``regressor=True``. Features arrive channels first at equal positions: layouts and resizing are the
+    :class:`featkd.Term`'s (its automatic adapter resizes a student map to the teacher's).
 
     With a token mask in the batch's context (``BatchContext.attention_mask``) the squared error is
     averaged per sample over its valid tokens; the regressor must then act on each position alone
-    (no BatchNorm, whose statistics would include the padding, and ``kernel_size=1``), and the sizes
-    must match without ``resize``.
+    (no BatchNorm, whose statistics would include the padding, and ``kernel_size=1``).
     """
 
     def __init__(self, student_shape: Shape, teacher_shape: Shape, kernel_size: int = 1, *,
-                 batch_norm: bool = False, regressor: bool | None = None, resize=None,
-                 layout: str = "channels_first"):
+                 batch_norm: bool = False, regressor: bool | None = None):
         super().__init__()
-        self.check_shapes(student_shape, teacher_shape, resize, layout)
-        c_s, c_t = channels(student_shape, layout, "student"), channels(teacher_shape, layout, "teacher")
-        self.teacher_shape, self.resize, self.layout = tuple(teacher_shape), resize, layout
+        self.check_shapes(student_shape, teacher_shape)
+        c_s, c_t = student_shape[1], teacher_shape[1]
+        self.teacher_shape = tuple(teacher_shape)
         self.regressor = None
         self.mixes_positions = None  # why the regressor mixes positions, which a token mask cannot allow
         if regressor or (regressor is None and c_s != c_t):
-            if len(student_shape) == 4 and layout == "channels_first":
+            if len(student_shape) == 4:
                 if kernel_size % 2 != 1:
                     raise ValueError(f"HintLoss kernel_size must be odd to keep the spatial size, got {kernel_size}")
                 layers = [nn.Conv2d(c_s, c_t, kernel_size, padding=kernel_size // 2, bias=not batch_norm)]
@@ -43,22 +41,17 @@ class HintLoss(nn.Module):
             else:
                 if kernel_size != 1:
                     raise ValueError(f"HintLoss on flattened maps or tokens takes kernel_size=1, got {kernel_size}")
-                layers = [_ChannelLinear(c_s, c_t, layout, bias=not batch_norm)]
-                layers += [_ChannelBatchNorm(c_t, layout)] if batch_norm else []
+                layers = [_ChannelLinear(c_s, c_t, bias=not batch_norm)]
+                layers += [nn.BatchNorm1d(c_t)] if batch_norm else []
             self.regressor = nn.Sequential(*layers)
             if batch_norm or kernel_size != 1:
                 self.mixes_positions = f"batch_norm={batch_norm}, kernel_size={kernel_size}"
 
     @staticmethod
-    def check_shapes(student_shape: Shape, teacher_shape: Shape, resize=None, layout="channels_first") -> None:
+    def check_shapes(student_shape: Shape, teacher_shape: Shape) -> None:
         if len(student_shape) != len(teacher_shape):
             raise ValueError(f"hint: student {tuple(student_shape)} and teacher {tuple(teacher_shape)} differ in rank")
-        check_spatial(student_shape, teacher_shape, resize, layout)
-        if resize == "pool" and any(s < t for s, t in zip(student_shape[2:], teacher_shape[2:])):
-            raise ValueError(
-                f"hint resize='pool' shrinks the student to the teacher's size, but student {tuple(student_shape)} is "
-                f"smaller than teacher {tuple(teacher_shape)}; use resize='interpolate'"
-            )
+        check_positions("hint", student_shape, teacher_shape)
 
     def forward(self, f_s: Tensor, f_t: Tensor, context: BatchContext | None = None) -> Tensor:
         mask = context_mask(context)
@@ -68,16 +61,7 @@ class HintLoss(nn.Module):
                              "would reach valid tokens")
         if self.regressor is not None:
             f_s = self.regressor(f_s)
-        if f_s.dim() == 4 and f_s.shape[2:] != f_t.shape[2:]:
-            if mask is not None:
-                raise ValueError(f"hint with a token mask needs the student at the teacher's positions, got maps "
-                                 f"{tuple(f_s.shape)} and {tuple(f_t.shape)}: resizing would mix padding into "
-                                 "valid tokens")
-            if self.resize == "pool":
-                f_s = nn.functional.adaptive_avg_pool2d(f_s, f_t.shape[2:])
-            else:
-                f_s = nn.functional.interpolate(f_s, size=f_t.shape[2:], mode="bilinear", align_corners=False)
-        return KF.hint_loss(f_s, f_t, mask=mask, layout=self.layout)
+        return KF.hint_loss(f_s, f_t, mask=mask)
 
 
 @register_feature_loss("cosine", uses_context=True)
@@ -85,38 +69,25 @@ class CosineLoss(nn.Module):
     """DistilBERT's hidden-state loss, 1 - cos per position (see :func:`featkd.functional.cosine_loss`); leaves
     padded tokens out when the batch's context has a token mask (``BatchContext.attention_mask``).
 
-    Student and teacher need equal shapes (the Distiller's automatic adapter projects the student's
-    channels to the teacher's otherwise)."""
+    Student and teacher need equal channels-first shapes (the Distiller's automatic adapter projects the
+    student's channels to the teacher's otherwise)."""
 
-    def __init__(self, *, layout="channels_first", eps=1e-8):
+    def __init__(self, *, eps=1e-8):
         super().__init__()
-        self.layout, self.eps = layout, eps
+        self.eps = eps
 
     def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
         if tuple(student_shape) != tuple(teacher_shape):
             raise ValueError(f"cosine compares the vectors at each position, so the shapes must be equal: student "
                              f"{tuple(student_shape)}, teacher {tuple(teacher_shape)}")
-        channels(student_shape, self.layout, "student")  # a shape the layout can read
+        channels(student_shape, "channels_first", "student")  # a shape with channels
 
     def forward(self, f_s: Tensor, f_t: Tensor, context: BatchContext | None = None) -> Tensor:
-        return KF.cosine_loss(f_s, f_t, mask=context_mask(context), layout=self.layout, eps=self.eps)
+        return KF.cosine_loss(f_s, f_t, mask=context_mask(context), eps=self.eps)
 
 
 class _ChannelLinear(nn.Linear):
-    """Linear map of the channel dimension of (B, C, N) maps or (B, N, C) tokens."""
-
-    def __init__(self, c_in, c_out, layout, bias=True):
-        super().__init__(c_in, c_out, bias=bias)
-        self.layout = layout
+    """Linear map of the channel dimension of (B, C, N) sequences, each position alone."""
 
     def forward(self, f):
-        return super().forward(f) if self.layout == "tokens" else super().forward(f.transpose(1, 2)).transpose(1, 2)
-
-
-class _ChannelBatchNorm(nn.BatchNorm1d):
-    def __init__(self, c, layout):
-        super().__init__(c)
-        self.layout = layout
-
-    def forward(self, f):
-        return super().forward(f) if self.layout != "tokens" else super().forward(f.transpose(1, 2)).transpose(1, 2)
+        return super().forward(f.transpose(1, 2)).transpose(1, 2)

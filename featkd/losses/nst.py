@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from featkd import functional as KF
-from featkd.functional.shapes import check_choice, check_spatial, unknown_name_error
+from featkd.functional.shapes import check_choice, unknown_name_error
 from featkd.functional.nst import ROUTES
-from featkd.losses.registry import BatchContext, Shape, context_mask, register_feature_loss
+from featkd.losses.registry import BatchContext, Shape, check_positions, context_mask, register_feature_loss
 
 
 @register_feature_loss("nst", uses_context=True)
@@ -15,24 +15,25 @@ class NSTLoss(nn.Module):
     """Neuron Selectivity Transfer: kernel MMD between channels (see :func:`featkd.functional.nst_loss`).
 
     Leaves padded tokens out when the batch's context has a token mask (``BatchContext.attention_mask``).
+    Features arrive channels first at equal positions: layouts and resizing are the :class:`featkd.Term`'s.
     """
 
-    def __init__(self, kernel="poly", *, resize=None, layout="channels_first", route="auto", **kernel_options):
+    def __init__(self, kernel="poly", *, route="auto", **kernel_options):
         super().__init__()
         if kernel not in KF.KERNELS:
             raise unknown_name_error("NST kernel", kernel, sorted(KF.KERNELS))
         spec = KF.KERNELS[kernel]
         for key in kernel_options:
             if key not in spec.defaults:
-                known = sorted(set(spec.defaults) | {"resize", "layout", "route"})
+                known = sorted(set(spec.defaults) | {"route"})
                 raise unknown_name_error(f"NST kernel {kernel!r} option", key, known)
         spec.resolve(kernel_options)  # invalid parameters are refused when the loss is built
         check_choice("NST route", route, ROUTES)
         self.kernel = kernel
-        self.options = dict(resize=resize, layout=layout, route=route, **kernel_options)
+        self.options = dict(route=route, **kernel_options)
 
     def check_shapes(self, student_shape: Shape, teacher_shape: Shape) -> None:
-        check_spatial(student_shape, teacher_shape, self.options["resize"], self.options["layout"])
+        check_positions("nst", student_shape, teacher_shape)
 
     def forward(self, f_s: Tensor, f_t: Tensor, context: BatchContext | None = None) -> Tensor:
         return KF.nst_loss(f_s, f_t, self.kernel, mask=context_mask(context), **self.options)

@@ -25,6 +25,7 @@ Shapes are full tensor shapes from a dry-run forward, batch dimension included.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -51,6 +52,17 @@ class BatchContext:
     # plain (B, C, N) sequence; featkd.layouts.mask_to_channels_first maps a mask over a model's tokens
     # onto the view of a layout that drops or selects tokens.
     attention_mask: Tensor | None = None
+
+
+def check_positions(loss: str, student_shape: Shape, teacher_shape: Shape) -> None:
+    """Refuse channels-first features at different positions, in one line that says who resizes: a loss module
+    compares features as they are, and the :class:`featkd.Term`'s adapter brings the student to the teacher's
+    grid."""
+    s, t = tuple(student_shape[2:]), tuple(teacher_shape[2:])
+    if s != t and not (min(len(s), len(t)) == 1 and math.prod(s) == math.prod(t)):
+        raise ValueError(f"{loss} compares features at the same positions: student {tuple(student_shape)} vs teacher "
+                         f"{tuple(teacher_shape)} (channels first); a Term with adapter: auto (the default) resizes "
+                         "the student's map to the teacher's grid")
 
 
 def context_mask(context: BatchContext | None) -> Tensor | None:
