@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -6,6 +7,10 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The oldest-torch CI run (make test-oldest) has torch without torchvision: tests of torchvision's models skip there.
+requires_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                          reason="torchvision is not installed (the oldest-torch run)")
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ Models are built with random weights at 64x64 (ViTs with ``image_size`` / ``img_
 
 import pytest
 import torch
-import torchvision
+torchvision = pytest.importorskip("torchvision")  # the oldest-torch run has none
 from torch import nn
 
 import featkd

@@ -11,6 +11,7 @@ import torch
 
 from featkd.data import (DatasetInfo, ImageDataset, add_unlabeled, load_dataset, mark_unlabeled, omit_classes,
                          read_idx, stratified_split, stratified_subset)
+from conftest import requires_torchvision
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -134,6 +135,7 @@ def test_missing_cifar_says_where_to_get_it(tmp_path):
         load_dataset("cifar100", root=tmp_path, split="test")
 
 
+@requires_torchvision
 def test_imagefolder(tmp_path):
     from PIL import Image
 

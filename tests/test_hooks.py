@@ -7,7 +7,6 @@ import weakref
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -16,9 +15,14 @@ from featkd.hooks import Features
 from featkd.layer_info import LayerInfo
 
 
+def torchvision_models():
+    """torchvision's models, or a skip where it is not installed (the oldest-torch CI run has no torchvision)."""
+    return pytest.importorskip("torchvision").models
+
+
 @pytest.fixture(scope="module")
 def resnet():
-    return torchvision.models.resnet18(num_classes=10).eval()
+    return torchvision_models().resnet18(num_classes=10).eval()
 
 
 def resnet_stem(m, x):
@@ -26,7 +30,7 @@ def resnet_stem(m, x):
 
 
 def tiny_vit():
-    return torchvision.models.VisionTransformer(
+    return torchvision_models().VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
     ).eval()
 
@@ -62,7 +66,7 @@ def test_globs_stay_within_a_segment_unless_double_star(resnet):
 
 
 def test_sequential_indices_on_mobilenet():
-    m = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    m = torchvision_models().mobilenet_v3_small(num_classes=10).eval()
     x = torch.randn(1, 3, 64, 64)
     with featkd.capture(m, ["features.3", "features.3.block.0.0", "classifier.0:input"]) as feats:
         m(x)

@@ -5,6 +5,7 @@ import subprocess
 import pytest
 
 from featkd.cli import main
+from conftest import requires_torchvision
 
 
 def rows(text):
@@ -14,6 +15,7 @@ def rows(text):
     return {line.split()[0]: line.split() for line in lines[start + 2:]}
 
 
+@requires_torchvision
 def test_resnet18_table(capsys):
     assert main(["layers", "torchvision:resnet18", "--input-size", "3x64x64", "--depth", "1"]) == 0
     table = rows(capsys.readouterr().out)
@@ -23,6 +25,7 @@ def test_resnet18_table(capsys):
     assert table["fc"] == ["fc", "Linear", "1x10", "NC", "10", "-", "1"]
 
 
+@requires_torchvision
 def test_filter_and_shared_module_calls(capsys):
     assert main(["layers", "torchvision:resnet18", "--input-size", "3x32x32", "--filter", "layer1.*.relu"]) == 0
     table = rows(capsys.readouterr().out)
@@ -40,6 +43,7 @@ def tiny_vit(num_classes=10):
 """
 
 
+@requires_torchvision
 def test_vit_tokens_through_a_factory_name(capsys, tmp_path, monkeypatch):
     (tmp_path / "my_vits.py").write_text(TINY_VIT)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -53,6 +57,7 @@ def test_vit_tokens_through_a_factory_name(capsys, tmp_path, monkeypatch):
     assert "(+1 prefix token)" in out
 
 
+@requires_torchvision
 def test_errors_are_clear(capsys):
     assert main(["layers", "torchvision:resnet19", "--input-size", "3x32x32"]) == 2
     assert "resnet18" in capsys.readouterr().err
@@ -79,6 +84,7 @@ def test_timm_model(capsys):
     assert table["global_pool"][2:4] == ["1x512", "NC"]
 
 
+@requires_torchvision
 def test_channels_last_maps_are_shown_as_such(capsys):
     assert main(["layers", "torchvision:swin_t", "--input-size", "3x64x64", "--filter", "features.*"]) == 0
     table = rows(capsys.readouterr().out)
@@ -112,6 +118,7 @@ def test_a_layout_neither_stated_nor_readable_is_marked(capsys, tmp_path, monkey
     assert "?: neither the model nor the shape says which dimension holds the channels" in out
 
 
+@requires_torchvision
 def test_a_size_the_model_cannot_take_is_one_line_whose_hint_runs(capsys):
     # issue #19 §2: a 32-line AssertionError traceback before
     assert main(["layers", "torchvision:vit_b_16", "--input-size", "3x64x64"]) == 2

@@ -12,6 +12,7 @@ from torch import nn
 from featkd.models import (CifarResNet, FeatureInfo, WideResNet, create_model, default_distill_layers,
                            feature_info, list_models, pre_relu_layer)
 from featkd.models.resnet_cifar import ZeroPadShortcut
+from conftest import requires_torchvision
 
 
 def n_params(model):
@@ -58,8 +59,9 @@ def test_wrn_parameter_counts_match_official_formula_and_paper(depth, k, publish
     ("nin", "widht", "model 'nin' has no option 'widht'. Did you mean 'width'? The options NIN takes: width, dropout"),
     ("mlp", "hiden", "model 'mlp' has no option 'hiden'. Did you mean 'hidden'? The options mlp takes: image_size, "
                      "hidden, dropout"),
-    ("torchvision:resnet18", "zero_init_residul", "model 'torchvision:resnet18' has no option 'zero_init_residul'. "
-                                                  "Did you mean 'zero_init_residual'? The options ResNet takes: block"),
+    pytest.param("torchvision:resnet18", "zero_init_residul", "model 'torchvision:resnet18' has no option "
+                 "'zero_init_residul'. Did you mean 'zero_init_residual'? The options ResNet takes: block",
+                 marks=requires_torchvision),
 ])
 def test_a_misspelled_model_option_is_named_with_the_options_the_model_takes(name, option, message):
     # issue #19 §2: a 20-38-line TypeError traceback before
@@ -238,6 +240,7 @@ def test_unknown_and_invalid_names_are_clear_errors():
         create_model("resnet20", shortcut="C")
 
 
+@requires_torchvision
 def test_torchvision_models_with_adapted_stem():
     model = create_model("torchvision:resnet18", num_classes=5, in_channels=1)
     assert model.conv1.in_channels == 1 and model.conv1.out_channels == 64 and model.conv1.stride == (2, 2)
@@ -249,6 +252,7 @@ def test_torchvision_models_with_adapted_stem():
         create_model("torchvision:resnet_18")
 
 
+@requires_torchvision
 def test_torchvision_feature_info_from_dry_forward_or_clear_error():
     model = create_model("torchvision:resnet18", num_classes=5)
     with pytest.raises(ValueError, match="featkd layers"):
@@ -280,6 +284,7 @@ def test_timm_missing_is_a_clear_error(monkeypatch):
         create_model("timm:resnet18")
 
 
+@requires_torchvision
 def test_module_factory(tmp_path, monkeypatch):
     (tmp_path / "my_nets.py").write_text(textwrap.dedent("""
         from torch import nn

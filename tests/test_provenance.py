@@ -14,12 +14,14 @@ import featkd
 from featkd import checkpoint as ckpt
 from featkd import provenance
 from featkd.repro import hardware as repro_hardware
+from conftest import requires_torchvision
 
 PACKAGE = Path(featkd.__file__).resolve().parent
 IN_GIT_CHECKOUT = shutil.which("git") is not None and subprocess.run(
     ["git", "ls-files", "--error-unmatch", "featkd/__init__.py"], cwd=PACKAGE.parent, capture_output=True).returncode == 0
 
 
+@requires_torchvision
 def test_a_new_run_records_the_code_libraries_and_hardware(tmp_path):
     ckpt.write_run_info(tmp_path, {"seed": 0})
     env = json.loads((tmp_path / "environment.json").read_text())
