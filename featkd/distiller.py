@@ -26,7 +26,7 @@ another input normalisation than the student gets the batch converted (``teacher
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -185,10 +185,9 @@ class Distiller(nn.Module):
     def _model_input(self, x, role: str):
         """What the ``role`` model is called with on batch ``x`` (an image batch converted for the teacher)."""
         model_input = self.batch_format.model_input(x, role)
-        if isinstance(model_input, torch.Tensor):
-            if role == "teacher":
-                return self.teacher_input(model_input)
-            check_input(self.student, model_input)
+        if role == "teacher":
+            return self.teacher_input(model_input)  # a dict batch is never converted (refused at construction)
+        check_input(self.student, model_input)
         return model_input
 
     def _own_teacher(self, x):

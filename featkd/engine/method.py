@@ -135,8 +135,7 @@ class SupervisedMethod(MethodBase):
         self.model.train()
         with self.precision.autocast():
             model_input = self.batch_format.model_input(x)
-            if isinstance(model_input, torch.Tensor):
-                check_input(self.model, model_input)
+            check_input(self.model, model_input)
             logits = logits_of(call_model(self.model, model_input))
             # labelled samples (or tokens) only: y = -1 skipped
             loss = cross_entropy(*token_rows(logits, self.batch_format.mask_of(x), y))

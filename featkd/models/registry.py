@@ -198,8 +198,6 @@ def _factory_model(spec: str, num_classes: int, in_channels: int, **kwargs) -> n
 
 def takes_tokens(model: nn.Module) -> bool:
     """Whether ``model`` reads token ids (a Hugging Face text model: its ``main_input_name`` is ``input_ids``)."""
-    from featkd.layer_specs import unwrap
-
     return getattr(unwrap(model), "main_input_name", None) == "input_ids"
 
 
@@ -214,9 +212,10 @@ def example_input(model: nn.Module, input_size: tuple[int, ...], batch: int = 1)
 def check_input(model: nn.Module, x: torch.Tensor) -> None:
     """Refuse a batch ``model`` cannot take, in one line with the fix, instead of torch's "Input type (unsigned
     char) and bias type (float) should be the same": integer images, or floats of another precision than the
-    model's weights outside autocast."""
+    model's weights outside autocast. Token ids and other inputs that are not an image tensor pass: the
+    model reads them as it reads them."""
     weight = next(model.parameters(), None)
-    if weight is None or not weight.is_floating_point():
+    if not isinstance(x, torch.Tensor) or weight is None or not weight.is_floating_point():
         return
     if not x.is_floating_point():
         raise ValueError(f"the batch is {x.dtype} {tuple(x.shape)}, but models take float images: convert it with "
