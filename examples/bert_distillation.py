@@ -95,6 +95,8 @@ def train_student(teacher, vocab, seed: int, train_size: int, epochs: int, disti
         calibrate_weights(distiller, x, y)
         method = DistillMethod(distiller, torch.optim.AdamW(distiller.trainable_parameters(), lr=1e-3))
     history = fit(method, loader, test_loader, None, epochs, eval_every=epochs, batch_format=TEXT, log=log)
+    if distill:
+        distiller.remove_hooks()  # the teacher serves the next seed's distiller
     return history[-1]["student/acc1"]
 
 

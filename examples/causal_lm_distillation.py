@@ -108,6 +108,8 @@ def main(argv=None, log=print) -> dict[str, list[float]]:
                 method = DistillMethod(distiller, torch.optim.AdamW(distiller.trainable_parameters(), lr=2e-3))
             row = fit(method, loader, test, None, args.epochs, eval_every=args.epochs, batch_format=TOKENS,
                       log=quiet)[-1]
+            if name == "distilled":
+                distiller.remove_hooks()  # the teacher serves the next seed's distiller
             accuracies[name].append(row["student/acc1"])
             losses[name].append(row["student/loss"])
         log(f"seed {seed}: next-token accuracy student {accuracies['student'][-1]:.2f}, distilled "

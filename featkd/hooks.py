@@ -159,6 +159,9 @@ class _Recorder:
         self.clone = clone
         self.calls: dict[str, list] = {s.key: [] for s in self.specs}
         self.selected = {s.key: s.call for s in self.specs}
+        # whether the hooks store what runs: a FeatureExtractor turns this on only for its own calls, so that
+        # a forward outside them (evaluation, another distiller sharing the teacher) stores nothing
+        self.recording = True
         self.root_grad_enabled: bool | None = None  # grad mode at the start of the running forward
         modules = named_modules(model)
         root = modules[""]
@@ -190,7 +193,7 @@ class _Recorder:
 
         def record(value):
             if not torch.compiler.is_compiling():
-                if _in_backward():
+                if not self.recording or _in_backward():
                     return
                 if not self.detach and self.root_grad_enabled is True and not torch.is_grad_enabled():
                     raise RuntimeError(
@@ -291,8 +294,9 @@ class FeatureExtractor:
 
     ``ext(x)`` clears, runs ``model(x)`` (under ``torch.no_grad()`` when ``no_grad``), and
     returns ``(output, features)``; the extractor keeps no reference to the features, so
-    nothing of one step stays alive into the next. Every requested layer must have run,
-    otherwise a ``RuntimeError`` says which did not. A ``torch.compile``'d model (or one with
+    nothing of one step stays alive into the next. The hooks store only during ``ext(...)``: the model
+    run by itself (an evaluation, another extractor's call) leaves nothing behind, however often it
+    runs. Every requested layer must have run, otherwise a ``RuntimeError`` says which did not. A ``torch.compile``'d model (or one with
     compiled submodules) is retraced once so that it runs the hooks; create the extractor
     once, not per step.
     """
@@ -302,6 +306,7 @@ class FeatureExtractor:
         self.model = model
         self.no_grad = no_grad
         self._recorder = _Recorder(model, layers, detach=detach, clone=clone)
+        self._recorder.recording = False
 
     @property
     def layers(self) -> list[str]:
@@ -312,12 +317,15 @@ class FeatureExtractor:
         if not self._recorder.handles:
             raise RuntimeError("this FeatureExtractor was removed; create a new one")
         self.clear()
+        self._recorder.recording = True
         try:
             with torch.no_grad() if self.no_grad else contextlib.nullcontext():
                 output = self.model(*args, **kwargs)
         except BaseException:
             self.clear()
             raise
+        finally:
+            self._recorder.recording = False
         features = self._recorder.take()
         for key in self.layers:  # a missing feature would otherwise surface as a loss of 0
             wanted = (self._recorder.selected[key] or 0) + 1
@@ -326,7 +334,7 @@ class FeatureExtractor:
         return output, features
 
     def clear(self) -> None:
-        """Drop whatever the hooks stored (e.g. after calling ``ext.model`` directly)."""
+        """Drop whatever the hooks stored."""
         self._recorder.clear()
 
     def remove(self) -> None:

@@ -502,10 +502,11 @@ def test_extractor_clear_remove_and_context_manager():
     m = SmallNet()
     with featkd.FeatureExtractor(m, ["conv*"]) as ext:
         assert ext.layers == ["conv1", "conv2"]
-        m(torch.randn(1, 3, 8, 8))  # direct call: the hooks still store
-        assert ext._recorder.calls["conv1"]
-        ext.clear()
-        assert not ext._recorder.calls["conv1"]
+        for _ in range(3):
+            m(torch.randn(1, 3, 8, 8))  # direct calls (an evaluation, another extractor's): nothing stored
+        assert not ext._recorder.calls["conv1"] and not ext._recorder.calls["conv2"]
+        _, feats = ext(torch.randn(1, 3, 8, 8))
+        assert feats.num_calls("conv1") == 1  # only its own call
         m.head = nn.Linear(5, 2)  # fails after conv1 and conv2 have stored their outputs
         with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
             ext(torch.randn(1, 3, 8, 8))
