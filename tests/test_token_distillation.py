@@ -125,6 +125,14 @@ def test_per_token_kd_runs_over_valid_tokens_and_the_model_s_own_loss_is_the_tas
     distiller.setup(batch).double()
     logits, losses = distiller(batch, batch["labels"])
     assert set(losses) == {"task", "kd", "cosine:transformer.h.0", "total"} and logits.shape == (2, 7, 30)
+    # hidden states are tokens also where the sequence is as long as the model is wide
+    square = {"input_ids": torch.ones(2, 16, dtype=torch.long), "attention_mask": torch.ones(2, 16, dtype=torch.long),
+              "labels": torch.ones(2, 16, dtype=torch.long)}
+    wide = featkd.Distiller(teacher, gpt2(1, 16, 1), [featkd.Term(student="transformer.h.0", teacher="transformer.h.2",
+                                                                  loss="cosine")], batch_format=lm_format,
+                            task_loss="model").setup(square)
+    assert wide._layouts[0][0][0].kind == "NLC"
+    wide.remove_hooks()
     # the KD term, by an explicit loop over the valid tokens (mean over all of them, as HF averages tokens)
     with torch.no_grad():
         t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -199,8 +199,9 @@ def _hugging_face_tokens(model, path, shape, input_size) -> Layout | None:
     ``image_size / patch_size`` grid."""
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", None)
+    # a transformer's hidden states are (B, L, hidden) whatever L is, also where L equals the width
     if (not type(model).__module__.startswith("transformers.") or len(shape) != 3 or not isinstance(hidden, int)
-            or shape[-1] != hidden or shape[1] == hidden):
+            or shape[-1] != hidden):
         return None
     patch = getattr(config, "patch_size", None)
     if patch is None:
