@@ -456,3 +456,18 @@ def test_glob_layers_in_a_term_are_the_layers_written_out():
     with pytest.raises(ValueError, match=r"term 'x': the teacher's \['group\*'\] match 3 layers \['group1', 'group2', "
                                          r"'group3'\], the student's \['group1\*'\] match 1 \['group1'\]"):
         featkd.Distiller(t, s, [featkd.Term("group*", "group1*", name="x")])
+
+
+def test_distillers_sharing_a_teacher_store_nothing_of_each_other_s_forwards():
+    teacher, _ = wrns()
+    x = torch.randn(4, 1, 28, 28)
+    first = featkd.Distiller(teacher, wrns()[1], [featkd.Term("group*", loss="at")]).setup(x[:2])
+    second = featkd.Distiller(teacher, wrns()[1], [featkd.Term("group*", loss="at")]).setup(x[:2])
+    for _ in range(3):
+        second(x, torch.zeros(4, dtype=torch.long))
+        first.student.eval()(x)  # an evaluation of the first one's student
+    stored = [entries for extractor in (first._teacher_features, first._student_features)
+              for entries in extractor._recorder.calls.values()]
+    assert not any(stored)  # the hooks of the first one kept nothing of the second's teacher forwards
+    _, losses = first(x, torch.zeros(4, dtype=torch.long))
+    assert torch.isfinite(losses["total"])
