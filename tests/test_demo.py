@@ -75,3 +75,15 @@ def test_demo_shows_tuned_settings_next_to_the_published_ones(tmp_path, subproce
     recorded = yaml.safe_load(member.read_text())
     assert recorded["changes"] == {"epochs": 1, "weight.relative_to_ce": 0.5}
     assert set(recorded["resolved_weights"]) == {"at:group1", "at:group2", "at:group3"}
+
+
+@pytest.mark.parametrize("argv", [["demo", "--tiny", "--epochs", "-1"], ["demo", "--jobs", "0"],
+                                  ["repro", "limited-data", "--epochs", "0"], ["tune", "--jobs", "two"]])
+def test_counts_are_refused_when_parsed_naming_the_option(argv, capsys):
+    from featkd.cli import main
+
+    with pytest.raises(SystemExit) as exit_status:
+        main(argv)
+    assert exit_status.value.code == 2
+    option = argv[-2]
+    assert f"argument {option}: '{argv[-1]}': expected a whole number of at least 1" in capsys.readouterr().err

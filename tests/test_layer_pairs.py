@@ -105,7 +105,12 @@ def test_mistakes_are_one_line(capsys):
     assert err.count("\n") == 1 and "unknown feature loss 'ats'. Did you mean 'at'?" in err
     assert main(["pairs", "torchvision:resnet18", "torchvision:vit_b_16", "--input-size", "3x64x64"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Wrong image height! Expected 224 but got 64" in err and "image_size=64" in err
+    # the student failed: the message names it and the student's option, a hint that runs
+    assert err.count("\n") == 1 and "the student torchvision:vit_b_16 failed" in err
+    assert "Wrong image height! Expected 224 but got 64" in err and "(--student-option image_size=64)" in err
+    assert main(["pairs", "torchvision:resnet18", "torchvision:vit_b_16", "--input-size", "3x64x64",
+                 "--student-option", "image_size=64"]) == 0
+    capsys.readouterr()
     # issue #19 §2: a misspelled option was a 20-line traceback
     assert main(["pairs", "torchvision:vit_b_16", "torchvision:resnet18", "--input-size", "3x64x64",
                  "--teacher-option", "image_sise=64"]) == 2

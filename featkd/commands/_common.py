@@ -88,6 +88,17 @@ def input_size(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+def positive_int(text: str) -> int:
+    """A count such as ``--epochs 30`` or ``--jobs 2`` (argparse type): a whole number >= 1, refused at parsing."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != text.strip().lstrip("+"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return value
+
+
 def describe_input(example) -> str:
     """An example input for a message: ``1x3x224x224``, or ``input_ids 1x128`` for a dict of token ids."""
     if isinstance(example, dict):

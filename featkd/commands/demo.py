@@ -22,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+from featkd.commands._common import positive_int
 from featkd.shipped import REPO_ROOT
 
 # The student alone and the two papers' methods, each at its published setting and tuned: what fits in
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="seconds-long smoke version: synthetic data, a teacher trained in place, 2 seeds")
     parser.add_argument("--fraction", type=float, default=None, help="students' share of the data (default 0.01)")
-    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default 30)")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="student epochs (default 30)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default 0 1 2 3 4)")
     parser.add_argument("--retrain-teacher", action="store_true",
                         help="train the teacher from scratch with its recorded command instead of the shipped one")
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the tuned settings to show next to the published ones (default: the committed "
                              "paper_repro/tuning/limited-data-0.01.yaml; written by featkd tune --out FILE)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+    parser.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                         help="train the seeds' sweeps in N processes of one torch thread each (default: 2 on a "
                              "CPU, see benchmarks/parallel_sweeps.py; 1 on a GPU or with --tiny)")
 

@@ -74,9 +74,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         pairs = propose_pairs(*models, example)
     except (RuntimeError, AssertionError, IndexError) as error:  # typically a size a model cannot take
-        raise ValueError(f"a forward failed on an input of size {describe_input(example)} ({str(error).splitlines()[0]}); "
-                         "try another --input-size, or the model's own size option (--teacher-option "
-                         "image_size=64)") from None
+        role, name = next(((r, n) for r, n, m in zip(("teacher", "student"), (args.teacher, args.student), models)
+                           if not _runs_on(m, example)), ("teacher", args.teacher))
+        size = args.input_size[-1]
+        raise ValueError(f"the {role} {name} failed on an input of size {describe_input(example)} "
+                         f"({str(error).splitlines()[0]}); try another --input-size, or the {role}'s own size "
+                         f"option (--{role}-option image_size={size})") from None
     rows = [("teacher layer", "shape", "layout", "student layer", "shape", "layout", "match")]
     rows += [(p.teacher.name, format_shape(p.teacher.shape), _layout(p.teacher), p.student.name,
               format_shape(p.student.shape), _layout(p.student), p.match) for p in pairs]
@@ -92,3 +95,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("\n" + text.rstrip())
     return 0
+
+
+def _runs_on(model, example) -> bool:
+    """Whether ``model`` takes ``example`` (asked only after a dry run failed, to name the model that did)."""
+    import torch
+
+    from featkd.batches import call_model
+
+    try:
+        with torch.no_grad():
+            call_model(model.eval(), example)
+    except (RuntimeError, AssertionError, IndexError):
+        return False
+    return True

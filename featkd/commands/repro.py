@@ -15,6 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from featkd.commands._common import positive_int
+
 PROTOCOL_NAMES = ("at-table1", "nst-kernels", "omitted-class", "limited-data")
 
 
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where teachers, sweeps and reports go (default: runs/repro); finished runs are reused")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     over = parser.add_argument_group("budget overrides")
-    over.add_argument("--epochs", type=int, help="student epochs")
+    over.add_argument("--epochs", type=positive_int, help="student epochs")
     over.add_argument("--teacher-epochs", type=int)
     over.add_argument("--seeds", type=int, nargs="+")
     over.add_argument("--train-limit", type=int, help="class-balanced training subset size (0: the whole split)")
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "on) instead of the test split, which is then not read: for choosing settings")
     limited.add_argument("--validation-size", type=int, default=5000, metavar="N",
                          help="training images set aside as the validation set (default 5000)")
-    limited.add_argument("--jobs", type=int, default=1, metavar="N",
+    limited.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                          help="train the sweeps in N processes of one torch thread each (CPU; default 1: one process, torch's threads)")
     limited.add_argument("--tuned", type=Path, metavar="FILE",
                          help="also train each method's tuned recipe (a featkd tune --out file), as <method>-tuned, "

@@ -18,6 +18,8 @@ import argparse
 import shlex
 from pathlib import Path
 
+from featkd.commands._common import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fraction", type=float, default=0.01, help="students' share of the training split (0.01)")
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", default="wrn16_1", help="student model (default wrn16_1)")
     parser.add_argument("--batch-size", type=int, default=64, help="students' batch size (default 64)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+    parser.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                         help="train the sweeps in N processes of one torch thread each (CPU; default 1: one process, torch's threads)")
 
 
