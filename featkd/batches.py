@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BatchFormat", "IMAGES", "batch_size", "call_model", "to_device"]
+__all__ = ["BatchFormat", "IMAGES", "batch_size", "call_model", "head", "to_device"]
 
 InputSpec = Sequence[str] | Callable[[Any], Any] | None
 
@@ -151,6 +151,20 @@ def to_device(batch: Any, device: torch.device | str | None, channels_last: bool
         return {key: to_device(value, device, channels_last) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(value, device, channels_last) for value in batch)
+    return batch
+
+
+def head(batch: Any, n: int) -> Any:
+    """The batch's first ``n`` samples: each tensor's first ``n`` rows, dicts, tuples and lists walked (a list of
+    per-sample entries, a detector's images, cut to ``n``) — a dry run's example."""
+    if isinstance(batch, Tensor):
+        return batch[:n]
+    if isinstance(batch, Mapping):
+        return {key: head(value, n) for key, value in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(head(value, n) for value in batch)
+    if isinstance(batch, list):
+        return batch[:n]
     return batch
 
 

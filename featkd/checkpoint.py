@@ -203,9 +203,12 @@ def _other_checkpoint_hint(path: Path) -> str:
 def model_record(name: str, options: dict[str, Any], info) -> dict[str, Any]:
     """What a checkpoint stores next to a model's weights so that ``distill``/``eval`` can rebuild it.
 
-    ``info`` is the :class:`featkd.data.DatasetInfo` of the data the model is trained on.
+    ``info`` is the :class:`featkd.data.DatasetInfo` of the data the model is trained on (a text dataset's
+    ``TextInfo``, whose vocabulary size a Hugging Face model was built with: recorded in its options).
     """
-    return {"name": name, "options": dict(options), "num_classes": info.num_classes,
+    from featkd.models import with_data_vocabulary
+
+    return {"name": name, "options": with_data_vocabulary(name, options, info), "num_classes": info.num_classes,
             "in_channels": info.in_channels, "dataset": info._asdict()}
 
 

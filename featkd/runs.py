@@ -27,10 +27,11 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import distributed
-from featkd.config import (STRATEGY_CONFIG_DIR, Config, ConfigError, DataConfig, KDConfig, LayoutConfig,
+from featkd.config import (STRATEGY_CONFIG_DIR, Config, ConfigError, KDConfig, LayoutConfig,
                            RelativeWeightConfig, TermConfig, WarmupConfig, apply_overrides, build_dataclass,
                            changed_keys, check_run_config, from_dict, read_yaml, to_dict)
 from featkd.locking import run_lock
+from featkd.run_data import build_loaders
 
 # What a resumed run can take from the command line: anything else (optim.lr, ...) would be overruled by the
 # optimiser and schedule state it restores, or change the run halfway through.
@@ -121,47 +122,16 @@ def check_sections(cfg: Config, command: str, needed: tuple[str, ...], unused: t
                               f"(is this a config for another command?)")
 
 
-# --------------------------------------------------------------------------- data, models, optimisation
-
-
-def build_datasets(data: DataConfig):
-    """The training split (with its transfer-set edits) and the test split."""
-    from featkd.data import add_unlabeled, load_dataset, mark_unlabeled, omit_classes
-
-    # Subsets are chosen with a fixed seed so that runs with different training seeds see the same data.
-    train = load_dataset(data.name, data.root, "train", limit=data.limit, **data.options)
-    test = load_dataset(data.name, data.root, "test", limit=data.test_limit, **data.options)
-    if data.omit_classes:
-        train = omit_classes(train, data.omit_classes)
-    if data.unlabeled_fraction:
-        train = mark_unlabeled(train, data.unlabeled_fraction)
-    if data.extra_unlabeled is not None:
-        extra = data.extra_unlabeled
-        train = add_unlabeled(train, load_dataset(extra.name, extra.root, "train", limit=extra.limit, **extra.options))
-    return train, test
-
-
-def build_loaders(cfg: Config, device: torch.device):
-    """Training and test :class:`featkd.data.DeviceLoader` for this rank; ``data.batch_size`` is the global batch."""
-    from featkd.data import DeviceLoader
-
-    rank = distributed.info()
-    if cfg.data.batch_size % rank.world_size:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is the global batch and must divide evenly over "
-                          f"{rank.world_size} processes")
-    train, test = build_datasets(cfg.data)
-    shard = dict(rank=rank.rank, world_size=rank.world_size, device=device)
-    train_loader = DeviceLoader(train, cfg.data.batch_size // rank.world_size, shuffle=True, augment=cfg.data.augment,
-                                seed=cfg.seed, drop_last=cfg.data.drop_last, pad=cfg.data.pad, flip=cfg.data.flip,
-                                pad_mode=cfg.data.pad_mode, **shard)
-    test_loader = DeviceLoader(test, cfg.data.eval_batch_size, shuffle=False, augment=False, drop_last=False, **shard)
-    return train_loader, test_loader
+# --------------------------------------------------------------------------- models, optimisation
 
 
 def build_model(name: str, options: dict[str, Any], info, device: torch.device, channels_last: bool) -> nn.Module:
-    """A fresh model for the dataset described by ``info`` (a :class:`featkd.data.DatasetInfo`)."""
-    from featkd.models import create_model
+    """A fresh model for the dataset described by ``info`` (a :class:`featkd.data.DatasetInfo`, or a text
+    dataset's :class:`featkd.data.text.TextInfo`, whose vocabulary size a Hugging Face text model takes when
+    its options do not set one)."""
+    from featkd.models import create_model, with_data_vocabulary
 
+    options = with_data_vocabulary(name, options, info)
     model = create_model(name, num_classes=info.num_classes, in_channels=info.in_channels, **options).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -191,7 +161,10 @@ def calibrate_run_weights(run: Run, distiller, batch) -> dict[str, float]:
     holds and a resumed run reads back; ``{loss: weight}`` of those resolved now."""
     from featkd.calibration import calibrate_weights
 
-    resolved = calibrate_weights(distiller, batch[0], batch[1])
+    from featkd.batches import to_device
+
+    x, y, _ = run.batch_format.split(batch)
+    resolved = calibrate_weights(distiller, to_device(x, run.device), to_device(y, run.device))
     keys = [term.key for term in distiller.terms]
     for key, weight in resolved.items():
         entry = run.saved_config["kd"] if key == "kd" else run.saved_config["terms"][keys.index(key)]
@@ -207,6 +180,8 @@ def input_normalizations(cfg: Config, teacher_record: dict | None, info) -> dict
     """The Distiller's ``student_normalization`` / ``teacher_normalization`` for a teacher checkpoint's
     ``teacher_record``: the run's data normalisation and the teacher's (``teacher.normalization``, else that of
     the data it was trained on) when they differ; nothing to convert otherwise."""
+    if not hasattr(info, "mean"):  # token ids: nothing to normalise
+        return {}
     student = (tuple(info.mean), tuple(info.std))
     given = cfg.teacher.normalization if cfg.teacher is not None else None
     if given is not None:
@@ -268,8 +243,15 @@ class Run:
 
     @property
     def info(self):
-        """The training data's :class:`featkd.data.DatasetInfo`."""
+        """The training data's :class:`featkd.data.DatasetInfo` (a text dataset's ``TextInfo``)."""
         return self.train_loader.info
+
+    @property
+    def batch_format(self):
+        """How the run's batches are read (:class:`featkd.BatchFormat`): images unless the loader says otherwise."""
+        from featkd.batches import IMAGES
+
+        return getattr(self.train_loader, "batch_format", IMAGES)
 
     def next_step(self) -> str:
         """What to do after the run stopped: the command that resumes it, or a fresh start when it holds
@@ -326,7 +308,8 @@ def fit_run(run: Run, method, model_info: dict[str, dict]) -> list[dict]:
     try:
         return fit(method, run.train_loader, run.test_loader, run.run_dir, run.cfg.epochs, resume=run.resume,
                    config=run.saved_config, model_info=model_info, device=run.device,
-                   channels_last=run.cfg.channels_last, log=print if run.is_main else (lambda message: None))
+                   channels_last=run.cfg.channels_last, batch_format=run.batch_format,
+                   log=print if run.is_main else (lambda message: None))
     finally:
         distributed.shutdown()
 
@@ -346,6 +329,6 @@ def train_model(config, run_dir, resume: bool = False, overrides: list[str] | tu
         if cfg.compile:
             runner = torch.compile(runner)
         method = SupervisedMethod(runner, optimizer, scheduler, precision=Precision(cfg.amp, run.device),
-                                  grad_clip=cfg.grad_clip)
+                                  grad_clip=cfg.grad_clip, batch_format=run.batch_format)
         history = fit_run(run, method, {"model": model_record(cfg.model.name, cfg.model.options, run.info)})
     return run, history

@@ -93,7 +93,7 @@ def test_config_mistakes_are_one_line_errors(tmp_path, capsys, args, message):
 
 
 def test_transfer_set_options():
-    from featkd.runs import build_datasets
+    from featkd.run_data import build_datasets
     from featkd.config import load_config
     from featkd.data import load_dataset
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from featkd import distributed, runs
+from featkd.batches import head, to_device
 from featkd.checkpoint import model_record
 from featkd.commands._common import add_run_arguments, finished, reports_user_errors
 from featkd.config import ConfigError
@@ -38,16 +39,19 @@ def run(args: argparse.Namespace) -> int:
         if cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
-        distiller = runs.build_distiller(cfg, teacher, student, **runs.input_normalizations(cfg, record, run.info))
+        distiller = runs.build_distiller(cfg, teacher, student, batch_format=run.batch_format,
+                                         **runs.input_normalizations(cfg, record, run.info))
         if not args.resume:  # the teacher on the test split, its inputs converted as the distiller converts them
-            checked = nn.Sequential(distiller.teacher_input, teacher)
-            scores = evaluate(checked, run.test_loader, device=run.device, channels_last=cfg.channels_last)
+            checked = teacher if distiller.input_normalizations is None else nn.Sequential(distiller.teacher_input,
+                                                                                           teacher)
+            scores = evaluate(checked, run.test_loader, device=run.device, channels_last=cfg.channels_last,
+                              batch_format=run.batch_format)
             if run.is_main:
                 print(f"teacher {record['name']} ({cfg.teacher.checkpoint}): " +
                       "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         # the loader's order is a function of (seed, epoch): no state consumed
         first_batch = next(iter(run.train_loader))
-        distiller.setup(first_batch[0][:2])
+        distiller.setup(head(to_device(run.batch_format.split(first_batch)[0], run.device), 2))
         for key, weight in runs.calibrate_run_weights(run, distiller, first_batch).items():
             if run.is_main:
                 print(f"weight of {key} relative to the cross-entropy resolved to {weight:.6g}")

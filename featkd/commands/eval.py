@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from featkd.data import DeviceLoader, load_dataset
     from featkd.engine import Precision, evaluate, resolve_device
+    from featkd.run_data import evaluation_loader
     from featkd.saved_runs import evaluation_base, run_checkpoints, saved_without_record
 
     if args.resume:
@@ -59,9 +59,7 @@ def run(args: argparse.Namespace) -> int:
     first = states[0][2]
     cfg = load_config(args.config, args.overrides, base=evaluation_base(first.get("config"), first["models"]))
     device = resolve_device(cfg.device)
-    limit = cfg.data.test_limit if args.split == "test" else cfg.data.limit
-    data = load_dataset(cfg.data.name, cfg.data.root, args.split, limit=limit, **cfg.data.options)
-    loader = DeviceLoader(data, cfg.data.eval_batch_size, shuffle=False, augment=False, drop_last=False, device=device)
+    loader, batch_format, data = evaluation_loader(cfg, args.split, device)
     results = {"split": args.split, "dataset": data.info.name, "examples": len(data)}
     results.update({"checkpoint": str(paths[0][1]), "epoch": first["epoch"]} if len(states) == 1 else
                    {"checkpoints": {str(path): state["epoch"] for _, path, state in states}})
@@ -73,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             model, _ = ckpt.model_from_checkpoint(state, device, name, source=str(path))
             with torch.no_grad():
-                scores = evaluate(model, loader, device=device, precision=Precision(cfg.amp, device))
+                scores = evaluate(model, loader, device=device, precision=Precision(cfg.amp, device),
+                                  batch_format=batch_format)
             results[prefix + name] = scores
             print(f"{prefix}{name}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     if args.output:

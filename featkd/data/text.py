@@ -8,19 +8,25 @@ changes between Python versions, so a result names the Python it ran under.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import math
 import random
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["CharVocabulary", "IGNORE_INDEX", "PaddedBatches", "STDLIB_SOURCES", "snippets", "stdlib_docs"]
+from featkd.batches import BatchFormat
+
+__all__ = ["CharVocabulary", "IGNORE_INDEX", "PaddedBatches", "SNIPPET_SOURCES", "TEXT_DATASETS", "TextDataset",
+           "TextInfo", "is_text_dataset", "load_text_dataset", "snippets", "stdlib_docs"]
 
 IGNORE_INDEX = -100  # a position without a label, as Hugging Face's losses read it
-STDLIB_SOURCES = ("argparse", "json", "pathlib", "textwrap")  # four documented modules: the classes of example (a)
+# four well-documented modules: the classes of stdlib_snippets and of example (a)
+SNIPPET_SOURCES = ("argparse", "logging", "statistics", "difflib")
 
 
 def stdlib_docs(module: str) -> str:
@@ -66,6 +72,68 @@ def snippets(texts: Sequence[str], count: int, lengths: tuple[int, int], seed: i
     return [windows[i] for i in order], [labels[i] for i in order]
 
 
+class TextInfo(NamedTuple):
+    """What a model and a loader need to know about a text dataset (the counterpart of an image
+    :class:`featkd.data.DatasetInfo`): its classes, its vocabulary and its longest sequence. ``in_channels``
+    is 1 so that code that builds any model from a dataset's info builds these too."""
+
+    name: str
+    num_classes: int
+    vocab_size: int
+    max_length: int
+    in_channels: int = 1
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """Token sequences with one class each, and their :class:`TextInfo`."""
+
+    sequences: list[list[int]]
+    labels: torch.Tensor
+    info: TextInfo
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+
+TEXT_DATASETS = ("stdlib_snippets",)
+
+
+def is_text_dataset(name: str) -> bool:
+    return name.strip().lower().replace("-", "_") in TEXT_DATASETS
+
+
+def load_text_dataset(name: str, split: str = "train", *, limit: int | None = None, size: int = 4000,
+                      test_size: int = 800, sources: Sequence[str] = SNIPPET_SOURCES,
+                      lengths: Sequence[int] = (32, 96), seed: int = 0) -> TextDataset:
+    """A split of a text dataset. ``stdlib_snippets``: which module of ``sources`` a snippet of ``lengths``
+    characters of its documentation comes from; the training split draws ``size`` snippets (with ``seed``)
+    from the first 75% of each module's documentation, the test split ``test_size`` from the last 25%, so no
+    test character is seen in training; ``limit`` keeps the first ``limit`` of them (drawn in a shuffled
+    order, the classes about equally often)."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in TEXT_DATASETS:
+        close = difflib.get_close_matches(key, TEXT_DATASETS, n=2)
+        raise ValueError(f"unknown text dataset {name!r}." + (f" Did you mean: {', '.join(close)}?" if close else "")
+                         + f" Known: {', '.join(TEXT_DATASETS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    low, high = (int(v) for v in lengths)
+    if not 1 <= low <= high:
+        raise ValueError(f"dataset {name!r}: lengths must be [shortest, longest] with 1 <= shortest <= longest, "
+                         f"got {list(lengths)}")
+    docs = [stdlib_docs(m) for m in sources]
+    cut = [int(0.75 * len(d)) for d in docs]
+    parts = [d[:c] for d, c in zip(docs, cut)] if split == "train" else [d[c:] for d, c in zip(docs, cut)]
+    texts, labels = snippets(parts, size if split == "train" else test_size, (low, high),
+                             seed if split == "train" else 10_000)
+    if limit is not None:
+        texts, labels = texts[:limit], labels[:limit]
+    vocab = CharVocabulary("".join(docs))
+    info = TextInfo(key, len(sources), len(vocab), high)
+    return TextDataset([vocab.encode(t) for t in texts], torch.tensor(labels), info)
+
+
 class PaddedBatches:
     """Dict batches of token sequences, each padded to its batch's longest sequence.
 
@@ -80,7 +148,8 @@ class PaddedBatches:
     """
 
     def __init__(self, sequences: Sequence[Sequence[int]], labels: Sequence[int] | None = None, *,
-                 batch_size: int, shuffle: bool = True, seed: int = 0, pad_id: int = CharVocabulary.PAD):
+                 batch_size: int, shuffle: bool = True, seed: int = 0, pad_id: int = CharVocabulary.PAD,
+                 info: TextInfo | None = None):
         if not sequences or any(len(s) == 0 for s in sequences):
             raise ValueError("PaddedBatches needs at least one sequence and no empty one")
         if labels is not None and len(labels) != len(sequences):
@@ -90,7 +159,14 @@ class PaddedBatches:
         self.sequences = [list(s) for s in sequences]
         self.labels = None if labels is None else torch.tensor(list(labels))
         self.batch_size, self.shuffle, self.seed, self.pad_id = batch_size, shuffle, seed, pad_id
+        self.info = info
         self.epoch = 0
+
+    @property
+    def batch_format(self) -> BatchFormat:
+        """How a model reads these batches: classes per sequence, or next tokens for a language model."""
+        targets = "labels" if self.labels is not None else "next_tokens"
+        return BatchFormat(inputs=("input_ids", "attention_mask"), targets=targets, mask="attention_mask")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

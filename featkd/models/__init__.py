@@ -6,6 +6,7 @@ the last feature map before its ReLU (``pre_relu_layer``, the official NST code'
 """
 
 from featkd.models.ensemble import ProbabilityAverage
+from featkd.models.hf import with_data_vocabulary
 from featkd.models.features import FeatureInfo
 from featkd.models.mlp import mlp
 from featkd.models.nin import NIN
@@ -15,4 +16,5 @@ from featkd.models.resnet_cifar import CifarResNet
 from featkd.models.wrn import WideResNet
 
 __all__ = ["FeatureInfo", "NIN", "CifarResNet", "ProbabilityAverage", "WideResNet", "check_input", "create_model", "default_distill_layers",
-           "example_input", "feature_info", "input_normalization", "list_models", "mlp", "pre_relu_layer", "takes_tokens"]
+           "example_input", "feature_info", "input_normalization", "list_models", "mlp", "pre_relu_layer", "takes_tokens",
+           "with_data_vocabulary"]

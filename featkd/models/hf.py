@@ -23,6 +23,14 @@ ARCHITECTURES = {
 }
 
 
+def with_data_vocabulary(name: str, options: dict, info) -> dict:
+    """``options`` of model ``name`` with the vocabulary size of the text dataset ``info`` describes, for a
+    Hugging Face model whose options do not set one (its ids are that dataset's); as they are otherwise."""
+    if name.startswith("hf:") and hasattr(info, "vocab_size") and "vocab_size" not in options:
+        return {**options, "vocab_size": info.vocab_size}
+    return dict(options)
+
+
 def hf_model(architecture: str, num_classes: int, in_channels: int, pretrained: str | None = None,
              **options) -> nn.Module:
     """The ``hf:<architecture>`` model (see the module docstring)."""

@@ -1,0 +1,70 @@
+"""featkd train / distill / eval from YAML on a text dataset: Hugging Face models and dict batches read by the
+loader's BatchFormat, padded per batch, the vocabulary taken from the data, resumed bit-exactly."""
+
+import json
+
+import pytest
+
+from featkd.cli import main
+from featkd.data.text import load_text_dataset, stdlib_docs
+
+pytest.importorskip("transformers")
+
+TINY = ["data.limit=48", "data.test_limit=32", "data.batch_size=16"]
+
+
+def metrics(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if "time" not in k}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("text") / "teacher"
+    assert main(["train", "--config", "text_teacher_bert", "--run-dir", str(run_dir), "epochs=1", *TINY]) == 0
+    return run_dir / "last.pt"
+
+
+def test_a_distilled_bert_from_yaml_trains_evaluates_and_resumes_bit_exactly(teacher, tmp_path, capsys):
+    args = ["--config", "text_distill_bert", f"teacher.checkpoint={teacher}", *TINY]
+    assert main(["distill", "--run-dir", str(tmp_path / "whole"), *args, "epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher hf:bert" in out and "weight of nst:bert.encoder.layer.1 relative to the cross-entropy" in out
+    assert main(["distill", "--run-dir", str(tmp_path / "parts"), *args, "epochs=1"]) == 0
+    assert main(["distill", "--run-dir", str(tmp_path / "parts"), "--resume", "epochs=2"]) == 0
+    whole, parts = metrics(tmp_path / "whole"), metrics(tmp_path / "parts")
+    assert [row["epoch"] for row in whole] == [1, 2] and whole == parts
+    assert {"train/ce", "train/kd", "train/nst:bert.encoder.layer.1"} <= set(whole[-1])
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(tmp_path / "whole")]) == 0
+    assert f"student: acc1 {whole[-1]['student/acc1']:.4f}" in capsys.readouterr().out
+
+
+def test_the_snippets_split_the_documentation_so_no_test_character_was_trained_on():
+    train = load_text_dataset("stdlib_snippets", "train", size=200)
+    test = load_text_dataset("stdlib_snippets", "test")
+    assert len(train) == 200 and len(test) == 800 and train.info == test.info
+    assert sorted(set(train.labels.tolist())) == [0, 1, 2, 3]
+    assert all(32 <= len(s) <= 96 for s in train.sequences + test.sequences)
+    # a test snippet lies in the last quarter of its module's documentation, a training one in the first three
+    docs = [stdlib_docs(m) for m in ("argparse", "logging", "statistics", "difflib")]
+    chars = {c: i + 2 for i, c in enumerate(sorted(set("".join(docs))))}
+    decode = {v: k for k, v in chars.items()}
+    for dataset, part in ((train, slice(0, 3)), (test, slice(3, 4))):
+        for seq, label in list(zip(dataset.sequences, dataset.labels.tolist()))[:20]:
+            text, doc = "".join(decode[i] for i in seq), docs[label]
+            cut = int(0.75 * len(doc))  # (a phrase may recur in the documentation: first and last occurrences)
+            if part.start == 0:
+                assert 0 <= doc.find(text) and doc.find(text) + len(text) <= cut
+            else:
+                assert doc.rfind(text) >= cut
+
+
+def test_text_settings_that_cannot_apply_are_one_line(teacher, tmp_path, capsys):
+    status = main(["distill", "--config", "text_distill_bert", "--run-dir", str(tmp_path / "x"),
+                   f"teacher.checkpoint={teacher}", *TINY, "data.omit_classes=[1]"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "data.omit_classes edits an image transfer set; the text dataset 'stdlib_snippets' takes none" in err
+    with pytest.raises(ValueError, match=r"unknown text dataset 'stdlib_snipets'\. Did you mean: stdlib_snippets\?"):
+        load_text_dataset("stdlib_snipets")
