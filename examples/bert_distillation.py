@@ -30,40 +30,36 @@ import torch
 import featkd
 from featkd.batches import BatchFormat
 from featkd.calibration import RelativeToCE, calibrate_weights
-from featkd.data.text import CharVocabulary, PaddedBatches, snippets, stdlib_docs
+from featkd.data.text import SNIPPET_SOURCES, PaddedBatches, load_text_dataset
 from featkd.engine import DistillMethod, SupervisedMethod, fit
 from featkd.models import create_model
 from featkd.stats import INTERVAL_NOTE, comparison_table
 
-SOURCES = ("argparse", "logging", "statistics", "difflib")
-LENGTHS = (32, 96)
+LENGTHS = (32, 96)  # stdlib_snippets' snippet lengths
 TEXT = BatchFormat(inputs=("input_ids", "attention_mask"), targets="labels", mask="attention_mask",
                    options={"output_attentions": True})
 
 
 def task(train_count: int, test_count: int, seed: int):
-    """The vocabulary, ``train_count`` training snippets and ``test_count`` test snippets, drawn with ``seed``."""
-    docs = [stdlib_docs(m) for m in SOURCES]
-    cut = [int(0.75 * len(d)) for d in docs]
-    vocab = CharVocabulary("".join(docs))
-    train = snippets([d[:c] for d, c in zip(docs, cut)], train_count, LENGTHS, seed)
-    test = snippets([d[c:] for d, c in zip(docs, cut)], test_count, LENGTHS, 10_000)
-    encode = lambda texts: [vocab.encode(t) for t in texts]  # noqa: E731
-    return vocab, (encode(train[0]), train[1]), (encode(test[0]), test[1])
+    """The vocabulary size, ``train_count`` training snippets drawn with ``seed`` and ``test_count`` test
+    snippets (the text dataset ``stdlib_snippets`` of featkd.data.text, which featkd's YAML configs name too)."""
+    train = load_text_dataset("stdlib_snippets", "train", size=train_count, seed=seed)
+    test = load_text_dataset("stdlib_snippets", "test", test_size=test_count)
+    return train.info.vocab_size, (train.sequences, train.labels.tolist()), (test.sequences, test.labels.tolist())
 
 
 def encoder(vocab_size: int, layers: int, width: int, heads: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     # attention dropout off: the attention transfer compares the probabilities the student computes
-    return create_model("hf:bert", num_classes=len(SOURCES), num_hidden_layers=layers, hidden_size=width,
+    return create_model("hf:bert", num_classes=len(SNIPPET_SOURCES), num_hidden_layers=layers, hidden_size=width,
                         num_attention_heads=heads, intermediate_size=2 * width, vocab_size=vocab_size,
                         max_position_embeddings=LENGTHS[1], attention_probs_dropout_prob=0.0,
                         attn_implementation="eager")
 
 
-def train_teacher(vocab, size: int, epochs: int, log) -> tuple[torch.nn.Module, float]:
+def train_teacher(vocab_size, size: int, epochs: int, log) -> tuple[torch.nn.Module, float]:
     _, (ids, labels), test = task(size, 800, seed=0)
-    teacher = encoder(len(vocab), 4, 64, 4, seed=0)
+    teacher = encoder(vocab_size, 4, 64, 4, seed=0)
     method = SupervisedMethod(teacher, torch.optim.AdamW(teacher.parameters(), lr=1e-3), name="teacher",
                               batch_format=TEXT)
     history = fit(method, PaddedBatches(ids, labels, batch_size=32, seed=0),
@@ -72,11 +68,11 @@ def train_teacher(vocab, size: int, epochs: int, log) -> tuple[torch.nn.Module, 
     return teacher.eval(), history[-1]["teacher/acc1"]
 
 
-def train_student(teacher, vocab, seed: int, train_size: int, epochs: int, distill: bool, log) -> float:
+def train_student(teacher, vocab_size, seed: int, train_size: int, epochs: int, distill: bool, log) -> float:
     _, train, test = task(train_size, 800, seed=1 + seed)
     loader = PaddedBatches(*train, batch_size=16, seed=seed)
     test_loader = PaddedBatches(*test, batch_size=128, shuffle=False)
-    student = encoder(len(vocab), 2, 32, 2, seed=1000 + seed)
+    student = encoder(vocab_size, 2, 32, 2, seed=1000 + seed)
     if not distill:
         method = SupervisedMethod(student, torch.optim.AdamW(student.parameters(), lr=1e-3), name="student",
                                   batch_format=TEXT)
@@ -109,14 +105,14 @@ def main(argv=None, log=print) -> dict[str, list[float]]:
     parser.add_argument("--teacher-size", type=int, default=4000, help="the teacher's training snippets")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    vocab, _, _ = task(1, 1, 0)
+    vocab_size, _, _ = task(1, 1, 0)
     quiet = lambda *a, **k: None  # noqa: E731
-    teacher, teacher_acc = train_teacher(vocab, args.teacher_size, args.teacher_epochs, quiet)
+    teacher, teacher_acc = train_teacher(vocab_size, args.teacher_size, args.teacher_epochs, quiet)
     log(f"teacher: 4 layers, width 64, {args.teacher_size} snippets: {teacher_acc:.2f}% on the test snippets")
     accuracies: dict[str, list[float]] = {"student": [], "distilled": []}
     for seed in args.seeds:
         for name in accuracies:
-            accuracies[name].append(train_student(teacher, vocab, seed, args.train_size, args.epochs,
+            accuracies[name].append(train_student(teacher, vocab_size, seed, args.train_size, args.epochs,
                                                   name == "distilled", quiet))
         log(f"seed {seed}: student {accuracies['student'][-1]:.2f}, distilled {accuracies['distilled'][-1]:.2f}")
     log(comparison_table(accuracies, args.seeds, teacher=teacher_acc))
