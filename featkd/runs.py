@@ -159,15 +159,20 @@ def calibrate_run_weights(run: Run, distiller, batch) -> dict[str, float]:
     """Resolve the distiller's weights given relative to the cross-entropy on ``batch`` (the first training
     batch) and record each absolute weight in the run's saved config (``weight.resolved``), which ``config.yaml``
     holds and a resumed run reads back; ``{loss: weight}`` of those resolved now."""
+    return calibrate_into(run.saved_config, distiller, batch, run.batch_format, run.device)
+
+
+def calibrate_into(config: dict, distiller, batch, batch_format, device) -> dict[str, float]:
+    """:func:`calibrate_run_weights` for any saved ``config`` (a sweep member's): resolve the relative weights
+    on the loader's ``batch`` and record each as ``weight.resolved`` in ``config``."""
+    from featkd.batches import to_device
     from featkd.calibration import calibrate_weights
 
-    from featkd.batches import to_device
-
-    x, y, _ = run.batch_format.split(batch)
-    resolved = calibrate_weights(distiller, to_device(x, run.device), to_device(y, run.device))
+    x, y, _ = batch_format.split(batch)
+    resolved = calibrate_weights(distiller, to_device(x, device), to_device(y, device))
     keys = [term.key for term in distiller.terms]
     for key, weight in resolved.items():
-        entry = run.saved_config["kd"] if key == "kd" else run.saved_config["terms"][keys.index(key)]
+        entry = config["kd"] if key == "kd" else config["terms"][keys.index(key)]
         entry["weight"]["resolved"] = weight
     return resolved
 

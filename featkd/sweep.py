@@ -32,11 +32,13 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import runs
+from featkd.batches import IMAGES, call_model, head, to_device
 from featkd.config import to_dict
 from featkd.teacher_input import teacher_bn_mode
 from featkd.engine import DistillMethod, MethodBase, Precision, seed_everything
 from featkd.engine.sinks import run_sinks
 from featkd.hooks import FeatureExtractor
+from featkd.model_outputs import logits_of
 
 MEMBERS_DIR = "members"
 # what a shared teacher forward forces every member to share
@@ -124,7 +126,7 @@ class _SharedTeacherFeatures:
         self.shared, self.layers = shared, list(layers)
 
     def __call__(self, x):
-        if self.shared.logits is None or self.shared.batch is not x:
+        if self.shared.batch is None or self.shared.batch is not x:
             raise RuntimeError("a sweep member ran outside SweepMethod.train_step: no teacher outputs for this batch")
         return self.shared.logits, {name: self.shared.features[name] for name in self.layers}
 
@@ -198,6 +200,10 @@ class SweepMethod(MethodBase):
             raise ValueError("members convert the batch for the teacher differently (student/teacher normalisation); "
                              "one teacher forward serves them all: give every member the same normalisations")
         self._teacher_input = distillers[0].teacher_input if distillers else (lambda x: x)
+        formats = [d.batch_format for d in distillers]
+        if any(f != formats[0] for f in formats):
+            raise ValueError("members read the batch differently (BatchFormat); one teacher forward serves them all")
+        self.batch_format = formats[0] if formats else IMAGES
         # fit logs the learning rate of the first member's optimiser (members usually share a schedule)
         super().__init__(members[0].method.optimizer, (), precision or members[0].method.precision)
         self.teacher, self.members, self.shared = teacher, list(members), shared
@@ -206,17 +212,20 @@ class SweepMethod(MethodBase):
         self.teacher_layers = layers
         self._extractor = FeatureExtractor(teacher, layers, detach=True, no_grad=True) if layers else None
 
-    def teacher_forward(self, x: torch.Tensor) -> None:
-        """Run the teacher once on ``x`` and store its logits and features for the members."""
+    def teacher_forward(self, x) -> None:
+        """Run the teacher once on the batch ``x`` (read by the members' BatchFormat) and store its logits and
+        features for the members."""
         self.teacher.eval()
         with self.precision.autocast(), teacher_bn_mode(self.teacher, self.teacher_bn):
-            x_teacher = self._teacher_input(x)
+            x_teacher = self._teacher_input(self.batch_format.model_input(x, "teacher"))
             if self._extractor is None:
                 with torch.no_grad():
-                    logits, features = self.teacher(x_teacher), {}
+                    output, features = call_model(self.teacher, x_teacher), {}
             else:
-                logits, features = self._extractor(x_teacher)
-        self.shared.batch, self.shared.logits, self.shared.features = x, logits.detach(), dict(features)
+                output, features = call_model(self._extractor, x_teacher)
+        logits = logits_of(output)
+        self.shared.batch, self.shared.features = x, dict(features)
+        self.shared.logits = None if logits is None else logits.detach()
 
     def train_step(self, x, y, step, indices=None):
         self.teacher_forward(x)
@@ -254,7 +263,8 @@ def build_sweep(member_cfgs, teacher: nn.Module, teacher_state: dict, run) -> tu
     """The sweep of ``member_cfgs`` (from :func:`member_configs`) against ``teacher`` (loaded from
     ``teacher_state``) for a started :class:`featkd.runs.Run`, and the records the members' checkpoints
     store. Each member starts exactly where ``featkd distill`` with its config starts."""
-    example_x, _ = next(iter(run.train_loader))
+    first = next(iter(run.train_loader))  # the loader's order is a function of (seed, epoch): nothing consumed
+    example_x = head(to_device(run.batch_format.split(first)[0], run.device), 2)
     shared = SharedTeacherOutputs()
     members, model_info = [], {}
     for name, cfg in member_cfgs:
@@ -265,12 +275,16 @@ def build_sweep(member_cfgs, teacher: nn.Module, teacher_state: dict, run) -> tu
         _, record = ckpt.model_from_checkpoint(teacher_state, torch.device("cpu"))
         student = runs.build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
         try:
-            distiller = runs.build_distiller(cfg, teacher, student, **runs.input_normalizations(cfg, record, run.info))
-            distiller.setup(example_x[:2])
+            distiller = runs.build_distiller(cfg, teacher, student, batch_format=run.batch_format,
+                                             **runs.input_normalizations(cfg, record, run.info))
+            distiller.setup(example_x)
         except (ValueError, KeyError) as error:  # a term the member's grid point got wrong: say which member
             raise type(error)(f"sweep member {name}: {error}") from None
+        config = to_dict(cfg)
+        for key, weight in runs.calibrate_into(config, distiller, first, run.batch_format, run.device).items():
+            print(f"sweep member {name}: weight of {key} relative to the cross-entropy resolved to {weight:.6g}")
         optimizer, scheduler = runs.build_optimization(cfg, distiller.trainable_parameters())
-        members.append(make_member(name, distiller, optimizer, scheduler, shared=shared, config=to_dict(cfg),
+        members.append(make_member(name, distiller, optimizer, scheduler, shared=shared, config=config,
                                    precision=Precision(cfg.amp, run.device), grad_clip=cfg.grad_clip,
                                    steps_per_epoch=len(run.train_loader)))
         model_info[name] = ckpt.model_record(cfg.student.name, cfg.student.options, run.info)

@@ -68,3 +68,19 @@ def test_text_settings_that_cannot_apply_are_one_line(teacher, tmp_path, capsys)
     assert "data.omit_classes edits an image transfer set; the text dataset 'stdlib_snippets' takes none" in err
     with pytest.raises(ValueError, match=r"unknown text dataset 'stdlib_snipets'\. Did you mean: stdlib_snippets\?"):
         load_text_dataset("stdlib_snipets")
+
+
+def test_a_sweep_of_text_students_equals_their_separate_runs(teacher, tmp_path, capsys):
+    from featkd.config import resolve_config_path
+
+    args = [f"teacher.checkpoint={teacher}", *TINY, "epochs=1"]
+    config = str(resolve_config_path("text_distill_bert"))
+    assert main(["sweep", "--config", config, "--run-dir", str(tmp_path / "sweep"), *args,
+                 "--grid", "terms.0.options.kernel=poly,linear"]) == 0
+    assert main(["distill", "--config", config, "--run-dir", str(tmp_path / "single"), *args,
+                 "terms.0.options.kernel=linear"]) == 0
+    capsys.readouterr()
+    member = metrics(tmp_path / "sweep" / "members" / "kernel=linear")
+    single = metrics(tmp_path / "single")
+    for key in ("train/ce", "train/kd", "train/total", "student/acc1", "student/loss"):
+        assert member[0][key] == pytest.approx(single[0][key], rel=1e-6, abs=1e-7), key
