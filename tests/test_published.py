@@ -54,7 +54,9 @@ def _weights_in_python(path):
 
 def _weights_in_yaml(data):
     if isinstance(data, dict):
-        return [v for k, v in data.items() if k in ("weight", "beta")] + [w for v in data.values() for w in _weights_in_yaml(v)]
+        # a number written as a weight (a weight relative to the CE is a mapping, no published number)
+        numbers = [v for k, v in data.items() if k in ("weight", "beta") and isinstance(v, (int, float))]
+        return numbers + [w for v in data.values() for w in _weights_in_yaml(v)]
     if isinstance(data, list):
         return [w for v in data for w in _weights_in_yaml(v)]
     return []
