@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from featkd.batches import call_model
 from featkd.layer_specs import (Spec, is_compiled, named_modules, resolve_specs, select, strip_wrappers,
                                 unknown_layer_error, unwrap, wrapped_child)
 
@@ -364,8 +365,6 @@ def probe(model: nn.Module, example_input: Any, layers: str | Sequence[str]) -> 
     DDP/DataParallel/compile wrappers are handled as in :func:`capture`; each layer keeps every call
     (:meth:`Features.calls`).
     """
-    kwargs = dict(example_input) if isinstance(example_input, Mapping) else {}
-    args = () if kwargs else example_input if isinstance(example_input, tuple) else (example_input,)
     recorder = _Recorder(model, layers, detach=True, clone=False)
     order: list[str] = []
     modules = named_modules(model)
@@ -379,7 +378,7 @@ def probe(model: nn.Module, example_input: Any, layers: str | Sequence[str]) -> 
     try:
         model.eval()
         with torch.no_grad():
-            model(*args, **kwargs)
+            call_model(model, example_input)
         features = recorder.take()
         features.order = order
         return features

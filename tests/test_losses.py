@@ -54,6 +54,9 @@ def test_shape_errors_at_build_time_name_the_shapes():
             build_feature_loss(loss, S, (2, 6, 4, 4))
     with pytest.raises(ValueError, match=r"equal channel counts.*\(2, 4, 8, 8\).*\(2, 6, 8, 8\)"):
         build_feature_loss("gram", S, T, mode="channel")
+    for loss in ("nst", "at", "hint"):  # a shape without positions is no feature map
+        with pytest.raises(ValueError, match=r"student feature of shape \(2, 4\): expected \(B, C, H, W\)"):
+            build_feature_loss(loss, (2, 4), (2, 4))
     for loss in ("nst", "at", "gram", "hint", "cosine"):
         with pytest.raises(ValueError, match="option 'resize'|option 'layout'"):
             build_feature_loss(loss, S, S, resize="pool", layout="tokens")

@@ -59,17 +59,24 @@ def channels(shape: Sequence[int], layout: str = "channels_first", role: str = "
     return _layout_dims(shape, layout, role)[1]
 
 
+def positions_match(student_shape, teacher_shape, layout="channels_first") -> bool:
+    """Whether two features have the same positions: equal spatial sizes, or as many positions where one side is
+    flattened. Refuses a shape the layout cannot read (a ValueError naming the side)."""
+    _, _, sp_s = _layout_dims(student_shape, layout, "student")
+    _, _, sp_t = _layout_dims(teacher_shape, layout, "teacher")
+    return sp_s == sp_t or (min(len(sp_s), len(sp_t)) == 1 and _numel(sp_s) == _numel(sp_t))
+
+
 def check_spatial(student_shape, teacher_shape, resize=None, layout="channels_first") -> None:
     """Raise a ValueError naming both shapes when their spatial sizes cannot be matched.
 
     Works on shapes alone so that the registries can report a mismatch before any forward pass.
     """
     check_choice("resize option", resize, RESIZE_MODES)
+    if positions_match(student_shape, teacher_shape, layout):
+        return
     _, _, sp_s = _layout_dims(student_shape, layout, "student")
     _, _, sp_t = _layout_dims(teacher_shape, layout, "teacher")
-    flat_equal = min(len(sp_s), len(sp_t)) == 1 and _numel(sp_s) == _numel(sp_t)
-    if sp_s == sp_t or flat_equal:
-        return
     if resize is None:
         raise ValueError(
             f"spatial sizes differ: student {tuple(student_shape)} vs teacher {tuple(teacher_shape)} "

@@ -25,13 +25,12 @@ Shapes are full tensor shapes from a dry-run forward, batch dimension included.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from torch import Tensor, nn
 
-from featkd.functional.shapes import unknown_name_error
+from featkd.functional.shapes import positions_match, unknown_name_error
 
 Shape = Sequence[int]
 
@@ -58,8 +57,7 @@ def check_positions(loss: str, student_shape: Shape, teacher_shape: Shape) -> No
     """Refuse channels-first features at different positions, in one line that says who resizes: a loss module
     compares features as they are, and the :class:`featkd.Term`'s adapter brings the student to the teacher's
     grid."""
-    s, t = tuple(student_shape[2:]), tuple(teacher_shape[2:])
-    if s != t and not (min(len(s), len(t)) == 1 and math.prod(s) == math.prod(t)):
+    if not positions_match(student_shape, teacher_shape):
         raise ValueError(f"{loss} compares features at the same positions: student {tuple(student_shape)} vs teacher "
                          f"{tuple(teacher_shape)} (channels first); a Term with adapter: auto (the default) resizes "
                          "the student's map to the teacher's grid")
