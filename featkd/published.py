@@ -18,8 +18,8 @@ PUBLISHED_PATH = CONFIG_DIR / "reference" / "published.yaml"
 @functools.cache
 def _settings() -> dict[str, dict[str, Any]]:
     data = read_yaml(PUBLISHED_PATH)
-    if set(data) != {"terms", "logits"}:
-        raise ConfigError(f"{PUBLISHED_PATH}: expected the sections ['logits', 'terms'], got {sorted(data)}")
+    if set(data) != {"terms", "logits", "gains"}:
+        raise ConfigError(f"{PUBLISHED_PATH}: expected the sections ['gains', 'logits', 'terms'], got {sorted(data)}")
     return data
 
 
@@ -52,6 +52,13 @@ def distiller_kd(name: str) -> tuple[dict[str, Any], float]:
     (``{"loss": "kd", "weight": 0.9, "T": 4}``)."""
     kd, ce_weight = logit_setting(name)
     return {"loss": kd["loss"], "weight": kd["weight"], **kd.get("options", {})}, ce_weight
+
+
+def gain(method: str) -> tuple[float, str] | None:
+    """``(points, source)``: the published gain over the student alone of the method a table row names
+    (``"AT"``, ``"NST-poly"``, ``"KD-tuned"``: the family before the first hyphen); None for a method without one."""
+    entry = _settings()["gains"].get(method.split("-")[0])
+    return None if entry is None else (float(entry["gain"]), str(entry["source"]))
 
 
 def source(section: str, name: str) -> str:

@@ -10,14 +10,15 @@ table that compares several methods with one baseline — it survives Holm's cor
 of comparisons (:func:`holm`). With fewer seeds, or no spread, the verdict is "too few seeds".
 
 :func:`detectable_effect` is the smallest true difference a design finds with 80% power at that level,
-from the measured spread of the paired differences: what a table can and cannot see.
+from the measured spread of the paired differences: what a table can and cannot see; :func:`seeds_to_detect`
+and :func:`reference_effect_lines` set it against a reference effect (a published gain).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -25,6 +26,7 @@ from scipy import stats as scipy_stats
 LEVEL = 0.95
 MIN_SEEDS = 3  # two seeds give an interval from one degree of freedom; two equal differences give width 0
 POWER = 0.8
+MOST_SEEDS = 200  # seeds_to_detect's search stops here: beyond it, no CPU table is planned
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,44 @@ def detectable_effect(differences: Sequence[float], level: float = LEVEL, power:
     df = summary.n - 1
     t_sum = scipy_stats.t.ppf(0.5 + level / 2, df) + scipy_stats.t.ppf(power, df)
     return float(t_sum * summary.std / math.sqrt(summary.n))
+
+
+def seeds_to_detect(differences: Sequence[float], effect: float, level: float = LEVEL, power: float = POWER,
+                    most: int = MOST_SEEDS) -> int | None:
+    """The fewest seeds at which a paired t-test, at the spread measured in ``differences``, finds a true Δ of
+    ``effect`` with ``power``: the first n whose :func:`detectable_effect` is at most ``effect``. None when fewer than
+    two differences give no spread, or when even ``most`` seeds would not."""
+    summary = Summary.of(differences)
+    if summary.n < 2:
+        return None
+    for n in range(2, most + 1):
+        t_sum = scipy_stats.t.ppf(0.5 + level / 2, n - 1) + scipy_stats.t.ppf(power, n - 1)
+        if t_sum * summary.std / math.sqrt(n) <= effect:
+            return n
+    return None
+
+
+def reference_effect_lines(accuracies: dict[str, Sequence[float]], reference: Callable[[str], tuple[float, str] | None],
+                           baseline: str = "student") -> list[str]:
+    """For each method with a reference effect (``reference(name)`` -> ``(points, source)``, e.g. its published gain):
+    whether these seeds detect an effect of that size, and if not, about how many would, at the measured spread."""
+    base = accuracies[baseline]
+    lines = []
+    for name, values in accuracies.items():
+        effect = reference(name) if name != baseline else None
+        differences = [v - b for v, b in zip(values, base)]
+        if effect is None or len(differences) < 2:
+            continue
+        points, source = effect
+        detectable, n = detectable_effect(differences), len(differences)
+        if detectable <= points:
+            lines.append(f"- {name}: +{points:.2f} ({source}) is above the {detectable:.2f} these {n} seeds detect.")
+            continue
+        needed = seeds_to_detect(differences, points)
+        more = f"about {needed} seeds would see it" if needed else f"more than {MOST_SEEDS} seeds would be needed"
+        lines.append(f"- {name}: +{points:.2f} ({source}) is below the {detectable:.2f} these {n} seeds detect; "
+                     f"{more} at this spread.")
+    return lines
 
 
 def verdict(delta: Interval, survives_correction: bool = True) -> str:

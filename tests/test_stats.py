@@ -114,3 +114,33 @@ def test_the_paired_delta_plot_agrees_with_the_table_and_names_too_few_seeds():
     assert filled == {"mean:KD": True, "mean:AT": False}  # the table's verdicts: KD beyond, AT inside
     two = plots.paired_deltas({"student": [80.0, 81.0], "KD": [82.0, 83.0]})
     assert [t.get_text() for t in two.axes[0].get_xticklabels()] == ["KD\n(too few seeds)"]
+
+
+def test_seeds_to_detect_is_where_the_detectable_effect_first_reaches_the_effect():
+    differences = [0.3, -0.8, 1.1, 0.2, -0.4, 0.9]
+    sd = float(np.std(differences, ddof=1))
+    needed = stats.seeds_to_detect(differences, 0.5)
+
+    def with_spread(n):  # n differences with the measured sd
+        z = np.linspace(-1.0, 1.0, n)
+        return list(z / z.std(ddof=1) * sd)
+
+    assert stats.detectable_effect(with_spread(needed)) <= 0.5 < stats.detectable_effect(with_spread(needed - 1))
+    # at that many seeds a paired t-test has about the stated power (noncentral t)
+    crit = scipy_stats.t.ppf(0.975, needed - 1)
+    nc = 0.5 / (sd / math.sqrt(needed))
+    assert scipy_stats.nct.sf(crit, needed - 1, nc) == pytest.approx(0.8, abs=0.02)
+    assert stats.seeds_to_detect(differences, 1e-3) is None  # beyond MOST_SEEDS
+    assert stats.seeds_to_detect([1.0], 0.5) is None
+
+
+def test_reference_effect_lines_say_which_methods_the_seeds_can_judge():
+    accuracies = {"student": [80.0, 81.0, 79.0, 80.0], "AT": [81.0, 82.1, 80.0, 80.9],
+                  "NST-poly": [79.0, 83.0, 78.0, 82.0], "Gram": [80.0, 81.0, 79.5, 80.2]}
+    gains = {"AT": (0.84, "paper A"), "NST": (0.42, "paper B")}
+    lines = stats.reference_effect_lines(accuracies, lambda name: gains.get(name.split("-")[0]))
+    assert len(lines) == 2  # neither the baseline nor Gram (no reference) has a line
+    at_detectable = stats.detectable_effect([1.0, 1.1, 1.0, 0.9])
+    assert lines[0] == f"- AT: +0.84 (paper A) is above the {at_detectable:.2f} these 4 seeds detect."
+    needed = stats.seeds_to_detect([-1.0, 2.0, -1.0, 2.0], 0.42)
+    assert lines[1].startswith("- NST-poly: +0.42 (paper B) is below the") and f"about {needed} seeds" in lines[1]

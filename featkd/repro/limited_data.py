@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from featkd import stats
+from featkd import published, stats
 from featkd.shipped import ShippedTeacher
 from featkd.teachers import load_teacher
 from featkd.repro.cache import write_new
@@ -374,13 +374,20 @@ def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size:
     ])
 
 
+PUBLISHED_GAINS_NOTE = ("Can these seeds see a gain of the published size? (80% power at 5% two-sided, at each row's "
+                        "measured spread; the published gains were measured on CIFAR, not on this data.)")
+
+
 def comparison_tables(accuracies: Mapping[str, list[float]], seeds, teacher_acc: float, metric: str) -> list[str]:
-    """One Markdown table per :func:`comparison_groups` group, each with its title."""
+    """One Markdown table per :func:`comparison_groups` group, each with its title and, below it, each method's
+    published gain set against the smallest Δ its seeds detect (:func:`featkd.stats.reference_effect_lines`)."""
     lines = []
     for title, baseline, names in comparison_groups(list(accuracies)):
+        group = {name: accuracies[name] for name in names}
+        against = stats.reference_effect_lines(group, published.gain, baseline)
         lines += [f"### {title}", "",
-                  stats.comparison_table({name: accuracies[name] for name in names}, seeds, baseline=baseline,
-                                         teacher=teacher_acc, metric=metric), ""]
+                  stats.comparison_table(group, seeds, baseline=baseline, teacher=teacher_acc, metric=metric), "",
+                  *([PUBLISHED_GAINS_NOTE, *against, ""] if against else [])]
     return lines
 
 
