@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from featkd import plots, repro, teachers
-from featkd.repro import limited_data
+from featkd.repro import limited_data, limited_data_report
 from featkd.cli import main
 
 
@@ -102,7 +102,7 @@ def test_tiny_table_end_to_end_and_datasize_plot(tmp_path):
         assert text.count("\n| ") == 2 + len(limited_data.RECIPES) and "paired" in text and "torch" in text
         assert "1000·at(group1)" in text and "the batch order, the augmentation" in text
         # the published gains set against what these seeds detect, under the table
-        assert limited_data.PUBLISHED_GAINS_NOTE in text and "\n- AT: +0.84 (AT paper, Table 1" in text
+        assert limited_data_report.PUBLISHED_GAINS_NOTE in text and "\n- AT: +0.84 (AT paper, Table 1" in text
         stored = json.loads(report.with_suffix(".json").read_text())
         assert stored["accuracies"] == result.accuracies
         results.append(report.with_suffix(".json"))

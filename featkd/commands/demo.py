@@ -145,7 +145,7 @@ def _tuned(args, setup):
 
 def _run(args: argparse.Namespace) -> int:
     from featkd import plots, repro, shipped, stats
-    from featkd.repro import limited_data
+    from featkd.repro import limited_data, limited_data_report
 
     started = time.perf_counter()
     setup = demo_setup(args)
@@ -164,9 +164,10 @@ def _run(args: argparse.Namespace) -> int:
     if provenance:
         print(f"tuned settings from {provenance['file']} ({provenance.get('command')}, {provenance.get('date')}; "
               f"report {provenance.get('report')}):")
+        tuned = limited_data_report.TUNED
         for name in methods:
-            if name.endswith(limited_data.TUNED):
-                print(f"  {name}: {dict(recipes[name].changes)}; published: {recipes[name[:-len(limited_data.TUNED)]].source}")
+            if name.endswith(tuned):
+                print(f"  {name}: {dict(recipes[name].changes)}; published: {recipes[name[:-len(tuned)]].source}")
     else:
         print("no tuned settings to show: `featkd tune --out FILE` writes them, `featkd demo --tuned FILE` reads them")
     teacher_path, shipped_teacher = _teacher(args, run_dir)
@@ -174,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
                                            command="featkd demo" + (" --tiny" if args.tiny else ""),
                                            shipped=shipped_teacher, recipes=recipes)
     plotted = []
-    for title, baseline, names in limited_data.comparison_groups(methods):
+    for title, baseline, names in limited_data_report.comparison_groups(methods):
         stem = run_dir / ("paired_deltas" if baseline == "student" else "paired_deltas-tuned")
         plotted.append(stem)
         if not stem.with_suffix(".png").exists():
@@ -188,8 +189,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"## {student} ← {result.teacher_name}, students on {result.train_examples} {data.label} images "
           "(test accuracy after the last epoch; a seed draws the subset, batches, augmentation and initial weights)")
     print()
-    print("\n".join(limited_data.comparison_tables(result.accuracies, setup.seeds, result.teacher_acc,
-                                                   "test accuracy %")))
+    print("\n".join(limited_data_report.comparison_tables(result.accuracies, setup.seeds, result.teacher_acc,
+                                                          "test accuracy %")))
     print(stats.INTERVAL_NOTE)
     print("plots: " + ", ".join(f"{stem.with_suffix('.png')} (.pdf)" for stem in plotted))
     print(f"hardware: {repro.hardware(processes=setup.jobs)}; wall time {wall / 60:.1f} min")

@@ -33,7 +33,8 @@ from featkd import stats
 from featkd.config import CONFIG_DIR, ConfigError, read_yaml
 from featkd.provenance import environment_info, hardware
 from featkd.repro.cache import write_new
-from featkd.repro.limited_data import RECIPES, LimitedDataCells, LimitedDataSetup, describe_recipe
+from featkd.repro.limited_data import RECIPES, LimitedDataCells, LimitedDataSetup
+from featkd.repro.limited_data_report import describe_recipe
 from featkd.repro.recipes import RecipeSpec
 from featkd.teachers import file_sha256
 
