@@ -25,7 +25,6 @@ another input normalisation than the student gets the batch converted (``teacher
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping, Sequence
 
 import torch
@@ -36,12 +35,11 @@ from featkd.calibration import RelativeToCE
 from featkd.hooks import FeatureExtractor
 from featkd.layer_info import describe_features
 from featkd.layer_specs import LayerKeyError, unwrap
-from featkd.layouts import mask_to_channels_first
 from featkd.losses import BatchContext, build_logit_loss
 from featkd.model_outputs import TaskLoss, logits_of, token_rows
 from featkd.models import check_input
 from featkd.teacher_input import TEACHER_BN_MODES, InputConversion, Normalization, normalization, teacher_bn_mode
-from featkd.terms import Term, Warmup, build_term_pairs, call_loss, check_weight, view, weight_at
+from featkd.terms import Term, Warmup, build_term_pairs, call_loss, check_weight, view, weight_at, with_mask
 
 __all__ = ["Distiller", "InputConversion", "NOT_SET_UP", "TEACHER_BN_MODES", "teacher_bn_mode"]
 
@@ -82,17 +80,6 @@ def _build_logit_loss(kd) -> tuple[nn.Module | None, float | Warmup]:
         except ValueError as error:
             raise ValueError(f"kd loss {name!r} with options {options}: {error}") from None
     raise TypeError(f"kd must be None, a loss name, a dict {{loss:, weight:, options...}} or an nn.Module; got {kd!r}")
-
-
-def _with_mask(context: BatchContext, mask: torch.Tensor | None, layout) -> BatchContext:
-    """``context`` with the batch's token mask as the positions of a feature's channels-first view: mapped
-    through a token layout (prefix tokens dropped or kept as the layout says), as it is otherwise (attention
-    probabilities take the (B, L) mask itself)."""
-    if mask is None:
-        return context
-    if layout is not None and layout.kind in ("NLC", "NCL"):
-        mask = mask_to_channels_first(mask, layout)
-    return dataclasses.replace(context, attention_mask=mask)
 
 
 class Distiller(nn.Module):
@@ -290,7 +277,7 @@ class Distiller(nn.Module):
                 self.terms, self._multi_layer, self.adapters, self.term_losses, self._layouts):
             s = [view(f_s[name], layout) for name, layout in zip(term.student_layers, s_layouts)]
             t = [view(f_t[name], layout) for name, layout in zip(term.teacher_layers, t_layouts)]
-            contexts = [_with_mask(context, mask, layout) for layout in s_layouts]
+            contexts = [with_mask(context, mask, layout) for layout in s_layouts]
             if multi_layer:
                 values[term.key] = call_loss(pair_losses[0], s, t, contexts[0])
             else:

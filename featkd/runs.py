@@ -4,7 +4,7 @@
 >>> with start_run(cfg, "distill", cfg.student.name) as run:   # device, seed, run directory (locked), loaders
 ...     teacher, _ = featkd.teachers.load_teacher(cfg.teacher.checkpoint, run.device, run.info)
 ...     student = build_model(cfg.student.name, cfg.student.options, run.info, run.device, cfg.channels_last)
-...     distiller = build_distiller(cfg, teacher, student).setup(next(iter(run.train_loader))[0][:2])
+...     distiller = build_distiller(cfg, teacher, student).setup(run.example())
 ...     optimizer, scheduler = build_optimization(cfg, distiller.trainable_parameters())
 ...     history = fit_run(run, DistillMethod(distiller, optimizer, scheduler), {"student": model_record(...)})
 
@@ -257,6 +257,15 @@ class Run:
         from featkd.batches import IMAGES
 
         return getattr(self.train_loader, "batch_format", IMAGES)
+
+    def example(self, item=None, n: int = 2):
+        """The first ``n`` samples of a training batch (the loader's first when ``item`` is None) on the run's device,
+        as its :attr:`batch_format` reads it: the dry-run input from which adapters and losses learn the shapes."""
+        from featkd.batches import head, to_device
+
+        if item is None:  # the loader's order is a function of (seed, epoch): no state consumed
+            item = next(iter(self.train_loader))
+        return head(to_device(self.batch_format.split(item)[0], self.device), n)
 
     def next_step(self) -> str:
         """What to do after the run stopped: the command that resumes it, or a fresh start when it holds

@@ -32,7 +32,7 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import runs
-from featkd.batches import IMAGES, call_model, head, to_device
+from featkd.batches import IMAGES, call_model
 from featkd.config import to_dict
 from featkd.teacher_input import teacher_bn_mode
 from featkd.engine import DistillMethod, MethodBase, Precision, seed_everything
@@ -264,7 +264,7 @@ def build_sweep(member_cfgs, teacher: nn.Module, teacher_state: dict, run) -> tu
     ``teacher_state``) for a started :class:`featkd.runs.Run`, and the records the members' checkpoints
     store. Each member starts exactly where ``featkd distill`` with its config starts."""
     first = next(iter(run.train_loader))  # the loader's order is a function of (seed, epoch): nothing consumed
-    example_x = head(to_device(run.batch_format.split(first)[0], run.device), 2)
+    example_x = run.example(first)
     shared = SharedTeacherOutputs()
     members, model_info = [], {}
     for name, cfg in member_cfgs:

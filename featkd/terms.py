@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featkd.layouts import CapturedFeature, Layout, canonical_shape, parse_layout, resolve_layout, to_channels_first
-from featkd.losses import build_feature_loss, feature_loss_class
+from featkd.layouts import (CapturedFeature, Layout, canonical_shape, mask_to_channels_first, parse_layout, resolve_layout,
+                            to_channels_first)
+from featkd.losses import BatchContext, build_feature_loss, feature_loss_class
 
 __all__ = ["Term", "TermModules", "Warmup", "FeatureAdapter", "build_term_pairs", "call_loss", "check_weight", "view",
            "weight_at"]
@@ -361,6 +362,17 @@ def _automatic_adapters(s_shape, t_shape) -> list[FeatureAdapter]:
         # then no learned projection stands between the student's features and the loss.
         return [FeatureAdapter(s_shape, t_shape, channels=False), full]
     return [full]
+
+
+def with_mask(context: BatchContext, mask: torch.Tensor | None, layout) -> BatchContext:
+    """``context`` with the batch's token mask as the positions of a feature's channels-first view: mapped
+    through a token layout (prefix tokens dropped or kept as the layout says), as it is otherwise (attention
+    probabilities take the (B, L) mask itself)."""
+    if mask is None:
+        return context
+    if layout is not None and layout.kind in ("NLC", "NCL"):
+        mask = mask_to_channels_first(mask, layout)
+    return replace(context, attention_mask=mask)
 
 
 def call_loss(loss: nn.Module, f_s, f_t, context) -> torch.Tensor:

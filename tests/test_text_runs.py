@@ -84,3 +84,36 @@ def test_a_sweep_of_text_students_equals_their_separate_runs(teacher, tmp_path, 
     single = metrics(tmp_path / "single")
     for key in ("train/ce", "train/kd", "train/total", "student/acc1", "student/loss"):
         assert member[0][key] == pytest.approx(single[0][key], rel=1e-6, abs=1e-7), key
+
+
+TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32,
+             "max_position_embeddings": 96, "attn_implementation": "eager"}
+TEXT_DATA = {"name": "stdlib_snippets", "batch_size": 16, "augment": False, "limit": 48, "test_limit": 32,
+             "options": {"size": 200, "seed": 1}}
+
+
+def test_the_strategies_train_on_text_from_yaml(teacher, tmp_path, capsys):
+    import yaml
+
+    common = {"seed": 1, "epochs": 1, "data": TEXT_DATA, "optim": {"name": "adamw", "lr": 1e-3},
+              "schedule": {"name": "constant"}}
+    configs = {
+        "dml": {**common, "dml": {"peers": [{"name": "hf:bert", "options": TINY_BERT}] * 2,
+                                  "terms": [{"loss": "nst", "layers": ["bert.encoder.layer.0"], "weight": 1.0}]}},
+        "born-again": {**common, "model": {"name": "hf:bert", "options": TINY_BERT},
+                       "kd": {"loss": "kd", "weight": 1.0, "options": {"T": 1.0}}, "ce_weight": 0.0,
+                       "born_again": {"generations": 2}},
+        "adversarial": {**common, "teacher": {"checkpoint": str(teacher)},
+                        "student": {"name": "hf:bert", "options": TINY_BERT}},
+    }
+    for command, config in configs.items():
+        path = tmp_path / f"{command}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        assert main([command, "--config", str(path), "--run-dir", str(tmp_path / command)]) == 0, command
+    dml = metrics(tmp_path / "dml")[-1]
+    assert {"train/peer0/ce", "train/peer0/mimicry", "train/peer0/nst", "ensemble/acc1"} <= set(dml)
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(tmp_path / "dml")]) == 0  # the ensemble rebuilt from the checkpoint
+    assert f"ensemble: acc1 {dml['ensemble/acc1']:.4f}" in capsys.readouterr().out
+    assert "bane/acc1" in metrics(tmp_path / "born-again" / "gen2")[-1]
+    assert {"train/adv", "train/l1", "student/acc1"} <= set(metrics(tmp_path / "adversarial")[-1])

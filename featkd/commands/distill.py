@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from featkd import distributed, runs
-from featkd.batches import head, to_device
 from featkd.checkpoint import model_record
 from featkd.commands._common import add_run_arguments, finished, reports_user_errors
 from featkd.config import ConfigError
@@ -51,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                       "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         # the loader's order is a function of (seed, epoch): no state consumed
         first_batch = next(iter(run.train_loader))
-        distiller.setup(head(to_device(run.batch_format.split(first_batch)[0], run.device), 2))
+        distiller.setup(run.example(first_batch))
         for key, weight in runs.calibrate_run_weights(run, distiller, first_batch).items():
             if run.is_main:
                 print(f"weight of {key} relative to the cross-entropy resolved to {weight:.6g}")

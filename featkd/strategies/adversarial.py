@@ -17,7 +17,8 @@ Updates alternate each step: the discriminator with the student fixed (student l
 detached), then the student with the discriminator fixed. The student minimises
 ``adv_weight * (source loss as "real" + class_weight * class loss) + l1_weight * |z_s - z_t|_1
 + ce_weight * CE(z_s, y)``; the L1 term is the l1 norm of the logit difference per sample
-(summed over classes), averaged over the batch.
+(summed over classes), averaged over the batch. With per-token logits (a language model; the batch read
+through a :class:`featkd.BatchFormat`) every valid token is one sample of this game, as in the per-token KD.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featkd.batches import IMAGES, BatchFormat, call_model
 from featkd.config import OptimConfig
 from featkd.engine import MethodBase, Precision
 from featkd.functional import cross_entropy
+from featkd.model_outputs import logits_of, token_rows
 from featkd.strategies.registry import Strategy, register
 
 OBJECTIVES = ("bce", "lsgan")
@@ -108,7 +111,7 @@ class AdversarialKD(MethodBase):
                  student_optimizer: torch.optim.Optimizer, discriminator_optimizer: torch.optim.Optimizer,
                  student_scheduler=None, discriminator_scheduler=None, objective: str = "bce",
                  adv_weight: float = 1.0, class_weight: float = 1.0, l1_weight: float = 1.0, ce_weight: float = 0.0,
-                 precision: Precision | None = None):
+                 precision: Precision | None = None, batch_format: BatchFormat = IMAGES):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown adversarial objective {objective!r}; expected one of {OBJECTIVES}.")
         # fit logs the student optimiser's learning rate
@@ -119,17 +122,24 @@ class AdversarialKD(MethodBase):
         self.adv_weight, self.class_weight = adv_weight, class_weight
         self.l1_weight, self.ce_weight = l1_weight, ce_weight
         self.num_classes = discriminator.num_classes
+        self.batch_format = batch_format
         self.teacher.requires_grad_(False)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, indices=None) -> dict[str, float]:
+    def _logits(self, x, y):
+        """(student logits with graph, teacher logits, targets): one row per sample, or per valid token."""
+        mask = self.batch_format.mask_of(x)
+        with torch.no_grad():
+            z_t = logits_of(call_model(self.teacher, self.batch_format.model_input(x, "teacher")))
+        z_s, y = token_rows(logits_of(call_model(self.student, self.batch_format.model_input(x))), mask, y)
+        return z_s.float(), token_rows(z_t, mask)[0].float(), y
+
+    def train_step(self, x, y: torch.Tensor, step: int, indices=None) -> dict[str, float]:
         """Discriminator step on detached student logits, then the student step against the updated one."""
         self.teacher.eval()
         self.student.train()
         self.discriminator.train()
         with self.precision.autocast():
-            with torch.no_grad():
-                z_t = self.teacher(x).float()
-            z_s = self.student(x).float()
+            z_s, z_t, y = self._logits(x, y)
             d_loss = discriminator_loss(self.discriminator(z_t), self.discriminator(z_s.detach()), y,
                                         self.num_classes, self.objective, self.class_weight)
         self.precision.backward_step(d_loss, self.discriminator_optimizer)
@@ -204,7 +214,8 @@ def _train(run, cfg, adv: AdversarialConfig) -> list[dict]:
     disc_opt, disc_sched = runs.build_optimization(disc_cfg, discriminator.parameters())
     method = AdversarialKD(student, teacher, discriminator, student_opt, disc_opt, student_sched, disc_sched,
                            objective=adv.objective, adv_weight=adv.adv_weight, class_weight=adv.class_weight,
-                           l1_weight=adv.l1_weight, ce_weight=cfg.ce_weight, precision=Precision(cfg.amp, run.device))
+                           l1_weight=adv.l1_weight, ce_weight=cfg.ce_weight, precision=Precision(cfg.amp, run.device),
+                           batch_format=run.batch_format)
     return runs.fit_run(run, method, {"student": model_record(cfg.student.name, cfg.student.options, run.info)})
 
 

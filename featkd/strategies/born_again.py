@@ -29,6 +29,7 @@ from torch import nn
 from dataclasses import dataclass
 
 from featkd import checkpoint as ckpt
+from featkd.batches import IMAGES
 from featkd.engine import Method, evaluate, fit, seed_everything
 from featkd.models.ensemble import ProbabilityAverage
 from featkd.strategies.registry import Strategy, register
@@ -140,7 +141,8 @@ def train_generations(
             generation0.eval().requires_grad_(False)
             models.append(generation0)
             records.append(generation0_info)
-            scores = evaluate(generation0, test_loader, device=fit_options.get("device"))
+            scores = evaluate(generation0, test_loader, device=fit_options.get("device"),
+                              batch_format=fit_options.get("batch_format", IMAGES))
             summary.append({"generation": 0, "source": "given checkpoint", "student/acc1": scores["acc1"]})
             continue
         seed_everything(seed + g)
@@ -199,7 +201,6 @@ def _train(run, cfg, ban: BornAgainConfig) -> list[dict]:
     from featkd.teachers import load_teacher
 
     precision = Precision(cfg.amp, run.device)
-    example = next(iter(run.train_loader))[0][:2]
 
     def make_model():
         return runs.build_model(cfg.model.name, cfg.model.options, run.info, run.device, cfg.channels_last)
@@ -208,8 +209,8 @@ def _train(run, cfg, ban: BornAgainConfig) -> list[dict]:
         if teacher is None:
             optimizer, scheduler = runs.build_optimization(cfg, student.parameters())
             return SupervisedMethod(student, optimizer, scheduler, precision=precision, grad_clip=cfg.grad_clip,
-                                    name="student")
-        distiller = runs.build_distiller(cfg, teacher, student).setup(example)
+                                    name="student", batch_format=run.batch_format)
+        distiller = runs.build_distiller(cfg, teacher, student, batch_format=run.batch_format).setup(run.example())
         optimizer, scheduler = runs.build_optimization(cfg, distiller.trainable_parameters())
         return DistillMethod(distiller, optimizer, scheduler, precision=precision, grad_clip=cfg.grad_clip,
                              steps_per_epoch=len(run.train_loader))
@@ -223,7 +224,8 @@ def _train(run, cfg, ban: BornAgainConfig) -> list[dict]:
                                     generation0=generation0, generation0_info=generation0_info,
                                     config=run.saved_config,
                                     model_info=model_record(cfg.model.name, cfg.model.options, run.info),
-                                    device=run.device, channels_last=cfg.channels_last)
+                                    device=run.device, channels_last=cfg.channels_last,
+                                    batch_format=run.batch_format)
     finally:
         distributed.shutdown()
     for row in summary:

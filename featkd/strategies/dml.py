@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from featkd.batches import IMAGES, BatchFormat, call_model
 from featkd.config import ModelConfig
 from featkd.engine import MethodBase, Precision
 from featkd.functional import cross_entropy, dml_kl_loss, kd_loss
@@ -31,9 +32,10 @@ from featkd.hooks import FeatureExtractor
 from featkd.layer_info import describe_features
 from featkd.layer_specs import resolve_layers
 from featkd.losses import BatchContext
+from featkd.model_outputs import logits_of, token_rows
 from featkd.models.ensemble import ProbabilityAverage
 from featkd.strategies.registry import Strategy, register
-from featkd.terms import Term, build_term_pairs, call_loss, view
+from featkd.terms import Term, build_term_pairs, call_loss, view, with_mask
 
 MODES = ("pairwise", "ensemble")
 
@@ -101,13 +103,16 @@ class DeepMutualLearning(MethodBase):
     in ``on_epoch_end``. ``ce_weight`` and ``mimicry_weight`` scale the two parts of L_k (1 and 1
     in the paper). ``terms`` are feature-transfer terms between peers; they need
     ``example_input`` (one batch, for a dry-run forward that gives the feature shapes).
-    ``precision`` (featkd.engine.Precision) gives autocast and gradient scaling.
+    ``precision`` (featkd.engine.Precision) gives autocast and gradient scaling. ``batch_format``
+    (:class:`featkd.BatchFormat`) says how the peers are called on a batch and where its token mask is: with
+    per-token logits the cross-entropy and the mimicry run over the valid tokens, and the feature terms
+    leave padding out.
     """
 
     def __init__(self, peers: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
                  schedulers: Sequence | None = None, mode: str = "pairwise", temperature: float = 1.0,
                  ce_weight: float = 1.0, mimicry_weight: float = 1.0, terms: Sequence[PeerTermConfig] = (),
-                 example_input: torch.Tensor | None = None, precision: Precision | None = None):
+                 example_input=None, precision: Precision | None = None, batch_format: BatchFormat = IMAGES):
         if len(peers) < 2:
             raise ValueError(f"Deep Mutual Learning needs at least 2 peers, got {len(peers)}.")
         if len(optimizers) != len(peers):
@@ -121,6 +126,7 @@ class DeepMutualLearning(MethodBase):
         self.peers = list(peers)
         self.optimizers = list(optimizers)
         self.mode, self.temperature = mode, temperature
+        self.batch_format = batch_format
         self.ce_weight, self.mimicry_weight = ce_weight, mimicry_weight
         for term in terms:
             if not term.layers:
@@ -144,8 +150,10 @@ class DeepMutualLearning(MethodBase):
         self.extractors = [FeatureExtractor(p, self.layers) for p in self.peers] if self.layers else []
         self.ensemble = ProbabilityAverage(self.peers)
 
-    def _build_term_pairs(self, example_input: torch.Tensor) -> None:
-        features = [describe_features(peer, self.layers, example_input) for peer in self.peers]
+    def _build_term_pairs(self, example_input) -> None:
+        model_input = self.batch_format.model_input(example_input)
+        features = [describe_features(peer, self.layers, model_input) for peer in self.peers]
+        device = next(self.peers[0].parameters()).device
         for k in range(len(self.peers)):
             learned = []  # adapters and loss parameters (e.g. a FitNets regressor) learn with peer k
             for l in range(len(self.peers)):
@@ -155,7 +163,7 @@ class DeepMutualLearning(MethodBase):
                     for layer in term.layers:
                         between = Term(layer, loss=term.loss, options=term.options,
                                        name=f"{self.term_keys[i]}:{layer} from peer{k} to peer{l}")
-                        built = build_term_pairs(between, features[k], features[l], example_input.device)
+                        built = build_term_pairs(between, features[k], features[l], device)
                         pair = self.pairs[(k, l, i, layer)] = nn.ModuleList([built.adapters[0], built.losses[0]])
                         self.pair_layouts[(k, l, i, layer)] = (built.student_layouts[0], built.teacher_layouts[0])
                         self.term_modules.append(pair)
@@ -163,22 +171,28 @@ class DeepMutualLearning(MethodBase):
             if learned:
                 self.optimizers[k].add_param_group({"params": learned})
 
-    def _forward(self, k: int, x: torch.Tensor):
+    def _forward(self, k: int, x):
+        """Peer k's logits and captured features on batch ``x``."""
+        model_input = self.batch_format.model_input(x)
         with self.precision.autocast():
             if self.extractors:
-                return self.extractors[k](x)
-            return self.peers[k](x), {}
+                output, features = call_model(self.extractors[k], model_input)
+            else:
+                output, features = call_model(self.peers[k], model_input), {}
+        return logits_of(output), features
 
-    def _pair_loss(self, k: int, l: int, i: int, layer: str, feats, target_feats, context) -> torch.Tensor:
-        """Term ``i``'s loss at ``layer`` from peer k's feature (adapted) to peer l's."""
+    def _pair_loss(self, k: int, l: int, i: int, layer: str, feats, target_feats, context, mask) -> torch.Tensor:
+        """Term ``i``'s loss at ``layer`` from peer k's feature (adapted) to peer l's; ``mask``: the batch's token mask."""
         adapter, loss = self.pairs[(k, l, i, layer)]
         own, target = self.pair_layouts[(k, l, i, layer)]
-        return call_loss(loss, adapter(view(feats[layer], own)), view(target_feats[layer], target), context)
+        return call_loss(loss, adapter(view(feats[layer], own)), view(target_feats[layer], target),
+                         with_mask(context, mask, own))
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, indices=None) -> dict[str, float]:
+    def train_step(self, x, y: torch.Tensor, step: int, indices=None) -> dict[str, float]:
         """One DML step (Algorithm 1): update peers 0..K-1 in order, each against the current others."""
         for peer in self.peers:
             peer.train()
+        mask = self.batch_format.mask_of(x)
         # Every peer's prediction with its graph; a peer l > k is not updated before its own turn,
         # so its graph stays valid until then.
         outputs = [self._forward(k, x) for k in range(len(self.peers))]
@@ -188,14 +202,15 @@ class DeepMutualLearning(MethodBase):
         for k, (logits, feats) in enumerate(outputs):
             others = [l for l in range(len(self.peers)) if l != k]
             with self.precision.autocast():
-                ce = cross_entropy(logits, y)
-                mimicry = mutual_loss(logits.float(), [targets[l][0].float() for l in others], self.mode,
-                                      self.temperature)
+                rows, y_rows = token_rows(logits, mask, y)  # per token: the valid ones only
+                ce = cross_entropy(rows, y_rows)
+                mimicry = mutual_loss(rows.float(), [token_rows(targets[l][0], mask)[0].float() for l in others],
+                                      self.mode, self.temperature)
                 loss = self.ce_weight * ce + self.mimicry_weight * mimicry
                 metrics[f"peer{k}/ce"] = ce.item()
                 metrics[f"peer{k}/mimicry"] = mimicry.item()
                 for i, term in enumerate(self.terms):
-                    term_value = sum(self._pair_loss(k, l, i, layer, feats, targets[l][1], context)
+                    term_value = sum(self._pair_loss(k, l, i, layer, feats, targets[l][1], context, mask)
                                      for l in others for layer in term.layers) / len(others)
                     loss = loss + term.weight * term_value
                     metrics[f"peer{k}/{self.term_keys[i]}"] = term_value.item()
@@ -249,11 +264,11 @@ def _train(run, cfg, dml: DMLConfig) -> list[dict]:
 
     peers = [runs.build_model(p.name, p.options, run.info, run.device, cfg.channels_last) for p in dml.peers]
     optimization = [runs.build_optimization(cfg, peer.parameters()) for peer in peers]
-    example = next(iter(run.train_loader))[0][:2] if dml.terms else None
     method = DeepMutualLearning(peers, [o for o, _ in optimization], [s for _, s in optimization], mode=dml.mode,
                                 temperature=dml.temperature, ce_weight=dml.ce_weight,
-                                mimicry_weight=dml.mimicry_weight, terms=dml.terms, example_input=example,
-                                precision=Precision(cfg.amp, run.device))
+                                mimicry_weight=dml.mimicry_weight, terms=dml.terms,
+                                example_input=run.example() if dml.terms else None,
+                                precision=Precision(cfg.amp, run.device), batch_format=run.batch_format)
     records = {f"peer{k}": model_record(p.name, p.options, run.info) for k, p in enumerate(dml.peers)}
     records["ensemble"] = ensemble_record(list(records.values()))  # the peers' averaged softmax, in order
     return runs.fit_run(run, method, records)
