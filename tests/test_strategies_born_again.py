@@ -150,3 +150,14 @@ def test_cli_runs_generations_and_resumes(tmp_path, subprocess_env, python_exe):
                            env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "generation 1: complete" in again.stdout and (run / "gen2" / "last.pt").is_file()
+
+
+def test_a_weight_relative_to_the_cross_entropy_is_refused_before_anything_is_written(tmp_path, capsys):
+    from featkd.cli import main
+
+    status = main(["born-again", "--config", "born_again", "--run-dir", str(tmp_path / "ban"),
+                   "data.name=synthetic", "epochs=1", "kd.weight={relative_to_ce: 1.0}"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "takes absolute weights, and kd.weight is relative to the cross-entropy; give a number" in err
+    assert not (tmp_path / "ban").exists()

@@ -183,13 +183,21 @@ class BornAgainConfig:
 
 
 def _check(cfg, ban: BornAgainConfig) -> None:
-    from featkd.config import ConfigError
+    from featkd.config import ConfigError, RelativeWeightConfig
 
     if cfg.model is None:
         raise ConfigError("featkd born-again needs model.name: the architecture of every generation")
     if cfg.kd is None and not cfg.terms:
         raise ConfigError("featkd born-again needs kd (e.g. {loss: kd, weight: 1, options: {T: 1}}) or terms: "
                           "what each generation learns from the previous one")
+    relative = [f"terms.{i}.weight" for i, term in enumerate(cfg.terms) if isinstance(term.weight, RelativeWeightConfig)]
+    if cfg.kd is not None and isinstance(cfg.kd.weight, RelativeWeightConfig):
+        relative.insert(0, "kd.weight")
+    if relative:
+        # each generation has another teacher, so one weight resolved on the first batch would hold for one only
+        raise ConfigError(f"featkd born-again takes absolute weights, and {', '.join(relative)} is relative to the "
+                          "cross-entropy; give a number (featkd distill resolves relative weights and records the "
+                          "number in its run's config.yaml)")
 
 
 def _train(run, cfg, ban: BornAgainConfig) -> list[dict]:
