@@ -105,9 +105,12 @@ def group_final(runs: Sequence[Run], by: str | Callable[[Run], object], key: str
 
 
 def save_figure(fig: Figure, stem: str | Path, *, overwrite: bool = False, dpi: int = 150) -> list[Path]:
-    """Write ``stem.png`` and ``stem.pdf``; an existing file is kept unless ``overwrite``."""
+    """Write ``stem.png`` and ``stem.pdf``; an existing file is kept unless ``overwrite``. The suffixes are added to
+    the whole name (``limited-data-0.01`` stays itself), and a given ``.png`` or ``.pdf`` names the same pair."""
     stem = Path(stem)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    if stem.suffix in (".png", ".pdf"):
+        stem = stem.with_suffix("")
+    paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"not overwriting {', '.join(existing)}: choose another --out, or replace them with "
@@ -207,8 +210,8 @@ def paired_deltas(accuracies: Mapping[str, Sequence[float]], *, baseline: str = 
             ax.axhline(gap, color="gray", linestyle="--", linewidth=1, label=f"teacher − {baseline} mean ({gap:+.2f})")
         else:
             ax.plot([], [], " ", label=f"teacher − {baseline} mean: {gap:+.2f} (off the scale)")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16 if len(labels) <= 4 else -0.3), fontsize="small",
-                  frameon=False)
+        # below the figure, where the constrained layout makes room under the (rotated) method names
+        fig.legend(loc="outside lower center", fontsize="small", frameon=False)
     ax.set_xlim(-0.6, len(labels) - 0.4)
     ticks = [label if words[label] != "too few seeds" else f"{label}\n(too few seeds)" for label in labels]
     ax.set_xticks(np.arange(len(labels)), ticks, rotation=30 if len(labels) > 4 else 0,

@@ -118,6 +118,10 @@ def test_tiny_table_end_to_end_and_datasize_plot(tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1%\n1 ep", "2%\n1 ep"]
     assert main(["plot", "datasize", *map(str, results), "--out", str(tmp_path / "fig")]) == 0
     assert (tmp_path / "fig.png").stat().st_size > 1000
+    assert main(["plot", "deltas", str(results[0]), "--out", str(tmp_path / "deltas-0.01")]) == 0
+    assert (tmp_path / "deltas-0.01.png").stat().st_size > 1000 and (tmp_path / "deltas-0.01.pdf").is_file()
+    assert main(["plot", "deltas", str(results[0]), "--table", "tuned", "--out", str(tmp_path / "t")]) == 2
+    assert not (tmp_path / "t.png").exists()
 
 
 @pytest.mark.slow

@@ -68,6 +68,10 @@ def test_kernel_ablation_values_and_files(runs, tmp_path):
     assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
     with pytest.raises(FileExistsError, match="not overwriting"):
         plots.save_figure(fig, tmp_path / "out" / "ablation")
+    # a dot in the name is part of it (it once named "limited-data-0.png"), and a given .png names the same pair
+    dotted = plots.save_figure(fig, tmp_path / "out" / "limited-data-0.01-tuned")
+    assert [p.name for p in dotted] == ["limited-data-0.01-tuned.png", "limited-data-0.01-tuned.pdf"]
+    assert plots.save_figure(fig, tmp_path / "out" / "ablation.png", overwrite=True) == paths
 
 
 def test_sweep_plot_values(runs):

@@ -6,6 +6,7 @@
     featkd plot curves   runs/demo/demo/* --out figs/curves
     featkd plot attention --teacher runs/t/last.pt --student runs/s/last.pt --out figs/attention
     featkd plot datasize runs/repro/limited-data-*.json --out figs/datasize
+    featkd plot deltas   runs/repro/limited-data-0.01-fashion_mnist.json --table tuned --out figs/deltas-tuned
 
 A sweep directory stands for its members (``members/<name>/``); any other argument is one run
 directory (``metrics.jsonl`` + ``config.yaml``). Values are those of the last epoch.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{ablation,sweep,curves,attention,datasize}")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{ablation,sweep,curves,attention,datasize,deltas}")
     ablation = kinds.add_parser("ablation", help="metric per method/kernel with error bars over seeds")
     sweep = kinds.add_parser("sweep", help="metric against a swept hyper-parameter (λ, T, ...)")
     curves = kinds.add_parser("curves", help="every named loss and the accuracy against the epoch")
@@ -43,6 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     datasize.add_argument("--out", type=Path, required=True, help="output path without suffix (writes .png and .pdf)")
     datasize.add_argument("--overwrite", action="store_true", help="replace existing figure files")
     datasize.add_argument("--title")
+    deltas = kinds.add_parser("deltas", help="each method's paired Δ vs the student with its 95%% interval and "
+                                             "verdict (one table of featkd repro limited-data results)")
+    deltas.add_argument("result", type=Path, help="the .json file written next to the table")
+    deltas.add_argument("--table", choices=("published", "tuned"), default="published",
+                        help="the published settings' table, or the tuned one's (default: published)")
+    deltas.add_argument("--out", type=Path, required=True, help="output path without suffix (writes .png and .pdf)")
+    deltas.add_argument("--overwrite", action="store_true", help="replace existing figure files")
+    deltas.add_argument("--title")
     attention = kinds.add_parser("attention", help="teacher vs student AT attention maps for a few test images")
     attention.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (.pt)")
     attention.add_argument("--student", required=True, help="student checkpoint (.pt), or CKPT:name for one of several")
@@ -97,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
         from featkd.repro.limited_data import load_results
 
         fig = plots.data_size_curve(load_results(args.results), title=args.title)
+    elif args.kind == "deltas":
+        fig = _deltas_figure(args)
     elif args.kind == "curves":
         runs = expand_runs(args.runs)
         curves = {}
@@ -125,6 +136,25 @@ def _run(args: argparse.Namespace) -> int:
     for path in plots.save_figure(fig, args.out, overwrite=args.overwrite):
         print(f"wrote {path}")
     return 0
+
+
+def _deltas_figure(args):
+    from featkd import plots
+    from featkd.repro.limited_data import load_results
+    from featkd.repro.limited_data_report import comparison_groups
+
+    result = load_results([args.result])[0]
+    accuracies = result["accuracies"]
+    tables = {"published" if baseline == "student" else "tuned": (title, baseline, names)
+              for title, baseline, names in comparison_groups(list(accuracies))}
+    if args.table not in tables:
+        raise ValueError(f"{args.result} holds no {args.table} table, only: {', '.join(tables)} (--table)")
+    title, baseline, names = tables[args.table]
+    seeds = len(result["seeds"])
+    return plots.paired_deltas({name: accuracies[name] for name in names}, baseline=baseline,
+                               teacher=result["teacher_acc"],
+                               title=args.title or f"{result['fraction']:.0%} of the training images, {title}: "
+                                                   f"Δ vs {baseline}, mean ± 95% CI over {seeds} seeds")
 
 
 def _attention_figure(args):
