@@ -128,9 +128,13 @@ def detectable_effect(differences: Sequence[float], level: float = LEVEL, power:
     summary = Summary.of(differences)
     if summary.n < 2:
         return math.nan
-    df = summary.n - 1
-    t_sum = scipy_stats.t.ppf(0.5 + level / 2, df) + scipy_stats.t.ppf(power, df)
-    return float(t_sum * summary.std / math.sqrt(summary.n))
+    return _detectable_at(summary.std, summary.n, level, power)
+
+
+def _detectable_at(std: float, n: int, level: float, power: float) -> float:
+    """(t_{n-1, 1-α/2} + t_{n-1, power}) · std / √n: the smallest Δ n seeds with paired spread ``std`` detect."""
+    t_sum = scipy_stats.t.ppf(0.5 + level / 2, n - 1) + scipy_stats.t.ppf(power, n - 1)
+    return float(t_sum * std / math.sqrt(n))
 
 
 def seeds_to_detect(differences: Sequence[float], effect: float, level: float = LEVEL, power: float = POWER,
@@ -141,11 +145,7 @@ def seeds_to_detect(differences: Sequence[float], effect: float, level: float = 
     summary = Summary.of(differences)
     if summary.n < 2:
         return None
-    for n in range(2, most + 1):
-        t_sum = scipy_stats.t.ppf(0.5 + level / 2, n - 1) + scipy_stats.t.ppf(power, n - 1)
-        if t_sum * summary.std / math.sqrt(n) <= effect:
-            return n
-    return None
+    return next((n for n in range(2, most + 1) if _detectable_at(summary.std, n, level, power) <= effect), None)
 
 
 def reference_effect_lines(accuracies: dict[str, Sequence[float]], reference: Callable[[str], tuple[float, str] | None],
@@ -156,9 +156,9 @@ def reference_effect_lines(accuracies: dict[str, Sequence[float]], reference: Ca
     lines = []
     for name, values in accuracies.items():
         effect = reference(name) if name != baseline else None
-        differences = [v - b for v, b in zip(values, base)]
-        if effect is None or len(differences) < 2:
+        if effect is None or len(values) < 2:
             continue
+        differences = [v - b for v, b in zip(values, base)]
         points, source = effect
         detectable, n = detectable_effect(differences), len(differences)
         if detectable <= points:
