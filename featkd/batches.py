@@ -113,6 +113,10 @@ class BatchFormat:
             raise _missing_keys(batch, spec, "inputs" if role == "student" else f"{role}_inputs")
         return {**{k: batch[k] for k in spec}, **self.options}
 
+    def call(self, model: Callable, batch: Any, role: str = "student") -> Any:
+        """``model`` (or a feature extractor around it) called on ``batch`` as the ``role`` model takes it."""
+        return call_model(model, self.model_input(batch, role))
+
     def mask_of(self, batch: Any) -> Tensor | None:
         """The batch's token mask, or None when the format names none."""
         if self.mask is None:

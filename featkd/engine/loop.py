@@ -24,7 +24,7 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import distributed
-from featkd.batches import IMAGES, BatchFormat, batch_size, call_model, to_device
+from featkd.batches import IMAGES, BatchFormat, batch_size, to_device
 from featkd.config import changed_keys
 from featkd.engine.method import Method
 from featkd.engine.precision import Precision
@@ -86,7 +86,7 @@ def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = No
             x, y, _ = batch_format.split(item)
             x, y = to_device(x, device, channels_last), to_device(y, device)
             with precision.autocast():
-                logits = logits_of(call_model(model, batch_format.model_input(x)))
+                logits = logits_of(batch_format.call(model, x))
             logits, y = token_rows(logits, batch_format.mask_of(x), y)
             labeled = y >= 0
             logits, y = logits[labeled].float(), y[labeled]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featkd.batches import IMAGES, BatchFormat, call_model
+from featkd.batches import IMAGES, BatchFormat
 from featkd.config import OptimConfig
 from featkd.engine import MethodBase, Precision
 from featkd.functional import cross_entropy
@@ -129,8 +129,8 @@ class AdversarialKD(MethodBase):
         """(student logits with graph, teacher logits, targets): one row per sample, or per valid token."""
         mask = self.batch_format.mask_of(x)
         with torch.no_grad():
-            z_t = logits_of(call_model(self.teacher, self.batch_format.model_input(x, "teacher")))
-        z_s, y = token_rows(logits_of(call_model(self.student, self.batch_format.model_input(x))), mask, y)
+            z_t = logits_of(self.batch_format.call(self.teacher, x, "teacher"))
+        z_s, y = token_rows(logits_of(self.batch_format.call(self.student, x)), mask, y)
         return z_s.float(), token_rows(z_t, mask)[0].float(), y
 
     def train_step(self, x, y: torch.Tensor, step: int, indices=None) -> dict[str, float]:

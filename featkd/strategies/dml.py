@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from featkd.batches import IMAGES, BatchFormat, call_model
+from featkd.batches import IMAGES, BatchFormat
 from featkd.config import ModelConfig
 from featkd.engine import MethodBase, Precision
 from featkd.functional import cross_entropy, dml_kl_loss, kd_loss
@@ -173,12 +173,11 @@ class DeepMutualLearning(MethodBase):
 
     def _forward(self, k: int, x):
         """Peer k's logits and captured features on batch ``x``."""
-        model_input = self.batch_format.model_input(x)
         with self.precision.autocast():
             if self.extractors:
-                output, features = call_model(self.extractors[k], model_input)
+                output, features = self.batch_format.call(self.extractors[k], x)
             else:
-                output, features = call_model(self.peers[k], model_input), {}
+                output, features = self.batch_format.call(self.peers[k], x), {}
         return logits_of(output), features
 
     def _pair_loss(self, k: int, l: int, i: int, layer: str, feats, target_feats, context, mask) -> torch.Tensor:
