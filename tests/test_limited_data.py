@@ -9,6 +9,7 @@ import yaml
 
 from featkd import plots, repro, teachers
 from featkd.repro import limited_data, limited_data_report
+from featkd.checkpoint import RunDirectoryExistsError
 from featkd.cli import main
 
 
@@ -259,3 +260,46 @@ def test_a_tuned_recipe_left_as_published_is_not_trained_twice():
     assert at.with_changes({"epochs": 20}).trains_as(at, 20) and not at.with_changes({"epochs": 30}).trains_as(at, 20)
     assert not at.with_changes({"weight.scale": 0.5}).trains_as(at, 20)
     assert not limited_data.RECIPES["NST-poly"].trains_as(limited_data.RECIPES["NST-gaussian"], 20)
+
+
+@pytest.mark.slow
+def test_students_split_over_sweeps_or_added_later_equal_one_sweep(tmp_path):
+    teacher = _tiny_teacher(tmp_path)
+    setup = limited_data.LimitedDataSetup(fraction=0.02, epochs=1, seeds=(0,), methods=("student", "AT", "KD", "NST-poly"),
+                                          batch_size=8, test_limit=40, student="wrn10_1", validation_size=200)
+
+    def run(name, setup, recipes=None, log=lambda _: None):
+        return limited_data.run_limited_data(teacher, setup, tmp_path / name, data=repro.DataSpec("synthetic"),
+                                             device="cpu", recipes=recipes, log=log)
+
+    def sweeps(name):
+        table = tmp_path / name / "limited-data-0.02-synthetic"
+        return {p.name: sorted(m.name for m in (p / "members").iterdir()) for p in sorted(table.iterdir())}
+
+    def member_metrics(name, sweep, member):
+        path = tmp_path / name / "limited-data-0.02-synthetic" / sweep / "members" / member / "metrics.jsonl"
+        return [{k: v for k, v in json.loads(line).items() if "time" not in k} for line in path.read_text().splitlines()]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run("one", setup)
+        run("added", dataclasses.replace(setup, methods=("student", "AT")))
+        lines = []
+        added = run("added", setup, log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    split = run("split", dataclasses.replace(setup, jobs=2))  # 4 students of one seed: 2 per process
+
+    assert sweeps("one") == {"seed0-1ep": ["AT-s0", "KD-s0", "NST-poly-s0", "student-s0"]}
+    assert sweeps("split") == {"seed0-1ep": ["AT-s0", "student-s0"], "seed0-1ep-2": ["KD-s0", "NST-poly-s0"]}
+    assert sweeps("added") == {"seed0-1ep": ["AT-s0", "student-s0"], "seed0-1ep-2": ["KD-s0", "NST-poly-s0"]}
+    assert any(line.startswith("reusing finished run") and line.endswith("seed0-1ep") for line in lines)
+    assert split.accuracies == one.accuracies and added.accuracies == one.accuracies
+    for member, sweep in [("student-s0", "seed0-1ep"), ("NST-poly-s0", "seed0-1ep-2")]:
+        assert member_metrics("split", sweep, member) == member_metrics("one", "seed0-1ep", member)
+
+    # a stored student is never taken for one trained otherwise under the same name
+    halved = {**limited_data.RECIPES, "AT": limited_data.RECIPES["AT"].with_changes({"weight.scale": 0.5})}
+    with pytest.raises(RunDirectoryExistsError, match="holds AT trained with other terms than asked"):
+        run("added", setup, recipes=halved)

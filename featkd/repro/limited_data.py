@@ -43,6 +43,7 @@ from featkd.repro.recipes import RecipeSpec, load_recipes
 from featkd.repro.limited_data_report import TUNED, render_report
 from featkd.repro.report import DataSpec
 from featkd.repro.students import run_students
+from featkd.repro.sweep_plan import PlannedSweep, SweepGroup, plan_sweeps
 
 STUDENT, TEACHER = "wrn16_1", "wrn16_2"
 RECIPES: dict[str, RecipeSpec] = load_recipes("limited_data")
@@ -191,24 +192,25 @@ class LimitedDataCells:
     def train_examples(self) -> int:
         return self.setup.train_limit(self.full_size)
 
-    def sweeps(self, recipes: Mapping[str, RecipeSpec]) -> list[tuple[int, str, list[str]]]:
-        """``(epochs, group, names)`` of each sweep that trains ``recipes`` on one seed: one per training length,
-        the tuned recipes (``group`` "-tuned") apart from the published ones, so that adding --tuned to a
-        finished table reuses its published students rather than asking for a sweep of other members."""
-        groups: dict[tuple[int, str], list[str]] = {}
-        for name, spec in recipes.items():
-            key = (int(spec.changes.get("epochs", self.setup.epochs)), TUNED if name.endswith(TUNED) else "")
-            groups.setdefault(key, []).append(name)
-        return [(epochs, group, names) for (epochs, group), names in sorted(groups.items())]
+    def sweep_groups(self, work: Sequence[tuple[int, Mapping[str, RecipeSpec]]]) -> list[SweepGroup]:
+        """The students of each ``(seed, recipes)`` of ``work`` by training length, the tuned recipes (group
+        "-tuned") apart from the published ones, so that adding --tuned to a finished table reuses its published
+        sweeps as they are."""
+        groups: dict[tuple[int, int, str], list[str]] = {}
+        for item, (seed, recipes) in enumerate(work):
+            for name, spec in recipes.items():
+                length = int(spec.changes.get("epochs", self.setup.epochs))
+                groups.setdefault((item, length, TUNED if name.endswith(TUNED) else ""), []).append(name)
+        return [SweepGroup(item, work[item][0], epochs, group, tuple(names))
+                for (item, epochs, group), names in sorted(groups.items())]
 
-    def train_sweep(self, seed: int, epochs: int, group: str, recipes: Mapping[str, RecipeSpec],
-                    run_dir: Path) -> dict[str, float]:
-        """Train ``recipes`` for ``epochs`` on seed ``seed``'s subset, batches, augmentation and initial weights,
-        in one sweep (one teacher forward per batch) in ``run_dir/seed<seed>-<epochs>ep<group>``; return
+    def train_sweep(self, sweep: PlannedSweep, recipes: Mapping[str, RecipeSpec], run_dir: Path) -> dict[str, float]:
+        """Train ``recipes`` for ``sweep.epochs`` on seed ``sweep.seed``'s subset, batches, augmentation and initial
+        weights, in one sweep (one teacher forward per batch) in ``run_dir/sweep.directory``; return
         ``{name: accuracy %}`` on the evaluation set."""
         from featkd.data import DeviceLoader
 
-        setup, size = self.setup, self.train_examples
+        setup, size, seed = self.setup, self.train_examples, sweep.seed
         base = {"experiment": "limited-data", "fraction": setup.fraction, "train_examples": size,
                 "teacher": str(self.teacher_path), "dataset": self.data.name, "evaluation": setup.evaluation,
                 "validation_size": setup.validation_size, "data_seed": seed}
@@ -216,47 +218,49 @@ class LimitedDataCells:
         # the official AT code's data: pad 4 by reflection, crop, flip; every image once an epoch
         train_loader = DeviceLoader(train, setup.batch_size, shuffle=True, augment=True, device=self.device,
                                     seed=seed, pad=4, pad_mode="reflect", drop_last=False)
-        budget = dataclasses.replace(setup.budget(), epochs=epochs, seeds=(seed,))
+        budget = dataclasses.replace(setup.budget(), epochs=sweep.epochs, seeds=(seed,))
         accs = run_students(self.teacher, setup.student, [spec.to_recipe(name) for name, spec in recipes.items()],
-                            budget, train.info, train_loader, self.eval_loader, run_dir / f"seed{seed}-{epochs}ep{group}",
-                            self.device, base, self.log, eval_every=setup.eval_every or epochs,
+                            budget, train.info, train_loader, self.eval_loader, run_dir / sweep.directory,
+                            self.device, base, self.log, eval_every=setup.eval_every or sweep.epochs,
                             records={name: spec.record() for name, spec in recipes.items()})
         return {name: accs[name][0] for name in recipes}
 
     def train_seeds(self, work: Sequence[tuple[int, Mapping[str, RecipeSpec]]], run_dir: Path) -> list[dict[str, float]]:
         """For each ``(seed, recipes)`` of ``work``, ``{name: accuracy %}`` of those recipes trained on that seed's
-        data (:meth:`train_sweep`, one sweep per length); with ``setup.jobs`` > 1 the sweeps run in that many
-        1-thread processes (:mod:`featkd.repro.processes`)."""
-        units = [(i, seed, epochs, group, {name: recipes[name] for name in names})
-                 for i, (seed, recipes) in enumerate(work) for epochs, group, names in self.sweeps(recipes)]
+        data, in the sweeps :func:`featkd.repro.sweep_plan.plan_sweeps` plans (those stored in ``run_dir``
+        reused); with ``setup.jobs`` > 1 in that many 1-thread processes (:mod:`featkd.repro.processes`)."""
+        training = {name: spec.training() for _, recipes in work for name, spec in recipes.items()}
+        processes = plan_sweeps(run_dir, self.sweep_groups(work), self.setup.jobs, training, log=self.log)
+        calls = [[(sweep, {name: work[sweep.item][1][name] for name in sweep.names}) for sweep in sweeps]
+                 for sweeps in processes]
         if self.setup.jobs > 1:
-            # the longest sweeps first (epochs x students), so that the processes finish about together
-            units.sort(key=lambda unit: -unit[2] * len(unit[4]))
             opened = (self.teacher_path, self.setup, self.data, self.device, self.shipped, self.teacher_acc)
-            results = map_in_processes(_train_sweep_in_process,
-                                       [(opened, *unit[1:], run_dir) for unit in units], self.setup.jobs)
+            results = map_in_processes(_train_sweeps_in_process, [(opened, sweeps, run_dir) for sweeps in calls],
+                                       self.setup.jobs)
         else:
-            results = [self.train_sweep(*unit[1:], run_dir) for unit in units]
+            results = [[self.train_sweep(sweep, recipes, run_dir) for sweep, recipes in sweeps] for sweeps in calls]
         merged: list[dict[str, float]] = [{} for _ in work]
-        for unit, accuracies in zip(units, results):
-            merged[unit[0]].update(accuracies)
+        for sweeps, accuracies in zip(processes, results):
+            for sweep, per_sweep in zip(sweeps, accuracies):
+                merged[sweep.item].update(per_sweep)
         return merged
 
 
-_OPENED: dict = {}  # in a worker process: the cells it opened, reused by its next sweep of the same table
+def _train_sweeps_in_process(opened, sweeps, run_dir) -> list[dict[str, float]]:
+    """One process's sweeps (:meth:`LimitedDataCells.train_sweep`), one after the other, on the cells it opens."""
+    cells = None
+    results = []
+    for sweep, recipes in sweeps:
+        def log(line, sweep=sweep):
+            print(f"[{sweep.directory}] {line}", flush=True)
 
-
-def _train_sweep_in_process(opened, seed, epochs, group, recipes, run_dir) -> dict[str, float]:
-    def log(line):
-        print(f"[seed {seed}, {epochs} ep{group}] {line}", flush=True)
-
-    if _OPENED.get("args") != opened:
-        teacher_path, setup, data, device, shipped, teacher_acc = opened
-        _OPENED.update(args=opened, cells=LimitedDataCells.open(teacher_path, setup, data=data, device=device,
-                                                                shipped=shipped, log=log, teacher_acc=teacher_acc))
-    cells = _OPENED["cells"]
-    cells.log = log
-    return cells.train_sweep(seed, epochs, group, recipes, run_dir)
+        if cells is None:
+            teacher_path, setup, data, device, shipped, teacher_acc = opened
+            cells = LimitedDataCells.open(teacher_path, setup, data=data, device=device, shipped=shipped, log=log,
+                                          teacher_acc=teacher_acc)
+        cells.log = log
+        results.append(cells.train_sweep(sweep, recipes, run_dir))
+    return results
 
 
 def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root: Path, *, data=None,

@@ -66,13 +66,16 @@ class RecipeSpec:
                 "kd": None if self.kd is None else to_dict(self.kd_config()), "ce_weight": self.ce_weight,
                 "source": self.source, "changes": dict(self.changes)}
 
+    def training(self) -> dict:
+        """What of :meth:`record` decides how a student trains (its losses and weights; the length is the sweep's)."""
+        return {k: v for k, v in self.record().items() if k not in ("recipe", "source", "changes")}
+
     def trains_as(self, other: RecipeSpec, default_epochs: int) -> bool:
         """Whether this recipe trains a student exactly as ``other`` does (the same losses, weights and length):
         its numbers are then ``other``'s, seed for seed, and it need not be trained again."""
-        def training(spec):
-            record = {k: v for k, v in spec.record().items() if k not in ("recipe", "source", "changes")}
-            return record, int(spec.changes.get("epochs", default_epochs))
-        return training(self) == training(other)
+        def length(spec):
+            return int(spec.changes.get("epochs", default_epochs))
+        return self.training() == other.training() and length(self) == length(other)
 
     def with_changes(self, changes: Mapping[str, Any]) -> RecipeSpec:
         """This recipe with ``changes`` applied: ``weight.relative_to_ce`` (every term's weight as that ratio to the
