@@ -4,14 +4,14 @@ Hinton et al. (2015) trained a speech model on 3% of its data: hard targets reac
 accuracy, the full model's soft targets 57.5%. Knowledge transfer is largest where the student's own
 data is scarce and the teacher has seen much more; that is where feature transfer can be measured on
 a 2-core CPU. Here the teacher (WRN-16-2) is trained once on all of Fashion-MNIST's training split;
-the students (WRN-16-1) see a class-balanced ``fraction`` of it, every method and seed in one sweep
-(one teacher forward per batch, members of one seed share the student's initial weights and
-batches), and each method is compared with the student alone *paired by seed* (:mod:`featkd.stats`).
+the students (WRN-16-1) see a class-balanced ``fraction`` of it, and each method is compared with the
+student alone *paired by seed* (:mod:`featkd.stats`).
 
 Seed s draws everything random about a student: its class-balanced subset of the training split,
-the batch order, the augmentation and its initial weights. Every method of seed s shares them (one
-sweep per seed, one teacher forward per batch), so the comparison stays paired and its interval is about
-the method, not about one draw of the data.
+the batch order, the augmentation and its initial weights. Every method of seed s shares them, so the
+comparison stays paired and its interval is about the method, not about one draw of the data. A seed's
+students of one length train in one sweep (one teacher forward per batch), or in several where the
+processes or the stored sweeps call for it (:mod:`featkd.repro.sweep_plan`).
 
 A fixed class-balanced validation set (``validation_size`` training images, seed 0) is never in any
 student's subset: settings are chosen on it (``evaluate_on="validation"``, what ``featkd tune`` does),
