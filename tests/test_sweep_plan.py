@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from featkd.checkpoint import RunDirectoryExistsError
-from featkd.repro.sweep_plan import SweepGroup, plan_sweeps
+from featkd.repro.sweep_plan import SweepGroup, describe_plan, plan_sweeps
 
 
 def _store(run_dir, directory, seed, names, records=None):
@@ -39,6 +39,8 @@ def test_a_long_sweep_is_split_so_that_no_process_waits(tmp_path):
     assert _work(processes) == [840, 840]  # one sweep of 60 epochs x 18 students would take 1080
     assert _shape(processes) == [[("seed100-60ep", long[:14])],
                                  [("seed100-60ep-2", long[14:]), ("seed100-30ep", short)]]
+    assert describe_plan(processes) == ("process 1: seed100-60ep (14 × 60 ep) = 840 student-epochs; "
+                                        "process 2: seed100-60ep-2 (4 × 60 ep), seed100-30ep (20 × 30 ep) = 840 student-epochs")
 
 
 def test_whole_seeds_are_not_split_when_they_balance(tmp_path):

@@ -43,7 +43,7 @@ from featkd.repro.recipes import RecipeSpec, load_recipes
 from featkd.repro.limited_data_report import TUNED, render_report
 from featkd.repro.report import DataSpec
 from featkd.repro.students import run_students
-from featkd.repro.sweep_plan import PlannedSweep, SweepGroup, plan_sweeps
+from featkd.repro.sweep_plan import PlannedSweep, SweepGroup, describe_plan, plan_sweeps
 
 STUDENT, TEACHER = "wrn16_1", "wrn16_2"
 RECIPES: dict[str, RecipeSpec] = load_recipes("limited_data")
@@ -231,6 +231,7 @@ class LimitedDataCells:
         reused); with ``setup.jobs`` > 1 in that many 1-thread processes (:mod:`featkd.repro.processes`)."""
         training = {name: spec.training() for _, recipes in work for name, spec in recipes.items()}
         processes = plan_sweeps(run_dir, self.sweep_groups(work), self.setup.jobs, training, log=self.log)
+        self.log(f"sweeps in {run_dir}: {describe_plan(processes)}")
         calls = [[(sweep, {name: work[sweep.item][1][name] for name in sweep.names}) for sweep in sweeps]
                  for sweeps in processes]
         if self.setup.jobs > 1:

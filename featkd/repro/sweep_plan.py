@@ -133,6 +133,12 @@ def plan_sweeps(run_dir: Path, groups: Sequence[SweepGroup], jobs: int,
     return [sweeps for sweeps in processes if sweeps]
 
 
+def describe_plan(processes: Sequence[Sequence[PlannedSweep]]) -> str:
+    """One line: each process's sweeps, students × epochs, and its student-epochs (what sets its time)."""
+    return "; ".join(f"process {k}: " + ", ".join(f"{s.directory} ({len(s.names)} × {s.epochs} ep)" for s in sweeps)
+                     + f" = {sum(s.work for s in sweeps)} student-epochs" for k, sweeps in enumerate(processes, 1))
+
+
 def _directory_names(stem: str):
     yield stem
     k = 2
