@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featkd.provenance import environment_info
+from featkd.provenance import run_environment
 
 CHECKPOINT_FORMAT = "featkd-checkpoint/1"  # the state: a dict with this "format"
 # the file: {"format": SEALED_FORMAT, "sha256": hex digest of the payload, "payload": the torch.save bytes of the
@@ -351,15 +351,22 @@ def restore_best(run_dir: str | os.PathLike, state: dict[str, Any]) -> str | Non
             f"{best['metric']} improves on {best['value']:.4g}; until then evaluate {LAST} (--which last)")
 
 
-def write_run_info(run_dir: str | os.PathLike, config: dict[str, Any] | None) -> None:
+def write_run_info(run_dir: str | os.PathLike, config: dict[str, Any] | None, from_epoch: int = 0) -> None:
     """Write ``config.yaml`` (the full resolved config, seed included) and ``environment.json``
-    (:func:`featkd.provenance.environment_info`: featkd's version and commit, libraries, hardware)."""
+    (:func:`featkd.provenance.run_environment`: featkd's version and commit, libraries, hardware; a run
+    resumed after ``from_epoch`` epochs keeps the environments of the epochs before)."""
     import yaml
 
     run_dir = Path(run_dir)
     if config is not None:
         atomic_write_text(run_dir / CONFIG_YAML, yaml.safe_dump(config, sort_keys=False))
-    atomic_write_text(run_dir / ENVIRONMENT_JSON, json.dumps(environment_info(), indent=2) + "\n")
+    previous = None
+    if from_epoch:
+        try:
+            previous = json.loads((run_dir / ENVIRONMENT_JSON).read_text())
+        except (OSError, ValueError):
+            pass  # recorded as not recorded
+    atomic_write_text(run_dir / ENVIRONMENT_JSON, json.dumps(run_environment(from_epoch, previous), indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- metrics

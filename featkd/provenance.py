@@ -13,7 +13,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -105,4 +105,19 @@ def environment_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["cuda"] = torch.version.cuda
         info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def run_environment(from_epoch: int = 0, previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`environment_info` for a run that trains from epoch ``from_epoch + 1``. A resumed run keeps, under
+    ``earlier`` (oldest first), the environments its earlier epochs ran under (``previous``: the
+    environment.json it had), so a number made over several sessions names every commit and machine that
+    made it."""
+    info = {**environment_info(), "from_epoch": from_epoch}
+    if from_epoch:
+        if previous is None:
+            earlier = [{"not_recorded": f"no readable environment.json when the run resumed after epoch {from_epoch}"}]
+        else:
+            earlier = [*previous.get("earlier", ()), {k: v for k, v in previous.items() if k != "earlier"}]
+        info["earlier"] = earlier
     return info

@@ -75,3 +75,40 @@ def test_reports_and_runs_name_the_same_cpu():
     assert repro_hardware is provenance.hardware
     if not torch.cuda.is_available():
         assert provenance.hardware().startswith(f"CPU {provenance.cpu_model()},")
+
+
+def test_a_resumed_run_keeps_the_environment_of_its_earlier_epochs(tmp_path, monkeypatch, capsys):
+    # a run stopped in one session and resumed in another, at another commit: its numbers came from both
+    from featkd.cli import main
+    from featkd.engine import SupervisedMethod, build_optimizer, build_scheduler, fit, seed_everything
+    from test_engine import loaders, tiny_model
+
+    def method():
+        seed_everything(0)
+        model = tiny_model()
+        optimizer = build_optimizer(model.parameters(), lr=0.05)
+        return SupervisedMethod(model, optimizer, build_scheduler(optimizer, "constant", epochs=3))
+
+    train, test = loaders()
+    run = tmp_path / "run"
+    fit(method(), train, test, run, epochs=1, config={"seed": 0}, log=lambda _: None)
+    first = json.loads((run / "environment.json").read_text())
+    assert first["from_epoch"] == 0 and "earlier" not in first
+    real = provenance.environment_info
+    monkeypatch.setattr(provenance, "environment_info", lambda: {**real(), "featkd_commit": "f" * 40, "featkd_dirty": False, "torch_threads": 7})
+    fit(method(), train, test, run, epochs=2, config={"seed": 0}, resume=True, log=lambda _: None)
+    fit(method(), train, test, run, epochs=3, config={"seed": 0}, resume=True, log=lambda _: None)
+    env = json.loads((run / "environment.json").read_text())
+    assert env["from_epoch"] == 2 and env["featkd_commit"] == "f" * 40
+    assert [segment["from_epoch"] for segment in env["earlier"]] == [0, 1]
+    assert env["earlier"][0] == first and env["earlier"][1]["torch_threads"] == 7
+
+    assert main(["show", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert (f"epochs 1-1 ran earlier: featkd {first['featkd']} at {first['featkd_commit'] or 'none'}") in out
+    assert f"epochs 2-2 ran earlier: featkd {first['featkd']} at {'f' * 40}, torch {torch.__version__}" in out
+
+    (run / "environment.json").write_text("{not json")  # damaged: the resume says what it cannot tell
+    fit(method(), train, test, run, epochs=4, config={"seed": 0}, resume=True, log=lambda _: None)
+    env = json.loads((run / "environment.json").read_text())
+    assert env["earlier"] == [{"not_recorded": "no readable environment.json when the run resumed after epoch 3"}]

@@ -83,6 +83,8 @@ def test_sweep_member_equals_separate_run(data, tmp_path):
         # the per-member run directory reads back like any run
         run = load_run(path)
         assert run.config == member.config
+        # a member ran where and when its sweep did (a resumed sweep's earlier environments included)
+        assert (path / "environment.json").read_text() == (tmp_path / "sweep" / "environment.json").read_text()
         assert [r["student/acc1"] for r in run.metrics] == [r["student/acc1"] for r in theirs]
     # the members really differ from each other (no accidental sharing of students)
     finals = [separate[m.name][-1]["train/total"] for m in members]

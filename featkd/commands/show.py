@@ -72,9 +72,21 @@ def recipe_lines(config: dict[str, Any], indent: str = "  ", order: tuple[str, .
 def provenance_lines(environment: dict[str, Any] | None) -> list[str]:
     if environment is None:
         return ["  not recorded (the run has no environment.json)"]
-    width = max(map(len, environment))
-    return [f"  {key:<{width}}  {shlex.join(value) if key == 'argv' else 'none' if value is None else value}"
-            for key, value in environment.items()]
+    earlier = environment.get("earlier") or []
+    shown = {key: value for key, value in environment.items() if key != "earlier"}
+    width = max(map(len, shown))
+    lines = [f"  {key:<{width}}  {shlex.join(value) if key == 'argv' else 'none' if value is None else value}"
+             for key, value in shown.items()]
+    ends = [segment.get("from_epoch") for segment in earlier[1:]] + [environment.get("from_epoch")]
+    for segment, end in zip(earlier, ends):
+        if "not_recorded" in segment:
+            lines.append(f"  earlier epochs: not recorded ({segment['not_recorded']})")
+            continue
+        commit = segment.get("featkd_commit") or "none"
+        lines.append(f"  epochs {segment.get('from_epoch', 0) + 1}-{end} ran earlier: featkd {segment.get('featkd')} at "
+                     f"{commit}{' (dirty)' if segment.get('featkd_dirty') else ''}, torch {segment.get('torch')}, "
+                     f"{segment.get('cpu')}, {segment.get('torch_threads')} torch threads, gpu {segment.get('gpu') or 'none'}")
+    return lines
 
 
 def metrics_lines(row: dict[str, Any] | None) -> list[str]:

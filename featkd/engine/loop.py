@@ -253,7 +253,7 @@ def _start(method, run_dir: Path | None, epochs: int, resume: bool, config, writ
     if restored:
         log(restored)
     if writes:
-        ckpt.write_run_info(run_dir, config)
+        ckpt.write_run_info(run_dir, config, from_epoch=start_epoch)
         ckpt.write_metrics(run_dir, history)  # a write that failed after last.pt may have left them behind it
     return history, start_epoch, step, best
 
