@@ -7,10 +7,11 @@ from featkd.checkpoint import RunDirectoryExistsError
 from featkd.repro.sweep_plan import SweepGroup, describe_plan, plan_sweeps
 
 
-def _store(run_dir, directory, seed, names, records=None):
+def _store(run_dir, directory, seed, names, records=None, done=0):
     path = run_dir / directory
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump({"members": [f"{n}-s{seed}" for n in names]}))
+    (path / "metrics.jsonl").write_text("".join(f'{{"epoch": {e}}}\n' for e in range(1, done + 1)))
     for name, record in (records or {}).items():
         member = path / "members" / f"{name}-s{seed}"
         member.mkdir(parents=True)
@@ -39,8 +40,8 @@ def test_a_long_sweep_is_split_so_that_no_process_waits(tmp_path):
     assert _work(processes) == [840, 840]  # one sweep of 60 epochs x 18 students would take 1080
     assert _shape(processes) == [[("seed100-60ep", long[:14])],
                                  [("seed100-60ep-2", long[14:]), ("seed100-30ep", short)]]
-    assert describe_plan(processes) == ("process 1: seed100-60ep (14 × 60 ep) = 840 student-epochs; "
-                                        "process 2: seed100-60ep-2 (4 × 60 ep), seed100-30ep (20 × 30 ep) = 840 student-epochs")
+    assert describe_plan(processes) == ("process 1: seed100-60ep (14 × 60 ep) = 840 student-epochs to train; process 2: "
+                                        "seed100-60ep-2 (4 × 60 ep), seed100-30ep (20 × 30 ep) = 840 student-epochs to train")
 
 
 def test_whole_seeds_are_not_split_when_they_balance(tmp_path):
@@ -74,3 +75,15 @@ def test_a_stored_student_trained_otherwise_is_refused(tmp_path):
     plan_sweeps(tmp_path, [group], 1, training={"student": {}, "AT": {"terms": [{"weight": 1000.0}], "kd": None}})
     with pytest.raises(RunDirectoryExistsError, match="seed0-30ep holds AT trained with other terms than asked"):
         plan_sweeps(tmp_path, [group], 1, training={"student": {}, "AT": {"terms": [{"weight": 500.0}], "kd": None}})
+
+
+def test_the_work_a_stored_sweep_has_left_is_what_counts(tmp_path):
+    # an interrupted sweep (30 of 60 epochs done) and another seed's new students: the share is
+    # (10 x 30 left + 10 x 60) / 2 = 450 student-epochs per process
+    stored = tuple(f"a{k}" for k in range(10))
+    new = tuple(f"b{k}" for k in range(10))
+    _store(tmp_path, "seed0-60ep", 0, stored, done=30)
+    processes = plan_sweeps(tmp_path, [SweepGroup(0, 0, 60, "", stored), SweepGroup(1, 1, 60, "", new)], 2)
+    assert _shape(processes) == [[("seed0-60ep", stored), ("seed1-60ep-2", new[8:])], [("seed1-60ep", new[:8])]]
+    assert _work(processes) == [420, 480]
+    assert describe_plan(processes).startswith("process 1: seed0-60ep (10 × 60 ep, 30 done), seed1-60ep-2 (2 × 60 ep)")

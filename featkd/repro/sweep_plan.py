@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import yaml
 
-from featkd.checkpoint import RunDirectoryExistsError
+from featkd.checkpoint import METRICS_JSONL, RunDirectoryExistsError
 from featkd.sweep import MEMBERS_DIR
 
 
@@ -38,10 +38,12 @@ class PlannedSweep:
     epochs: int
     directory: str
     names: tuple[str, ...]
+    done: int = 0  # epochs a stored sweep has finished
 
     @property
     def work(self) -> int:
-        return self.epochs * len(self.names)
+        """Student-epochs left to train."""
+        return (self.epochs - min(self.done, self.epochs)) * len(self.names)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,12 @@ def stored_sweeps(run_dir: Path, stem: str) -> list[Path]:
     found = [(int(m.group(1) or 1), path) for path in (run_dir.iterdir() if run_dir.is_dir() else ())
              if (m := pattern.fullmatch(path.name)) and (path / "config.yaml").is_file()]
     return [path for _, path in sorted(found)]
+
+
+def stored_epochs(directory: Path) -> int:
+    """How many epochs a stored sweep has finished (its metrics file has a line per epoch)."""
+    metrics = directory / METRICS_JSONL
+    return sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.is_file() else 0
 
 
 def stored_members(directory: Path, seed: int) -> list[str]:
@@ -104,7 +112,8 @@ def plan_sweeps(run_dir: Path, groups: Sequence[SweepGroup], jobs: int,
             members = stored_members(directory, group.seed)
             if members and set(members) <= set(names):
                 check_stored_recipes(directory, group.seed, {n: training[n] for n in members} if training else {})
-                stored.append(PlannedSweep(group.item, group.seed, group.epochs, directory.name, tuple(members)))
+                stored.append(PlannedSweep(group.item, group.seed, group.epochs, directory.name, tuple(members),
+                                           stored_epochs(directory)))
                 names = [n for n in names if n not in members]
             else:
                 log(f"not reused: {directory} trains {members}, not a part of {list(names)}")
@@ -134,9 +143,13 @@ def plan_sweeps(run_dir: Path, groups: Sequence[SweepGroup], jobs: int,
 
 
 def describe_plan(processes: Sequence[Sequence[PlannedSweep]]) -> str:
-    """One line: each process's sweeps, students × epochs, and its student-epochs (what sets its time)."""
-    return "; ".join(f"process {k}: " + ", ".join(f"{s.directory} ({len(s.names)} × {s.epochs} ep)" for s in sweeps)
-                     + f" = {sum(s.work for s in sweeps)} student-epochs" for k, sweeps in enumerate(processes, 1))
+    """One line: each process's sweeps (students × epochs, epochs already done) and the student-epochs it has
+    left to train (what sets its time)."""
+    def sweep(s):
+        return f"{s.directory} ({len(s.names)} × {s.epochs} ep" + (f", {s.done} done" if s.done else "") + ")"
+
+    return "; ".join(f"process {k}: " + ", ".join(map(sweep, sweeps)) + f" = {sum(s.work for s in sweeps)} "
+                     "student-epochs to train" for k, sweeps in enumerate(processes, 1))
 
 
 def _directory_names(stem: str):
