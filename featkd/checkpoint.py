@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featkd.provenance import run_environment
+from featkd.provenance import ENVIRONMENT_JSON, run_environment
 
 CHECKPOINT_FORMAT = "featkd-checkpoint/1"  # the state: a dict with this "format"
 # the file: {"format": SEALED_FORMAT, "sha256": hex digest of the payload, "payload": the torch.save bytes of the
@@ -56,7 +56,6 @@ BEST = "best.pt"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 CONFIG_YAML = "config.yaml"
-ENVIRONMENT_JSON = "environment.json"
 TENSORBOARD_DIR = "tensorboard"
 # what a run writes before its first epoch ends: a directory holding only these has no result to keep
 # (the TensorBoard writer opens its event file when the run starts; it holds curves only after an epoch,

@@ -7,18 +7,21 @@ installed, no ``/proc/cpuinfo``) is recorded as ``None``.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
 
 import featkd
+
+ENVIRONMENT_JSON = "environment.json"  # beside every run (featkd.checkpoint.write_run_info)
 
 # Libraries whose versions change what a run computes or which models it can build.
 OPTIONAL_LIBRARIES = ("torchvision", "timm", "transformers")
@@ -121,3 +124,24 @@ def run_environment(from_epoch: int = 0, previous: Mapping[str, Any] | None = No
             earlier = [*previous.get("earlier", ()), {k: v for k, v in previous.items() if k != "earlier"}]
         info["earlier"] = earlier
     return info
+
+
+def code_label(environment: Mapping[str, Any]) -> str:
+    """featkd's code in one word: the commit's first 12 digits, ``+edits`` with uncommitted edits, or ``unknown``."""
+    commit = environment.get("featkd_commit")
+    return (commit[:12] if commit else "unknown") + ("+edits" if environment.get("featkd_dirty") else "")
+
+
+def trained_with(run_dirs: Iterable[Path]) -> list[str]:
+    """The featkd code (:func:`code_label`) that trained the runs in ``run_dirs``, every resume included, each
+    once, in the order first met; ``unknown`` for a run without a readable environment.json."""
+    labels: dict[str, None] = {}
+    for run_dir in run_dirs:
+        try:
+            environment = json.loads((Path(run_dir) / ENVIRONMENT_JSON).read_text())
+        except (OSError, ValueError):
+            labels["unknown"] = None
+            continue
+        for segment in [*environment.get("earlier", ()), environment]:
+            labels[code_label(segment)] = None
+    return list(labels)

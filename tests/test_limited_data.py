@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from featkd import plots, repro, teachers
+from featkd import plots, provenance, repro, teachers
 from featkd.repro import limited_data, limited_data_report
 from featkd.checkpoint import RunDirectoryExistsError
 from featkd.cli import main
@@ -106,6 +106,11 @@ def test_tiny_table_end_to_end_and_datasize_plot(tmp_path):
         assert limited_data_report.PUBLISHED_GAINS_NOTE in text and "\n- AT: +0.84 (AT paper, Table 1" in text
         stored = json.loads(report.with_suffix(".json").read_text())
         assert stored["accuracies"] == result.accuracies
+        # the code that trained the students, from their sweeps' environment.json
+        code = provenance.trained_with([tmp_path / "runs" / f"limited-data-{fraction:g}-synthetic" / "seed0-1ep"])
+        assert stored["trained_with"] == code and len(code) == 1
+        assert f"\n- code: the students trained at featkd {code[0]} (each sweep's environment.json" in text
+        assert stored["environment"]["torch"] == torch.__version__
         results.append(report.with_suffix(".json"))
     # one sweep per seed; each member's config holds its recipe in full and the data seed
     sweep_dirs = sorted(p.name for p in (tmp_path / "runs" / "limited-data-0.02-synthetic").iterdir())

@@ -112,3 +112,18 @@ def test_a_resumed_run_keeps_the_environment_of_its_earlier_epochs(tmp_path, mon
     fit(method(), train, test, run, epochs=4, config={"seed": 0}, resume=True, log=lambda _: None)
     env = json.loads((run / "environment.json").read_text())
     assert env["earlier"] == [{"not_recorded": "no readable environment.json when the run resumed after epoch 3"}]
+
+
+def test_trained_with_names_every_commit_a_set_of_runs_trained_at(tmp_path):
+    def run(name, environment):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "environment.json").write_text(json.dumps(environment))
+        return tmp_path / name
+
+    a, b = "a" * 40, "b" * 40
+    runs = [run("one", {"featkd_commit": a, "featkd_dirty": False}),
+            run("resumed", {"featkd_commit": b, "featkd_dirty": True, "from_epoch": 3,
+                            "earlier": [{"featkd_commit": a, "featkd_dirty": False, "from_epoch": 0}]}),
+            run("installed", {"featkd_commit": None, "featkd_dirty": None}), tmp_path / "no-environment"]
+    assert provenance.trained_with(runs) == ["a" * 12, "b" * 12 + "+edits", "unknown"]
+    assert provenance.trained_with(runs[:1]) == ["a" * 12]

@@ -28,12 +28,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
+from featkd.provenance import environment_info, trained_with
 from featkd.shipped import ShippedTeacher
 from featkd.teachers import load_teacher
 from featkd.repro.cache import write_new
@@ -156,6 +157,7 @@ class LimitedDataCells:
     full_size: int
     log: object = print
     shipped: ShippedTeacher | None = None  # what the teacher was checked against (a worker process checks it again)
+    sweep_dirs: list[Path] = field(default_factory=list)  # every sweep :meth:`train_seeds` trained or read back
 
     @classmethod
     def open(cls, teacher_path, setup: LimitedDataSetup, *, data=None, device="auto",
@@ -232,6 +234,7 @@ class LimitedDataCells:
         training = {name: spec.training() for _, recipes in work for name, spec in recipes.items()}
         processes = plan_sweeps(run_dir, self.sweep_groups(work), self.setup.jobs, training, log=self.log)
         self.log(f"sweeps in {run_dir}: {describe_plan(processes)}")
+        self.sweep_dirs += [run_dir / sweep.directory for sweeps in processes for sweep in sweeps]
         calls = [[(sweep, {name: work[sweep.item][1][name] for name in sweep.names}) for sweep in sweeps]
                  for sweeps in processes]
         if self.setup.jobs > 1:
@@ -294,13 +297,14 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
         log(f"{name}: the tuning kept {published}'s training; its row is {published}'s (not trained again)")
     wall = time.perf_counter() - started
     size = cells.train_examples
+    code = trained_with(cells.sweep_dirs)
     markdown = render_report(setup, cells.data, size, cells.full_size, accuracies, cells.teacher_acc,
-                             cells.teacher_name, wall, command, recipes)
+                             cells.teacher_name, wall, command, recipes, code)
     report = write_new(run_root / f"{setup.name(cells.data)}.md", markdown)
     results = {"fraction": setup.fraction, "train_examples": size, "seeds": list(setup.seeds),
                "teacher_acc": cells.teacher_acc, "accuracies": accuracies, "setup": dataclasses.asdict(setup),
                "recipes": {name: spec.record() for name, spec in recipes.items()}, "report": str(report),
-               "run_dir": str(run_dir)}
+               "run_dir": str(run_dir), "trained_with": code, "environment": environment_info()}
     write_new(report.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
     log(f"report written to {report}")
     return LimitedDataResult(markdown, accuracies, cells.teacher_acc, pretty_model(cells.teacher_name), size, wall)

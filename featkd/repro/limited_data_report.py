@@ -54,9 +54,15 @@ def _weight_text(weight) -> str:
     return str(weight)
 
 
+def code_line(trained_with: Sequence[str], who: str = "the students") -> str:
+    """Which featkd code trained ``who`` (every sweep's environment.json, resumes included)."""
+    return (f"- code: {who} trained at featkd {', '.join(trained_with)} (each sweep's environment.json, "
+            "every resume included; +edits: uncommitted edits)")
+
+
 def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size: int,
                   accuracies: dict[str, list[float]], teacher_acc: float, teacher: str, wall_s: float,
-                  command: str | None, recipes: Mapping[str, RecipeSpec]) -> str:
+                  command: str | None, recipes: Mapping[str, RecipeSpec], trained_with: Sequence[str] = ()) -> str:
     lengths = {name: int(spec.changes.get("epochs", setup.epochs)) for name, spec in recipes.items()}
     def kept(name, spec):  # a tuned recipe that trains as the published one: its row is the published row
         base = name[:-len(TUNED)]
@@ -82,6 +88,7 @@ def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size:
         "- recipes (from the recorded settings; every member's config.yaml holds its recipe in full):",
         *recipe_lines,
         f"- hardware: {hardware(processes=setup.jobs)}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
+        *([code_line(trained_with)] if trained_with else []),
         "",
         *comparison_tables(accuracies, setup.seeds, teacher_acc,
                            "validation accuracy %" if setup.on_validation else "test accuracy %"),

@@ -31,10 +31,10 @@ import yaml
 
 from featkd import stats
 from featkd.config import CONFIG_DIR, ConfigError, read_yaml
-from featkd.provenance import environment_info, hardware
+from featkd.provenance import environment_info, hardware, trained_with
 from featkd.repro.cache import write_new
 from featkd.repro.limited_data import RECIPES, LimitedDataCells, LimitedDataSetup
-from featkd.repro.limited_data_report import describe_recipe
+from featkd.repro.limited_data_report import code_line, describe_recipe
 from featkd.repro.recipes import RecipeSpec
 from featkd.teachers import file_sha256
 
@@ -128,6 +128,7 @@ class TuningResult:
     rungs: dict[str, list[list[str]]]  # method -> the candidates alive at each rung
     markdown: str
     wall_s: float
+    trained_with: list[str] = dataclasses.field(default_factory=list)  # featkd code the candidates trained at
 
 
 def run_tuning(teacher_path, setup: LimitedDataSetup, space: TuningSpace, run_root: Path, *, data=None,
@@ -168,11 +169,12 @@ def run_tuning(teacher_path, setup: LimitedDataSetup, space: TuningSpace, run_ro
         winner = select({name: scores[m][name] for name in alive[m]})
         chosen[m] = dataclasses.replace(by_name[winner], name=m)
     wall = time.perf_counter() - started
-    markdown = render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall, command)
-    return TuningResult(chosen, scores, rungs, markdown, wall)
+    code = trained_with(cells.sweep_dirs)
+    markdown = render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall, command, code)
+    return TuningResult(chosen, scores, rungs, markdown, wall, code)
 
 
-def render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall_s, command) -> str:
+def render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall_s, command, code=()) -> str:
     steps = {m: sum(int(s.changes.get("epochs", setup.epochs)) * len(scores[m][s.name]) for s in specs[m])
              for m in space.methods}
     lines = [f"# Tuning on {setup.validation_size} validation images: {setup.fraction:.0%} of {cells.data.label}, "
@@ -184,7 +186,8 @@ def render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall_s, com
              "- rule (fixed in code before the runs): the highest mean validation accuracy over the last rung's seeds; "
              "a tie goes to the candidate listed first; the test split is never read",
              "- student-epochs spent per method: " + ", ".join(f"{m} {steps[m]}" for m in space.methods),
-             f"- hardware: {hardware(processes=setup.jobs)}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min", ""]
+             f"- hardware: {hardware(processes=setup.jobs)}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
+             *([code_line(code, "the candidates")] if code else []), ""]
     for m in space.methods:
         lines += [f"## {m}", "", "| candidate | changes | " + " | ".join(f"rung {r} ({n} seeds)" for r, n in
                                                                         enumerate(space.rung_seeds)) + " |",
@@ -208,6 +211,7 @@ def write_choice(result: TuningResult, path: Path, *, setup: LimitedDataSetup, t
     data = {"provenance": {"command": command, "report": str(report), "teacher": str(teacher_path),
                            "teacher_sha256": file_sha256(teacher_path), "fraction": setup.fraction,
                            "validation_size": setup.validation_size, "featkd_commit": env.get("featkd_commit"),
+                           "trained_with": list(result.trained_with),
                            "torch": str(torch.__version__), "hardware": hardware(processes=setup.jobs),
                            "date": time.strftime("%Y-%m-%d")},
             "chosen": {m: {"changes": dict(spec.changes), "recipe": spec.record()} for m, spec in result.chosen.items()}}
