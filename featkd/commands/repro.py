@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run on CIFAR-10 from this folder (cifar-10-batches-py or its parent); "
                              "default: Fashion-MNIST")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/repro"),
-                        help="where teachers, sweeps and reports go (default: runs/repro); finished runs are reused")
+                        help="where teachers, sweeps and reports go (default: runs/repro); finished runs are reused, "
+                             "interrupted ones resume; a limited-data table given more --methods trains only the new ones")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     over = parser.add_argument_group("budget overrides")
     over.add_argument("--epochs", type=positive_int, help="student epochs")

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", type=Path, default=None,
                         help="teacher checkpoint (default: the shipped WRN-16-2, its hash checked)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/tune"),
-                        help="where the sweeps and the report go (default: runs/tune); finished sweeps are reused")
+                        help="where the sweeps and the report go (default: runs/tune); the same command again continues "
+                             "an interrupted tuning: finished sweeps are read back, interrupted ones resume")
     parser.add_argument("--out", type=Path, required=True, help="the chosen settings (YAML; must not exist)")
     parser.add_argument("--validation-size", type=int, default=5000, metavar="N",
                         help="training images set aside to score the candidates on (default 5000)")
