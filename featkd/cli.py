@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         print(f"featkd: unknown command {name!r}.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from featkd.provenance import code_state
+
+    code_state()  # the code this command runs, found before it loads: the checkout may move while it runs
     module = import_module(f"featkd.commands.{name.replace('-', '_')}")
     parser = argparse.ArgumentParser(prog=f"featkd {name}", description=description(name))
     module.add_arguments(parser)

@@ -58,6 +58,19 @@ def git_state(package_dir: str | os.PathLike | None = None) -> tuple[str | None,
     return commit, (None if commit is None or status is None else bool(status))
 
 
+_CODE: tuple[str | None, bool | None] | None = None  # this process's featkd code, found once (code_state)
+
+
+def code_state() -> tuple[str | None, bool | None]:
+    """:func:`git_state` as this process first found it. A long run keeps the code it imported while the
+    checkout moves on (a commit during a multi-hour tuning): asking git again at each run it starts would
+    name code it never ran. The CLI and every worker process ask at their start."""
+    global _CODE
+    if _CODE is None:
+        _CODE = git_state()
+    return _CODE
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, the platform's word for it elsewhere)."""
     model = platform.processor() or platform.machine()
@@ -88,7 +101,7 @@ def hardware(processes: int = 1) -> str:
 
 def environment_info() -> dict[str, Any]:
     """The code, versions and devices, written next to every run so its numbers can be traced."""
-    commit, dirty = git_state()
+    commit, dirty = code_state()
     info: dict[str, Any] = {
         "featkd": featkd.__version__,
         "featkd_commit": commit,

@@ -65,6 +65,7 @@ def test_no_git_checkout_or_no_git_records_null_and_never_fails(tmp_path, monkey
     assert provenance.git_state(tmp_path / "featkd") == (None, None)  # an installed copy, not a checkout
     monkeypatch.setenv("PATH", str(tmp_path / "no-such-dir"))  # no git on the PATH
     assert provenance.git_state(PACKAGE) == (None, None)
+    monkeypatch.setattr(provenance, "_CODE", None)  # a process that starts without git
     ckpt.write_run_info(tmp_path / "run", None)
     env = json.loads((tmp_path / "run" / "environment.json").read_text())
     assert env["featkd_commit"] is None and env["featkd_dirty"] is None
@@ -127,3 +128,13 @@ def test_trained_with_names_every_commit_a_set_of_runs_trained_at(tmp_path):
             run("installed", {"featkd_commit": None, "featkd_dirty": None}), tmp_path / "no-environment"]
     assert provenance.trained_with(runs) == ["a" * 12, "b" * 12 + "+edits", "unknown"]
     assert provenance.trained_with(runs[:1]) == ["a" * 12]
+
+
+def test_a_process_names_the_code_it_started_with_when_the_checkout_moves(monkeypatch):
+    # a multi-hour tuning: a commit lands while it runs; its later runs still ran the code it had imported
+    monkeypatch.setattr(provenance, "_CODE", None)
+    states = iter([("a" * 40, False), ("b" * 40, True)])
+    monkeypatch.setattr(provenance, "git_state", lambda package_dir=None: next(states))
+    assert provenance.environment_info()["featkd_commit"] == "a" * 40
+    assert provenance.environment_info()["featkd_commit"] == "a" * 40
+    assert provenance.code_state() == ("a" * 40, False)

@@ -17,7 +17,10 @@ from typing import Any, Callable, Sequence
 def _one_thread() -> None:
     import torch
 
+    from featkd.provenance import code_state
+
     torch.set_num_threads(1)
+    code_state()  # the code this worker imports now, whatever the checkout holds when its runs start
 
 
 def map_in_processes(fn: Callable, calls: Sequence[tuple[Any, ...]], jobs: int) -> list:
