@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -308,3 +309,20 @@ def test_students_split_over_sweeps_or_added_later_equal_one_sweep(tmp_path):
     halved = {**limited_data.RECIPES, "AT": limited_data.RECIPES["AT"].with_changes({"weight.scale": 0.5})}
     with pytest.raises(RunDirectoryExistsError, match="holds AT trained with other terms than asked"):
         run("added", setup, recipes=halved)
+    # nor is an interrupted sweep resumed with other settings (its members' configs are written at its end)
+    shutil.rmtree(tmp_path / "added" / "limited-data-0.02-synthetic" / "seed0-1ep" / "members")
+    with pytest.raises(RunDirectoryExistsError, match=r"seed0-1ep holds a run made with other settings \({'recipes'"):
+        run("added", setup, recipes=halved)
+
+
+def test_a_setting_recorded_since_a_later_version_is_compared_only_where_it_is_stored(tmp_path):
+    from featkd.repro.cache import check_cached_config
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"epochs": 30}))  # a sweep stored before "recipes"
+    asked = {"epochs": 30, "recipes": {"AT": {"ce_weight": 1.0}}}
+    check_cached_config(tmp_path, asked, recorded_since=("recipes",))
+    with pytest.raises(RunDirectoryExistsError, match="other settings"):
+        check_cached_config(tmp_path, asked)  # any other key a stored run lacks: made another way
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"epochs": 30, "recipes": {"AT": {"ce_weight": 0.5}}}))
+    with pytest.raises(RunDirectoryExistsError, match="'recipes'"):
+        check_cached_config(tmp_path, asked, recorded_since=("recipes",))

@@ -39,8 +39,11 @@ def _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir: Path, ep
     return fit(method, train_loader, test_loader, run_dir, epochs, log=log, **options)
 
 
-def check_cached_config(run_dir: Path, config: Mapping) -> None:
-    """A cached run is reused only if it was made with the same settings; otherwise say so (never overwrite)."""
+def check_cached_config(run_dir: Path, config: Mapping, recorded_since: tuple[str, ...] = ()) -> None:
+    """A cached run is reused only if it was made with the same settings; otherwise say so (never overwrite).
+
+    ``recorded_since``: keys that runs record only since a later version, compared when the stored run has
+    them (an older run's are checked elsewhere, or not at all: the caller says which)."""
     import yaml
 
     from featkd import checkpoint as ckpt
@@ -49,7 +52,8 @@ def check_cached_config(run_dir: Path, config: Mapping) -> None:
     if stored.is_file():
         old = yaml.safe_load(stored.read_text()) or {}
         # A setting the stored run does not record was not how it was made (it predates the setting).
-        changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        changed = {k: (old.get(k), v) for k, v in config.items()
+                   if old.get(k) != v and not (k in recorded_since and k not in old)}
         if changed:
             raise ckpt.RunDirectoryExistsError(
                 f"{run_dir} holds a run made with other settings ({changed}: stored vs asked); "

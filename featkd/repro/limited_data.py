@@ -224,7 +224,8 @@ class LimitedDataCells:
         accs = run_students(self.teacher, setup.student, [spec.to_recipe(name) for name, spec in recipes.items()],
                             budget, train.info, train_loader, self.eval_loader, run_dir / sweep.directory,
                             self.device, base, self.log, eval_every=setup.eval_every or sweep.epochs,
-                            records={name: spec.record() for name, spec in recipes.items()})
+                            records={name: spec.record() for name, spec in recipes.items()},
+                            training={name: spec.training() for name, spec in recipes.items()})
         return {name: accs[name][0] for name in recipes}
 
     def train_seeds(self, work: Sequence[tuple[int, Mapping[str, RecipeSpec]]], run_dir: Path) -> list[dict[str, float]]:

@@ -84,10 +84,13 @@ def build_members(teacher: nn.Module, student_name: str, recipes: Sequence[Recip
 
 
 def run_students(teacher, student_name, recipes, budget, info, train_loader, test_loader, run_dir: Path, device,
-                 base_config, log=print, eval_every: int = 1,
-                 records: Mapping[str, dict] | None = None) -> dict[str, list[float]]:
+                 base_config, log=print, eval_every: int = 1, records: Mapping[str, dict] | None = None,
+                 training: Mapping[str, dict] | None = None) -> dict[str, list[float]]:
     """Train every (recipe, seed) student against one shared teacher; return ``{recipe: [acc % per seed]}``.
-    ``records``: each recipe's settings in full, stored in its members' configs."""
+    ``records``: each recipe's settings in full, stored in its members' configs. ``training``: what of each
+    recipe decides its training, stored in the sweep's config, so that an interrupted sweep never resumes
+    with other losses or weights under the same names (sweeps stored before it was recorded are checked
+    through their members' configs once finished, :func:`featkd.repro.sweep_plan.check_stored_recipes`)."""
     from featkd import sweep
 
     shared = sweep.SharedTeacherOutputs()
@@ -100,8 +103,9 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
     method = sweep.SweepMethod(teacher, members, shared)
     config = {**base_config, "epochs": budget.epochs, "train_examples": len(train_loader.dataset),
               "members": [m.name for m in members],
-              "training": _training_record(train_loader, members[0].method.scheduler)}
-    check_cached_config(run_dir, config)
+              "training": _training_record(train_loader, members[0].method.scheduler),
+              **({"recipes": dict(training)} if training else {})}
+    check_cached_config(run_dir, config, recorded_since=("recipes",))
     try:
         history = fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,
                                 config=config, log=lambda line: log(compact_summary(line)), eval_every=eval_every,
