@@ -112,6 +112,7 @@ def test_tiny_table_end_to_end_and_datasize_plot(tmp_path):
         assert stored["trained_with"] == code and len(code) == 1
         assert f"\n- code: the students trained at featkd {code[0]} (each sweep's environment.json" in text
         assert stored["environment"]["torch"] == torch.__version__
+        assert stored["sweep_seconds"] > 0 and "\n- process time: " in text
         results.append(report.with_suffix(".json"))
     # one sweep per seed; each member's config holds its recipe in full and the data seed
     sweep_dirs = sorted(p.name for p in (tmp_path / "runs" / "limited-data-0.02-synthetic").iterdir())

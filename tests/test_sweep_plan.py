@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from featkd.checkpoint import RunDirectoryExistsError
-from featkd.repro.sweep_plan import SweepGroup, describe_plan, plan_sweeps
+from featkd.repro.sweep_plan import SweepGroup, describe_plan, plan_sweeps, stored_seconds
 
 
 def _store(run_dir, directory, seed, names, records=None, done=0):
@@ -87,3 +87,10 @@ def test_the_work_a_stored_sweep_has_left_is_what_counts(tmp_path):
     assert _shape(processes) == [[("seed0-60ep", stored), ("seed1-60ep-2", new[8:])], [("seed1-60ep", new[:8])]]
     assert _work(processes) == [420, 480]
     assert describe_plan(processes).startswith("process 1: seed0-60ep (10 × 60 ep, 30 done), seed1-60ep-2 (2 × 60 ep)")
+
+
+def test_a_stored_sweeps_process_time_sums_its_epochs_over_every_invocation(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "epoch_time_s": 10.5}\n'
+                                            '{"epoch": 2, "epoch_time_s": 12.0, "eval_time_s": 1.5}\n')
+    assert stored_seconds(tmp_path) == 24.0
+    assert stored_seconds(tmp_path / "not-started") == 0.0

@@ -68,6 +68,7 @@ def test_tune_end_to_end_never_reads_the_test_split(tmp_path, monkeypatch):
     assert provenance["report"] == str(tmp_path / "chosen-report.md")  # beside the choice, committed with it
     assert (tmp_path / "chosen-report.md").read_text() == report
     assert provenance["command"].startswith("featkd tune --fraction 0.02")
+    assert provenance["sweep_seconds"] > 0 and "\n- process time: " in report
     assert provenance["trained_with"] and f"- code: the candidates trained at featkd {provenance['trained_with'][0]}" in report
     # successive halving: 3 candidates on seed 100, the better 2 on seed 101 too
     import json

@@ -44,7 +44,7 @@ from featkd.repro.recipes import RecipeSpec, load_recipes
 from featkd.repro.limited_data_report import TUNED, render_report
 from featkd.repro.report import DataSpec
 from featkd.repro.students import run_students
-from featkd.repro.sweep_plan import PlannedSweep, SweepGroup, describe_plan, plan_sweeps
+from featkd.repro.sweep_plan import PlannedSweep, SweepGroup, describe_plan, plan_sweeps, stored_seconds
 
 STUDENT, TEACHER = "wrn16_1", "wrn16_2"
 RECIPES: dict[str, RecipeSpec] = load_recipes("limited_data")
@@ -298,14 +298,15 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
         log(f"{name}: the tuning kept {published}'s training; its row is {published}'s (not trained again)")
     wall = time.perf_counter() - started
     size = cells.train_examples
-    code = trained_with(cells.sweep_dirs)
+    code, seconds = trained_with(cells.sweep_dirs), sum(map(stored_seconds, cells.sweep_dirs))
     markdown = render_report(setup, cells.data, size, cells.full_size, accuracies, cells.teacher_acc,
-                             cells.teacher_name, wall, command, recipes, code)
+                             cells.teacher_name, wall, command, recipes, code, seconds)
     report = write_new(run_root / f"{setup.name(cells.data)}.md", markdown)
     results = {"fraction": setup.fraction, "train_examples": size, "seeds": list(setup.seeds),
                "teacher_acc": cells.teacher_acc, "accuracies": accuracies, "setup": dataclasses.asdict(setup),
                "recipes": {name: spec.record() for name, spec in recipes.items()}, "report": str(report),
-               "run_dir": str(run_dir), "trained_with": code, "environment": environment_info()}
+               "run_dir": str(run_dir), "trained_with": code, "sweep_seconds": seconds,
+               "environment": environment_info()}
     write_new(report.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
     log(f"report written to {report}")
     return LimitedDataResult(markdown, accuracies, cells.teacher_acc, pretty_model(cells.teacher_name), size, wall)

@@ -54,15 +54,21 @@ def _weight_text(weight) -> str:
     return str(weight)
 
 
-def code_line(trained_with: Sequence[str], who: str = "the students") -> str:
-    """Which featkd code trained ``who`` (every sweep's environment.json, resumes included)."""
-    return (f"- code: {who} trained at featkd {', '.join(trained_with)} (each sweep's environment.json, "
-            "every resume included; +edits: uncommitted edits)")
+def effort_lines(trained_with: Sequence[str], sweep_seconds: float, who: str = "the students") -> list[str]:
+    """Which featkd code trained ``who`` (every sweep's environment.json, resumes included), and the process
+    time their sweeps took over every invocation (a long run spans several; the wall time is the last one's)."""
+    lines = [f"- code: {who} trained at featkd {', '.join(trained_with)} (each sweep's environment.json, "
+             "every resume included; +edits: uncommitted edits)"] if trained_with else []
+    if sweep_seconds:
+        lines.append(f"- process time: {sweep_seconds / 60:.1f} min summed over every epoch of the sweeps that trained "
+                     f"{who}, every invocation included (the wall time above is this invocation's)")
+    return lines
 
 
 def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size: int,
                   accuracies: dict[str, list[float]], teacher_acc: float, teacher: str, wall_s: float,
-                  command: str | None, recipes: Mapping[str, RecipeSpec], trained_with: Sequence[str] = ()) -> str:
+                  command: str | None, recipes: Mapping[str, RecipeSpec], trained_with: Sequence[str] = (),
+                  sweep_seconds: float = 0.0) -> str:
     lengths = {name: int(spec.changes.get("epochs", setup.epochs)) for name, spec in recipes.items()}
     def kept(name, spec):  # a tuned recipe that trains as the published one: its row is the published row
         base = name[:-len(TUNED)]
@@ -88,7 +94,7 @@ def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size:
         "- recipes (from the recorded settings; every member's config.yaml holds its recipe in full):",
         *recipe_lines,
         f"- hardware: {hardware(processes=setup.jobs)}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
-        *([code_line(trained_with)] if trained_with else []),
+        *effort_lines(trained_with, sweep_seconds),
         "",
         *comparison_tables(accuracies, setup.seeds, teacher_acc,
                            "validation accuracy %" if setup.on_validation else "test accuracy %"),

@@ -75,6 +75,15 @@ def stored_epochs(directory: Path) -> int:
     return sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.is_file() else 0
 
 
+def stored_seconds(directory: Path) -> float:
+    """The seconds a stored sweep's epochs took (training and evaluation, every invocation that ran them)."""
+    import json
+
+    metrics = directory / METRICS_JSONL
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    return sum(row.get("epoch_time_s", 0.0) + row.get("eval_time_s", 0.0) for row in rows)
+
+
 def stored_members(directory: Path, seed: int) -> list[str]:
     """The recipe names a stored sweep trains on ``seed`` (its config lists members as ``<recipe>-s<seed>``)."""
     config = yaml.safe_load((directory / "config.yaml").read_text()) or {}

@@ -34,8 +34,9 @@ from featkd.config import CONFIG_DIR, ConfigError, read_yaml
 from featkd.provenance import environment_info, hardware, trained_with
 from featkd.repro.cache import write_new
 from featkd.repro.limited_data import RECIPES, LimitedDataCells, LimitedDataSetup
-from featkd.repro.limited_data_report import code_line, describe_recipe
+from featkd.repro.limited_data_report import describe_recipe, effort_lines
 from featkd.repro.recipes import RecipeSpec
+from featkd.repro.sweep_plan import stored_seconds
 from featkd.teachers import file_sha256
 
 TUNING_DIR = CONFIG_DIR / "tuning"
@@ -129,6 +130,7 @@ class TuningResult:
     markdown: str
     wall_s: float
     trained_with: list[str] = dataclasses.field(default_factory=list)  # featkd code the candidates trained at
+    sweep_seconds: float = 0.0  # process time of the candidates' sweeps, every invocation included
 
 
 def run_tuning(teacher_path, setup: LimitedDataSetup, space: TuningSpace, run_root: Path, *, data=None,
@@ -169,12 +171,12 @@ def run_tuning(teacher_path, setup: LimitedDataSetup, space: TuningSpace, run_ro
         winner = select({name: scores[m][name] for name in alive[m]})
         chosen[m] = dataclasses.replace(by_name[winner], name=m)
     wall = time.perf_counter() - started
-    code = trained_with(cells.sweep_dirs)
-    markdown = render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall, command, code)
-    return TuningResult(chosen, scores, rungs, markdown, wall, code)
+    code, seconds = trained_with(cells.sweep_dirs), sum(map(stored_seconds, cells.sweep_dirs))
+    markdown = render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall, command, code, seconds)
+    return TuningResult(chosen, scores, rungs, markdown, wall, code, seconds)
 
 
-def render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall_s, command, code=()) -> str:
+def render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall_s, command, code=(), sweep_seconds=0.0) -> str:
     steps = {m: sum(int(s.changes.get("epochs", setup.epochs)) * len(scores[m][s.name]) for s in specs[m])
              for m in space.methods}
     lines = [f"# Tuning on {setup.validation_size} validation images: {setup.fraction:.0%} of {cells.data.label}, "
@@ -187,7 +189,7 @@ def render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall_s, com
              "a tie goes to the candidate listed first; the test split is never read",
              "- student-epochs spent per method: " + ", ".join(f"{m} {steps[m]}" for m in space.methods),
              f"- hardware: {hardware(processes=setup.jobs)}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
-             *([code_line(code, "the candidates")] if code else []), ""]
+             *effort_lines(code, sweep_seconds, "the candidates"), ""]
     for m in space.methods:
         lines += [f"## {m}", "", "| candidate | changes | " + " | ".join(f"rung {r} ({n} seeds)" for r, n in
                                                                         enumerate(space.rung_seeds)) + " |",
@@ -212,6 +214,7 @@ def write_choice(result: TuningResult, path: Path, *, setup: LimitedDataSetup, t
                            "teacher_sha256": file_sha256(teacher_path), "fraction": setup.fraction,
                            "validation_size": setup.validation_size, "featkd_commit": env.get("featkd_commit"),
                            "trained_with": list(result.trained_with),
+                           "sweep_seconds": round(result.sweep_seconds, 1),
                            "torch": str(torch.__version__), "hardware": hardware(processes=setup.jobs),
                            "date": time.strftime("%Y-%m-%d")},
             "chosen": {m: {"changes": dict(spec.changes), "recipe": spec.record()} for m, spec in result.chosen.items()}}
