@@ -109,6 +109,11 @@ def test_a_resumed_run_keeps_the_environment_of_its_earlier_epochs(tmp_path, mon
     assert (f"epochs 1-1 ran earlier: featkd {first['featkd']} at {first['featkd_commit'] or 'none'}") in out
     assert f"epochs 2-2 ran earlier: featkd {first['featkd']} at {'f' * 40}, torch {torch.__version__}" in out
 
+    # a resume stopped before its epoch ended, then resumed again from the same epoch
+    (run / "environment.json").write_text(json.dumps({**env, "earlier": [*env["earlier"], env]}))
+    assert main(["show", str(run)]) == 0
+    assert "  resumed after epoch 2 and stopped before an epoch ended (nothing of it kept): featkd" in capsys.readouterr().out
+
     (run / "environment.json").write_text("{not json")  # damaged: the resume says what it cannot tell
     fit(method(), train, test, run, epochs=4, config={"seed": 0}, resume=True, log=lambda _: None)
     env = json.loads((run / "environment.json").read_text())

@@ -82,10 +82,14 @@ def provenance_lines(environment: dict[str, Any] | None) -> list[str]:
         if "not_recorded" in segment:
             lines.append(f"  earlier epochs: not recorded ({segment['not_recorded']})")
             continue
-        commit = segment.get("featkd_commit") or "none"
-        lines.append(f"  epochs {segment.get('from_epoch', 0) + 1}-{end} ran earlier: featkd {segment.get('featkd')} at "
-                     f"{commit}{' (dirty)' if segment.get('featkd_dirty') else ''}, torch {segment.get('torch')}, "
-                     f"{segment.get('cpu')}, {segment.get('torch_threads')} torch threads, gpu {segment.get('gpu') or 'none'}")
+        start = segment.get("from_epoch", 0)
+        threads = segment.get("torch_threads")
+        code = (f"featkd {segment.get('featkd')} at {segment.get('featkd_commit') or 'none'}"
+                f"{' (dirty)' if segment.get('featkd_dirty') else ''}, torch {segment.get('torch')}, {segment.get('cpu')}, "
+                f"{threads} torch thread{'s' * (threads != 1)}, gpu {segment.get('gpu') or 'none'}")
+        # a run stopped again before its next epoch ended left nothing of that stretch in the run
+        lines.append(f"  epochs {start + 1}-{end} ran earlier: {code}" if end is not None and end > start else
+                     f"  resumed after epoch {start} and stopped before an epoch ended (nothing of it kept): {code}")
     return lines
 
 
