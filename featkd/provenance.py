@@ -155,6 +155,15 @@ def trained_with(run_dirs: Iterable[Path]) -> list[str]:
         except (OSError, ValueError):
             labels["unknown"] = None
             continue
-        for segment in [*environment.get("earlier", ()), environment]:
-            labels[code_label(segment)] = None
+        for segment, _, _ in kept_segments(environment):
+            labels["unknown" if "not_recorded" in segment else code_label(segment)] = None
     return list(labels)
+
+
+def kept_segments(environment: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], int, int | None]]:
+    """``(environment, first epoch, last epoch)`` of each stretch of a run that left epochs in it, oldest first;
+    the last stretch's end is the run's (None). A resume stopped again before its epoch ended left none."""
+    earlier = list(environment.get("earlier") or [])
+    starts = [segment.get("from_epoch", 0) for segment in earlier] + [environment.get("from_epoch", 0)]
+    stretches = [(segment, start + 1, end) for segment, start, end in zip(earlier, starts, starts[1:])]
+    return [s for s in stretches if s[2] >= s[1] or "not_recorded" in s[0]] + [(environment, starts[-1] + 1, None)]

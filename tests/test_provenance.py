@@ -112,7 +112,9 @@ def test_a_resumed_run_keeps_the_environment_of_its_earlier_epochs(tmp_path, mon
     # a resume stopped before its epoch ended, then resumed again from the same epoch
     (run / "environment.json").write_text(json.dumps({**env, "earlier": [*env["earlier"], env]}))
     assert main(["show", str(run)]) == 0
-    assert "  resumed after epoch 2 and stopped before an epoch ended (nothing of it kept): featkd" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "epochs 3-2" not in out and "epochs 2-2 ran earlier" in out
+    assert "  and 1 resume stopped before an epoch ended (nothing of it kept; environment.json lists them" in out
 
     (run / "environment.json").write_text("{not json")  # damaged: the resume says what it cannot tell
     fit(method(), train, test, run, epochs=4, config={"seed": 0}, resume=True, log=lambda _: None)
@@ -130,8 +132,11 @@ def test_trained_with_names_every_commit_a_set_of_runs_trained_at(tmp_path):
     runs = [run("one", {"featkd_commit": a, "featkd_dirty": False}),
             run("resumed", {"featkd_commit": b, "featkd_dirty": True, "from_epoch": 3,
                             "earlier": [{"featkd_commit": a, "featkd_dirty": False, "from_epoch": 0}]}),
-            run("installed", {"featkd_commit": None, "featkd_dirty": None}), tmp_path / "no-environment"]
-    assert provenance.trained_with(runs) == ["a" * 12, "b" * 12 + "+edits", "unknown"]
+            run("installed", {"featkd_commit": None, "featkd_dirty": None}), tmp_path / "no-environment",
+            # resumed after epoch 3 at commit c, stopped before epoch 4 ended, resumed again at b: c trained nothing
+            run("stopped", {"featkd_commit": b, "from_epoch": 3,
+                            "earlier": [{"featkd_commit": a, "from_epoch": 0}, {"featkd_commit": "c" * 40, "from_epoch": 3}]})]
+    assert provenance.trained_with(runs) == ["a" * 12, "b" * 12 + "+edits", "unknown", "b" * 12]
     assert provenance.trained_with(runs[:1]) == ["a" * 12]
 
 

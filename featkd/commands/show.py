@@ -70,6 +70,8 @@ def recipe_lines(config: dict[str, Any], indent: str = "  ", order: tuple[str, .
 
 
 def provenance_lines(environment: dict[str, Any] | None) -> list[str]:
+    from featkd.provenance import kept_segments
+
     if environment is None:
         return ["  not recorded (the run has no environment.json)"]
     earlier = environment.get("earlier") or []
@@ -77,19 +79,19 @@ def provenance_lines(environment: dict[str, Any] | None) -> list[str]:
     width = max(map(len, shown))
     lines = [f"  {key:<{width}}  {shlex.join(value) if key == 'argv' else 'none' if value is None else value}"
              for key, value in shown.items()]
-    ends = [segment.get("from_epoch") for segment in earlier[1:]] + [environment.get("from_epoch")]
-    for segment, end in zip(earlier, ends):
+    for segment, first, last in kept_segments(environment)[:-1]:
         if "not_recorded" in segment:
             lines.append(f"  earlier epochs: not recorded ({segment['not_recorded']})")
             continue
-        start = segment.get("from_epoch", 0)
         threads = segment.get("torch_threads")
-        code = (f"featkd {segment.get('featkd')} at {segment.get('featkd_commit') or 'none'}"
-                f"{' (dirty)' if segment.get('featkd_dirty') else ''}, torch {segment.get('torch')}, {segment.get('cpu')}, "
-                f"{threads} torch thread{'s' * (threads != 1)}, gpu {segment.get('gpu') or 'none'}")
-        # a run stopped again before its next epoch ended left nothing of that stretch in the run
-        lines.append(f"  epochs {start + 1}-{end} ran earlier: {code}" if end is not None and end > start else
-                     f"  resumed after epoch {start} and stopped before an epoch ended (nothing of it kept): {code}")
+        lines.append(f"  epochs {first}-{last} ran earlier: featkd {segment.get('featkd')} at "
+                     f"{segment.get('featkd_commit') or 'none'}{' (dirty)' if segment.get('featkd_dirty') else ''}, "
+                     f"torch {segment.get('torch')}, {segment.get('cpu')}, {threads} torch thread{'s' * (threads != 1)}, "
+                     f"gpu {segment.get('gpu') or 'none'}")
+    dropped = len(earlier) + 1 - len(kept_segments(environment))
+    if dropped:
+        lines.append(f"  and {dropped} resume{'s' * (dropped != 1)} stopped before an epoch ended (nothing of "
+                     f"{'them' if dropped != 1 else 'it'} kept; environment.json lists them under 'earlier')")
     return lines
 
 
