@@ -364,7 +364,8 @@ def write_run_info(run_dir: str | os.PathLike, config: dict[str, Any] | None, fr
         try:
             previous = json.loads((run_dir / ENVIRONMENT_JSON).read_text())
         except (OSError, ValueError):
-            pass  # recorded as not recorded
+            pass  # run_environment records that the earlier environments could not be read
+        previous = previous if isinstance(previous, dict) else None
     atomic_write_text(run_dir / ENVIRONMENT_JSON, json.dumps(run_environment(from_epoch, previous), indent=2) + "\n")
 
 
