@@ -52,12 +52,14 @@ def test_whole_seeds_are_not_split_when_they_balance(tmp_path):
 
 
 def test_a_stored_sweep_is_reused_and_the_other_students_train_beside_it(tmp_path):
-    _store(tmp_path, "seed0-30ep", 0, ["student", "KD", "AT"])
+    _store(tmp_path, "seed0-30ep", 0, ["student", "KD", "AT"], done=30)
     _store(tmp_path, "seed0-30ep-tuned", 0, ["AT-tuned"])  # another group: never mistaken for seed0-30ep-<k>
     lines = []
     processes = plan_sweeps(tmp_path, [SweepGroup(0, 0, 30, "", ("student", "KD", "AT", "Gram"))], 1, log=lines.append)
     assert _shape(processes) == [[("seed0-30ep", ("student", "KD", "AT")), ("seed0-30ep-2", ("Gram",))]]
     assert lines == []
+    assert describe_plan(processes) == ("process 1: 1 finished sweep read back, seed0-30ep-2 (1 × 30 ep) "
+                                        "= 30 student-epochs to train")
 
 
 def test_a_stored_sweep_of_other_students_is_left_as_it_is_and_said(tmp_path):

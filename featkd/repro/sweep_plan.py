@@ -157,8 +157,13 @@ def describe_plan(processes: Sequence[Sequence[PlannedSweep]]) -> str:
     def sweep(s):
         return f"{s.directory} ({len(s.names)} × {s.epochs} ep" + (f", {s.done} done" if s.done else "") + ")"
 
-    return "; ".join(f"process {k}: " + ", ".join(map(sweep, sweeps)) + f" = {sum(s.work for s in sweeps)} "
-                     "student-epochs to train" for k, sweeps in enumerate(processes, 1))
+    def process(sweeps):
+        finished = sum(1 for s in sweeps if not s.work)
+        parts = ([f"{finished} finished sweep{'s' * (finished != 1)} read back"] if finished else []) + \
+            [sweep(s) for s in sweeps if s.work]
+        return ", ".join(parts) + f" = {sum(s.work for s in sweeps)} student-epochs to train"
+
+    return "; ".join(f"process {k}: {process(sweeps)}" for k, sweeps in enumerate(processes, 1))
 
 
 def _directory_names(stem: str):
