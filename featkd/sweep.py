@@ -315,12 +315,14 @@ def write_member_runs(run_dir: str | Path, members: Sequence[Member], history: S
     sinks of an ordinary run (:func:`featkd.engine.sinks.run_sinks`: metrics files, TensorBoard when installed)."""
     paths = []
     sweep_environment = Path(run_dir) / ckpt.ENVIRONMENT_JSON
+    # a member ran where and when its sweep did, each resume included
+    environment = sweep_environment.read_text() if sweep_environment.is_file() else None
     for member in members:
         path = Path(run_dir) / MEMBERS_DIR / member.name
         path.mkdir(parents=True, exist_ok=True)
         ckpt.write_run_info(path, member.config)
-        if sweep_environment.is_file():  # a member ran where and when its sweep did, each resume included
-            ckpt.atomic_write_text(path / ckpt.ENVIRONMENT_JSON, sweep_environment.read_text())
+        if environment is not None:
+            ckpt.atomic_write_text(path / ckpt.ENVIRONMENT_JSON, environment)
         for sink in run_sinks(path):
             sink.write(member_history(history, member.name))
             sink.close()

@@ -79,7 +79,8 @@ def provenance_lines(environment: dict[str, Any] | None) -> list[str]:
     width = max(map(len, shown))
     lines = [f"  {key:<{width}}  {shlex.join(value) if key == 'argv' else 'none' if value is None else value}"
              for key, value in shown.items()]
-    for segment, first, last in kept_segments(environment)[:-1]:
+    kept = kept_segments(environment)
+    for segment, first, last in kept[:-1]:
         if "not_recorded" in segment:
             lines.append(f"  earlier epochs: not recorded ({segment['not_recorded']})")
             continue
@@ -88,7 +89,7 @@ def provenance_lines(environment: dict[str, Any] | None) -> list[str]:
                      f"{segment.get('featkd_commit') or 'none'}{' (dirty)' if segment.get('featkd_dirty') else ''}, "
                      f"torch {segment.get('torch')}, {segment.get('cpu')}, {threads} torch thread{'s' * (threads != 1)}, "
                      f"gpu {segment.get('gpu') or 'none'}")
-    dropped = len(earlier) + 1 - len(kept_segments(environment))
+    dropped = len(earlier) + 1 - len(kept)
     if dropped:
         lines.append(f"  and {dropped} resume{'s' * (dropped != 1)} stopped before an epoch ended (nothing of "
                      f"{'them' if dropped != 1 else 'it'} kept; environment.json lists them under 'earlier')")

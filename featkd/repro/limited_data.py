@@ -194,6 +194,11 @@ class LimitedDataCells:
     def train_examples(self) -> int:
         return self.setup.train_limit(self.full_size)
 
+    def sweep_effort(self) -> tuple[list[str], float]:
+        """(the featkd code, the process seconds) of every sweep :meth:`train_seeds` trained or read back, every
+        resume and invocation included: what a report says of the work behind its numbers."""
+        return trained_with(self.sweep_dirs), sum(map(stored_seconds, self.sweep_dirs))
+
     def sweep_groups(self, work: Sequence[tuple[int, Mapping[str, RecipeSpec]]]) -> list[SweepGroup]:
         """The students of each ``(seed, recipes)`` of ``work`` by training length, the tuned recipes (group
         "-tuned") apart from the published ones, so that adding --tuned to a finished table reuses its published
@@ -298,7 +303,7 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
         log(f"{name}: the tuning kept {published}'s training; its row is {published}'s (not trained again)")
     wall = time.perf_counter() - started
     size = cells.train_examples
-    code, seconds = trained_with(cells.sweep_dirs), sum(map(stored_seconds, cells.sweep_dirs))
+    code, seconds = cells.sweep_effort()
     markdown = render_report(setup, cells.data, size, cells.full_size, accuracies, cells.teacher_acc,
                              cells.teacher_name, wall, command, recipes, code, seconds)
     report = write_new(run_root / f"{setup.name(cells.data)}.md", markdown)

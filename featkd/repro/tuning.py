@@ -31,12 +31,11 @@ import yaml
 
 from featkd import stats
 from featkd.config import CONFIG_DIR, ConfigError, read_yaml
-from featkd.provenance import environment_info, hardware, trained_with
+from featkd.provenance import environment_info, hardware
 from featkd.repro.cache import write_new
 from featkd.repro.limited_data import RECIPES, LimitedDataCells, LimitedDataSetup
 from featkd.repro.limited_data_report import describe_recipe, effort_lines
 from featkd.repro.recipes import RecipeSpec
-from featkd.repro.sweep_plan import stored_seconds
 from featkd.teachers import file_sha256
 
 TUNING_DIR = CONFIG_DIR / "tuning"
@@ -171,7 +170,7 @@ def run_tuning(teacher_path, setup: LimitedDataSetup, space: TuningSpace, run_ro
         winner = select({name: scores[m][name] for name in alive[m]})
         chosen[m] = dataclasses.replace(by_name[winner], name=m)
     wall = time.perf_counter() - started
-    code, seconds = trained_with(cells.sweep_dirs), sum(map(stored_seconds, cells.sweep_dirs))
+    code, seconds = cells.sweep_effort()
     markdown = render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall, command, code, seconds)
     return TuningResult(chosen, scores, rungs, markdown, wall, code, seconds)
 
