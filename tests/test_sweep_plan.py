@@ -44,6 +44,22 @@ def test_a_long_sweep_is_split_so_that_no_process_waits(tmp_path):
                                         "seed100-60ep-2 (4 × 60 ep), seed100-30ep (20 × 30 ep) = 840 student-epochs to train")
 
 
+def test_a_cap_on_the_work_of_a_sweep_splits_every_group_into_sweeps_under_it(tmp_path):
+    long = tuple(f"c{k}" for k in range(18))
+    short = tuple(f"d{k}" for k in range(20))
+    groups = [SweepGroup(0, 100, 30, "", short), SweepGroup(0, 100, 60, "", long)]
+    processes = plan_sweeps(tmp_path, groups, 2, max_work=300)
+    sweeps = [s for ss in processes for s in ss]
+    assert max(s.work for s in sweeps) == 300
+    assert sorted(n for s in sweeps for n in s.names) == sorted(long + short)  # every student once
+    assert _work(processes) == [840, 840]  # still balanced
+    assert sorted(s.directory for s in sweeps if s.epochs == 60) == ["seed100-60ep", "seed100-60ep-2", "seed100-60ep-3",
+                                                               "seed100-60ep-4"]
+    # a student longer than the cap trains alone
+    alone = plan_sweeps(tmp_path / "alone", [SweepGroup(0, 1, 60, "", ("a", "b"))], 1, max_work=50)
+    assert _shape(alone) == [[("seed1-60ep", ("a",)), ("seed1-60ep-2", ("b",))]]
+
+
 def test_whole_seeds_are_not_split_when_they_balance(tmp_path):
     names = ("student", "KD", "AT", "NST-poly", "NST-gaussian", "FitNet", "Gram")
     processes = plan_sweeps(tmp_path, [SweepGroup(s, s, 30, "", names) for s in range(6)], 2)

@@ -32,6 +32,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "schedule.milestones=[60,120] terms.0.weight=100 kd=null")
 
 
+def add_sweep_process_arguments(parser) -> None:
+    """--jobs and --max-sweep-work: how the sweeps of a limited-data table or a tuning are spread and sized."""
+    parser.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+                        help="train the sweeps in N processes of one torch thread each (CPU; default 1: one process, "
+                             "torch's threads)")
+    parser.add_argument("--max-sweep-work", type=positive_int, metavar="N",
+                        help="the most student-epochs (students x epochs) of one new sweep (default: no limit). A "
+                             "sweep's results exist once it finishes: where run directories may be lost, smaller "
+                             "sweeps lose less (keep finished ones with paper_repro/keep_sweeps.py)")
+
+
 def reports_user_errors(run, also: tuple[type[Exception], ...] = (), name: str | None = None):
     """Print a user's mistake (exit status 2; :data:`USER_ERRORS` and ``also``), a diverged run or a failed
     write (exit status 1), or Ctrl-C (exit status 130) as one line, not a traceback, prefixed with the command's

@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from featkd.commands._common import positive_int
+from featkd.commands._common import add_sweep_process_arguments, positive_int
 
 PROTOCOL_NAMES = ("at-table1", "nst-kernels", "omitted-class", "limited-data")
 
@@ -50,8 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "on) instead of the test split, which is then not read: for choosing settings")
     limited.add_argument("--validation-size", type=int, default=5000, metavar="N",
                          help="training images set aside as the validation set (default 5000)")
-    limited.add_argument("--jobs", type=positive_int, default=1, metavar="N",
-                         help="train the sweeps in N processes of one torch thread each (CPU; default 1: one process, torch's threads)")
+    add_sweep_process_arguments(limited)
     limited.add_argument("--tuned", type=Path, metavar="FILE",
                          help="also train each method's tuned recipe (a featkd tune --out file), as <method>-tuned, "
                               "compared with the student alone at its tuned length")
@@ -116,7 +115,7 @@ def _limited_data(args, command):
 
     changes = {k: v for k, v in (("epochs", args.epochs), ("test_limit", args.test_limit or None)) if v is not None}
     changes.update(validation_size=args.validation_size, evaluate_on="validation" if args.validation else "test",
-                   jobs=args.jobs)
+                   jobs=args.jobs, max_sweep_work=args.max_sweep_work)
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
     if args.methods:

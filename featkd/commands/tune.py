@@ -18,7 +18,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from featkd.commands._common import positive_int
+from featkd.commands._common import add_sweep_process_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", default="wrn16_1", help="student model (default wrn16_1)")
     parser.add_argument("--batch-size", type=int, default=64, help="students' batch size (default 64)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--jobs", type=positive_int, default=1, metavar="N",
-                        help="train the sweeps in N processes of one torch thread each (CPU; default 1: one process, torch's threads)")
+    add_sweep_process_arguments(parser)
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -47,7 +46,8 @@ def _command_line(args: argparse.Namespace) -> str:
     parts = ["featkd tune", "--fraction", f"{args.fraction:g}"]
     if args.methods:
         parts += ["--methods", *args.methods]
-    for flag in ("space", "teacher", "run_dir", "out", "validation_size", "data", "student", "batch_size", "device", "jobs"):
+    for flag in ("space", "teacher", "run_dir", "out", "validation_size", "data", "student", "batch_size", "device", "jobs",
+                 "max_sweep_work"):
         value = getattr(args, flag)
         if value is not None:
             parts += [f"--{flag.replace('_', '-')}", str(value)]
@@ -76,7 +76,8 @@ def _run(args: argparse.Namespace) -> int:
     command = _command_line(args)
     setup = LimitedDataSetup(fraction=args.fraction, epochs=space.epochs[0], batch_size=args.batch_size,
                              student=args.student, validation_size=args.validation_size, evaluate_on="validation",
-                             methods=tuple(space.methods), seeds=tuple(space.seeds), jobs=args.jobs)
+                             methods=tuple(space.methods), seeds=tuple(space.seeds), jobs=args.jobs,
+                             max_sweep_work=args.max_sweep_work)
     teacher, shipped_teacher = (args.teacher, None) if args.teacher else (shipped.TEACHER.path, shipped.TEACHER)
     result = run_tuning(teacher, setup, space, args.run_dir, data=DataSpec(args.data), device=args.device,
                         shipped=shipped_teacher, command=command)

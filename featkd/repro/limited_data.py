@@ -75,6 +75,7 @@ class LimitedDataSetup:
     validation_size: int = 5000
     evaluate_on: str = "test"  # or "validation": the test split is then not read at all
     jobs: int = 1  # > 1: the sweeps run in that many processes of one torch thread each (CPU only)
+    max_sweep_work: int | None = None  # the most student-epochs of one new sweep (None: as the balance plans)
 
     def __post_init__(self):
         if not 0 < self.fraction <= 1:
@@ -85,6 +86,8 @@ class LimitedDataSetup:
             raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
         if self.jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+        if self.max_sweep_work is not None and self.max_sweep_work < 1:
+            raise ValueError(f"max_sweep_work must be >= 1 student-epoch, got {self.max_sweep_work}")
         if self.validation_size < 0:
             raise ValueError(f"validation_size must be >= 0, got {self.validation_size}")
         if self.evaluate_on not in EVALUATION_SETS:
@@ -238,7 +241,8 @@ class LimitedDataCells:
         data, in the sweeps :func:`featkd.repro.sweep_plan.plan_sweeps` plans (those stored in ``run_dir``
         reused); with ``setup.jobs`` > 1 in that many 1-thread processes (:mod:`featkd.repro.processes`)."""
         training = {name: spec.training() for _, recipes in work for name, spec in recipes.items()}
-        processes = plan_sweeps(run_dir, self.sweep_groups(work), self.setup.jobs, training, log=self.log)
+        processes = plan_sweeps(run_dir, self.sweep_groups(work), self.setup.jobs, training, log=self.log,
+                                max_work=self.setup.max_sweep_work)
         self.log(f"sweeps in {run_dir}: {describe_plan(processes)}")
         self.sweep_dirs += [run_dir / sweep.directory for sweeps in processes for sweep in sweeps]
         calls = [[(sweep, {name: work[sweep.item][1][name] for name in sweep.names}) for sweep in sweeps]

@@ -12,6 +12,9 @@ several, and a finished table can take more methods without training its student
   least work up to an equal share (epochs × students), so that no process waits for a long sweep while
   another idles; a seed is split only where that share demands it (each extra sweep costs one teacher
   forward per batch).
+- ``max_work`` caps a new sweep at that many student-epochs: a sweep keeps nothing until it finishes, so on a
+  machine that may be lost (or a session that ends) smaller sweeps lose less; each extra sweep again costs one
+  teacher forward per batch.
 """
 
 from __future__ import annotations
@@ -107,11 +110,13 @@ def check_stored_recipes(directory: Path, seed: int, training: Mapping[str, dict
 
 
 def plan_sweeps(run_dir: Path, groups: Sequence[SweepGroup], jobs: int,
-                training: Mapping[str, dict] | None = None, log=print) -> list[list[PlannedSweep]]:
+                training: Mapping[str, dict] | None = None, log=print,
+                max_work: int | None = None) -> list[list[PlannedSweep]]:
     """The sweeps that train ``groups``, as ``jobs`` lists, one per process, each to run in its order.
 
     ``training``: each name's training settings, checked against the stored sweeps reused
-    (:func:`check_stored_recipes`)."""
+    (:func:`check_stored_recipes`). ``max_work``: the most student-epochs of a new sweep (a student longer
+    than that trains alone)."""
     stored: list[PlannedSweep] = []
     left: list[tuple[SweepGroup, list[str], set[str]]] = []
     for group in groups:
@@ -144,7 +149,10 @@ def plan_sweeps(run_dir: Path, groups: Sequence[SweepGroup], jobs: int,
         while names:
             k = least_loaded()
             room = math.ceil((share - load(k)) / group.epochs)
-            part, names = (names[:room], names[room:]) if 0 < room < len(names) else (names, [])
+            room = room if room > 0 else len(names)  # a process past its share (rounding) takes the rest
+            if max_work:
+                room = min(room, max(max_work // group.epochs, 1))
+            part, names = names[:room], names[room:]
             directory = next(name for name in _directory_names(group.stem) if name not in taken)
             taken.add(directory)
             processes[k].append(PlannedSweep(group.item, group.seed, group.epochs, directory, tuple(part)))
