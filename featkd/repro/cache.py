@@ -11,23 +11,43 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-def fit_or_resume(method, train_loader, test_loader, run_dir: Path, epochs: int, *, log, **options) -> list[dict]:
+def fit_or_resume(method, train_loader, test_loader, run_dir: Path, epochs: int, *, log, results_only: bool = False,
+                  **options) -> list[dict]:
     """Train into ``run_dir``, resume it if interrupted, or return the stored history if it is finished.
 
     Two commands sharing a ``--run-dir`` (the AT and NST tables share their teachers) must not train
     the same run at once: the run directory's lock marks a run in progress.
+
+    ``results_only``: the caller reads the history, never ``method``'s models; a finished run kept without
+    its checkpoints (``paper_repro/keep_sweeps.py``) is then read back from its metrics.
     """
     from featkd.locking import run_lock
 
     with run_lock(run_dir):
-        return _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir, epochs, log=log, **options)
+        return _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir, epochs, log=log,
+                                       results_only=results_only, **options)
 
 
-def _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir: Path, epochs: int, *, log, **options):
+def finished_history(run_dir: Path, epochs: int) -> list[dict] | None:
+    """The history of a run that finished ``epochs`` epochs, from its ``metrics.jsonl`` (None if it did not):
+    fit writes an epoch's metrics only after its checkpoint, so all of them mean that the run finished."""
+    from featkd import checkpoint as ckpt
+
+    if not (run_dir / ckpt.METRICS_JSONL).is_file():
+        return None
+    rows = ckpt.read_metrics(run_dir)
+    return rows if [row.get("epoch") for row in rows] == list(range(1, epochs + 1)) else None
+
+
+def _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir: Path, epochs: int, *, log, results_only,
+                            **options):
     from featkd import checkpoint as ckpt
     from featkd.engine import fit
 
     last = run_dir / ckpt.LAST
+    if not last.is_file() and results_only and (kept := finished_history(run_dir, epochs)) is not None:
+        log(f"reusing finished run {run_dir} from its metrics (kept without its checkpoints)")
+        return kept
     # A run stopped before its first epoch ended holds no result: fit starts it again.
     if last.is_file():
         state = ckpt.load_checkpoint(last)

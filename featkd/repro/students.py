@@ -108,7 +108,8 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
     check_cached_config(run_dir, config, recorded_since=("recipes",))
     try:
         history = fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,
-                                config=config, log=lambda line: log(compact_summary(line)), eval_every=eval_every,
+                                config=config, results_only=True, log=lambda line: log(compact_summary(line)),
+                                eval_every=eval_every,
                                 model_info={m.name: model_record(student_name, student_options, info)
                                             for m in members})
     finally:

@@ -180,3 +180,37 @@ def _directory_names(stem: str):
     while True:
         yield f"{stem}-{k}"
         k += 1
+
+
+def keep_finished_sweeps(run_dir: Path, kept_dir: Path) -> tuple[list[Path], list[Path]]:
+    """Copy each finished sweep under ``run_dir`` to the same place under ``kept_dir`` without its checkpoints:
+    its config, environment, metrics and members' records, all that reading it back needs
+    (:func:`featkd.repro.cache.fit_or_resume` with ``results_only``), small enough to commit beside its results.
+    Copy ``kept_dir`` back into a run directory and the same command reads those sweeps back and trains the rest.
+
+    Returns (the sweeps kept, the sweeps not finished and so not kept). A file already kept is never
+    overwritten: a different one raises :class:`RunDirectoryExistsError`."""
+    from featkd.checkpoint import atomic_write_bytes
+    from featkd.repro.cache import finished_history
+
+    kept, unfinished = [], []
+    for config_path in sorted(Path(run_dir).rglob("config.yaml")):
+        directory = config_path.parent
+        config = yaml.safe_load(config_path.read_text()) or {}
+        if directory.parent.name == MEMBERS_DIR or not isinstance(config, dict) or "members" not in config:
+            continue
+        if finished_history(directory, int(config.get("epochs", 0))) is None:
+            unfinished.append(directory)
+            continue
+        # not the checkpoints, nor a write's leftover temporary (".<name>.<random>.tmp")
+        for source in sorted(p for p in directory.rglob("*")
+                             if p.is_file() and p.suffix != ".pt" and not p.name.startswith(".")):
+            target = Path(kept_dir) / source.relative_to(run_dir)
+            if target.exists():
+                if target.read_bytes() != source.read_bytes():
+                    raise RunDirectoryExistsError(f"{target} already holds another file than {source}; it is kept "
+                                                  "as it is: keep this run's sweeps in another directory")
+                continue
+            atomic_write_bytes(target, source.read_bytes())
+        kept.append(directory)
+    return kept, unfinished
