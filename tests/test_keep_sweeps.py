@@ -91,9 +91,13 @@ def test_kept_sweeps_copied_to_a_new_machine_are_read_back_not_trained(tmp_path,
     assert not list((tmp_path / "kept").rglob("*.pt"))
 
     shutil.copytree(tmp_path / "kept", tmp_path / "machine2")
+    # a process killed while writing the members' records left one without its metrics
+    member = f"{table}/seed0-2ep/members/student-s0/metrics.jsonl"
+    (tmp_path / "machine2" / member).unlink()
     lines = []
     second = run(tmp_path / "machine2", lines.append)
     assert second.accuracies == first.accuracies
+    assert (tmp_path / "machine2" / member).read_text() == (tmp_path / "machine1" / member).read_text()
     assert sum("from its metrics (kept without its checkpoints)" in line for line in lines) == 2
     assert not list((tmp_path / "machine2").rglob("*.pt"))  # nothing trained
 

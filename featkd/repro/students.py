@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from featkd.checkpoint import model_record
+from featkd.checkpoint import METRICS_JSONL, model_record
 from featkd.repro.cache import check_cached_config, fit_or_resume
 from featkd.repro.protocols import Budget, Recipe, paper_schedule, protocol_model_options
 
@@ -117,8 +117,11 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
         for member in members:
             if member.distiller is not None:
                 member.distiller.remove_hooks()
-    if not (run_dir / sweep.MEMBERS_DIR).exists():
-        sweep.write_member_runs(run_dir, members, history)
+    # members written before (a finished sweep read back) are left as they are; a process killed while writing
+    # them left some without metrics: those are written now
+    unwritten = [m for m in members if not (run_dir / sweep.MEMBERS_DIR / m.name / METRICS_JSONL).is_file()]
+    if unwritten:
+        sweep.write_member_runs(run_dir, unwritten, history)
     accs: dict[str, list[float]] = {}
     for recipe in recipes:
         accs[recipe.name] = [history[-1][f"{recipe.name}-s{seed}/acc1"] for seed in budget.seeds]
