@@ -211,6 +211,19 @@ def test_a_rerun_is_bit_exact_at_a_fixed_thread_count(tmp_path):
         assert strip[0] == strip[1]  # every loss of every epoch, to the last digit
 
 
+def test_tuned_only_trains_the_tuned_recipes_and_the_student_alone():
+    chosen = {m: limited_data.RECIPES[m].with_changes({"epochs": 60}) for m in ("student", "KD", "AT")}
+    recipes, methods = limited_data.with_tuned(("student", "KD", "AT", "Gram"), chosen, tuned_only=True)
+    assert methods == ("student", "student-tuned", "KD-tuned", "AT-tuned")  # Gram was not tuned
+    assert recipes["AT-tuned"].changes == {"epochs": 60} and recipes["AT"] == limited_data.RECIPES["AT"]
+    assert limited_data.with_tuned(("student", "KD"), chosen)[1] == ("student", "KD", "student-tuned", "KD-tuned")
+
+
+def test_tuned_only_without_a_choice_is_refused(capsys):
+    assert main(["repro", "limited-data", "--tuned-only"]) == 2
+    assert "--tuned-only needs --tuned FILE" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_adding_tuned_recipes_reuses_the_published_students(tmp_path):
     teacher = _tiny_teacher(tmp_path)

@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limited.add_argument("--tuned", type=Path, metavar="FILE",
                          help="also train each method's tuned recipe (a featkd tune --out file), as <method>-tuned, "
                               "compared with the student alone at its tuned length")
+    limited.add_argument("--tuned-only", action="store_true",
+                         help="with --tuned: train the tuned recipes and the student alone, not the other published "
+                              "ones (their table was made before with the same seeds; the student, trained again, "
+                              "must equal its row there)")
 
 
 def _budget(base, args):
@@ -121,11 +125,14 @@ def _limited_data(args, command):
     if args.methods:
         changes["methods"] = tuple(dict.fromkeys(["student", *args.methods]))
     recipes = dict(limited_data.RECIPES)
+    if args.tuned_only and not args.tuned:
+        raise ValueError("--tuned-only needs --tuned FILE (the choice a featkd tune --out wrote)")
     if args.tuned:
         from featkd.repro.tuning import read_choice
 
         chosen, _ = read_choice(args.tuned)
-        recipes, changes["methods"] = limited_data.with_tuned(changes.get("methods", tuple(recipes)), chosen)
+        recipes, changes["methods"] = limited_data.with_tuned(changes.get("methods", tuple(recipes)), chosen,
+                                                               tuned_only=args.tuned_only)
     setup = limited_data.LimitedDataSetup(fraction=args.fraction, epochs=changes.pop("epochs", 20), **changes)
     teacher, shipped_teacher = (args.teacher, None) if args.teacher else (shipped.TEACHER.path, shipped.TEACHER)
     return limited_data.run_limited_data(teacher, setup, args.run_dir, device=args.device, command=command,

@@ -51,12 +51,17 @@ RECIPES: dict[str, RecipeSpec] = load_recipes("limited_data")
 EVALUATION_SETS = ("test", "validation")
 
 
-def with_tuned(methods: Sequence[str], chosen: Mapping[str, RecipeSpec]) -> tuple[dict[str, RecipeSpec], tuple[str, ...]]:
+def with_tuned(methods: Sequence[str], chosen: Mapping[str, RecipeSpec],
+               tuned_only: bool = False) -> tuple[dict[str, RecipeSpec], tuple[str, ...]]:
     """The published recipes plus ``"<method>-tuned"`` for each of ``methods`` a tuning chose
-    (:func:`featkd.repro.tuning.read_choice`), and the methods with those tuned names appended."""
+    (:func:`featkd.repro.tuning.read_choice`), and the methods with those tuned names appended.
+
+    ``tuned_only``: the methods are the student and the tuned names alone, for a table whose published rows
+    were made before (the student is trained again: it is every table's baseline, and equal to the earlier
+    table's student it shows that both tables' seeds drew the same data)."""
     tuned = [m for m in methods if m in chosen]
     recipes = {**RECIPES, **{m + TUNED: dataclasses.replace(chosen[m], name=m + TUNED) for m in tuned}}
-    return recipes, (*methods, *(m + TUNED for m in tuned))
+    return recipes, (*(("student",) if tuned_only else methods), *(m + TUNED for m in tuned))
 
 
 @dataclass(frozen=True)
