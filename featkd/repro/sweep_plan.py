@@ -12,9 +12,9 @@ several, and a finished table can take more methods without training its student
   least work up to an equal share (epochs × students), so that no process waits for a long sweep while
   another idles; a seed is split only where that share demands it (each extra sweep costs one teacher
   forward per batch).
-- ``max_work`` caps a new sweep at that many student-epochs: a sweep keeps nothing until it finishes, so on a
-  machine that may be lost (or a session that ends) smaller sweeps lose less; each extra sweep again costs one
-  teacher forward per batch.
+- ``max_work`` caps a new sweep at that many student-epochs: only a finished sweep can be kept without its
+  checkpoints (:func:`keep_finished_sweeps`), so where the run directory may be lost (a machine, a session)
+  smaller sweeps lose less; each extra sweep again costs one teacher forward per batch.
 """
 
 from __future__ import annotations
