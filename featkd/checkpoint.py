@@ -391,4 +391,14 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_JSONL
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist; is {str(run_dir)!r} a featkd run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            # a kept or copied run's metrics are what it is read back from: name the damaged file, not just the line
+            raise ValueError(f"{path} line {number} is not a JSON row ({error.msg}): the file is damaged; copy it "
+                             f"again from where it came from, or move {run_dir} away to train that run again") from None
+    return rows

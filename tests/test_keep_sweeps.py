@@ -32,6 +32,9 @@ def test_a_finished_history_needs_every_epoch_in_order(tmp_path):
     assert finished_history(tmp_path / "stopped", 3) is None
     assert finished_history(tmp_path / "odd", 3) is None
     assert finished_history(tmp_path / "absent", 3) is None
+    (tmp_path / "done" / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "acc1": 5\n')  # cut mid-row
+    with pytest.raises(ValueError, match=r"done/metrics.jsonl line 2 is not a JSON row .*the file is damaged"):
+        finished_history(tmp_path / "done", 3)
 
 
 def test_a_caller_that_needs_the_models_never_gets_a_history_without_them(tmp_path):

@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 import yaml
 
-from featkd.checkpoint import METRICS_JSONL, RunDirectoryExistsError
+from featkd.checkpoint import METRICS_JSONL, RunDirectoryExistsError, read_metrics
 from featkd.sweep import MEMBERS_DIR
 
 
@@ -80,10 +80,7 @@ def stored_epochs(directory: Path) -> int:
 
 def stored_seconds(directory: Path) -> float:
     """The seconds a stored sweep's epochs took (training and evaluation, every invocation that ran them)."""
-    import json
-
-    metrics = directory / METRICS_JSONL
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    rows = read_metrics(directory) if (directory / METRICS_JSONL).is_file() else []
     return sum(row.get("epoch_time_s", 0.0) + row.get("eval_time_s", 0.0) for row in rows)
 
 
