@@ -158,6 +158,7 @@ class Distiller(nn.Module):
         if compile:
             runner = torch.compile(student, **(compile if isinstance(compile, dict) else {}))
         self._student_features = _extractor("student", runner, student_layers)
+        self._student_outputs = self._own_student  # student input -> (student output, student features)
         self.adapters = nn.ModuleList()
         self.term_losses = nn.ModuleList()
         self.is_setup = False
@@ -179,6 +180,14 @@ class Distiller(nn.Module):
 
     def _own_teacher(self, x):
         return call_model(self._teacher_features, self._model_input(x, "teacher"))
+
+    def _own_student(self, student_input):
+        return call_model(self._student_features, student_input)
+
+    @property
+    def student_layers(self) -> list[str]:
+        """The student layers the terms read (globs expanded), in order."""
+        return self._student_features.layers
 
     # -- setup ------------------------------------------------------------------------
 
@@ -238,6 +247,17 @@ class Distiller(nn.Module):
         self._teacher_features.remove()
         self._teacher_outputs = teacher_outputs
 
+    def share_student(self, student_outputs) -> None:
+        """Take the student's ``(output, features)`` from ``student_outputs(student_input)`` instead of running it.
+
+        For students trained as one batched computation (:mod:`featkd.fused`): the features must hold
+        :attr:`student_layers` as this distiller's student would have given them, with their autograd
+        graph. Call it after :meth:`setup` (the dry run needs the real student).
+        """
+        if not self.is_setup:
+            raise RuntimeError("call distiller.setup(example_x) before share_student: the dry run needs the student")
+        self._student_outputs = student_outputs
+
     def loss_weights(self) -> dict[str, object]:
         """``{"kd": weight, <term key>: weight, ...}``: each loss's weight as given (a float, a schedule such as
         :class:`featkd.Warmup`, or a :class:`featkd.calibration.RelativeToCE` not yet resolved)."""
@@ -264,7 +284,7 @@ class Distiller(nn.Module):
         student_input = self._model_input(x, "student")  # a batch the student cannot take is refused first
         with teacher_bn_mode(self.teacher, self.teacher_bn):
             teacher_output, f_t = self._teacher_outputs(x)
-        student_output, f_s = call_model(self._student_features, student_input)
+        student_output, f_s = self._student_outputs(student_input)
         student_logits = logits_of(student_output)
         mask = self.batch_format.mask_of(x)
         values: dict[str, torch.Tensor] = {}

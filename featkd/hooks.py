@@ -315,13 +315,18 @@ class FeatureExtractor:
         return [s.key for s in self._recorder.specs]
 
     def __call__(self, *args, **kwargs) -> tuple[Any, Features]:
+        return self.run(self.model, *args, **kwargs)
+
+    def run(self, forward, *args, **kwargs) -> tuple[Any, Features]:
+        """``(forward(*args, **kwargs), features)``: what ``ext(...)`` does, with another callable running the
+        model, e.g. ``torch.func.functional_call(model, weights, args)`` (:mod:`featkd.fused`)."""
         if not self._recorder.handles:
             raise RuntimeError("this FeatureExtractor was removed; create a new one")
         self.clear()
         self._recorder.recording = True
         try:
             with torch.no_grad() if self.no_grad else contextlib.nullcontext():
-                output = self.model(*args, **kwargs)
+                output = forward(*args, **kwargs)
         except BaseException:
             self.clear()
             raise

@@ -130,17 +130,27 @@ class SupervisedMethod(MethodBase):
         super().__init__(optimizer, [scheduler], precision)
         self.model, self.scheduler = model, scheduler
         self.grad_clip, self.name, self.batch_format = grad_clip, name, batch_format
+        self._outputs = lambda model_input: call_model(self.model, model_input)
 
     def train_step(self, x, y, step, indices=None):
+        loss, losses = self.step_losses(x, y, step, indices)
+        self.precision.backward_step(loss, self.optimizer, self.grad_clip)
+        return losses_to_floats(losses)
+
+    def step_losses(self, x, y, step, indices=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The forward of :meth:`train_step`: the loss to train on and the named losses it logs."""
         self.model.train()
         with self.precision.autocast():
             model_input = self.batch_format.model_input(x)
             check_input(self.model, model_input)
-            logits = logits_of(call_model(self.model, model_input))
+            logits = logits_of(self._outputs(model_input))
             # labelled samples (or tokens) only: y = -1 skipped
             loss = cross_entropy(*token_rows(logits, self.batch_format.mask_of(x), y))
-        self.precision.backward_step(loss, self.optimizer, self.grad_clip)
-        return {"ce": loss.item()}
+        return loss, {"ce": loss}
+
+    def share_model(self, outputs) -> None:
+        """Take the model's output from ``outputs(model_input)`` instead of running it (:mod:`featkd.fused`)."""
+        self._outputs = outputs
 
     def eval_models(self):
         return {self.name: self.model}
@@ -173,12 +183,21 @@ class DistillMethod(MethodBase):
         self.forward = forward if forward is not None else distiller
 
     def train_step(self, x, y, step, indices=None):
+        loss, losses = self.step_losses(x, y, step, indices)
+        self.precision.backward_step(loss, self.optimizer, self.grad_clip)
+        return losses_to_floats(losses)
+
+    def step_losses(self, x, y, step, indices=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The forward of :meth:`train_step`: the loss to train on and the named losses it logs."""
         self.distiller.train()
         epoch = step / self.steps_per_epoch if self.steps_per_epoch else None
         with self.precision.autocast():
             _, losses = self.forward(x, y, step=step, epoch=epoch, indices=indices)
-        self.precision.backward_step(losses["total"], self.optimizer, self.grad_clip)
-        return losses_to_floats(losses)
+        return losses["total"], losses
+
+    def share_model(self, outputs) -> None:
+        """Take the student's ``(output, features)`` from ``outputs(student_input)`` (:mod:`featkd.fused`)."""
+        self.distiller.share_student(outputs)
 
     def eval_models(self):
         return {"student": self.distiller.student}

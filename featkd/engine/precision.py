@@ -36,10 +36,18 @@ class Precision:
         grad_clip: float | None = None,
     ) -> None:
         """``zero_grad``, backward (scaled under fp16), optional grad-norm clipping, optimiser step."""
+        optimizer.zero_grad(set_to_none=True)
+        self.scale(loss).backward()
+        self.step(optimizer, grad_clip)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call ``backward`` on: scaled under fp16, as it is otherwise."""
+        return self.scaler.scale(loss)
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_clip: float | None = None) -> None:
+        """After the backward of :meth:`scale`'s loss: optional grad-norm clipping, then the optimiser step."""
         if grad_clip is not None and not grad_clip > 0:  # clip_grad_norm_ flips the gradient for a negative norm
             raise ValueError(f"grad_clip must be > 0 (a gradient-norm bound), got {grad_clip}")
-        optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
         if grad_clip is not None:
             self.scaler.unscale_(optimizer)
             params = [p for group in optimizer.param_groups for p in group["params"]]
