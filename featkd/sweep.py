@@ -259,10 +259,12 @@ class SweepMethod(MethodBase):
             self._extractor = None
 
 
-def build_sweep(member_cfgs, teacher: nn.Module, teacher_state: dict, run) -> tuple[SweepMethod, dict]:
+def build_sweep(member_cfgs, teacher: nn.Module, teacher_state: dict, run,
+                method_class: type[SweepMethod] = SweepMethod) -> tuple[SweepMethod, dict]:
     """The sweep of ``member_cfgs`` (from :func:`member_configs`) against ``teacher`` (loaded from
     ``teacher_state``) for a started :class:`featkd.runs.Run`, and the records the members' checkpoints
-    store. Each member starts exactly where ``featkd distill`` with its config starts."""
+    store. Each member starts exactly where ``featkd distill`` with its config starts. ``method_class``:
+    :class:`SweepMethod`, or :class:`featkd.fused.FusedSweepMethod` for students run as one batched computation."""
     first = next(iter(run.train_loader))  # the loader's order is a function of (seed, epoch): nothing consumed
     example_x = run.example(first)
     shared = SharedTeacherOutputs()
@@ -288,7 +290,7 @@ def build_sweep(member_cfgs, teacher: nn.Module, teacher_state: dict, run) -> tu
                                    precision=Precision(cfg.amp, run.device), grad_clip=cfg.grad_clip,
                                    steps_per_epoch=len(run.train_loader)))
         model_info[name] = ckpt.model_record(cfg.student.name, cfg.student.options, run.info)
-    return SweepMethod(teacher, members, shared), model_info
+    return method_class(teacher, members, shared), model_info
 
 
 # ----------------------------------------------------------------------------- per-member run directories

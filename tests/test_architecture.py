@@ -13,7 +13,7 @@ PACKAGE = Path(featkd.__file__).resolve().parent
 LAYERS = [
     ["featkd.cli"],
     ["featkd.commands"],
-    ["featkd.runs", "featkd.run_data", "featkd.repro", "featkd.sweep", "featkd.strategies", "featkd.plots", "featkd.saved_runs"],
+    ["featkd.runs", "featkd.run_data", "featkd.repro", "featkd.sweep", "featkd.fused", "featkd.strategies", "featkd.plots", "featkd.saved_runs"],
     ["featkd.distiller", "featkd.terms", "featkd.engine", "featkd.calibration", "featkd.teacher_input"],
     ["featkd.batches", "featkd.model_outputs", "featkd.hooks", "featkd.layer_specs", "featkd.layer_info", "featkd.layouts", "featkd.layer_pairs", "featkd.losses",
      "featkd.functional", "featkd.models", "featkd.data", "featkd.checkpoint", "featkd.locking", "featkd.config",

@@ -326,9 +326,9 @@ def test_property_matches_reference_non_negative_zero_on_self(b, cs, ct, h, w, k
 @pytest.mark.parametrize("kernel", ["linear", "poly", "gaussian"])
 def test_cuda_matches_cpu_and_fp16_autocast_stays_float32(kernel):
     f_s, f_t = torch.randn(4, 32, 6, 6), torch.randn(4, 48, 6, 6)
-    want = KF.nst_loss(f_s, f_t, kernel, sigma2=0.5 if kernel == "gaussian" else None)
-    s, t = f_s.cuda(), f_t.cuda()
     options = {"sigma2": 0.5} if kernel == "gaussian" else {}
+    want = KF.nst_loss(f_s, f_t, kernel, **options)
+    s, t = f_s.cuda(), f_t.cuda()
     assert KF.nst_loss(s, t, kernel, **options).item() == pytest.approx(want.item(), rel=1e-4)
     with torch.autocast("cuda", dtype=torch.float16):
         got = KF.nst_loss(s, t, kernel, **options)

@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     if is_sweep_config(run.config):
         print("\nsweep grid (one member per combination)")
         print("\n".join(f"  {key}  {inline(values)}" for key, values in run.config["grid"].items()))
+        if run.config.get("fused"):
+            print("  its students trained as one batched computation (featkd sweep --fused)")
         print("\nrecipe (the base config, every member's but for the grid)")
         print("\n".join(recipe_lines(run_sections(run.config))))
     else:

@@ -11,6 +11,10 @@ teacher — must not vary across the grid. A member's ``seed`` sets its student'
 its random stream; the batches come from the base config's ``seed``, so the member whose seed equals
 the base seed reproduces ``featkd distill`` with the same config exactly.
 
+``--fused`` trains the members' students as one batched computation (:mod:`featkd.fused`; one student
+architecture, no dropout): on a GPU several times the throughput, each member equal to its unfused run
+to float tolerance. A resumed sweep keeps the way it was trained.
+
 Writes one run directory (``metrics.jsonl`` with a ``<member>/acc1`` column per member, checkpoints to
 resume from) and, when done, ``members/<name>/`` per member for ``featkd plot``.
 """
@@ -44,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --run-dir (its saved config and grid)")
     parser.add_argument("--grid", type=_grid_arg, action="append", default=[], metavar="KEY=V1,V2",
                         help="a config key and the values to sweep; repeat for a product of grids")
+    parser.add_argument("--fused", action="store_true",
+                        help="train the students as one batched computation (one student architecture, no dropout)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config")
 
 
@@ -51,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from featkd import checkpoint as ckpt
     from featkd import runs, sweep
+    from featkd.fused import FusedSweepMethod
 
     run_dir = Path(args.run_dir)
     if args.resume:
@@ -62,24 +69,28 @@ def run(args: argparse.Namespace) -> int:
                               "--config and --grid")
         stored = yaml.safe_load(saved.read_text())
         base, grid, overrides = stored["base"], stored["grid"], stored["overrides"]
+        fused = stored.get("fused", False)
+        if args.fused and not fused:
+            raise ConfigError(f"{run_dir} was trained unfused; a resumed sweep keeps its way of training: drop --fused")
         runs.apply_resume_overrides(to_dict(load_config(None, overrides, base=base)), args.overrides, run_dir)
     else:
         if not args.config:
             raise ConfigError("featkd sweep needs --config (the base distill config) unless --resume")
-        base, grid, overrides = read_yaml(args.config), dict(args.grid), []
+        base, grid, overrides, fused = read_yaml(args.config), dict(args.grid), [], args.fused
     overrides += args.overrides
     base_cfg, member_cfgs = sweep.member_configs(base, overrides, grid)
     if base_cfg.teacher is None or not base_cfg.teacher.checkpoint:
         raise ConfigError("teacher.checkpoint is empty: give the last.pt of a 'featkd train' run")
 
     with runs.start_run(base_cfg, "sweep", "", run_dir, args.resume,  # --run-dir is required: no default name
-                        {"base": base, "overrides": overrides, "grid": grid}) as run:
+                        {"base": base, "overrides": overrides, "grid": grid, "fused": fused}) as run:
         teacher_state = ckpt.load_checkpoint(base_cfg.teacher.checkpoint)
         teacher, record = ckpt.model_from_checkpoint(teacher_state, run.device, source=base_cfg.teacher.checkpoint)
         check_teacher_fits(record, run.info, base_cfg.teacher.checkpoint)
-        method, model_info = sweep.build_sweep(member_cfgs, teacher, teacher_state, run)
+        method_class = FusedSweepMethod if fused else sweep.SweepMethod
+        method, model_info = sweep.build_sweep(member_cfgs, teacher, teacher_state, run, method_class)
         members = method.members
-        print(f"sweep of {len(members)} members against {base_cfg.teacher.checkpoint}: "
+        print(f"{'fused ' if fused else ''}sweep of {len(members)} members against {base_cfg.teacher.checkpoint}: "
               f"{', '.join(m.name for m in members)}")
         try:
             history = runs.fit_run(run, method, model_info)
