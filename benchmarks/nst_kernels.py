@@ -18,22 +18,49 @@ bandwidth so that every form does the same arithmetic):
 All forms normalise each channel, compute the teacher–teacher block under no_grad and give the
 same value (checked each run). Time: median over repeats of forward+backward after one warm-up,
 the repeats taken round-robin over the forms (the machine may be shared).
+On CUDA each timed sample runs the step 10 times between two ``torch.cuda.synchronize()`` calls
+and takes the mean: one forward+backward at these sizes lasts tens of microseconds, about the
+cost of the synchronisation itself.
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the inputs; on CPU the growth of
 the process's resident-set high-water mark (Linux: write "5" to /proc/self/clear_refs to reset
 VmHWM after ``malloc_trim(0)``, then read VmHWM from /proc/self/status), which counts every page
 the allocator touched, so it is an upper bound on tensor memory at the few-MiB level.
 
+GEMM ceiling fraction (rows with C >= 256, on both devices): the FLOP/s featkd's forward+backward
+reaches in its matrix products, over the FLOP/s of plain ``torch.mm``/``torch.bmm`` of the same
+operand sizes, dtype and device, timed in the same round-robin. The FLOPs are those of every matrix
+product the route runs, recorded with a ``TorchDispatchMode`` during one forward+backward
+(``mm``, ``bmm``, ``addmm``, ``baddbmm``, in place or not, autograd's and the hand-written
+backward's included), 2·m·k·n per (m×k)·(k×n) product; elementwise work (normalisation, kernel,
+exp, sums) is not counted, so its time lowers the fraction. Equal FLOPs on both sides make the
+fraction the time of the plain products over featkd's time. At the benchmark's shapes (N = H·W):
+
+* linear (the channel-mean route): 8·B·C·N — (1×C)·(C×N) for the student's and the teacher's
+  mean, then (1×N)·(N×C) and (C×1)·(1×N) in the backward: matrix-vector products, so the ceiling
+  there is memory bandwidth, not the GEMM peak;
+* poly (the N×N route, chosen at C >= 256 for these N): 4·B·C·N² + 2·B·N² — (N×C)·(C×N) forward,
+  (C×N)·(N×N) backward, and the sum of squares of the N×N block as a batched dot product;
+* gaussian (the C×C blocks): 10·B·C²·N + 4·B·C² — three (C×N)·(N×C) Grams forward, two
+  (C×C)·(C×N) backward, and two batched dot products over the C×C blocks.
+
     python benchmarks/nst_kernels.py                # full table, CPU (+ CUDA when present)
-    python benchmarks/nst_kernels.py --quick        # B=32, two shapes, 2 repeats
+    python benchmarks/nst_kernels.py --quick        # B=32, two shapes, 2 repeats, no loops
+    python benchmarks/nst_kernels.py --cuda-only --out benchmarks/results/nst_kernels_h200.md
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import datetime
+import functools
 import gc
+import io
+import math
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -41,14 +68,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from featkd.repro.report import hardware  # noqa: E402
+from featkd.provenance import hardware  # noqa: E402
 from featkd.functional import nst as nst_module, nst_loss  # noqa: E402
 
 SHAPES = [(16, 32, 32), (64, 16, 16), (256, 8, 8), (512, 7, 7)]
 KERNELS = ["linear", "poly", "gaussian"]
 SIGMA2 = 1.0
+CEILING_MIN_CHANNELS = 256
+CALLS_PER_SAMPLE = {"cpu": 1, "cuda": 10}
 
 
 def kernel_of(name):
@@ -135,6 +165,53 @@ FORMS = {"featkd": featkd_form, "three-mean": three_mean_form, "bmm": bmm_form, 
          "loops": loop_form}
 
 
+# ---- the GEMM ceiling ----------------------------------------------------------------------------
+
+# aten matrix products -> positions of their two factors in the arguments
+_MATRIX_PRODUCTS = {"mm": (0, 1), "bmm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2), "baddbmm": (1, 2),
+                    "baddbmm_": (1, 2)}
+
+
+class _MatrixProductRecorder(TorchDispatchMode):
+    """Keeps the factor shapes of every matrix product run under it, autograd's backward included."""
+
+    def __init__(self):
+        super().__init__()
+        self.factor_shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        factors = _MATRIX_PRODUCTS.get(func.overloadpacket.__name__)
+        if factors is not None:
+            self.factor_shapes.append((args[factors[0]].shape, args[factors[1]].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def gemm_ceiling(f_s, f_t, kernel):
+    """(FLOPs of the matrix products in featkd's forward+backward, a function running plain mm/bmm of
+    the same factor sizes on random data of the same dtype and device)."""
+    recorder = _MatrixProductRecorder()
+    with recorder:
+        _step(featkd_form, f_s, f_t, kernel)
+    # Every route's backward ends in a product shaped like the flattened input: without it the count
+    # would be the forward's alone (a dispatch mode that missed autograd's device thread).
+    input_shape = f_s.flatten(2).shape
+    if not any((*a[:-1], b[-1]) == tuple(input_shape) for a, b in recorder.factor_shapes):
+        raise AssertionError(f"no backward product recorded for {kernel}: {recorder.factor_shapes}")
+    flops, products = 0, []
+    for a_shape, b_shape in recorder.factor_shapes:
+        flops += 2 * math.prod(a_shape) * b_shape[-1]
+        a = torch.randn(a_shape, dtype=f_s.dtype, device=f_s.device)
+        b = torch.randn(b_shape, dtype=f_s.dtype, device=f_s.device)
+        out = torch.empty(*a_shape[:-1], b_shape[-1], dtype=f_s.dtype, device=f_s.device)
+        products.append((torch.mm if a.dim() == 2 else torch.bmm, a, b, out))
+
+    def run_products():
+        for product, a, b, out in products:
+            product(a, b, out=out)
+
+    return flops, run_products
+
+
 # ---- measurement ---------------------------------------------------------------------------------
 
 _libc = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
@@ -165,16 +242,22 @@ def _step(form, f_s, f_t, kernel):
     return loss.detach()
 
 
-def measure(forms, f_s, f_t, kernel, repeats):
-    """{form: (median seconds, peak bytes above the inputs, loss value)} of forward+backward.
+def measure(forms, f_s, f_t, kernel, repeats, ceiling=None):
+    """({form: (median seconds, peak bytes above the inputs, loss value)} of forward+backward, median
+    seconds of the zero-argument ``ceiling`` or None).
 
-    The repeats go round-robin over the forms, so load from other processes on a shared machine
-    hits every form alike and the ratios stay comparable.
+    The repeats go round-robin over the forms and the ceiling, so load from other processes on a
+    shared machine hits every one alike and the ratios stay comparable.
     """
     device = f_s.device
-    values, peaks, times = {}, {}, {name: [] for name in forms}
+    steps = {name: functools.partial(_step, form, f_s, f_t, kernel) for name, form in forms.items()}
+    if ceiling is not None:
+        ceiling()  # warm-up
+        steps["ceiling"] = ceiling
+    values, peaks, times = {}, {}, {name: [] for name in steps}
     for name, form in forms.items():
         values[name] = _step(form, f_s, f_t, kernel).item()  # warm-up
+        f_s.grad = None  # the gradient is part of what the step allocates
         _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -187,15 +270,18 @@ def measure(forms, f_s, f_t, kernel, repeats):
             _step(form, f_s, f_t, kernel)
             peaks[name] = (_status_kib("VmHWM") - base) * 1024
     for rep in range(repeats):
-        for name, form in forms.items():
+        for name, step in steps.items():
             if name == "loops" and rep > 0:
                 continue  # one timed run is plenty at seconds per call
+            calls = 1 if name == "loops" else CALLS_PER_SAMPLE[device.type]
             _sync(device)
             t0 = time.perf_counter()
-            _step(form, f_s, f_t, kernel)
+            for _ in range(calls):
+                step()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(times[name]), peaks[name], values[name]) for name in forms}
+            times[name].append((time.perf_counter() - t0) / calls)
+    results = {name: (statistics.median(times[name]), peaks[name], values[name]) for name in forms}
+    return results, (statistics.median(times["ceiling"]) if ceiling is not None else None)
 
 
 def fmt_ms(sec):
@@ -207,10 +293,12 @@ def fmt_mib(nbytes):
 
 
 def run(device, batches, shapes, repeats, max_broadcast_gib, max_loop_pairs):
-    print(f"\n### {device.type.upper()}  ({torch.get_num_threads()} threads)\n")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"\n### {device.type.upper()}  ({where})\n")
     print("| B | C | H×W | kernel | featkd ms | three-mean ms | featkd time / three-mean | bmm ms | broadcast ms "
-          "| loops ms | × vs broadcast | × vs bmm | featkd peak MiB | bmm peak MiB | broadcast peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| loops ms | × vs broadcast | × vs bmm | featkd peak MiB | bmm peak MiB | broadcast peak MiB "
+          "| featkd GFLOP/s | GEMM ceiling fraction |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     notes = []
     for b in batches:
         for c, h, w in shapes:
@@ -228,7 +316,8 @@ def run(device, batches, shapes, repeats, max_broadcast_gib, max_loop_pairs):
                     if name == "loops" and b * c * c > max_loop_pairs:
                         continue
                     forms[name] = form
-                res = measure(forms, f_s, f_t, kernel, repeats)
+                flops, ceiling = gemm_ceiling(f_s, f_t, kernel) if c >= CEILING_MIN_CHANNELS else (None, None)
+                res, ceiling_time = measure(forms, f_s, f_t, kernel, repeats, ceiling)
                 ref = res["featkd"][2]
                 for name, (_, _, value) in res.items():
                     if abs(value - ref) > 1e-3 * abs(ref) + 1e-6:
@@ -237,12 +326,21 @@ def run(device, batches, shapes, repeats, max_broadcast_gib, max_loop_pairs):
                 m = {k: v[1] for k, v in res.items()}
                 ratio_b = f"{t['broadcast'] / t['featkd']:.1f}" if "broadcast" in t else "—"
                 ratio_m = f"{t['bmm'] / t['featkd']:.1f}"
+                if flops is None:
+                    rate = fraction = "—"
+                else:
+                    rate = f"{flops / t['featkd'] / 1e9:.1f}"
+                    fraction = f"{ceiling_time / t['featkd']:.2f}"  # the same FLOPs on both sides
                 print(f"| {b} | {c} | {h}×{w} | {kernel} | {fmt_ms(t['featkd'])} | {fmt_ms(t['three-mean'])} | "
                       f"{t['featkd'] / t['three-mean']:.2f} | {fmt_ms(t['bmm'])} | "
                       f"{fmt_ms(t.get('broadcast'))} | {fmt_ms(t.get('loops'))} | {ratio_b} | {ratio_m} | "
-                      f"{fmt_mib(m['featkd'])} | {fmt_mib(m['bmm'])} | {fmt_mib(m.get('broadcast'))} |", flush=True)
+                      f"{fmt_mib(m['featkd'])} | {fmt_mib(m['bmm'])} | {fmt_mib(m.get('broadcast'))} | {rate} | "
+                      f"{fraction} |", flush=True)
     print(f"\nloops: explicit Python loops over samples and channel pairs, run once, only where B·C² ≤ {max_loop_pairs} "
           "(elsewhere too slow: —).")
+    print(f"featkd GFLOP/s, GEMM ceiling fraction (C ≥ {CEILING_MIN_CHANNELS}): the FLOPs of the matrix products "
+          "featkd's forward+backward runs, per second of it, and over the same FLOPs per second of plain torch.mm/bmm "
+          "of the same sizes (the module docstring says how they are counted).")
     for note in dict.fromkeys(notes):
         print(f"- {note}")
     accuracy(device, shapes)
@@ -268,23 +366,52 @@ def accuracy(device, shapes, b=8):
             print(f"| {c} | {h}×{w} | {kernel} | {worst['featkd']:.1e} | {worst['three-mean']:.1e} |", flush=True)
 
 
+class _Tee(io.StringIO):
+    """A stdout that keeps a copy of what it prints (the --out file repeats the printed tables)."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text):
+        self.stream.write(text)
+        return super().write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="B=32 and two shapes, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="B=32 and two shapes, 2 repeats, no loops form")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--max-broadcast-gib", type=float, default=1.0,
                         help="skip the broadcast form where one (B, C, C, N) temporary exceeds this")
     parser.add_argument("--max-loop-pairs", type=int, default=10_000, help="run loops only where B·C² <= this")
-    parser.add_argument("--cpu-only", action="store_true")
+    devices = parser.add_mutually_exclusive_group()
+    devices.add_argument("--cpu-only", action="store_true")
+    devices.add_argument("--cuda-only", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables to this Markdown file")
     args = parser.parse_args(argv)
+    if args.cuda_only and not torch.cuda.is_available():
+        parser.error("--cuda-only: CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
     batches, shapes, repeats = ([32], SHAPES[:3:2], 2) if args.quick else ([32, 128], SHAPES, args.repeats)
-    print(f"torch {torch.__version__}, {hardware()}, gaussian sigma2={SIGMA2}")
-    run(torch.device("cpu"), batches, shapes, repeats, args.max_broadcast_gib, args.max_loop_pairs)
-    if torch.cuda.is_available() and not args.cpu_only:
-        run(torch.device("cuda"), batches, shapes, repeats, max(args.max_broadcast_gib, 8.0), args.max_loop_pairs)
+    max_loop_pairs = 0 if args.quick else args.max_loop_pairs
+    with contextlib.redirect_stdout(_Tee(sys.stdout)) as printed:
+        print(f"torch {torch.__version__}, {hardware()}, gaussian sigma2={SIGMA2}")
+        if not args.cuda_only:
+            run(torch.device("cpu"), batches, shapes, repeats, args.max_broadcast_gib, max_loop_pairs)
+        if torch.cuda.is_available() and not args.cpu_only:
+            run(torch.device("cuda"), batches, shapes, repeats, max(args.max_broadcast_gib, 8.0), max_loop_pairs)
+    if args.out:
+        command = shlex.join(["python", "benchmarks/nst_kernels.py", *argv])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"# NST kernels, {hardware()}\n\nCommand: `{command}` ({datetime.date.today()}, "
+                            f"torch {torch.__version__}).\n\n{printed.getvalue()}")
 
 
 if __name__ == "__main__":
