@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _output import sync, write_markdown  # noqa: E402
 from featkd import sweep  # noqa: E402
 from featkd.data import DeviceLoader, load_dataset  # noqa: E402
 from featkd.engine import Precision, SupervisedMethod, evaluate, seed_everything  # noqa: E402
@@ -43,11 +45,6 @@ from featkd.repro.students import build_members  # noqa: E402
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_step_seconds(step, loader, steps: int, device) -> float:
     """The median time of a training step over ``steps`` batches of ``loader``, after two warm-up steps."""
     batches = iter(loader)
@@ -55,20 +52,20 @@ def median_step_seconds(step, loader, steps: int, device) -> float:
         step(*next(batches)[:2])
     times = []
     for _ in range(steps):
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         step(*next(batches)[:2])
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
 def eval_seconds(model, test_loader, device) -> float:
     evaluate(model, test_loader, device=device)  # warm-up
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     evaluate(model, test_loader, device=device)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - started
 
 
@@ -161,9 +158,7 @@ def main(argv=None):
     lines.append(summary)
     print(summary, flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n\nCommand: `python benchmarks/at_table1_projection.py "
-                            + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
+        write_markdown(args.out, lines, "at_table1_projection.py", argv)
     return 0
 
 

@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _output import sync  # noqa: E402
 from at_table1_projection import students_method  # noqa: E402
 from featkd.data import load_dataset  # noqa: E402
 from featkd.engine import Precision, seed_everything  # noqa: E402
@@ -47,13 +48,12 @@ def main(argv=None):
     for _ in range(2):
         method.train_step(*next(batches)[:2], 0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    sync(device)
     with profile(activities=activities) as prof:
         started = time.perf_counter()
         for _ in range(args.steps):
             method.train_step(*next(batches)[:2], 0)
-        sync()
+        sync(device)
         wall = (time.perf_counter() - started) / args.steps
     events = prof.key_averages()
     # the device side of a named range (record_function, the optimiser's step) repeats its kernels' time

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _output import sync, write_markdown  # noqa: E402
 from featkd.repro.report import hardware  # noqa: E402
 from featkd import sweep  # noqa: E402
 from featkd.distiller import Distiller, Term  # noqa: E402
@@ -59,18 +61,13 @@ def build(teacher, n, student_name, x, num_classes):
 def time_steps(step, batches, repeats, device):
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         for x, y in batches:
             step(x, y)
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - started) / len(batches))
     return times
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def sides(teacher, n, args, batches, num_classes, precision):
@@ -170,9 +167,7 @@ def main(argv=None):
         lines.append(f"\n- {note}")
         print(lines[-1], flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n\nCommand: `python benchmarks/sweep_throughput.py "
-                            + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
+        write_markdown(args.out, lines, "sweep_throughput.py", argv)
     return 0
 
 

@@ -8,11 +8,11 @@ from torch import nn
 
 from featkd import checkpoint as ckpt
 from featkd import sweep
-from featkd.data import DeviceLoader, load_dataset
 from featkd.distiller import Distiller, Term
 from featkd.engine import DistillMethod, SupervisedMethod, build_optimizer, build_scheduler, fit, seed_everything
 from featkd.fused import RANDOM_OPS, FusedSweepMethod, StackedStudents
 from featkd.models import create_model
+from test_sweep import _loaders, _teacher, cli_distill_config, data  # noqa: F401 (data: the fixture of both modules)
 
 EPOCHS = 2
 # (name, recipe, seed, lr, grad_clip): terms with and without parameters (FitNets' regressor), KD, a student
@@ -26,24 +26,6 @@ MEMBERS = [
     ("fitnet", dict(terms=[Term("group2", loss="hint", weight=1.0)]), 2, 0.01, 0.5),
     ("student", None, 3, 0.01, None),
 ]
-
-
-@pytest.fixture(scope="module")
-def data():
-    train = load_dataset("synthetic", split="train", size=48, image_size=28, in_channels=1, num_classes=4)
-    test = load_dataset("synthetic", split="test", size=32, image_size=28, in_channels=1, num_classes=4)
-    return train, test
-
-
-def _loaders(data):
-    train, test = data
-    return (DeviceLoader(train, 16, shuffle=True, augment=True, seed=7),
-            DeviceLoader(test, 16, shuffle=False, drop_last=False))
-
-
-def _teacher():
-    seed_everything(123)
-    return create_model("wrn10_2", num_classes=4, in_channels=1)
 
 
 def _method(teacher, recipe, seed, lr, grad_clip, x, **student_options):
@@ -206,19 +188,7 @@ def test_sweep_cli_fused_members_equal_the_unfused_sweeps(tmp_path, capsys):
 
     from featkd.cli import main
 
-    data = {"name": "synthetic", "limit": 48, "test_limit": 32, "batch_size": 16, "eval_batch_size": 32,
-            "options": {"num_classes": 4, "image_size": 28}}
-    teacher_cfg = tmp_path / "teacher.yaml"
-    teacher_cfg.write_text(yaml.safe_dump({"seed": 0, "epochs": 1, "model": {"name": "wrn10_1"}, "data": data,
-                                           "schedule": {"name": "constant"}}))
-    assert main(["train", "--config", str(teacher_cfg), "--run-dir", str(tmp_path / "teacher")]) == 0
-    distill = {"seed": 0, "epochs": 2, "teacher": {"checkpoint": str(tmp_path / "teacher" / "last.pt")},
-               "student": {"name": "wrn10_1"}, "data": data,
-               "terms": [{"teacher": "group3", "loss": "nst", "weight": 50, "options": {"kernel": "poly"}}],
-               "kd": {"loss": "kd", "weight": 0.9, "options": {"T": 4}}, "ce_weight": 0.1,
-               "schedule": {"name": "multistep", "milestones": [1]}}
-    distill_cfg = tmp_path / "distill.yaml"
-    distill_cfg.write_text(yaml.safe_dump(distill))
+    distill_cfg = cli_distill_config(tmp_path)
     grid = ["--grid", "terms.0.options.kernel=linear,gaussian", "--grid", "seed=0,1"]
     assert main(["sweep", "--config", str(distill_cfg), "--run-dir", str(tmp_path / "plain"), *grid]) == 0
     assert main(["sweep", "--config", str(distill_cfg), "--run-dir", str(tmp_path / "fused"), "--fused", *grid]) == 0

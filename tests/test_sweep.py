@@ -146,10 +146,8 @@ def test_expand_grid_and_names():
         sweep.expand_grid({"seed": []})
 
 
-def test_sweep_cli_member_equals_featkd_distill(tmp_path, capsys):
-    """`featkd sweep` member with the base seed == `featkd distill` with the same config, number for number."""
-    import json
-
+def cli_distill_config(tmp_path, **student_options):
+    """A distill config (NST-poly + KD on synthetic data) against a teacher trained for it, as a file."""
     import yaml
 
     from featkd.cli import main
@@ -161,12 +159,22 @@ def test_sweep_cli_member_equals_featkd_distill(tmp_path, capsys):
                                            "schedule": {"name": "constant"}}))
     assert main(["train", "--config", str(teacher_cfg), "--run-dir", str(tmp_path / "teacher")]) == 0
     distill = {"seed": 0, "epochs": 2, "teacher": {"checkpoint": str(tmp_path / "teacher" / "last.pt")},
-               "student": {"name": "wrn10_1", "options": {"dropout": 0.1}}, "data": data,
+               "student": {"name": "wrn10_1", "options": student_options}, "data": data,
                "terms": [{"teacher": "group3", "loss": "nst", "weight": 50, "options": {"kernel": "poly"}}],
                "kd": {"loss": "kd", "weight": 0.9, "options": {"T": 4}}, "ce_weight": 0.1,
                "schedule": {"name": "multistep", "milestones": [1]}}
     distill_cfg = tmp_path / "distill.yaml"
     distill_cfg.write_text(yaml.safe_dump(distill))
+    return distill_cfg
+
+
+def test_sweep_cli_member_equals_featkd_distill(tmp_path, capsys):
+    """`featkd sweep` member with the base seed == `featkd distill` with the same config, number for number."""
+    import json
+
+    from featkd.cli import main
+
+    distill_cfg = cli_distill_config(tmp_path, dropout=0.1)
     assert main(["distill", "--config", str(distill_cfg), "--run-dir", str(tmp_path / "single"),
                  "terms.0.options.kernel=gaussian"]) == 0
     assert main(["sweep", "--config", str(distill_cfg), "--run-dir", str(tmp_path / "sweep"),
