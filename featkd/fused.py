@@ -86,9 +86,9 @@ class StackedStudents:
     student k's own tensors views of row k, so that updating a student in place updates the stack and the
     other way round. ``stacked(model_input)`` runs every student on the same input in one batched forward:
     ``(logits, features)`` with the students along the first dimension (``(N, B, classes)``; each of
-    ``layers`` ``(N, B, ...)``). ``compile``: ``torch.compile`` that forward with these options (``True`` for the
-    defaults; ``{"mode": "reduce-overhead"}`` replays it as a CUDA graph where shapes stay fixed). After a backward, :meth:`hand_out_gradients` gives each student's
-    parameters their row of the stacked gradient.
+    ``layers`` ``(N, B, ...)``). ``compile``: ``torch.compile`` that forward with these options (``True`` for
+    the defaults; ``{"mode": "reduce-overhead"}`` replays it as a CUDA graph where shapes stay fixed). After a
+    backward, :meth:`hand_out_gradients` gives each student's parameters their row of the stacked gradient.
     """
 
     def __init__(self, students: Sequence[nn.Module], layers: Sequence[str] = (), compile: bool | dict = False):
