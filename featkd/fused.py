@@ -37,8 +37,8 @@ from featkd.model_outputs import logits_of
 from featkd.sweep import Member, SharedTeacherOutputs, SweepMethod
 
 RANDOM_OPS = ("fused students run one batched forward, which cannot draw each member's own random numbers, and this "
-              "student's forward draws some (dropout in training?): train these members unfused (featkd sweep "
-              "without --fused) or without dropout")
+              "student draws some (dropout): train these members unfused (featkd sweep without --fused) or without "
+              "dropout")
 
 # seen with torch 2.11 on an H200 (benchmarks/results/sweep_throughput_bf16_h200.md); the same step runs on the CPU
 BATCH_NORM_AUTOCAST = ("fused students with batch norm fail under autocast on CUDA (torch's batched batch norm: "
@@ -163,8 +163,8 @@ class StackedStudents:
         try:
             logits, features = self._forward(self.params, self.buffers, args, kwargs)
         except RuntimeError as error:
-            if "randomness" in str(error) or "random operation" in str(error):
-                raise RuntimeError(RANDOM_OPS) from error
+            if "randomness" in str(error) or "random operation" in str(error):  # a functional dropout, say
+                raise ValueError(RANDOM_OPS) from error
             raise
         return logits, dict(zip(self.layers, features))
 
@@ -210,6 +210,8 @@ class FusedSweepMethod(SweepMethod):
             raise ValueError(f"fused members ask for autocast {sorted(map(str, amps))}; one batched forward runs them "
                              "all: give every member the same amp")
         student = self.members[0].student
+        if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in student.modules()):
+            raise ValueError(RANDOM_OPS)
         if (self.precision.enabled and self.precision.device_type == "cuda"
                 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())):
             raise ValueError(BATCH_NORM_AUTOCAST)

@@ -165,12 +165,23 @@ def test_fusing_refuses_what_one_batched_forward_cannot_run(data):
     with pytest.raises(ValueError, match=r"student 1 differs from student 0: parameter 'group1.0.conv1.weight' of shape \[32, 16, 3, 3\], "
                        r"float32 on cpu where student 0 has parameter 'group1.0.conv1.weight' of shape \[16, 16, 3, 3\]"):
         StackedStudents([narrow, wide])
-    with_dropout = _fused(teacher, x, MEMBERS[:2], dropout=0.3)
-    with pytest.raises(RuntimeError, match="featkd sweep without --fused") as error:
-        with_dropout.train_step(x, torch.zeros(len(x), dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="featkd sweep without --fused") as error:
+        _fused(teacher, x, MEMBERS[:2], dropout=0.3)
     assert str(error.value) == RANDOM_OPS
+
+    class FunctionalDropout(nn.Module):  # random numbers no module declares: refused at the first step
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(nn.functional.dropout(x, 0.5, self.training))
+
+    stacked = StackedStudents([FunctionalDropout(), FunctionalDropout()])
+    with pytest.raises(ValueError, match="featkd sweep without --fused"):
+        stacked(torch.randn(3, 4))
     # a member's outputs exist only inside the fused step
-    member = with_dropout.members[0]
+    member = _fused(teacher, x, MEMBERS[:2]).members[0]
     with pytest.raises(RuntimeError, match="ran outside"):
         member.distiller(x, torch.zeros(len(x), dtype=torch.long))
 
@@ -201,6 +212,10 @@ def test_sweep_cli_fused_members_equal_the_unfused_sweeps(tmp_path, capsys):
     for ours, theirs in zip(fused, plain):
         for key in keys:
             assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+    # a student that draws random numbers is refused in one line, before anything is written
+    assert main(["sweep", "--config", str(distill_cfg), "--run-dir", str(tmp_path / "dropout"), "--fused", *grid,
+                 "student.options.dropout=0.1"]) == 2
+    assert "draws some (dropout)" in capsys.readouterr().err and not (tmp_path / "dropout").exists()
     # a resumed sweep keeps its way of training
     assert main(["sweep", "--run-dir", str(tmp_path / "plain"), "--resume", "--fused"]) == 2
     assert "was trained unfused" in capsys.readouterr().err
