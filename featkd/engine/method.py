@@ -130,7 +130,7 @@ class SupervisedMethod(MethodBase):
         super().__init__(optimizer, [scheduler], precision)
         self.model, self.scheduler = model, scheduler
         self.grad_clip, self.name, self.batch_format = grad_clip, name, batch_format
-        self._outputs = lambda model_input: call_model(self.model, model_input)
+        self._outputs = self._own_outputs  # model input -> model output
 
     def train_step(self, x, y, step, indices=None):
         loss, losses = self.step_losses(x, y, step, indices)
@@ -147,6 +147,9 @@ class SupervisedMethod(MethodBase):
             # labelled samples (or tokens) only: y = -1 skipped
             loss = cross_entropy(*token_rows(logits, self.batch_format.mask_of(x), y))
         return loss, {"ce": loss}
+
+    def _own_outputs(self, model_input):
+        return call_model(self.model, model_input)
 
     def share_model(self, outputs) -> None:
         """Take the model's output from ``outputs(model_input)`` instead of running it (:mod:`featkd.fused`)."""
