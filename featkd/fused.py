@@ -102,6 +102,14 @@ class StackedStudents:
                 raise ValueError(f"fused students must share one architecture, and student {k} differs from student 0: "
                                  f"{_describe(other)} where student 0 has {_describe(ours)}; fuse only members of one "
                                  "student model")
+        for k, student in enumerate(students[1:], start=1):
+            # one template runs them all: a setting that is no tensor (dropout's p, batch norm's eps) must agree too
+            ours, theirs = repr(students[0]).splitlines(), repr(student).splitlines()
+            if ours != theirs:
+                line = next(i for i, (a, b) in enumerate(zip(ours + [""], theirs + [""])) if a != b)
+                raise ValueError(f"fused students must be built alike, and student {k} differs from student 0: "
+                                 f"{(theirs + [''])[line].strip()!r} where student 0 has {(ours + [''])[line].strip()!r}; "
+                                 "fuse only members of one student model and options")
         self.students = list(students)
         # runs every student's weights through functional_call; its own weights are never used
         self.template = copy.deepcopy(students[0])
@@ -209,7 +217,7 @@ class FusedSweepMethod(SweepMethod):
         if len(amps) > 1:
             raise ValueError(f"fused members ask for autocast {sorted(map(str, amps))}; one batched forward runs them "
                              "all: give every member the same amp")
-        student = self.members[0].student
+        student = self.members[0].student  # StackedStudents checks that the others are built alike
         if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in student.modules()):
             raise ValueError(RANDOM_OPS)
         if (self.precision.enabled and self.precision.device_type == "cuda"

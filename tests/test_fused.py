@@ -165,6 +165,12 @@ def test_fusing_refuses_what_one_batched_forward_cannot_run(data):
     with pytest.raises(ValueError, match=r"student 1 differs from student 0: parameter 'group1.0.conv1.weight' of shape \[32, 16, 3, 3\], "
                        r"float32 on cpu where student 0 has parameter 'group1.0.conv1.weight' of shape \[16, 16, 3, 3\]"):
         StackedStudents([narrow, wide])
+    # a setting that is no tensor would be run as student 0's for every member
+    seed_everything(0)
+    eps_differs = create_model("wrn10_1", 4, 1)
+    eps_differs.bn.eps = 1e-3
+    with pytest.raises(ValueError, match=r"student 1 differs from student 0: '\(bn\): BatchNorm2d\(64, eps=0.001"):
+        StackedStudents([narrow, eps_differs])
     with pytest.raises(ValueError, match="featkd sweep without --fused") as error:
         _fused(teacher, x, MEMBERS[:2], dropout=0.3)
     assert str(error.value) == RANDOM_OPS
