@@ -33,6 +33,13 @@ step nst_kernels 75 "python3 benchmarks/nst_kernels.py --cuda-only --out $out/ns
 step at_loss 30 "python3 benchmarks/at_loss.py --device cuda --out $out/at_loss_h200.md"
 step distill_epoch 60 "featkd distill --config fmnist_distill_kd_at_nst --run-dir /tmp/distill \
     teacher.checkpoint=paper_repro/teachers/fmnist_wrn16_2.pt epochs=1 device=cuda"
+# Is the unfused CUDA student's 38.75% chance or a defect? Three seeds on CUDA, the seed-0 checkpoint evaluated
+# on the CPU and on the training split, and the same seed trained on this machine's CPU.
+step distill_seeds 240 "for s in 0 1 2; do featkd distill --config fmnist_distill_kd_at_nst --run-dir /tmp/distill-s\$s \
+    teacher.checkpoint=paper_repro/teachers/fmnist_wrn16_2.pt epochs=1 device=cuda seed=\$s; done; \
+    featkd eval --run-dir /tmp/distill-s0 device=cpu; featkd eval --run-dir /tmp/distill-s0 --split train; \
+    featkd distill --config fmnist_distill_kd_at_nst --run-dir /tmp/distill-cpu \
+    teacher.checkpoint=paper_repro/teachers/fmnist_wrn16_2.pt epochs=1 device=cpu"
 step fused_sweep_epoch 60 "featkd sweep --fused --config fmnist_distill_kd_at_nst --run-dir /tmp/fused \
     teacher.checkpoint=paper_repro/teachers/fmnist_wrn16_2.pt epochs=1 device=cuda --grid seed=0,1,2,3"
 step fused_bf16 60 "python3 benchmarks/sweep_throughput.py --device cuda --members 1 2 4 8 16 --batch-size 128 \

@@ -41,8 +41,8 @@ from featkd.hooks import FeatureExtractor
 from featkd.model_outputs import logits_of
 
 MEMBERS_DIR = "members"
-# what a shared teacher forward forces every member to share
-SHARED_KEYS = ("data", "epochs", "teacher", "device", "amp", "channels_last")
+# what a shared teacher forward forces every member to share, and deterministic kernels, a switch of the process
+SHARED_KEYS = ("data", "epochs", "teacher", "device", "amp", "channels_last", "deterministic")
 
 
 # ----------------------------------------------------------------------------- grids
@@ -98,8 +98,8 @@ def member_configs(base: dict, overrides: list[str], grid: Mapping[str, Sequence
         check_run_config(cfg)
         for key in SHARED_KEYS:
             if getattr(cfg, key) != getattr(base_cfg, key):
-                raise ConfigError(f"the grid changes {key!r} (member {member_name(point)}); a sweep shares one "
-                                  f"teacher forward, so {', '.join(SHARED_KEYS)} must be the same for every member")
+                raise ConfigError(f"the grid changes {key!r} (member {member_name(point)}); a sweep's members share "
+                                  f"one teacher forward and one process, so {', '.join(SHARED_KEYS)} must be the same for every member")
         members.append((member_name(point), cfg))
     return base_cfg, members
 

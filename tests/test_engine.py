@@ -377,3 +377,12 @@ def test_a_train_step_without_indices_is_refused_before_training(tmp_path):
                                         r"def train_step\(self, x, y, step, indices=None\)"):
         fit(OldStyle(m.model, m.optimizer, m.scheduler), train, test, tmp_path / "run", 1, log=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_only_a_cuda_run_without_deterministic_kernels_is_told_reruns_may_differ():
+    from featkd.runs import nondeterminism_note
+
+    assert nondeterminism_note(torch.device("cpu"), deterministic=False) is None
+    assert nondeterminism_note(torch.device("cuda", 0), deterministic=True) is None
+    note = nondeterminism_note(torch.device("cuda", 0), deterministic=False)
+    assert "deterministic=true" in note and "\n" not in note

@@ -193,3 +193,7 @@ def test_sweep_cli_member_equals_featkd_distill(tmp_path, capsys):
     # data, epochs and teacher are shared by construction: a grid over them is refused
     assert main(["sweep", "--config", str(distill_cfg), "--run-dir", str(tmp_path / "bad"), "--grid", "epochs=1,2"]) == 2
     assert "the grid changes 'epochs'" in capsys.readouterr().err
+    # deterministic kernels are a switch of the whole process, which every member shares
+    assert main(["sweep", "--config", str(distill_cfg), "--run-dir", str(tmp_path / "bad"),
+                 "--grid", "deterministic=false,true"]) == 2
+    assert "the grid changes 'deterministic'" in capsys.readouterr().err
