@@ -139,9 +139,9 @@ class StackedStudents:
 
     def check_bound(self) -> None:
         """Raise when a student's tensors are no longer views of the stacks (moved with ``.to()``, replaced)."""
+        stacks = {**self.params, **self.buffers}
         for k, student in enumerate(self.students):
             tensors = {**dict(student.named_parameters()), **dict(student.named_buffers())}
-            stacks = {**self.params, **self.buffers}
             moved = [name for name, t in tensors.items() if t.data_ptr() != stacks[name][k].data_ptr()]
             if moved:
                 raise RuntimeError(f"fused student {k}'s {moved[0]!r} is no longer a view of its stack (was the student "
