@@ -40,6 +40,12 @@ step distill_seeds 240 "for s in 0 1 2; do featkd distill --config fmnist_distil
     featkd eval --run-dir /tmp/distill-s0 device=cpu; featkd eval --run-dir /tmp/distill-s0 --split train; \
     featkd distill --config fmnist_distill_kd_at_nst --run-dir /tmp/distill-cpu \
     teacher.checkpoint=paper_repro/teachers/fmnist_wrn16_2.pt epochs=1 device=cpu"
+# A paper protocol twice on CUDA (deterministic kernels since featkd.repro.protocols.protocol_device): equal tables.
+step protocol_reruns 200 "for r in a b; do featkd repro limited-data --fraction 0.01 --epochs 3 --seeds 0 1 \
+    --methods AT NST-poly --run-dir /tmp/protocol-\$r; done; python3 -c 'import glob, json; \
+runs = [json.load(open(sorted(glob.glob(f\"/tmp/protocol-{r}/*.json\"))[0])) for r in \"ab\"]; \
+[print(r[\"accuracies\"], r[\"environment\"][\"deterministic_kernels\"]) for r in runs]; \
+print(\"equal tables:\", runs[0][\"accuracies\"] == runs[1][\"accuracies\"])'"
 step fused_sweep_epoch 60 "featkd sweep --fused --config fmnist_distill_kd_at_nst --run-dir /tmp/fused \
     teacher.checkpoint=paper_repro/teachers/fmnist_wrn16_2.pt epochs=1 device=cuda --grid seed=0,1,2,3"
 step fused_bf16 60 "python3 benchmarks/sweep_throughput.py --device cuda --members 1 2 4 8 16 --batch-size 128 \

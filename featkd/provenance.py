@@ -93,7 +93,7 @@ def hardware(processes: int = 1) -> str:
     ran in that many processes of one torch thread each (:mod:`featkd.repro.processes`)."""
     gpu = gpu_name()
     if gpu is not None:
-        return f"GPU {gpu}"
+        return f"GPU {gpu}" + (", deterministic kernels" if torch.are_deterministic_algorithms_enabled() else "")
     n = torch.get_num_threads()
     threads = f"{processes} processes × 1 torch thread" if processes > 1 else f"{n} torch thread{'s' * (n != 1)}"
     return f"CPU {cpu_model()}, {os.cpu_count()} cores, {threads}"
@@ -116,6 +116,7 @@ def environment_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
         "gpu": gpu_name(),
+        "deterministic_kernels": torch.are_deterministic_algorithms_enabled(),
         "argv": sys.argv,
     }
     if torch.cuda.is_available():

@@ -386,3 +386,11 @@ def test_only_a_cuda_run_without_deterministic_kernels_is_told_reruns_may_differ
     assert nondeterminism_note(torch.device("cuda", 0), deterministic=True) is None
     note = nondeterminism_note(torch.device("cuda", 0), deterministic=False)
     assert "deterministic=true" in note and "\n" not in note
+
+
+def test_a_paper_protocol_on_the_cpu_leaves_torch_kernels_as_they_are():
+    from featkd.repro.protocols import protocol_device
+
+    was = torch.are_deterministic_algorithms_enabled()
+    assert protocol_device("cpu") == torch.device("cpu")
+    assert torch.are_deterministic_algorithms_enabled() is was

@@ -58,3 +58,20 @@ def test_deterministic_kernels_make_a_cuda_rerun_equal(tmp_path, capsys):
     assert rows[0] == rows[1]
     assert main(["distill", "--config", str(distill_cfg), "--run-dir", str(tmp_path / "default"), "device=cuda"]) == 0
     assert "start it with deterministic=true" in capsys.readouterr().err
+
+
+def test_paper_protocols_on_cuda_run_on_deterministic_kernels(monkeypatch):
+    """`featkd repro`, `tune` and `demo` resolve their device through protocol_device: on CUDA it switches the
+    process to deterministic kernels (what makes the reruns above equal), and the runs' records say so."""
+    from featkd import provenance
+    from featkd.repro.protocols import protocol_device
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        assert protocol_device("cuda").type == "cuda"
+        assert torch.are_deterministic_algorithms_enabled()
+        assert provenance.environment_info()["deterministic_kernels"] is True
+        assert provenance.hardware().endswith(", deterministic kernels")
+    finally:
+        torch.use_deterministic_algorithms(was)

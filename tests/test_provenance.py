@@ -33,6 +33,7 @@ def test_a_new_run_records_the_code_libraries_and_hardware(tmp_path):
     assert isinstance(env["cpu"], str) and env["cpu"]
     assert env["torch_threads"] == torch.get_num_threads() >= 1
     assert env["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    assert env["deterministic_kernels"] is torch.are_deterministic_algorithms_enabled()
     if IN_GIT_CHECKOUT:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE.parent, capture_output=True, text=True)
         assert re.fullmatch(r"[0-9a-f]{40}", env["featkd_commit"])

@@ -28,7 +28,8 @@ The base steps the schedulers after each epoch and saves and restores the parts;
 learning rate of ``optimizer``'s first parameter group.
 """
 
-from featkd.engine.loop import DivergenceError, evaluate, fit, resolve_device, seed_everything
+from featkd.engine.loop import (DivergenceError, evaluate, fit, resolve_device, seed_everything,
+                               use_deterministic_kernels)
 from featkd.engine.method import DistillMethod, Method, MethodBase, SupervisedMethod, losses_to_floats
 from featkd.engine.optim import LRFactor, build_optimizer, build_scheduler, decay_milestones
 from featkd.engine.precision import Precision
@@ -49,4 +50,5 @@ __all__ = [
     "losses_to_floats",
     "resolve_device",
     "seed_everything",
+    "use_deterministic_kernels",
 ]

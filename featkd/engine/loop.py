@@ -38,16 +38,23 @@ from featkd.model_outputs import logits_of, token_rows
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device).
 
-    ``deterministic=True`` also asks torch for deterministic kernels (slower on GPU;
-    CPU kernels used here are deterministic already).
+    ``deterministic=True`` also asks for deterministic kernels (:func:`use_deterministic_kernels`).
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        use_deterministic_kernels()
+
+
+def use_deterministic_kernels() -> None:
+    """Ask torch for deterministic kernels in this process from now on. CUDA's defaults (cuDNN's convolution
+    backward, atomic adds) sum in a varying order, so one seed can give other numbers: five one-epoch runs of one
+    seed on an H200 scored 35.8-83.7% (benchmarks/results/gpu_h200.md); these kernels cost about 1.2× the epoch
+    time there. The CPU kernels used here are deterministic already."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first starts
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:

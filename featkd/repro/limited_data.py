@@ -39,7 +39,7 @@ from featkd.shipped import ShippedTeacher
 from featkd.teachers import load_teacher
 from featkd.repro.cache import write_new
 from featkd.repro.processes import map_in_processes
-from featkd.repro.protocols import Budget, pretty_model
+from featkd.repro.protocols import Budget, pretty_model, protocol_device
 from featkd.repro.recipes import RecipeSpec, load_recipes
 from featkd.repro.limited_data_report import TUNED, render_report
 from featkd.repro.report import DataSpec
@@ -174,10 +174,10 @@ class LimitedDataCells:
         point unless the evaluation is on the validation set), split off the validation set, load the evaluation
         set. With ``setup.evaluate_on="validation"`` the test split is never read."""
         from featkd.data import DeviceLoader, evaluation_batch_size
-        from featkd.engine import evaluate, resolve_device
+        from featkd.engine import evaluate
 
         data = data or DataSpec("fashion_mnist")
-        device = resolve_device(device)
+        device = protocol_device(device)
         if setup.jobs > 1 and device.type != "cpu":
             raise ValueError(f"jobs={setup.jobs} splits the work over CPU processes; on {device} leave jobs at 1")
         teacher, record = load_teacher(teacher_path, device, sha256=shipped.sha256 if shipped else None)

@@ -21,7 +21,7 @@ from torch import nn
 from featkd.checkpoint import model_record
 from featkd.provenance import hardware
 from featkd.repro.cache import check_cached_config, fit_or_resume, write_new
-from featkd.repro.protocols import paper_schedule
+from featkd.repro.protocols import paper_schedule, protocol_device
 from featkd.repro.report import DataSpec, command_line
 from featkd.repro.students import compact_summary
 
@@ -174,11 +174,11 @@ def run_omitted_class(budget: OmittedBudget, data: DataSpec, run_root: Path, *, 
     from featkd import sweep
     from featkd.data import DeviceLoader, omit_classes
     from featkd.distiller import Distiller
-    from featkd.engine import SupervisedMethod, resolve_device, seed_everything
+    from featkd.engine import SupervisedMethod, seed_everything
     from featkd.models import create_model
 
     started = time.perf_counter()
-    device = resolve_device(device)
+    device = protocol_device(device)
     full_train = data.load("train", budget.train_limit)
     test = data.load("test", budget.test_limit)
     train, heldout = split_heldout(full_train, budget.heldout)

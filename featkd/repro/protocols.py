@@ -41,6 +41,18 @@ def paper_schedule(params, epochs: int, *, lr: float = PAPER_SCHEDULE["lr"], res
     return optimizer, scheduler
 
 
+def protocol_device(device):
+    """The device a paper protocol trains on (``"auto"``: CUDA when there is one). On CUDA the protocol runs on
+    deterministic kernels (:func:`featkd.engine.use_deterministic_kernels`), so that the same command gives the
+    same table there too; call it before anything runs on the device."""
+    from featkd.engine import resolve_device, use_deterministic_kernels
+
+    device = resolve_device(device)
+    if device.type == "cuda":
+        use_deterministic_kernels()
+    return device
+
+
 def protocol_model_options(name: str) -> dict:
     """Constructor options that make a protocol's model the reference code's: WRN BN weights ~ U[0, 1)."""
     return {"bn_init": "uniform"} if name.startswith("wrn") else {}

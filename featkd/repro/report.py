@@ -13,7 +13,7 @@ import torch
 
 from featkd.provenance import hardware
 from featkd.repro.cache import write_new
-from featkd.repro.protocols import Budget, TableProtocol, protocol_train_loader
+from featkd.repro.protocols import Budget, TableProtocol, protocol_device, protocol_train_loader
 from featkd.repro.students import run_students, train_teacher
 from featkd.repro.tables import Cell, results_table
 
@@ -53,10 +53,9 @@ def run_protocol(protocol: TableProtocol, budget: Budget, data: DataSpec, run_ro
                  command: str | None = None, log=print) -> TableResult:
     """Run a table protocol: per pair, a cached teacher and one student sweep; return (and write) the table."""
     from featkd.data import DeviceLoader, evaluation_batch_size
-    from featkd.engine import resolve_device
 
     started = time.perf_counter()
-    device = resolve_device(device)
+    device = protocol_device(device)
     train = data.load("train", budget.train_limit)
     test = data.load("test", budget.test_limit)
     info = train.info
