@@ -99,7 +99,8 @@ def member_configs(base: dict, overrides: list[str], grid: Mapping[str, Sequence
         for key in SHARED_KEYS:
             if getattr(cfg, key) != getattr(base_cfg, key):
                 raise ConfigError(f"the grid changes {key!r} (member {member_name(point)}); a sweep's members share "
-                                  f"one teacher forward and one process, so {', '.join(SHARED_KEYS)} must be the same for every member")
+                                  f"one teacher forward and one process, so {', '.join(SHARED_KEYS)} must be the "
+                                  "same for every member")
         members.append((member_name(point), cfg))
     return base_cfg, members
 

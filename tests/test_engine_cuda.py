@@ -49,12 +49,16 @@ def test_deterministic_kernels_make_a_cuda_rerun_equal(tmp_path, capsys):
     distill_cfg = cli_distill_config(tmp_path)
     capsys.readouterr()  # the teacher's run, on its default kernels
     rows = []
-    for run in ("a", "b"):
-        assert main(["distill", "--config", str(distill_cfg), "--run-dir", str(tmp_path / run),
-                     "device=cuda", "deterministic=true"]) == 0
-        assert "not run-to-run deterministic" not in capsys.readouterr().err
-        rows.append([{k: v for k, v in json.loads(line).items() if not k.endswith("_time_s")}
-                     for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for run in ("a", "b"):
+            assert main(["distill", "--config", str(distill_cfg), "--run-dir", str(tmp_path / run),
+                         "device=cuda", "deterministic=true"]) == 0
+            assert "not run-to-run deterministic" not in capsys.readouterr().err
+            rows.append([{k: v for k, v in json.loads(line).items() if not k.endswith("_time_s")}
+                         for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+    finally:  # the switch is the process's: leave the other tests the kernels they had
+        torch.use_deterministic_algorithms(was)
     assert rows[0] == rows[1]
     assert main(["distill", "--config", str(distill_cfg), "--run-dir", str(tmp_path / "default"), "device=cuda"]) == 0
     assert "start it with deterministic=true" in capsys.readouterr().err
