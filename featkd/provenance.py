@@ -88,12 +88,16 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
-def hardware(processes: int = 1) -> str:
-    """The device the numbers were measured on, in words (what the reports print); ``processes`` > 1: the work
-    ran in that many processes of one torch thread each (:mod:`featkd.repro.processes`)."""
-    gpu = gpu_name()
-    if gpu is not None:
-        return f"GPU {gpu}" + (", deterministic kernels" if torch.are_deterministic_algorithms_enabled() else "")
+def hardware(device: torch.device | str, processes: int = 1) -> str:
+    """``device``, where the numbers were measured, in words (what the reports print): a run asked onto the CPU
+    of a GPU machine names the CPU. ``processes`` > 1: the work ran in that many processes of one torch thread
+    each (:mod:`featkd.repro.processes`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return (f"GPU {torch.cuda.get_device_name(device)}"
+                + (", deterministic kernels" if torch.are_deterministic_algorithms_enabled() else ""))
+    if device.type != "cpu":
+        return f"{device.type} device"
     n = torch.get_num_threads()
     threads = f"{processes} processes × 1 torch thread" if processes > 1 else f"{n} torch thread{'s' * (n != 1)}"
     return f"CPU {cpu_model()}, {os.cpu_count()} cores, {threads}"

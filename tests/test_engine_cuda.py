@@ -76,6 +76,6 @@ def test_paper_protocols_on_cuda_run_on_deterministic_kernels(monkeypatch):
         assert protocol_device("cuda").type == "cuda"
         assert torch.are_deterministic_algorithms_enabled()
         assert provenance.environment_info()["deterministic_kernels"] is True
-        assert provenance.hardware().endswith(", deterministic kernels")
+        assert provenance.hardware("cuda").endswith(", deterministic kernels")
     finally:
         torch.use_deterministic_algorithms(was)

@@ -1,6 +1,7 @@
 """environment.json ties a run's numbers to the code, libraries and hardware that made them."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -75,8 +76,17 @@ def test_no_git_checkout_or_no_git_records_null_and_never_fails(tmp_path, monkey
 
 def test_reports_and_runs_name_the_same_cpu():
     assert repro_hardware is provenance.hardware
-    if not torch.cuda.is_available():
-        assert provenance.hardware().startswith(f"CPU {provenance.cpu_model()},")
+    assert provenance.hardware("cpu").startswith(f"CPU {provenance.cpu_model()},")
+
+
+def test_a_report_names_the_device_its_run_used_not_the_machines_gpu(monkeypatch):
+    # a run asked onto the CPU of a GPU machine was measured on the CPU: its report must not say "GPU"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"Test GPU {torch.device(device).index}")
+    assert provenance.hardware("cpu", processes=2) == f"CPU {provenance.cpu_model()}, {os.cpu_count()} cores, " \
+                                                      "2 processes × 1 torch thread"
+    assert provenance.hardware("cuda:1").startswith("GPU Test GPU 1")
+    assert provenance.hardware("meta") == "meta device"  # no CPU or GPU name to give
 
 
 def test_a_resumed_run_keeps_the_environment_of_its_earlier_epochs(tmp_path, monkeypatch, capsys):

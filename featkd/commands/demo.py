@@ -193,5 +193,5 @@ def _run(args: argparse.Namespace) -> int:
                                                           "test accuracy %")))
     print(stats.INTERVAL_NOTE)
     print("plots: " + ", ".join(f"{stem.with_suffix('.png')} (.pdf)" for stem in plotted))
-    print(f"hardware: {repro.hardware(processes=setup.jobs)}; wall time {wall / 60:.1f} min")
+    print(f"hardware: {result.measured_on}; wall time {wall / 60:.1f} min")
     return 0

@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from featkd.provenance import environment_info, trained_with
+from featkd.provenance import environment_info, hardware, trained_with
 from featkd.shipped import ShippedTeacher
 from featkd.teachers import load_teacher
 from featkd.repro.cache import write_new
@@ -131,6 +131,7 @@ class LimitedDataResult:
     teacher_name: str
     train_examples: int
     wall_s: float
+    measured_on: str  # the hardware line of the report (:func:`featkd.provenance.hardware`)
 
 
 def validation_split(full, validation_size: int):
@@ -313,8 +314,9 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
     wall = time.perf_counter() - started
     size = cells.train_examples
     code, seconds = cells.sweep_effort()
+    measured_on = hardware(cells.device, processes=setup.jobs)
     markdown = render_report(setup, cells.data, size, cells.full_size, accuracies, cells.teacher_acc,
-                             cells.teacher_name, wall, command, recipes, code, seconds)
+                             cells.teacher_name, wall, command, recipes, measured_on, code, seconds)
     report = write_new(run_root / f"{setup.name(cells.data)}.md", markdown)
     results = {"fraction": setup.fraction, "train_examples": size, "seeds": list(setup.seeds),
                "teacher_acc": cells.teacher_acc, "accuracies": accuracies, "setup": dataclasses.asdict(setup),
@@ -323,7 +325,8 @@ def run_limited_data(teacher_path: str | Path, setup: LimitedDataSetup, run_root
                "environment": environment_info()}
     write_new(report.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
     log(f"report written to {report}")
-    return LimitedDataResult(markdown, accuracies, cells.teacher_acc, pretty_model(cells.teacher_name), size, wall)
+    return LimitedDataResult(markdown, accuracies, cells.teacher_acc, pretty_model(cells.teacher_name), size, wall,
+                             measured_on)
 
 
 def load_results(paths: Sequence[str | Path]) -> list[dict]:

@@ -10,7 +10,6 @@ import torch
 from featkd import published, stats
 from featkd.repro.protocols import pretty_model
 from featkd.repro.recipes import RecipeSpec
-from featkd.repro.report import hardware
 
 if TYPE_CHECKING:  # the report reads a setup; limited_data imports this module
     from featkd.repro.limited_data import LimitedDataSetup
@@ -67,8 +66,8 @@ def effort_lines(trained_with: Sequence[str], sweep_seconds: float, who: str = "
 
 def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size: int,
                   accuracies: dict[str, list[float]], teacher_acc: float, teacher: str, wall_s: float,
-                  command: str | None, recipes: Mapping[str, RecipeSpec], trained_with: Sequence[str] = (),
-                  sweep_seconds: float = 0.0) -> str:
+                  command: str | None, recipes: Mapping[str, RecipeSpec], measured_on: str,
+                  trained_with: Sequence[str] = (), sweep_seconds: float = 0.0) -> str:
     lengths = {name: int(spec.changes.get("epochs", setup.epochs)) for name, spec in recipes.items()}
     def kept(name, spec):  # a tuned recipe that trains as the published one: its row is the published row
         base = name[:-len(TUNED)]
@@ -93,7 +92,7 @@ def render_report(setup: LimitedDataSetup, data, train_examples: int, full_size:
         f"all methods of a seed share them (paired); seeds {list(setup.seeds)}",
         "- recipes (from the recorded settings; every member's config.yaml holds its recipe in full):",
         *recipe_lines,
-        f"- hardware: {hardware(processes=setup.jobs)}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
+        f"- hardware: {measured_on}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
         *effort_lines(trained_with, sweep_seconds),
         "",
         *comparison_tables(accuracies, setup.seeds, teacher_acc,

@@ -239,7 +239,7 @@ def run_omitted_class(budget: OmittedBudget, data: DataSpec, run_root: Path, *, 
         rows += [_student_row(member, transfer_name, transfer_set is transfer, budget, test_loader, heldout_loader)
                  for member in members]
     wall = time.perf_counter() - started
-    markdown = render_omitted(rows, budget, data, wall, command, len(heldout))
+    markdown = render_omitted(rows, budget, data, wall, command, len(heldout), device)
     out = write_new(run_root / f"omitted-class-{budget.name}-{data.name}.md", markdown)
     log(f"report written to {out}")
     return OmittedResult(markdown, rows, wall)
@@ -262,7 +262,7 @@ def _student_row(member, transfer_name: str, omitted: bool, budget: OmittedBudge
 
 
 def render_omitted(rows, budget: OmittedBudget, data: DataSpec, wall_s: float, command: str | None,
-                   heldout_count: int) -> str:
+                   heldout_count: int, device: torch.device | str) -> str:
     cls = budget.omitted
     lines = [
         f"# Hinton et al. 2015: distillation with class {cls} omitted from the transfer set",
@@ -273,7 +273,7 @@ def render_omitted(rows, budget: OmittedBudget, data: DataSpec, wall_s: float, c
         f"- bias correction: the omitted class's output bias is raised by the shift in 0, 0.25, ..., 10 that "
         f"maximises accuracy on {heldout_count} held-out training examples (all classes, never trained on); "
         f"the test set is not used to choose it",
-        f"- hardware: {hardware()}",
+        f"- hardware: {hardware(device)}",
         f"- wall time: {wall_s / 60:.1f} min",
         "",
         f"| model | seed | test errors | errors on class {cls} | class {cls} correct | bias shift | "

@@ -80,7 +80,7 @@ def run_protocol(protocol: TableProtocol, budget: Budget, data: DataSpec, run_ro
                               pair.published.get(recipe.name)))
         cells.append(Cell(pair.label, "teacher", [100.0 - teacher_acc], pair.published.get("teacher")))
     wall = time.perf_counter() - started
-    markdown = render_report(protocol, budget, data, cells, wall, command)
+    markdown = render_report(protocol, budget, data, cells, wall, command, device)
     out = run_root / f"{protocol.name}-{budget.name}-{data.name}.md"
     write_new(out, markdown)
     log(f"table written to {out}")
@@ -88,7 +88,7 @@ def run_protocol(protocol: TableProtocol, budget: Budget, data: DataSpec, run_ro
 
 
 def render_report(protocol: TableProtocol, budget: Budget, data: DataSpec, cells: Sequence[Cell], wall_s: float,
-                  command: str | None) -> str:
+                  command: str | None, device: torch.device | str) -> str:
     """The Markdown report of one table run: what was run, where, how long, and the table."""
     ours = data.label
     if data.name != "cifar10":
@@ -99,7 +99,7 @@ def render_report(protocol: TableProtocol, budget: Budget, data: DataSpec, cells
         f"- command: `{command_line(command)}`",
         f"- dataset (ours): {ours}",
         f"- {budget.describe()}",
-        f"- hardware: {hardware()}",
+        f"- hardware: {hardware(device)}",
         f"- wall time: {wall_s / 60:.1f} min",
         f"- torch {torch.__version__}",
         "",

@@ -128,6 +128,7 @@ class TuningResult:
     rungs: dict[str, list[list[str]]]  # method -> the candidates alive at each rung
     markdown: str
     wall_s: float
+    measured_on: str  # the hardware line of the report (:func:`featkd.provenance.hardware`)
     trained_with: list[str] = dataclasses.field(default_factory=list)  # featkd code the candidates trained at
     sweep_seconds: float = 0.0  # process time of the candidates' sweeps, every invocation included
 
@@ -171,11 +172,14 @@ def run_tuning(teacher_path, setup: LimitedDataSetup, space: TuningSpace, run_ro
         chosen[m] = dataclasses.replace(by_name[winner], name=m)
     wall = time.perf_counter() - started
     code, seconds = cells.sweep_effort()
-    markdown = render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall, command, code, seconds)
-    return TuningResult(chosen, scores, rungs, markdown, wall, code, seconds)
+    measured_on = hardware(cells.device, processes=setup.jobs)
+    markdown = render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall, command, measured_on, code,
+                             seconds)
+    return TuningResult(chosen, scores, rungs, markdown, wall, measured_on, code, seconds)
 
 
-def render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall_s, command, code=(), sweep_seconds=0.0) -> str:
+def render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall_s, command, measured_on, code=(),
+                  sweep_seconds=0.0) -> str:
     steps = {m: sum(int(s.changes.get("epochs", setup.epochs)) * len(scores[m][s.name]) for s in specs[m])
              for m in space.methods}
     lines = [f"# Tuning on {setup.validation_size} validation images: {setup.fraction:.0%} of {cells.data.label}, "
@@ -187,7 +191,7 @@ def render_tuning(setup, space, cells, specs, scores, rungs, chosen, wall_s, com
              "- rule (fixed in code before the runs): the highest mean validation accuracy over the last rung's seeds; "
              "a tie goes to the candidate listed first; the test split is never read",
              "- student-epochs spent per method: " + ", ".join(f"{m} {steps[m]}" for m in space.methods),
-             f"- hardware: {hardware(processes=setup.jobs)}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
+             f"- hardware: {measured_on}; torch {torch.__version__}; wall time {wall_s / 60:.1f} min",
              *effort_lines(code, sweep_seconds, "the candidates"), ""]
     for m in space.methods:
         lines += [f"## {m}", "", "| candidate | changes | " + " | ".join(f"rung {r} ({n} seeds)" for r, n in
@@ -214,7 +218,7 @@ def write_choice(result: TuningResult, path: Path, *, setup: LimitedDataSetup, t
                            "validation_size": setup.validation_size, "featkd_commit": env.get("featkd_commit"),
                            "trained_with": list(result.trained_with),
                            "sweep_seconds": round(result.sweep_seconds, 1),
-                           "torch": str(torch.__version__), "hardware": hardware(processes=setup.jobs),
+                           "torch": str(torch.__version__), "hardware": result.measured_on,
                            "date": time.strftime("%Y-%m-%d")},
             "chosen": {m: {"changes": dict(spec.changes), "recipe": spec.record()} for m, spec in result.chosen.items()}}
     return write_new(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
