@@ -197,6 +197,8 @@ def comparison_table(accuracies: dict[str, Sequence[float]], seeds: Sequence[int
     base = accuracies[baseline]
     pct = f"{LEVEL:.0%}"
     others = [name for name in accuracies if name != baseline]
+    if not others:  # nothing is compared: a Δ, verdict and detectable-Δ column would be all dashes
+        return _summary_table(accuracies, seeds, teacher, metric)
     differences = {name: [v - b for v, b in zip(accuracies[name], base)] for name in others}
     words = verdicts(accuracies, baseline)
     lines = [f"| method | {metric}: mean ± {pct} CI | Δ vs {baseline}: paired mean ± {pct} CI | verdict (Holm, "
@@ -214,6 +216,17 @@ def comparison_table(accuracies: dict[str, Sequence[float]], seeds: Sequence[int
                      f"| {detectable} |")
     if teacher is not None:
         lines.append(f"| teacher | {teacher:.2f} | — | — | — | — |")
+    return "\n".join(lines)
+
+
+def _summary_table(accuracies: dict[str, Sequence[float]], seeds: Sequence[int], teacher: float | None,
+                   metric: str) -> str:
+    """Each method's mean with its interval and its per-seed values, for a table that compares nothing."""
+    lines = [f"| method | {metric}: mean ± {LEVEL:.0%} CI | per seed {list(seeds)} |", "|---|---|---|"]
+    lines += [f"| {name} | {t_interval(values).format()} | {', '.join(f'{v:.2f}' for v in values)} |"
+              for name, values in accuracies.items()]
+    if teacher is not None:
+        lines.append(f"| teacher | {teacher:.2f} | — |")
     return "\n".join(lines)
 
 

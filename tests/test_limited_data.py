@@ -340,3 +340,11 @@ def test_a_setting_recorded_since_a_later_version_is_compared_only_where_it_is_s
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"epochs": 30, "recipes": {"AT": {"ce_weight": 0.5}}}))
     with pytest.raises(RunDirectoryExistsError, match="'recipes'"):
         check_cached_config(tmp_path, asked, recorded_since=("recipes",))
+
+
+def test_the_code_line_explains_edits_only_when_a_run_had_them():
+    clean = limited_data_report.effort_lines(["a" * 12], 0.0)
+    assert clean == [f"- code: the students trained at featkd {'a' * 12} (each sweep's environment.json, "
+                     "every resume included)"]
+    edited = limited_data_report.effort_lines(["a" * 12, "b" * 12 + "+edits"], 60.0)
+    assert edited[0].endswith("every resume included; +edits: uncommitted edits)") and "1.0 min" in edited[1]

@@ -76,6 +76,15 @@ def test_comparison_table_rows_and_verdicts():
     assert lines[-1].startswith("| teacher | 92.00")
 
 
+def test_a_table_of_the_baseline_alone_has_no_comparison_columns():
+    table = stats.comparison_table({"student": [80.0, 81.0, 79.0]}, [0, 1, 2], teacher=92.0)
+    lines = table.splitlines()
+    assert lines[0] == "| method | test accuracy %: mean ± 95% CI | per seed [0, 1, 2] |"
+    half = scipy_stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)  # sd of 80, 81, 79 is 1
+    assert lines[2] == f"| student | 80.00 ± {half:.2f} | 80.00, 81.00, 79.00 |"
+    assert lines[3] == "| teacher | 92.00 | — |" and "Holm" not in table
+
+
 def test_holm_by_hand():
     # m = 4, alpha = 0.05: thresholds 0.0125, 0.0167, 0.025, 0.05 in the order of the sorted p-values
     assert stats.holm([0.01, 0.04, 0.015, 0.03]) == [True, False, True, False]  # 0.03 > 0.025 stops the steps

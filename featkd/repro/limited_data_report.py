@@ -56,8 +56,9 @@ def _weight_text(weight) -> str:
 def effort_lines(trained_with: Sequence[str], sweep_seconds: float, who: str = "the students") -> list[str]:
     """Which featkd code trained ``who`` (every sweep's environment.json, resumes included), and the process
     time their sweeps took over every invocation (a long run spans several; the wall time is the last one's)."""
+    legend = "; +edits: uncommitted edits" if any(code.endswith("+edits") for code in trained_with) else ""
     lines = [f"- code: {who} trained at featkd {', '.join(trained_with)} (each sweep's environment.json, "
-             "every resume included; +edits: uncommitted edits)"] if trained_with else []
+             f"every resume included{legend})"] if trained_with else []
     if sweep_seconds:
         lines.append(f"- process time: {sweep_seconds / 60:.1f} min summed over every epoch of the sweeps that trained "
                      f"{who}, every invocation included (the wall time above is this invocation's)")
