@@ -71,6 +71,16 @@ def code_state() -> tuple[str | None, bool | None]:
     return _CODE
 
 
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as a record keeps it: relative to the git checkout featkd runs from when it lies inside it
+    (the shipped teacher reads the same on every machine), otherwise absolute."""
+    resolved = Path(path).resolve()
+    checkout = Path(featkd.__file__).resolve().parents[1]
+    if code_state()[0] is not None and resolved.is_relative_to(checkout):
+        return resolved.relative_to(checkout).as_posix()
+    return str(resolved)
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, the platform's word for it elsewhere)."""
     model = platform.processor() or platform.machine()

@@ -120,6 +120,8 @@ def test_tiny_table_end_to_end_and_datasize_plot(tmp_path):
     member = yaml.safe_load((tmp_path / "runs" / "limited-data-0.02-synthetic" / "seed1-1ep" / "members" /
                              "AT-s1" / "config.yaml").read_text())
     assert member["data_seed"] == member["seed"] == 1 and member["recipe"] == "AT"
+    # the teacher by where it lies and by what it is: a run directory moved with its teacher is still reused
+    assert member["teacher"] == str(teacher.resolve()) and member["teacher_sha256"] == teachers.file_sha256(teacher)
     assert [t["weight"] for t in member["terms"]] == [1000.0] * 3
     fig = plots.data_size_curve(limited_data.load_results(results))
     assert {line.get_gid() for line in fig.axes[0].lines} >= {f"curve:{m}" for m in limited_data.RECIPES}
@@ -340,6 +342,39 @@ def test_a_setting_recorded_since_a_later_version_is_compared_only_where_it_is_s
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"epochs": 30, "recipes": {"AT": {"ce_weight": 0.5}}}))
     with pytest.raises(RunDirectoryExistsError, match="'recipes'"):
         check_cached_config(tmp_path, asked, recorded_since=("recipes",))
+
+
+def test_a_teacher_is_the_same_file_wherever_it_lies(tmp_path, monkeypatch):
+    from featkd import provenance
+    from featkd.repro.cache import check_cached_config
+
+    monkeypatch.setattr(provenance, "_CODE", ("a" * 40, False))  # featkd runs from a git checkout
+    files, since = {"teacher": "teacher_sha256"}, ("teacher_sha256",)
+    shipped = "paper_repro/teachers/fmnist_wrn16_2.pt"
+    asked = {"epochs": 30, "teacher": shipped, "teacher_sha256": "f" * 64}
+
+    def stored(**config):
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({"epochs": 30, **config}))
+
+    # kept sweeps made before the hash was recorded, in a checkout at /work/main: the same file of the checkout
+    stored(teacher="/work/main/" + shipped)
+    check_cached_config(tmp_path, asked, recorded_since=since, files=files)
+    with pytest.raises(RunDirectoryExistsError, match="'teacher'"):  # without the rule: another setting
+        check_cached_config(tmp_path, asked, recorded_since=since)
+    for other in ("/work/main/paper_repro/teachers/fmnist_wrn16_2_3ep.pt", "/elsewhere/teacher.pt"):
+        stored(teacher=other)
+        with pytest.raises(RunDirectoryExistsError, match="'teacher'"):
+            check_cached_config(tmp_path, asked, recorded_since=since, files=files)
+    # with the hash recorded, the hash decides: a moved file is the same, another file at the same path is not
+    stored(teacher="/old/place/teacher.pt", teacher_sha256="f" * 64)
+    check_cached_config(tmp_path, asked, recorded_since=since, files=files)
+    stored(teacher=shipped, teacher_sha256="e" * 64)
+    with pytest.raises(RunDirectoryExistsError, match="'teacher_sha256'"):
+        check_cached_config(tmp_path, asked, recorded_since=since, files=files)
+    # a teacher outside the checkout, recorded as given by an older run: the same file once resolved
+    outside = tmp_path / "t" / "last.pt"
+    stored(teacher=str(outside))
+    check_cached_config(tmp_path, {**asked, "teacher": str(outside.resolve())}, recorded_since=since, files=files)
 
 
 def test_the_code_line_explains_edits_only_when_a_run_had_them():

@@ -159,3 +159,13 @@ def test_a_process_names_the_code_it_started_with_when_the_checkout_moves(monkey
     assert provenance.environment_info()["featkd_commit"] == "a" * 40
     assert provenance.environment_info()["featkd_commit"] == "a" * 40
     assert provenance.code_state() == ("a" * 40, False)
+
+
+def test_a_path_inside_the_checkout_is_recorded_relative_to_it(monkeypatch, tmp_path):
+    from featkd import shipped
+    monkeypatch.setattr(provenance, "_CODE", ("a" * 40, False))  # featkd runs from a git checkout
+    assert provenance.portable_path(shipped.TEACHER.path) == "paper_repro/teachers/fmnist_wrn16_2.pt"
+    outside = tmp_path / "teacher.pt"
+    assert provenance.portable_path(outside) == str(outside.resolve())
+    monkeypatch.setattr(provenance, "_CODE", (None, None))  # an installed wheel: no checkout to be relative to
+    assert provenance.portable_path(shipped.TEACHER.path) == str(shipped.TEACHER.path.resolve())

@@ -65,6 +65,7 @@ def test_tune_end_to_end_never_reads_the_test_split(tmp_path, monkeypatch):
     assert report.count("**chosen**") == 3 and "never read" in report
     chosen, provenance = tuning.read_choice(out)
     assert set(chosen) == {"student", "KD", "AT"} and provenance["teacher_sha256"]
+    assert provenance["teacher"] == str((tmp_path / "teacher" / "last.pt").resolve())  # outside the checkout
     assert provenance["report"] == str(tmp_path / "chosen-report.md")  # beside the choice, committed with it
     assert (tmp_path / "chosen-report.md").read_text() == report
     assert provenance["command"].startswith("featkd tune --fraction 0.02")

@@ -59,25 +59,49 @@ def _fit_or_resume_unlocked(method, train_loader, test_loader, run_dir: Path, ep
     return fit(method, train_loader, test_loader, run_dir, epochs, log=log, **options)
 
 
-def check_cached_config(run_dir: Path, config: Mapping, recorded_since: tuple[str, ...] = ()) -> None:
+def check_cached_config(run_dir: Path, config: Mapping, recorded_since: tuple[str, ...] = (),
+                        files: Mapping[str, str] | None = None) -> None:
     """A cached run is reused only if it was made with the same settings; otherwise say so (never overwrite).
 
     ``recorded_since``: keys that runs record only since a later version, compared when the stored run has
-    them (an older run's are checked elsewhere, or not at all: the caller says which)."""
+    them (an older run's are checked elsewhere, or not at all: the caller says which). ``files``: keys that
+    name a file, each with the key of its sha256 (``{"teacher": "teacher_sha256"}``): the file is the same
+    wherever it now lies (:func:`same_file`), so a run directory moved with a checkout is still reused."""
     import yaml
 
     from featkd import checkpoint as ckpt
 
+    files = files or {}
     stored = run_dir / "config.yaml"
     if stored.is_file():
         old = yaml.safe_load(stored.read_text()) or {}
         # A setting the stored run does not record was not how it was made (it predates the setting).
         changed = {k: (old.get(k), v) for k, v in config.items()
-                   if old.get(k) != v and not (k in recorded_since and k not in old)}
+                   if old.get(k) != v and not (k in recorded_since and k not in old)
+                   and not (k in files and same_file(old, config, k, files[k]))}
         if changed:
             raise ckpt.RunDirectoryExistsError(
                 f"{run_dir} holds a run made with other settings ({changed}: stored vs asked); "
                 "it is kept as it is: choose another --run-dir")
+
+
+def same_file(old: Mapping, new: Mapping, key: str, hash_key: str) -> bool:
+    """Whether the stored settings ``old`` and the asked ``new`` name the same file under ``key``: by its
+    sha256 when both record it; for a run stored before the hash was recorded, when its path (absolute, or as
+    given) is the asked one, or the asked path inside featkd's checkout (see
+    :func:`featkd.provenance.portable_path`) at the end of it: the shipped teacher of a checkout elsewhere."""
+    from pathlib import PurePath
+
+    from featkd.provenance import portable_path
+
+    if old.get(hash_key) is not None and new.get(hash_key) is not None:
+        return old[hash_key] == new[hash_key]
+    before, asked = old.get(key), new.get(key)
+    if before is None or asked is None:
+        return False
+    before_parts, asked_parts = PurePath(before).parts, PurePath(asked).parts
+    return (portable_path(before) == asked or
+            not PurePath(asked).is_absolute() and before_parts[-len(asked_parts):] == asked_parts)
 
 
 def write_new(path: Path, text: str) -> Path:

@@ -34,9 +34,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from featkd.provenance import environment_info, hardware, trained_with
+from featkd.provenance import environment_info, hardware, portable_path, trained_with
 from featkd.shipped import ShippedTeacher
-from featkd.teachers import load_teacher
+from featkd.teachers import file_sha256, load_teacher
 from featkd.repro.cache import write_new
 from featkd.repro.processes import map_in_processes
 from featkd.repro.protocols import Budget, pretty_model, protocol_device
@@ -166,6 +166,7 @@ class LimitedDataCells:
     full_size: int
     log: object = print
     shipped: ShippedTeacher | None = None  # what the teacher was checked against (a worker process checks it again)
+    teacher_sha256: str | None = None  # recorded in every sweep's config: the teacher's identity, wherever it lies
     sweep_dirs: list[Path] = field(default_factory=list)  # every sweep :meth:`train_seeds` trained or read back
 
     @classmethod
@@ -189,7 +190,7 @@ class LimitedDataCells:
                                    drop_last=False, device=device)
         if teacher_acc is not None:  # measured and checked by the process that started this one
             return cls(setup, data, device, teacher, record["name"], Path(teacher_path), teacher_acc, pool,
-                       eval_loader, len(full), log, shipped)
+                       eval_loader, len(full), log, shipped, teacher_sha256=file_sha256(teacher_path))
         teacher_acc = evaluate(teacher, eval_loader, device=device)["acc1"]
         log(f"teacher {record['name']} ({teacher_path}): accuracy {teacher_acc:.2f}% on {setup.evaluation}")
         if shipped and not setup.on_validation and abs(teacher_acc - shipped.test_acc) > 0.1:
@@ -197,7 +198,7 @@ class LimitedDataCells:
                              f"{shipped.test_acc:.2f}%: check the dataset files, or train the teacher again "
                              "(featkd demo --retrain-teacher)")
         return cls(setup, data, device, teacher, record["name"], Path(teacher_path), teacher_acc, pool, eval_loader,
-                   len(full), log, shipped)
+                   len(full), log, shipped, teacher_sha256=file_sha256(teacher_path))
 
     @property
     def train_examples(self) -> int:
@@ -228,7 +229,8 @@ class LimitedDataCells:
 
         setup, size, seed = self.setup, self.train_examples, sweep.seed
         base = {"experiment": "limited-data", "fraction": setup.fraction, "train_examples": size,
-                "teacher": str(self.teacher_path), "dataset": self.data.name, "evaluation": setup.evaluation,
+                "teacher": portable_path(self.teacher_path), "teacher_sha256": self.teacher_sha256,
+                "dataset": self.data.name, "evaluation": setup.evaluation,
                 "validation_size": setup.validation_size, "data_seed": seed}
         train = seed_subset(self.pool, size, seed)
         # the official AT code's data: pad 4 by reflection, crop, flip; every image once an epoch

@@ -105,7 +105,9 @@ def run_students(teacher, student_name, recipes, budget, info, train_loader, tes
               "members": [m.name for m in members],
               "training": _training_record(train_loader, members[0].method.scheduler),
               **({"recipes": dict(training)} if training else {})}
-    check_cached_config(run_dir, config, recorded_since=("recipes",))
+    # the teacher is the same file wherever the checkout or run directory now lies (a kept sweep continued elsewhere)
+    check_cached_config(run_dir, config, recorded_since=("recipes", "teacher_sha256"),
+                        files={"teacher": "teacher_sha256"})
     try:
         history = fit_or_resume(method, train_loader, test_loader, run_dir, budget.epochs, device=device,
                                 config=config, results_only=True, log=lambda line: log(compact_summary(line)),

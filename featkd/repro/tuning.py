@@ -31,7 +31,7 @@ import yaml
 
 from featkd import stats
 from featkd.config import CONFIG_DIR, ConfigError, read_yaml
-from featkd.provenance import environment_info, hardware
+from featkd.provenance import environment_info, hardware, portable_path
 from featkd.repro.cache import write_new
 from featkd.repro.limited_data import RECIPES, LimitedDataCells, LimitedDataSetup
 from featkd.repro.limited_data_report import describe_recipe, effort_lines
@@ -213,7 +213,7 @@ def write_choice(result: TuningResult, path: Path, *, setup: LimitedDataSetup, t
                  command: str | None) -> Path:
     """The chosen recipes as YAML with their provenance (never over an existing file)."""
     env = environment_info()
-    data = {"provenance": {"command": command, "report": str(report), "teacher": str(teacher_path),
+    data = {"provenance": {"command": command, "report": str(report), "teacher": portable_path(teacher_path),
                            "teacher_sha256": file_sha256(teacher_path), "fraction": setup.fraction,
                            "validation_size": setup.validation_size, "featkd_commit": env.get("featkd_commit"),
                            "trained_with": list(result.trained_with),
