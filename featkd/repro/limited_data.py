@@ -188,17 +188,17 @@ class LimitedDataCells:
         evaluation = validation if setup.on_validation else data.load("test", setup.test_limit)
         eval_loader = DeviceLoader(evaluation, evaluation_batch_size(device), shuffle=False, augment=False,
                                    drop_last=False, device=device)
-        if teacher_acc is not None:  # measured and checked by the process that started this one
-            return cls(setup, data, device, teacher, record["name"], Path(teacher_path), teacher_acc, pool,
-                       eval_loader, len(full), log, shipped, teacher_sha256=file_sha256(teacher_path))
-        teacher_acc = evaluate(teacher, eval_loader, device=device)["acc1"]
-        log(f"teacher {record['name']} ({teacher_path}): accuracy {teacher_acc:.2f}% on {setup.evaluation}")
-        if shipped and not setup.on_validation and abs(teacher_acc - shipped.test_acc) > 0.1:
-            raise ValueError(f"the shipped teacher scored {teacher_acc:.2f}% on the test set, recorded "
-                             f"{shipped.test_acc:.2f}%: check the dataset files, or train the teacher again "
-                             "(featkd demo --retrain-teacher)")
+        # load_teacher has checked the shipped teacher's file against its hash: no need to read it again
+        teacher_sha256 = shipped.sha256 if shipped else file_sha256(teacher_path)
+        if teacher_acc is None:  # else measured and checked by the process that started this one
+            teacher_acc = evaluate(teacher, eval_loader, device=device)["acc1"]
+            log(f"teacher {record['name']} ({teacher_path}): accuracy {teacher_acc:.2f}% on {setup.evaluation}")
+            if shipped and not setup.on_validation and abs(teacher_acc - shipped.test_acc) > 0.1:
+                raise ValueError(f"the shipped teacher scored {teacher_acc:.2f}% on the test set, recorded "
+                                 f"{shipped.test_acc:.2f}%: check the dataset files, or train the teacher again "
+                                 "(featkd demo --retrain-teacher)")
         return cls(setup, data, device, teacher, record["name"], Path(teacher_path), teacher_acc, pool, eval_loader,
-                   len(full), log, shipped, teacher_sha256=file_sha256(teacher_path))
+                   len(full), log, shipped, teacher_sha256=teacher_sha256)
 
     @property
     def train_examples(self) -> int:
